@@ -1,0 +1,5 @@
+package main
+
+import "context"
+
+func runMount(ctx context.Context, args []string) error { return errNotYet }
