@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what blobseal's tests, benchmarks and demo use on Debian 12:
+# cryptsetup and e2fsprogs as independent references, fuse3 for mounts,
+# rclone as a benchmark peer, and Azurite (npm) as the blob storage server.
+set -euo pipefail
+
+need_apt=()
+for tool in cryptsetup:cryptsetup-bin mkfs.ext4:e2fsprogs debugfs:e2fsprogs fusermount3:fuse3 rclone:rclone openssl:openssl; do
+  cmd=${tool%%:*} pkg=${tool#*:}
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || [ -x "/sbin/$cmd" ] || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  for attempt in 1 2 3; do
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}" && break
+    echo "apt-get failed (attempt $attempt), retrying" >&2; sleep $((attempt * 5))
+  done
+fi
+
+if ! command -v azurite-blob >/dev/null 2>&1; then
+  # 3.35.0 is the newest Azurite that runs on Node 20.
+  for attempt in 1 2 3; do
+    npm install -g --no-audit --no-fund azurite@3.35.0 && break
+    echo "npm install failed (attempt $attempt), retrying" >&2; sleep $((attempt * 5))
+  done
+fi
+
+for attempt in 1 2 3; do go mod download && break; sleep $((attempt * 5)); done
