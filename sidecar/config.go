@@ -1,0 +1,416 @@
+// Package sidecar runs blobseal as the storage sidecar of a confidential
+// container group: it releases each filesystem's key, opens the image,
+// mounts it, publishes the mount atomically at its mount point, serves
+// health and metrics, and unmounts cleanly on SIGTERM.
+package sidecar
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/blobseal/blobseal/internal/secret"
+)
+
+// Config is the sidecar's configuration (JSON or YAML; see
+// examples/sidecar.yaml for a commented sample).
+type Config struct {
+	Log         LogConfig    `yaml:"log" json:"log"`
+	Health      HealthConfig `yaml:"health" json:"health"`
+	Attestation Attestation  `yaml:"attestation" json:"attestation"`
+	Cache       CacheConfig  `yaml:"cache" json:"cache"`
+	// OnFailure is "exit" (default: the sidecar exits non-zero when any
+	// filesystem cannot be mounted) or "retry" (keep retrying with backoff
+	// while the others serve).
+	OnFailure     string        `yaml:"on_failure" json:"on_failure"`
+	RetryMaxDelay Duration      `yaml:"retry_max_delay" json:"retry_max_delay"`
+	UnmountGrace  Duration      `yaml:"unmount_grace" json:"unmount_grace"`
+	Filesystems   []*Filesystem `yaml:"filesystems" json:"filesystems"`
+}
+
+// LogConfig selects log level and format.
+type LogConfig struct {
+	Level  string `yaml:"level" json:"level"`   // debug, info (default), warn, error
+	Format string `yaml:"format" json:"format"` // text (default) or json
+}
+
+// HealthConfig places the health and metrics endpoints.
+type HealthConfig struct {
+	// Address serves /healthz, /readyz and /metrics; default 127.0.0.1:9090,
+	// "off" disables.
+	Address string `yaml:"address" json:"address"`
+	// ReadyFile, when set, is created once every filesystem is mounted.
+	ReadyFile string `yaml:"ready_file" json:"ready_file"`
+}
+
+// Attestation configures the evidence used for key release.
+type Attestation struct {
+	// Provider: "auto" (default: /dev/sev-guest or configfs-tsm), "sev-guest",
+	// "configfs-tsm", or "simulated" (local testing only; never chosen
+	// unless named here).
+	Provider     string `yaml:"provider" json:"provider"`
+	CertCacheURL string `yaml:"cert_cache_url" json:"cert_cache_url"`
+	// CAFile adds trusted TLS roots (the local stack's CA in tests and the demo).
+	CAFile string `yaml:"ca_file" json:"ca_file"`
+	// SimulatedDir holds the local stack's simulated signer (provider
+	// "simulated"; written by `blobseal dev serve`).
+	SimulatedDir string `yaml:"simulated_dir" json:"simulated_dir"`
+	// SimulatedHostData is the HOST_DATA (hex SHA-256 of a CCE policy) the
+	// simulated reports carry.
+	SimulatedHostData string `yaml:"simulated_host_data" json:"simulated_host_data"`
+}
+
+// CacheConfig bounds the read cache shared by all filesystems.
+type CacheConfig struct {
+	MemoryBytes ByteSize `yaml:"memory" json:"memory"`       // default 256Mi
+	BlockSize   ByteSize `yaml:"block_size" json:"block_size"`
+	MaxFetches  int      `yaml:"max_fetches" json:"max_fetches"`
+	DiskDir     string   `yaml:"disk_dir" json:"disk_dir"`   // optional ciphertext-only disk tier
+	DiskBytes   ByteSize `yaml:"disk_size" json:"disk_size"`
+}
+
+// Filesystem is one image to mount.
+type Filesystem struct {
+	Name       string `yaml:"name" json:"name"`
+	MountPoint string `yaml:"mount_point" json:"mount_point"`
+	// Source is a blob URL (a SAS in its query is a secret and never
+	// logged) or a local path.
+	Source string `yaml:"source" json:"source"`
+	// Identity: "" (SAS or anonymous), "managed" or "workload" (azidentity).
+	Identity         string   `yaml:"identity" json:"identity"`
+	IdentityClientID string   `yaml:"identity_client_id" json:"identity_client_id"`
+	Format           string   `yaml:"format" json:"format"` // luks (default) or plain
+	Ciphers          []string `yaml:"ciphers" json:"ciphers"`
+	SectorSizes      []int    `yaml:"sector_sizes" json:"sector_sizes"`
+	AllowOther       *bool    `yaml:"allow_other" json:"allow_other"` // default true
+	ReadWrite        bool     `yaml:"read_write" json:"read_write"`
+	Key              Key      `yaml:"key" json:"key"`
+}
+
+// Key says where a filesystem's key comes from: exactly one of File,
+// RawHex (testing) or Release.
+type Key struct {
+	File    string   `yaml:"file" json:"file"`
+	RawHex  string   `yaml:"raw_hex" json:"raw_hex"`
+	Release *Release `yaml:"release" json:"release"`
+}
+
+// Release is secure key release: attest, get an MAA token, release the key
+// from Managed HSM or Key Vault Premium.
+type Release struct {
+	MAAEndpoint string `yaml:"maa_endpoint" json:"maa_endpoint"` // https://….attest.azure.net
+	Vault       string `yaml:"vault" json:"vault"`               // https://….managedhsm.azure.net
+	KeyName     string `yaml:"key_name" json:"key_name"`
+	KeyVersion  string `yaml:"key_version" json:"key_version"`
+	Kty         string `yaml:"kty" json:"kty"`           // oct-HSM (default) or RSA-HSM
+	WrapAlg     string `yaml:"wrap_alg" json:"wrap_alg"` // default CKM_RSA_AES_KEY_WRAP
+	Salt        string `yaml:"salt" json:"salt"`         // RSA-HSM: hex HKDF salt
+	Label       string `yaml:"label" json:"label"`       // RSA-HSM: HKDF info
+	// BearerTokenFile holds an Entra token for the vault; without it the
+	// identity of the filesystem (or the default chain) is used.
+	BearerTokenFile string       `yaml:"bearer_token_file" json:"bearer_token_file"`
+	BearerToken     secret.Token `yaml:"-" json:"-"` // from the legacy config only
+}
+
+// Duration is a time.Duration written as "30s".
+type Duration time.Duration
+
+// UnmarshalYAML parses "30s"-style durations.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	v, err := time.ParseDuration(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %q is not a duration like 30s or 2m", n.Line, n.Value)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// ByteSize is a size written as 256Mi, 1Gi, 4096 or 64M.
+type ByteSize int64
+
+// UnmarshalYAML parses sizes with binary (Ki, Mi, Gi) or decimal suffixes.
+func (b *ByteSize) UnmarshalYAML(n *yaml.Node) error {
+	v, err := ParseByteSize(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %v", n.Line, err)
+	}
+	*b = ByteSize(v)
+	return nil
+}
+
+// ParseByteSize parses 256Mi, 1Gi, 64M, 4096.
+func ParseByteSize(s string) (int64, error) {
+	units := []struct {
+		suffix string
+		mult   int64
+	}{{"Ki", 1 << 10}, {"Mi", 1 << 20}, {"Gi", 1 << 30}, {"Ti", 1 << 40}, {"K", 1e3}, {"M", 1e6}, {"G", 1e9}, {"T", 1e12}}
+	mult := int64(1)
+	num := strings.TrimSpace(s)
+	for _, u := range units {
+		if strings.HasSuffix(num, u.suffix) {
+			num, mult = strings.TrimSuffix(num, u.suffix), u.mult
+			break
+		}
+	}
+	var v int64
+	if _, err := fmt.Sscanf(num, "%d", &v); err != nil || v < 0 || fmt.Sprint(v) != num {
+		return 0, fmt.Errorf("%q is not a size like 256Mi, 1Gi or 4096", s)
+	}
+	return v * mult, nil
+}
+
+// LoadFile reads a JSON or YAML configuration file.
+func LoadFile(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	cfg, err := Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// Parse decodes JSON or YAML, refusing unknown fields, and validates.
+func Parse(data []byte) (*Config, error) {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	var cfg Config
+	if err := dec.Decode(&cfg); err != nil {
+		return nil, fmt.Errorf("not valid configuration: %v", err)
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return &cfg, nil
+}
+
+// EncfsEnv is the environment variable of the existing Azure encfs sidecar.
+const EncfsEnv = "EncfsSideCarArgs"
+
+// legacyConfig is the existing sidecar's schema, accepted unchanged.
+type legacyConfig struct {
+	AzureInfo struct {
+		CertCache struct {
+			Endpoint     string `json:"endpoint"`
+			TEEType      string `json:"tee_type"`
+			APIVersion   string `json:"api_version"`
+			EndpointType string `json:"endpoint_type"`
+		} `json:"certcache"`
+		Identity struct {
+			ClientID string `json:"client_id"`
+		} `json:"identity"`
+	} `json:"azure_info"`
+	AzureFilesystems []struct {
+		MountPoint      string `json:"mount_point"`
+		AzureURL        string `json:"azure_url"`
+		AzureURLPrivate bool   `json:"azure_url_private"`
+		ReadWrite       bool   `json:"read_write"`
+		RawKey          string `json:"raw_key"`
+		Key             struct {
+			KID       string `json:"kid"`
+			KTY       string `json:"kty"`
+			Authority struct {
+				Endpoint string `json:"endpoint"`
+			} `json:"authority"`
+			AKV struct {
+				Endpoint    string `json:"endpoint"`
+				APIVersion  string `json:"api_version"`
+				BearerToken string `json:"bearer_token"`
+			} `json:"akv"`
+		} `json:"key"`
+		KeyDerivation struct {
+			Salt  string `json:"salt"`
+			Label string `json:"label"`
+		} `json:"key_derivation"`
+	} `json:"azure_filesystems"`
+}
+
+// ParseEncfsArgs converts the existing sidecar's base64 JSON configuration
+// (environment variable EncfsSideCarArgs) into a Config.
+func ParseEncfsArgs(b64 string) (*Config, error) {
+	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(b64))
+	if err != nil {
+		if raw, err = base64.RawStdEncoding.DecodeString(strings.TrimSpace(b64)); err != nil {
+			return nil, fmt.Errorf("%s is not base64 (encode the JSON with `base64 -w0`): %v", EncfsEnv, err)
+		}
+	}
+	var lc legacyConfig
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	if err := dec.Decode(&lc); err != nil {
+		return nil, fmt.Errorf("%s does not hold valid JSON: %v", EncfsEnv, err)
+	}
+	cfg := &Config{Attestation: Attestation{Provider: "auto"}}
+	if ep := lc.AzureInfo.CertCache.Endpoint; ep != "" {
+		cfg.Attestation.CertCacheURL = withScheme(ep)
+	}
+	for i, lf := range lc.AzureFilesystems {
+		f := &Filesystem{
+			Name:       fmt.Sprintf("fs%d", i),
+			MountPoint: lf.MountPoint,
+			Source:     lf.AzureURL,
+			ReadWrite:  lf.ReadWrite,
+		}
+		if lf.AzureURLPrivate {
+			f.Identity = "managed"
+			f.IdentityClientID = lc.AzureInfo.Identity.ClientID
+		}
+		if lf.RawKey != "" {
+			f.Key.RawHex = lf.RawKey
+		} else {
+			f.Key.Release = &Release{
+				MAAEndpoint: withScheme(lf.Key.Authority.Endpoint),
+				Vault:       withScheme(lf.Key.AKV.Endpoint),
+				KeyName:     lf.Key.KID,
+				Kty:         lf.Key.KTY,
+				Salt:        lf.KeyDerivation.Salt,
+				Label:       lf.KeyDerivation.Label,
+				BearerToken: secret.Token(lf.Key.AKV.BearerToken),
+			}
+		}
+		cfg.Filesystems = append(cfg.Filesystems, f)
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("%s: %w", EncfsEnv, err)
+	}
+	return cfg, nil
+}
+
+func withScheme(endpoint string) string {
+	if endpoint == "" || strings.Contains(endpoint, "://") {
+		return endpoint
+	}
+	return "https://" + endpoint
+}
+
+// Validate fills defaults and checks every field, naming what to fix.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if c.Health.Address == "" {
+		c.Health.Address = "127.0.0.1:9090"
+	}
+	switch c.OnFailure {
+	case "":
+		c.OnFailure = "exit"
+	case "exit", "retry":
+	default:
+		bad("on_failure is %q; use exit or retry", c.OnFailure)
+	}
+	if c.RetryMaxDelay <= 0 {
+		c.RetryMaxDelay = Duration(time.Minute)
+	}
+	if c.UnmountGrace <= 0 {
+		c.UnmountGrace = Duration(10 * time.Second)
+	}
+	switch c.Attestation.Provider {
+	case "":
+		c.Attestation.Provider = "auto"
+	case "auto", "sev-guest", "configfs-tsm":
+	case "simulated":
+		if h := c.Attestation.SimulatedHostData; h != "" {
+			if b, err := hex.DecodeString(h); err != nil || len(b) != 32 {
+				bad("attestation.simulated_host_data must be 64 hex digits (a SHA-256)")
+			}
+		}
+	default:
+		bad("attestation.provider is %q; use auto, sev-guest, configfs-tsm or simulated", c.Attestation.Provider)
+	}
+	if len(c.Filesystems) == 0 {
+		bad("no filesystems configured: add at least one entry under filesystems (or azure_filesystems in %s)", EncfsEnv)
+	}
+	names := map[string]bool{}
+	mounts := map[string]bool{}
+	for i, f := range c.Filesystems {
+		if f == nil {
+			bad("filesystems[%d] is empty", i)
+			continue
+		}
+		where := fmt.Sprintf("filesystems[%d]", i)
+		if f.Name == "" {
+			f.Name = fmt.Sprintf("fs%d", i)
+		}
+		if names[f.Name] {
+			bad("%s: name %q is used twice", where, f.Name)
+		}
+		names[f.Name] = true
+		if f.MountPoint == "" || !filepath.IsAbs(f.MountPoint) {
+			bad("%s: mount_point %q must be an absolute path", where, f.MountPoint)
+		} else {
+			f.MountPoint = filepath.Clean(f.MountPoint)
+			if mounts[f.MountPoint] {
+				bad("%s: mount_point %s is used twice", where, f.MountPoint)
+			}
+			mounts[f.MountPoint] = true
+		}
+		if f.Source == "" {
+			bad("%s: source (azure_url) is empty", where)
+		} else if strings.Contains(f.Source, "://") {
+			if u, err := url.Parse(f.Source); err != nil || u.Host == "" {
+				bad("%s: source %s is not a valid URL", where, secret.RedactURL(f.Source))
+			}
+		}
+		if f.ReadWrite {
+			bad("%s: read_write is not supported yet: blobseal mounts images read-only (remove read_write or set it to false)", where)
+		}
+		switch f.Identity {
+		case "", "managed", "workload":
+		default:
+			bad("%s: identity is %q; use managed, workload or leave it empty", where, f.Identity)
+		}
+		if f.AllowOther == nil {
+			t := true
+			f.AllowOther = &t
+		}
+		sources := 0
+		if f.Key.File != "" {
+			sources++
+		}
+		if f.Key.RawHex != "" {
+			sources++
+			if _, err := hex.DecodeString(f.Key.RawHex); err != nil {
+				bad("%s: raw_key is not hex", where)
+			}
+		}
+		if r := f.Key.Release; r != nil {
+			sources++
+			if r.MAAEndpoint == "" {
+				bad("%s: key release needs the attestation endpoint (key.authority.endpoint / maa_endpoint)", where)
+			}
+			if r.Vault == "" {
+				bad("%s: key release needs the vault (key.akv.endpoint / vault)", where)
+			}
+			if r.KeyName == "" {
+				bad("%s: key release needs the key name (key.kid / key_name)", where)
+			}
+			if r.Kty == "" {
+				r.Kty = "oct-HSM"
+			}
+			switch r.Kty {
+			case "oct-HSM", "oct", "RSA-HSM", "RSA":
+			default:
+				bad("%s: key type %q is not supported; use oct-HSM or RSA-HSM", where, r.Kty)
+			}
+			if r.Salt != "" {
+				if _, err := hex.DecodeString(r.Salt); err != nil {
+					bad("%s: key_derivation.salt must be hex", where)
+				}
+			}
+		}
+		if sources != 1 {
+			bad("%s: give exactly one key source (key.file, key.raw_hex or key.release); found %d", where, sources)
+		}
+	}
+	return errors.Join(errs...)
+}

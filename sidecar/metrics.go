@@ -1,0 +1,125 @@
+package sidecar
+
+import (
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Metrics is the sidecar's Prometheus registry. Counters that live in other
+// packages (cache, volume) are read at scrape time, so the hot paths pay
+// nothing for them.
+type Metrics struct {
+	registry   *prometheus.Registry
+	keyRelease *prometheus.HistogramVec
+	fuseOps    *prometheus.HistogramVec
+	errors     *prometheus.CounterVec
+}
+
+func newMetrics(s *Sidecar) *Metrics {
+	m := &Metrics{
+		registry: prometheus.NewRegistry(),
+		keyRelease: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "blobseal_key_release_duration_seconds",
+			Help:    "Time to obtain a filesystem key (attestation, token, release, unwrap).",
+			Buckets: prometheus.ExponentialBuckets(0.01, 2, 12),
+		}, []string{"fs"}),
+		fuseOps: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "blobseal_fuse_operation_duration_seconds",
+			Help:    "Latency of FUSE operations answered by the mounts.",
+			Buckets: prometheus.ExponentialBuckets(0.00005, 4, 10),
+		}, []string{"op"}),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "blobseal_errors_total",
+			Help: "Errors by kind: key_release, open, mount, publish, io.",
+		}, []string{"kind"}),
+	}
+	for _, kind := range []string{"key_release", "open", "mount", "publish", "io"} {
+		m.errors.WithLabelValues(kind)
+	}
+	m.registry.MustRegister(m.keyRelease, m.fuseOps, m.errors,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		&stateCollector{s: s})
+	return m
+}
+
+// observeFUSE is handed to every mount.
+func (m *Metrics) observeFUSE(op string, d time.Duration, errno syscall.Errno) {
+	m.fuseOps.WithLabelValues(op).Observe(d.Seconds())
+	if errno == syscall.EIO {
+		m.errors.WithLabelValues("io").Inc()
+	}
+}
+
+// stateCollector exports per-filesystem readiness, cache and volume counters.
+type stateCollector struct{ s *Sidecar }
+
+var (
+	descReady        = prometheus.NewDesc("blobseal_filesystem_ready", "1 when the filesystem is mounted and published.", []string{"fs"}, nil)
+	descHits         = prometheus.NewDesc("blobseal_cache_hits_total", "Cache blocks found in memory (including in-flight fetches).", []string{"fs"}, nil)
+	descMisses       = prometheus.NewDesc("blobseal_cache_misses_total", "Cache blocks a read had to fetch.", []string{"fs"}, nil)
+	descBytesFetched = prometheus.NewDesc("blobseal_fetched_bytes_total", "Bytes downloaded from storage.", []string{"fs"}, nil)
+	descRequests     = prometheus.NewDesc("blobseal_fetch_requests_total", "Ranged requests sent to storage.", []string{"fs"}, nil)
+	descFetchErrors  = prometheus.NewDesc("blobseal_fetch_errors_total", "Failed storage requests (retried).", []string{"fs"}, nil)
+	descInFlight     = prometheus.NewDesc("blobseal_fetches_in_flight", "Storage requests running now.", []string{"fs"}, nil)
+	descEvictions    = prometheus.NewDesc("blobseal_cache_evictions_total", "Cache extents evicted.", []string{"fs"}, nil)
+	descMemory       = prometheus.NewDesc("blobseal_cache_memory_bytes", "Cache memory held now.", []string{"fs"}, nil)
+	descZero         = prometheus.NewDesc("blobseal_zero_filled_bytes_total", "Bytes served from unwritten ranges with no request.", []string{"fs"}, nil)
+	descFetchLatency = prometheus.NewDesc("blobseal_fetch_duration_seconds", "Latency of storage requests.", []string{"fs"}, nil)
+	descDecrypted    = prometheus.NewDesc("blobseal_decrypted_bytes_total", "Bytes decrypted.", []string{"fs"}, nil)
+	descDecryptSecs  = prometheus.NewDesc("blobseal_decrypt_seconds_total", "CPU-bound time spent decrypting (decrypt throughput = bytes / seconds).", []string{"fs"}, nil)
+)
+
+func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descReady, descHits, descMisses, descBytesFetched, descRequests, descFetchErrors,
+		descInFlight, descEvictions, descMemory, descZero, descFetchLatency, descDecrypted, descDecryptSecs} {
+		ch <- d
+	}
+}
+
+func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
+	counter := func(d *prometheus.Desc, v float64, fs string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, fs)
+	}
+	gauge := func(d *prometheus.Desc, v float64, fs string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, fs)
+	}
+	for _, st := range c.s.snapshot() {
+		ready := 0.0
+		if st.Ready {
+			ready = 1
+		}
+		gauge(descReady, ready, st.Name)
+		if st.img == nil {
+			continue
+		}
+		vs := st.img.Volume.Stats()
+		counter(descDecrypted, float64(vs.BytesDecrypted), st.Name)
+		counter(descDecryptSecs, vs.DecryptTime.Seconds(), st.Name)
+		if st.img.Cache == nil {
+			continue
+		}
+		cs := st.img.Cache.Stats()
+		counter(descHits, float64(cs.Hits+cs.PendingHits), st.Name)
+		counter(descMisses, float64(cs.Misses), st.Name)
+		counter(descBytesFetched, float64(cs.BytesFetched), st.Name)
+		counter(descRequests, float64(cs.Requests), st.Name)
+		counter(descFetchErrors, float64(cs.FetchErrors), st.Name)
+		gauge(descInFlight, float64(cs.InFlight), st.Name)
+		counter(descEvictions, float64(cs.Evictions), st.Name)
+		gauge(descMemory, float64(cs.MemoryBytes), st.Name)
+		counter(descZero, float64(cs.ZeroFilled), st.Name)
+		h := cs.FetchLatency
+		buckets := make(map[float64]uint64, len(h.Bounds))
+		var cum uint64
+		for i, b := range h.Bounds {
+			if i < len(h.Counts) {
+				cum += h.Counts[i]
+			}
+			buckets[b.Seconds()] = cum
+		}
+		ch <- prometheus.MustNewConstHistogram(descFetchLatency, h.Count, h.Sum.Seconds(), buckets, st.Name)
+	}
+}

@@ -1,0 +1,308 @@
+package sidecar
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/blobseal/blobseal/blob"
+	"github.com/blobseal/blobseal/blockcache"
+	"github.com/blobseal/blobseal/crypto"
+	"github.com/blobseal/blobseal/fs"
+	"github.com/blobseal/blobseal/image"
+	"github.com/blobseal/blobseal/internal/secret"
+)
+
+// KeySource obtains the key of one filesystem. The default is
+// Sidecar.obtainKey; tests may substitute one.
+type KeySource func(ctx context.Context, f *Filesystem) (secret.Bytes, error)
+
+// Sidecar serves every configured filesystem.
+type Sidecar struct {
+	cfg     *Config
+	log     *slog.Logger
+	keys    KeySource
+	metrics *Metrics
+
+	healthAddr string
+	keyEnv     keyEnv
+
+	mu     sync.Mutex
+	states map[string]*fsState
+}
+
+// fsState is one filesystem's published status, for /readyz.
+type fsState struct {
+	Name       string `json:"name"`
+	MountPoint string `json:"mount_point"`
+	Ready      bool   `json:"ready"`
+	Attempts   int    `json:"attempts"`
+	LastError  string `json:"last_error,omitempty"`
+	img        *image.Image
+}
+
+// New prepares a sidecar. keys may be nil for the default key sources.
+func New(cfg *Config, log *slog.Logger, keys KeySource) *Sidecar {
+	s := &Sidecar{cfg: cfg, log: log, states: map[string]*fsState{}}
+	if keys == nil {
+		keys = s.obtainKey
+	}
+	s.keys = keys
+	for _, f := range cfg.Filesystems {
+		s.states[f.Name] = &fsState{Name: f.Name, MountPoint: f.MountPoint}
+	}
+	s.metrics = newMetrics(s)
+	return s
+}
+
+// Run mounts everything concurrently, serves until ctx ends, then unmounts.
+// It returns an error when a filesystem fails and on_failure is "exit".
+func (s *Sidecar) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+
+	stopHealth, err := s.startHealth(ctx)
+	if err != nil {
+		return err
+	}
+	defer stopHealth()
+
+	var wg sync.WaitGroup
+	for _, f := range s.cfg.Filesystems {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := s.serve(ctx, f); err != nil {
+				cancel(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return nil
+}
+
+// serve keeps one filesystem mounted until ctx ends.
+func (s *Sidecar) serve(ctx context.Context, f *Filesystem) error {
+	log := s.log.With("fs", f.Name, "mount_point", f.MountPoint)
+	for attempt := 1; ; attempt++ {
+		m, err := s.mountOnce(ctx, f, log)
+		if err != nil {
+			s.setState(f.Name, func(st *fsState) { st.Attempts = attempt; st.LastError = err.Error() })
+			if ctx.Err() != nil {
+				return nil
+			}
+			log.Error("filesystem not mounted", "attempt", attempt, "err", err)
+			if s.cfg.OnFailure != "retry" {
+				return fmt.Errorf("filesystem %s (%s): %w", f.Name, f.MountPoint, err)
+			}
+			if !sleep(ctx, backoff(attempt, time.Duration(s.cfg.RetryMaxDelay))) {
+				return nil
+			}
+			continue
+		}
+		s.setState(f.Name, func(st *fsState) {
+			st.Attempts, st.Ready, st.LastError, st.img = attempt, true, "", m.img
+		})
+		s.checkAllReady(log)
+		select {
+		case <-ctx.Done():
+			s.setState(f.Name, func(st *fsState) { st.Ready = false; st.img = nil })
+			m.stop(log, time.Duration(s.cfg.UnmountGrace))
+			return nil
+		case <-m.server.Done():
+			// Unmounted behind our back (fusermount -u, a crash of the
+			// kernel connection): report, then mount again or fail.
+			s.setState(f.Name, func(st *fsState) { st.Ready = false; st.img = nil; st.LastError = "unmounted externally" })
+			m.stop(log, 0)
+			log.Error("mount ended unexpectedly")
+			if s.cfg.OnFailure != "retry" {
+				return fmt.Errorf("filesystem %s (%s) was unmounted externally", f.Name, f.MountPoint)
+			}
+		}
+	}
+}
+
+type mounted struct {
+	f      *Filesystem
+	img    *image.Image
+	server *fs.Server
+	hidden string
+}
+
+func (m *mounted) stop(log *slog.Logger, grace time.Duration) {
+	if err := unpublish(m.f.MountPoint, m.hidden); err != nil {
+		log.Warn("remove published mount point", "err", err)
+	}
+	if err := m.server.Unmount(); err != nil {
+		log.Warn("unmount", "err", err)
+	}
+	m.server.Wait()
+	m.img.Close()
+	os.Remove(m.hidden)
+	log.Info("unmounted")
+}
+
+// mountOnce releases the key, opens the image, mounts it hidden, then
+// publishes it.
+func (s *Sidecar) mountOnce(ctx context.Context, f *Filesystem, log *slog.Logger) (_ *mounted, err error) {
+	start := time.Now()
+	key, err := s.keys(ctx, f)
+	if err != nil {
+		s.metrics.errors.WithLabelValues("key_release").Inc()
+		return nil, err
+	}
+	s.metrics.keyRelease.WithLabelValues(f.Name).Observe(time.Since(start).Seconds())
+	defer key.Wipe()
+
+	blobOpts, err := s.blobOptions(f)
+	if err != nil {
+		return nil, err
+	}
+	img, err := image.Open(ctx, image.Spec{
+		Location: f.Source,
+		Key:      key,
+		Crypto:   crypto.OpenOptions{Format: f.Format, Ciphers: f.Ciphers, SectorSizes: f.SectorSizes},
+		Blob:     blobOpts,
+		Cache:    s.cacheOptions(f),
+		Logger:   log,
+	})
+	if err != nil {
+		s.metrics.errors.WithLabelValues("open").Inc()
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			img.Close()
+		}
+	}()
+	hidden := hiddenDir(f.MountPoint)
+	if err := os.MkdirAll(hidden, 0o755); err != nil {
+		return nil, fmt.Errorf("create %s: %w", hidden, err)
+	}
+	server, err := fs.Mount(ctx, hidden, img.FS, fs.Options{
+		AllowOther:   *f.AllowOther,
+		Logger:       log,
+		Source:       "blobseal:" + f.Name,
+		UnmountGrace: time.Duration(s.cfg.UnmountGrace),
+		// TODO(lead): Observe: s.metrics.observeFUSE,
+	})
+	if err != nil {
+		s.metrics.errors.WithLabelValues("mount").Inc()
+		return nil, fmt.Errorf("mount at %s: %w", hidden, err)
+	}
+	if err := publish(f.MountPoint, hidden); err != nil {
+		server.Unmount()
+		server.Wait()
+		s.metrics.errors.WithLabelValues("publish").Inc()
+		return nil, err
+	}
+	info := img.Volume.Info()
+	log.Info("filesystem ready", "source", img.Source.String(), "format", info.Format,
+		"bytes", info.Size, "took", time.Since(start).Round(time.Millisecond))
+	return &mounted{f: f, img: img, server: server, hidden: hidden}, nil
+}
+
+func (s *Sidecar) blobOptions(f *Filesystem) (blob.Options, error) {
+	var opts blob.Options
+	if f.Identity != "" {
+		cred, err := blob.DefaultCredential(blob.CredentialOptions{ManagedIdentityClientID: f.IdentityClientID})
+		if err != nil {
+			return opts, fmt.Errorf("storage identity: %w", err)
+		}
+		opts.Credential = cred
+	}
+	return opts, nil
+}
+
+// cacheOptions splits the global memory bound evenly between filesystems.
+func (s *Sidecar) cacheOptions(f *Filesystem) blockcache.Options {
+	c := s.cfg.Cache
+	n := int64(len(s.cfg.Filesystems))
+	mem := int64(c.MemoryBytes)
+	if mem == 0 {
+		mem = 256 << 20
+	}
+	opts := blockcache.Options{
+		MemoryBytes: mem / n,
+		BlockSize:   int64(c.BlockSize),
+		MaxFetches:  c.MaxFetches,
+		DiskBytes:   int64(c.DiskBytes) / n,
+	}
+	if c.DiskDir != "" {
+		opts.DiskDir = filepath.Join(c.DiskDir, f.Name)
+	}
+	return opts
+}
+
+func (s *Sidecar) setState(name string, fn func(*fsState)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	fn(s.states[name])
+}
+
+// snapshot returns a copy of every state, for health and metrics.
+func (s *Sidecar) snapshot() []fsState {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]fsState, 0, len(s.cfg.Filesystems))
+	for _, f := range s.cfg.Filesystems {
+		out = append(out, *s.states[f.Name])
+	}
+	return out
+}
+
+func (s *Sidecar) allReady() bool {
+	for _, st := range s.snapshot() {
+		if !st.Ready {
+			return false
+		}
+	}
+	return true
+}
+
+func (s *Sidecar) checkAllReady(log *slog.Logger) {
+	if !s.allReady() {
+		return
+	}
+	log.Info("all filesystems ready")
+	if p := s.cfg.Health.ReadyFile; p != "" {
+		tmp := p + ".tmp"
+		if err := os.WriteFile(tmp, []byte("ready\n"), 0o644); err == nil {
+			err = os.Rename(tmp, p)
+			if err != nil {
+				log.Warn("write ready file", "path", p, "err", err)
+			}
+		} else {
+			log.Warn("write ready file", "path", p, "err", err)
+		}
+	}
+}
+
+// backoff is exponential with full jitter, capped.
+func backoff(attempt int, maxDelay time.Duration) time.Duration {
+	d := time.Second << min(attempt-1, 10)
+	if d > maxDelay {
+		d = maxDelay
+	}
+	return d/2 + rand.N(d/2+1)
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
