@@ -72,10 +72,10 @@ type Attestation struct {
 
 // CacheConfig bounds the read cache shared by all filesystems.
 type CacheConfig struct {
-	MemoryBytes ByteSize `yaml:"memory" json:"memory"`       // default 256Mi
+	MemoryBytes ByteSize `yaml:"memory" json:"memory"` // default 256Mi
 	BlockSize   ByteSize `yaml:"block_size" json:"block_size"`
 	MaxFetches  int      `yaml:"max_fetches" json:"max_fetches"`
-	DiskDir     string   `yaml:"disk_dir" json:"disk_dir"`   // optional ciphertext-only disk tier
+	DiskDir     string   `yaml:"disk_dir" json:"disk_dir"` // optional ciphertext-only disk tier
 	DiskBytes   ByteSize `yaml:"disk_size" json:"disk_size"`
 }
 
