@@ -62,7 +62,7 @@ func Open(dev io.ReaderAt, deviceSize int64, key []byte, opts OpenOptions) (*Vol
 	return newVolume(dev, volumeParams{
 		key: u.VolumeKey, sectorSize: u.SectorSize, offset: u.Offset, size: size,
 		ivUnit: 512, ivTweak: u.IVTweak, holes: holes,
-		info: Info{Format: format, Cipher: u.Cipher, Keyslot: u.Keyslot, UUID: h.UUID},
+		info: Info{Format: format, Cipher: u.Cipher, Keyslot: u.Keyslot, UUID: h.UUID, Warnings: h.Warnings},
 	})
 }
 

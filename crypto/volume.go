@@ -58,6 +58,9 @@ type Info struct {
 	Keyslot    int // -1 for plain
 	UUID       string
 	HoleBytes  int64
+	// Warnings describe a damaged or outdated header copy that was not used;
+	// worth logging, since the next damage could make the image unreadable.
+	Warnings []string
 }
 
 // volumeParams is everything needed to serve a segment.

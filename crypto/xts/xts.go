@@ -7,11 +7,15 @@
 // LUKS2 counts IVs in 512-byte units even with 4096-byte sectors (step 8)
 // while plain mode with --iv-large-sectors counts whole sectors (step 1).
 //
-// On amd64 the bulk work runs in assembly: VAES on 512-bit registers (16
-// blocks in flight) when the CPU has AVX-512 with VAES and VPCLMULQDQ, else
-// AES-NI with 8 blocks interleaved. Elsewhere, or with the purego build tag, a
-// portable table-driven AES is used. The AES key schedules live inside the
-// Cipher so that Close can wipe them.
+// On amd64 the bulk work runs in assembly, best first: VAES on 512-bit
+// registers when the CPU has AVX-512 with VAES and VPCLMULQDQ (AMD Zen 4,
+// Intel Ice Lake and later); VAES on 256-bit registers with AVX2 (AMD Zen 3,
+// e.g. Azure DCasv5/ECasv5 confidential VMs); else AES-NI with 8 blocks
+// interleaved. Both VAES paths keep 16 blocks in flight, do a whole run of
+// sectors per call and step the tweaks with vector carry-less multiplies.
+// Elsewhere, or with the purego build tag, a portable table-driven AES is
+// used. The AES key schedules live inside the Cipher so that Close can wipe
+// them.
 package xts
 
 import (
@@ -20,6 +24,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"unsafe"
 )
 
@@ -29,7 +34,7 @@ type Cipher struct {
 	sectorSize int
 	keyBytes   int
 	impl       impl
-	closed     bool
+	closed     atomic.Bool
 	ks         keySchedules
 }
 
@@ -41,6 +46,10 @@ type keySchedules struct {
 	enc    [maxRKBytes]byte // data key, encryption round keys
 	dec    [maxRKBytes]byte // data key, equivalent-inverse-cipher round keys
 	tweak  [maxRKBytes]byte // tweak key, encryption round keys
+
+	// Each data round key twice over (32 bytes a round), filled only for
+	// the 256-bit VAES code, which reads round keys from memory.
+	encWide, decWide [2 * maxRKBytes]byte
 }
 
 const maxRKBytes = 15 * 16
@@ -81,6 +90,10 @@ func newWithImpl(key []byte, sectorSize int, im impl) (*Cipher, error) {
 	expandKey(c.ks.enc[:], key[:half])
 	expandKey(c.ks.tweak[:], key[half:])
 	invertKeySchedule(c.ks.dec[:], c.ks.enc[:], c.ks.rounds)
+	if im == implVAESYMM {
+		widen(c.ks.encWide[:], c.ks.enc[:])
+		widen(c.ks.decWide[:], c.ks.dec[:])
+	}
 	return c, nil
 }
 
@@ -160,6 +173,9 @@ func (c *Cipher) cryptParallel(decrypt bool, dst, src []byte, iv, ivStep uint64)
 
 // crypt transforms whole sectors; arguments are already checked.
 func (c *Cipher) crypt(decrypt bool, dst, src []byte, iv, ivStep uint64) {
+	if cryptSectorsAsm(c.impl, &c.ks, decrypt, dst, src, c.sectorSize, iv, ivStep) {
+		return
+	}
 	var ivBlock, tweak [16]byte
 	ss := c.sectorSize
 	for off := 0; off < len(src); off += ss {
@@ -181,7 +197,7 @@ func (c *Cipher) cryptUnit(decrypt bool, dst, src []byte, iv uint64) {
 }
 
 func (c *Cipher) check(dst, src []byte) error {
-	if c.closed {
+	if c.closed.Load() {
 		return ErrClosed
 	}
 	if len(src)%c.sectorSize != 0 {
@@ -214,11 +230,12 @@ func (c *Cipher) String() string {
 // Close wipes the key schedules. The Cipher must not be used afterwards;
 // Encrypt and Decrypt then return ErrClosed.
 func (c *Cipher) Close() {
-	c.closed = true
+	c.closed.Store(true)
 	clear(c.ks.enc[:])
 	clear(c.ks.dec[:])
 	clear(c.ks.tweak[:])
-	runtime.KeepAlive(c)
+	clear(c.ks.encWide[:])
+	clear(c.ks.decWide[:])
 }
 
 // impl selects the code that does the block work.
@@ -228,6 +245,7 @@ const (
 	implGeneric impl = iota // portable Go
 	implAESNI               // amd64 AES-NI, 8 blocks interleaved
 	implVAES                // amd64 AVX-512 VAES, 16 blocks in flight
+	implVAESYMM             // amd64 AVX2 VAES without AVX-512, 16 blocks in flight
 )
 
 func (im impl) String() string {
@@ -238,13 +256,15 @@ func (im impl) String() string {
 		return "aesni"
 	case implVAES:
 		return "vaes"
+	case implVAESYMM:
+		return "vaes-ymm"
 	}
 	return fmt.Sprintf("impl(%d)", int(im))
 }
 
 // bestImpl is the fastest implementation this CPU and build support.
 func bestImpl() impl {
-	for _, im := range []impl{implVAES, implAESNI} {
+	for _, im := range []impl{implVAES, implVAESYMM, implAESNI} {
 		if im.available() {
 			return im
 		}
@@ -255,7 +275,7 @@ func bestImpl() impl {
 // availableImpls lists every implementation usable here, for tests.
 func availableImpls() []impl {
 	var out []impl
-	for _, im := range []impl{implVAES, implAESNI, implGeneric} {
+	for _, im := range []impl{implVAES, implVAESYMM, implAESNI, implGeneric} {
 		if im.available() {
 			out = append(out, im)
 		}
@@ -271,6 +291,8 @@ func (im impl) available() bool {
 		return haveAESNI()
 	case implVAES:
 		return haveVAES()
+	case implVAESYMM:
+		return haveVAESYMM()
 	}
 	return false
 }
@@ -281,20 +303,23 @@ func (im impl) encryptBlock(ks *keySchedules, dst, src *[16]byte) {
 		encryptBlockGeneric(ks.rounds, ks.tweak[:], dst[:], src[:])
 		return
 	}
-	encryptBlockAsm(ks.rounds, &ks.tweak[0], &dst[0], &src[0])
+	encryptTweakAsm(ks, dst, src)
 }
 
 // cryptBlocks runs XTS over len(src)/16 blocks starting from tweak, which it
 // advances past the last block.
 func (im impl) cryptBlocks(ks *keySchedules, decrypt bool, dst, src []byte, tweak *[16]byte) {
-	switch im {
-	case implVAES, implAESNI:
-		cryptBlocksAsm(im, ks, decrypt, dst, src, tweak)
-	default:
-		rk := ks.enc[:]
-		if decrypt {
-			rk = ks.dec[:]
-		}
-		xtsGeneric(ks.rounds, rk, decrypt, dst, src, tweak)
+	if im == implGeneric {
+		cryptBlocksGeneric(ks, decrypt, dst, src, tweak)
+		return
 	}
+	cryptBlocksAsm(im == implVAES, ks, decrypt, dst, src, tweak)
+}
+
+func cryptBlocksGeneric(ks *keySchedules, decrypt bool, dst, src []byte, tweak *[16]byte) {
+	rk := ks.enc[:]
+	if decrypt {
+		rk = ks.dec[:]
+	}
+	xtsGeneric(ks.rounds, rk, decrypt, dst, src, tweak)
 }
