@@ -206,6 +206,9 @@ func (s *Sidecar) mountOnce(ctx context.Context, f *Filesystem, log *slog.Logger
 		return nil, err
 	}
 	info := img.Volume.Info()
+	for _, w := range info.Warnings {
+		log.Warn("image header needs attention", "warning", w)
+	}
 	log.Info("filesystem ready", "source", img.Source.String(), "format", info.Format,
 		"bytes", info.Size, "took", time.Since(start).Round(time.Millisecond))
 	return &mounted{f: f, img: img, server: server, hidden: hidden}, nil
