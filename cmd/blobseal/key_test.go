@@ -1,0 +1,173 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+const testCCE = "package policy\n\napi_version := \"0.10.0\"\n\nmount_device := {\"allowed\": true}\n"
+
+// startDevStack runs `blobseal dev serve` in the background and waits for
+// its stack.json.
+func startDevStack(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- runDevServe(ctx, []string{"--dir", dir}) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("dev serve: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Error("dev serve did not stop")
+		}
+		if _, err := os.Stat(filepath.Join(dir, StackFile)); !os.IsNotExist(err) {
+			t.Error("stack.json left behind after shutdown")
+		}
+	})
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := readDevStack(dir); err == nil {
+			return dir
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("dev serve exited: %v", err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	t.Fatal("stack.json did not appear")
+	return ""
+}
+
+func TestKeyImportAndReleaseWithDevStack(t *testing.T) {
+	dev := startDevStack(t)
+	st, err := readDevStack(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info, err := os.Stat(st.BearerTokenFile); err != nil || info.Mode().Perm() != 0o600 {
+		t.Fatalf("bearer token file: %v %v", info, err)
+	}
+	work := t.TempDir()
+	key := make([]byte, 32)
+	rand.Read(key)
+	keyFile := filepath.Join(work, "keyfile.bin")
+	os.WriteFile(keyFile, key, 0o600)
+	// The key is imported with the policy in az confcom's base64 form and
+	// released by a VM whose HOST_DATA is computed from the Rego text: both
+	// must give the same SHA-256.
+	b64Policy := filepath.Join(work, "policy.b64")
+	os.WriteFile(b64Policy, []byte(base64.StdEncoding.EncodeToString([]byte(testCCE))+"\n"), 0o600)
+	regoPolicy := filepath.Join(work, "policy.rego")
+	os.WriteFile(regoPolicy, []byte(testCCE), 0o600)
+
+	ctx := context.Background()
+	if err := runKeyImport(ctx, []string{"--dev-dir", dev, "--name", "fs-key", "--key-file", keyFile, "--cce-policy", b64Policy, "--compliance-status", "azure-compliant-uvm"}); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(work, "released.bin")
+	if err := runKeyRelease(ctx, []string{"--dev-dir", dev, "--name", "fs-key", "--attestation", "simulated", "--sim-cce-policy", regoPolicy, "--out", out}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(out)
+	if err != nil || !bytes.Equal(got, key) {
+		t.Fatalf("released secret differs from the key file (%v)", err)
+	}
+	if info, _ := os.Stat(out); info.Mode().Perm() != 0o600 {
+		t.Fatalf("--out mode %v, want 0600", info.Mode().Perm())
+	}
+
+	// Another CCE policy: refused, naming the claim, and no file left.
+	other := filepath.Join(work, "other.rego")
+	os.WriteFile(other, []byte(testCCE+"\nextra := 1\n"), 0o600)
+	out2 := filepath.Join(work, "denied.bin")
+	err = runKeyRelease(ctx, []string{"--dev-dir", dev, "--name", "fs-key", "--attestation", "simulated", "--sim-cce-policy", other, "--out", out2})
+	if err == nil || !strings.Contains(err.Error(), "x-ms-sevsnpvm-hostdata") {
+		t.Fatalf("wrong CCE policy: %v", err)
+	}
+	if _, serr := os.Stat(out2); !os.IsNotExist(serr) {
+		t.Fatal("a refused release left its --out file")
+	}
+	// A debuggable VM is refused by the default policy.
+	err = runKeyRelease(ctx, []string{"--dev-dir", dev, "--name", "fs-key", "--attestation", "simulated", "--sim-cce-policy", regoPolicy, "--sim-debuggable", "--out", out2})
+	if err == nil || !strings.Contains(err.Error(), "x-ms-sevsnpvm-is-debuggable") {
+		t.Fatalf("debuggable VM: %v", err)
+	}
+	// --out must not overwrite.
+	if err := runKeyRelease(ctx, []string{"--dev-dir", dev, "--name", "fs-key", "--attestation", "simulated", "--sim-cce-policy", regoPolicy, "--out", out}); err == nil || !strings.Contains(err.Error(), "must not exist") {
+		t.Fatalf("existing --out: %v", err)
+	}
+
+	// A vault-generated RSA-HSM key releases the same HKDF secret twice.
+	if err := runKeyImport(ctx, []string{"--dev-dir", dev, "--name", "rsa-key", "--kty", "RSA-HSM", "--host-data", strings.Repeat("ab", 32), "--allow-debug"}); err != nil {
+		t.Fatal(err)
+	}
+	var secrets [][]byte
+	for i, alg := range []string{"RSA_AES_KEY_WRAP_256", "RSA_AES_KEY_WRAP_384"} {
+		p := filepath.Join(work, "rsa"+string(rune('0'+i)))
+		if err := runKeyRelease(ctx, []string{"--dev-dir", dev, "--name", "rsa-key", "--attestation", "simulated", "--sim-host-data", strings.Repeat("AB", 32), "--sim-debuggable", "--wrap-alg", alg, "--salt", "0011", "--out", p}); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := os.ReadFile(p)
+		secrets = append(secrets, b)
+	}
+	if len(secrets[0]) != 32 || !bytes.Equal(secrets[0], secrets[1]) {
+		t.Fatal("RSA-HSM releases differ or are not 32 bytes")
+	}
+}
+
+func TestKeyCommandUsage(t *testing.T) {
+	ctx := context.Background()
+	cases := []struct {
+		run  func(context.Context, []string) error
+		args []string
+		want string
+	}{
+		{runKeyImport, []string{"--name", "k"}, "--vault"},
+		{runKeyImport, []string{"--vault", "https://x.managedhsm.azure.net", "--name", "k", "--authority", "https://a.example"}, "exactly one of --host-data"},
+		{runKeyImport, []string{"--vault", "https://x.managedhsm.azure.net", "--name", "k", "--authority", "https://a.example", "--host-data", "zz"}, "64 hex digits"},
+		{runKeyImport, []string{"--vault", "https://x.managedhsm.azure.net", "--name", "k", "--authority", "https://a.example", "--host-data", strings.Repeat("0", 64), "--kty", "EC-HSM"}, "--kty"},
+		{runKeyImport, []string{"--vault", "https://x.managedhsm.azure.net", "--name", "k", "--authority", "https://a.example", "--host-data", strings.Repeat("0", 64), "--claim", "novalue"}, "NAME=VALUE"},
+		{runKeyRelease, []string{"--vault", "https://x.managedhsm.azure.net", "--name", "k", "--maa-endpoint", "https://a.example"}, "--out"},
+		{runKeyRelease, []string{"--vault", "https://x.managedhsm.azure.net", "--name", "k", "--maa-endpoint", "https://a.example", "--out", "f", "--wrap-alg", "X"}, "unknown key wrap algorithm"},
+		{runKeyRelease, []string{"--vault", "https://x.managedhsm.azure.net", "--name", "k", "--maa-endpoint", "https://a.example", "--out", "f", "--sim-debuggable"}, "--attestation simulated"},
+		{runDevServe, []string{}, "--dir"},
+	}
+	for _, c := range cases {
+		err := c.run(ctx, c.args)
+		if !errors.Is(err, errUsage) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%v: got %v, want usage error with %q", c.args, err, c.want)
+		}
+	}
+}
+
+func TestHostDataFromCCE(t *testing.T) {
+	dir := t.TempDir()
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	os.WriteFile(a, []byte(testCCE), 0o600)
+	os.WriteFile(b, []byte(base64.StdEncoding.EncodeToString([]byte(testCCE))), 0o600)
+	ha, err := hostDataFromCCE(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hb, err := hostDataFromCCE(b)
+	if err != nil || ha != hb {
+		t.Fatalf("text and base64 forms hash differently: %v", err)
+	}
+	if _, err := hostDataFromCCE(filepath.Join(dir, "missing")); err == nil {
+		t.Error("missing file accepted")
+	}
+}
