@@ -1,0 +1,126 @@
+package sidecar
+
+import (
+	"encoding/base64"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+)
+
+func TestExampleConfigsParse(t *testing.T) {
+	cfg, err := LoadFile("../examples/sidecar.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.Filesystems) != 2 || cfg.Cache.MemoryBytes != 512<<20 || cfg.Filesystems[0].Key.Release.KeyName != "models-key" {
+		t.Fatalf("unexpected parse: %+v", cfg)
+	}
+	if cfg.Filesystems[1].Key.Release.Kty != "RSA-HSM" || *cfg.Filesystems[0].AllowOther != true {
+		t.Fatal("defaults or fields wrong")
+	}
+
+	raw, err := os.ReadFile("../examples/encfs-sidecar-args.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	legacy, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString(raw))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := legacy.Filesystems[1]
+	if f.MountPoint != "/mnt/remote/share2" || f.Identity != "managed" ||
+		f.Key.Release.MAAEndpoint != "https://sharedeus2.eus2.attest.azure.net" ||
+		f.Key.Release.Vault != "https://myvault.vault.azure.net" || f.Key.Release.KeyName != "RSAKeyForShare2" ||
+		f.Key.Release.Salt == "" || f.Key.Release.Label != "Encryption Key" || legacy.Attestation.Provider != "auto" {
+		t.Fatalf("legacy mapping wrong: %+v %+v", f, f.Key.Release)
+	}
+}
+
+func TestLegacyBearerTokenNeverPrinted(t *testing.T) {
+	js := `{"azure_filesystems":[{"mount_point":"/m/a","azure_url":"https://a.blob.core.windows.net/c/i.img",
+	"key":{"kid":"k","authority":{"endpoint":"x.attest.azure.net"},"akv":{"endpoint":"v.vault.azure.net","bearer_token":"SUPERSECRETBEARER"}}}]}`
+	cfg, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte(js)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := fmt.Sprintf("%+v %v", *cfg.Filesystems[0].Key.Release, cfg); strings.Contains(s, "SUPERSECRETBEARER") {
+		t.Fatalf("bearer token printed: %s", s)
+	}
+	if cfg.Filesystems[0].Key.Release.BearerToken.Reveal() != "SUPERSECRETBEARER" {
+		t.Fatal("bearer token lost")
+	}
+}
+
+func TestConfigErrorsNameTheField(t *testing.T) {
+	cases := map[string]string{
+		"filesystems: []": "no filesystems configured",
+		"filesystems:\n  - source: /x\n    key: {file: k}":                                                                                   "mount_point \"\" must be an absolute path",
+		"filesystems:\n  - mount_point: /m\n    key: {file: k}":                                                                              "source (azure_url) is empty",
+		"filesystems:\n  - mount_point: /m\n    source: /x\n    read_write: true\n    key: {file: k}":                                        "read_write is not supported yet",
+		"filesystems:\n  - mount_point: /m\n    source: /x":                                                                                  "exactly one key source",
+		"filesystems:\n  - mount_point: /m\n    source: /x\n    key: {file: k, raw_hex: aa}":                                                 "exactly one key source",
+		"on_failure: sometimes\nfilesystems:\n  - mount_point: /m\n    source: /x\n    key: {file: k}":                                       "on_failure is \"sometimes\"",
+		"cache: {memory: lots}\nfilesystems: []":                                                                                             "not a size",
+		"filesystems:\n  - mount_point: /m\n    source: /x\n    colour: blue\n    key: {file: k}":                                            "field colour not found",
+		"filesystems:\n  - mount_point: /m\n    source: /x\n    key: {release: {vault: https://v}}":                                          "attestation endpoint",
+		"attestation: {provider: simulated, simulated_host_data: zz}\nfilesystems:\n  - mount_point: /m\n    source: /x\n    key: {file: k}": "64 hex digits",
+	}
+	for in, want := range cases {
+		_, err := Parse([]byte(in))
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("config %q: got %v, want an error containing %q", in, err, want)
+		}
+	}
+	if _, err := ParseEncfsArgs("%%%not base64"); err == nil || !strings.Contains(err.Error(), "not base64") {
+		t.Errorf("bad base64: %v", err)
+	}
+	if _, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte("{"))); err == nil || !strings.Contains(err.Error(), "valid JSON") {
+		t.Errorf("bad JSON: %v", err)
+	}
+}
+
+func TestParseByteSize(t *testing.T) {
+	for in, want := range map[string]int64{"4096": 4096, "64Ki": 64 << 10, "256Mi": 256 << 20, "1Gi": 1 << 30, "5M": 5e6} {
+		if got, err := ParseByteSize(in); err != nil || got != want {
+			t.Errorf("%s: %d %v", in, got, err)
+		}
+	}
+	for _, in := range []string{"", "-1", "1.5Gi", "Mi", "12 parsecs"} {
+		if _, err := ParseByteSize(in); err == nil {
+			t.Errorf("%q accepted", in)
+		}
+	}
+}
+
+func FuzzParseConfig(f *testing.F) {
+	for _, p := range []string{"../examples/sidecar.yaml"} {
+		if b, err := os.ReadFile(p); err == nil {
+			f.Add(b)
+		}
+	}
+	f.Add([]byte("filesystems:\n  - mount_point: /m\n    source: /x\n    key: {file: k}"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		cfg, err := Parse(data)
+		if err == nil && len(cfg.Filesystems) == 0 {
+			t.Fatal("valid config without filesystems")
+		}
+	})
+}
+
+func FuzzParseEncfsArgs(f *testing.F) {
+	if b, err := os.ReadFile("../examples/encfs-sidecar-args.json"); err == nil {
+		f.Add(base64.StdEncoding.EncodeToString(b))
+	}
+	f.Add("e30=")
+	f.Fuzz(func(t *testing.T, s string) {
+		cfg, err := ParseEncfsArgs(s)
+		if err == nil {
+			for _, fs := range cfg.Filesystems {
+				if fs.MountPoint == "" || fs.Source == "" {
+					t.Fatal("accepted an incomplete filesystem")
+				}
+			}
+		}
+	})
+}
