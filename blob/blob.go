@@ -11,6 +11,12 @@
 //     (no SAS query, no key).
 //
 // Optional capabilities are separate interfaces, discovered by type assertion.
+//
+// Open returns a Source for an Azure page blob (RangeLister, WriterAt,
+// Versioned), block blob (Versioned) or local file (RangeLister, WriterAt
+// when Options.Writable, Versioned); all of them are io.Closers. Upload and
+// Verify copy an image to a blob and check it; RawDownload is the plain
+// parallel download used as the performance baseline.
 package blob
 
 import (
