@@ -191,7 +191,7 @@ func (v *Volume) decrypt(p []byte, off int64) error {
 	start := time.Now()
 	var err error
 	if len(p) >= largeRead {
-		err = v.cipher.Decrypt(p, p, iv, step) // TODO(lead): DecryptParallel
+		err = v.cipher.DecryptParallel(p, p, iv, step)
 	} else {
 		err = v.cipher.Decrypt(p, p, iv, step)
 	}
@@ -204,7 +204,7 @@ func (v *Volume) encrypt(dst, src []byte, off int64) error {
 	iv := IVOf(off, v.ivUnit, v.ivTweak)
 	step := IVStep(v.sectorSize, v.ivUnit)
 	if len(src) >= largeRead {
-		return v.cipher.Encrypt(dst, src, iv, step) // TODO(lead): EncryptParallel
+		return v.cipher.EncryptParallel(dst, src, iv, step)
 	}
 	return v.cipher.Encrypt(dst, src, iv, step)
 }

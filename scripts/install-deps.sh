@@ -9,6 +9,8 @@ for tool in cryptsetup:cryptsetup-bin mkfs.ext4:e2fsprogs debugfs:e2fsprogs fuse
   cmd=${tool%%:*} pkg=${tool#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || [ -x "/sbin/$cmd" ] || need_apt+=("$pkg")
 done
+# OpenSSL's XTS is reached from the xts tests through Debian's python3-cryptography.
+/usr/bin/python3 -c 'import cryptography' 2>/dev/null || need_apt+=(python3-cryptography)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   for attempt in 1 2 3; do

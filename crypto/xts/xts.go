@@ -58,9 +58,9 @@ const maxRKBytes = 15 * 16
 // over goroutines; below it the goroutine start-up costs more than it saves.
 const parallelMin = 256 << 10
 
-// parallelChunkMin keeps each goroutine's share large enough to amortise
-// its scheduling.
-const parallelChunkMin = 64 << 10
+// parallelChunk is the piece of work a goroutine takes at a time: about
+// 5µs with VAES, large enough to amortise the hand-out.
+const parallelChunk = 64 << 10
 
 // ErrPartialSector reports a buffer that is not a whole number of sectors.
 var ErrPartialSector = errors.New("xts: buffer is not a whole number of sectors")
@@ -143,31 +143,40 @@ func (c *Cipher) DecryptParallel(dst, src []byte, iv, ivStep uint64) error {
 	return nil
 }
 
+// cryptParallel hands out parallelChunk-sized pieces from a shared counter
+// to the calling goroutine and up to GOMAXPROCS-1 helpers. Pulling work
+// rather than pre-splitting it means a helper that is slow to be scheduled
+// (a busy machine) costs at most the piece it holds, not a fixed share.
 func (c *Cipher) cryptParallel(decrypt bool, dst, src []byte, iv, ivStep uint64) {
 	workers := runtime.GOMAXPROCS(0)
 	if len(src) < parallelMin || workers < 2 {
 		c.crypt(decrypt, dst, src, iv, ivStep)
 		return
 	}
-	workers = min(workers, len(src)/parallelChunkMin)
-	sectors := len(src) / c.sectorSize
-	per := (sectors + workers - 1) / workers
-	var wg sync.WaitGroup
-	for first := 0; first < sectors; first += per {
-		last := min(first+per, sectors)
-		lo, hi := first*c.sectorSize, last*c.sectorSize
-		chunkIV := iv + uint64(first)*ivStep
-		if last == sectors {
-			// The caller's goroutine takes the final share instead of idling.
-			c.crypt(decrypt, dst[lo:hi], src[lo:hi], chunkIV, ivStep)
-			break
+	// parallelChunk is a multiple of every sector size, so pieces are
+	// whole sectors.
+	pieces := (len(src) + parallelChunk - 1) / parallelChunk
+	var next atomic.Int64
+	work := func() {
+		for {
+			i := int(next.Add(1) - 1)
+			if i >= pieces {
+				return
+			}
+			lo := i * parallelChunk
+			hi := min(lo+parallelChunk, len(src))
+			c.crypt(decrypt, dst[lo:hi], src[lo:hi], iv+uint64(lo/c.sectorSize)*ivStep, ivStep)
 		}
+	}
+	var wg sync.WaitGroup
+	for range min(workers, pieces) - 1 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c.crypt(decrypt, dst[lo:hi], src[lo:hi], chunkIV, ivStep)
+			work()
 		}()
 	}
+	work()
 	wg.Wait()
 }
 

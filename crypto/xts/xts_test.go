@@ -238,34 +238,36 @@ func TestParallelMatchesSerial(t *testing.T) {
 	rng := rand.New(rand.NewPCG(5, 6))
 	key := make([]byte, 64)
 	fillRand(rng, key)
-	c, err := New(key, 4096)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	// Sizes below, at and above the threshold, with a sector count that does
-	// not divide evenly between the workers.
-	for _, sectors := range []int{1, 63, 64, 301} {
-		plain := make([]byte, sectors*4096)
-		fillRand(rng, plain)
-		const iv, step = 1 << 40, 8
-		serial := make([]byte, len(plain))
-		if err := c.Encrypt(serial, plain, iv, step); err != nil {
+	for _, sectorSize := range []int{512, 4096} {
+		c, err := New(key, sectorSize)
+		if err != nil {
 			t.Fatal(err)
 		}
-		par := make([]byte, len(plain))
-		if err := c.EncryptParallel(par, plain, iv, step); err != nil {
-			t.Fatal(err)
+		// Sizes below, at and above the 256 KiB threshold, the largest not a
+		// whole number of 64 KiB pieces.
+		for _, size := range []int{4096, 256<<10 - 4096, 256 << 10, 301 * 4096} {
+			plain := make([]byte, size)
+			fillRand(rng, plain)
+			const iv, step = 1 << 40, 8
+			serial := make([]byte, len(plain))
+			if err := c.Encrypt(serial, plain, iv, step); err != nil {
+				t.Fatal(err)
+			}
+			par := make([]byte, len(plain))
+			if err := c.EncryptParallel(par, plain, iv, step); err != nil {
+				t.Fatal(err)
+			}
+			if i := firstDiff(par, serial); i >= 0 {
+				t.Fatalf("%dB sectors, %d bytes: EncryptParallel differs at byte %d", sectorSize, size, i)
+			}
+			if err := c.DecryptParallel(par, par, iv, step); err != nil {
+				t.Fatal(err)
+			}
+			if i := firstDiff(par, plain); i >= 0 {
+				t.Fatalf("%dB sectors, %d bytes: in-place DecryptParallel differs at byte %d", sectorSize, size, i)
+			}
 		}
-		if i := firstDiff(par, serial); i >= 0 {
-			t.Fatalf("%d sectors: EncryptParallel differs at byte %d", sectors, i)
-		}
-		if err := c.DecryptParallel(par, par, iv, step); err != nil {
-			t.Fatal(err)
-		}
-		if i := firstDiff(par, plain); i >= 0 {
-			t.Fatalf("%d sectors: in-place DecryptParallel differs at byte %d", sectors, i)
-		}
+		c.Close()
 	}
 }
 
@@ -315,9 +317,17 @@ func runOpenSSLXTS(t *testing.T, python string, decrypt bool, key, data []byte, 
 // TestOpenSSL cross-checks a few sectors against OpenSSL's XTS, both ways,
 // for AES-128 and AES-256, with a LUKS2-style IV step of 8.
 func TestOpenSSL(t *testing.T) {
-	python := testenv.RequireTools(t, "python3")[0]
-	if err := exec.Command(python, "-c", "import cryptography.hazmat.primitives.ciphers").Run(); err != nil {
-		testenv.Unavailable(t, "python3 cryptography package (Debian: python3-cryptography) is needed to reach OpenSSL's XTS: %v", err)
+	// Debian's python3 with python3-cryptography first (what .ci/run
+	// installs), then whatever python3 is on PATH.
+	python := ""
+	for _, candidate := range []string{"/usr/bin/python3", "python3"} {
+		if exec.Command(candidate, "-c", "import cryptography.hazmat.primitives.ciphers").Run() == nil {
+			python = candidate
+			break
+		}
+	}
+	if python == "" {
+		testenv.Unavailable(t, "python3 with the cryptography package (Debian: python3-cryptography) is needed to reach OpenSSL's XTS")
 	}
 	rng := rand.New(rand.NewPCG(7, 8))
 	for _, keyLen := range []int{32, 64} {
