@@ -11,7 +11,6 @@ import (
 	"strings"
 
 	"github.com/blobseal/blobseal/blob/progress"
-	"github.com/blobseal/blobseal/blockcache"
 	"github.com/blobseal/blobseal/crypto"
 	"github.com/blobseal/blobseal/fs"
 )
@@ -90,6 +89,7 @@ func runImageCreate(ctx context.Context, args []string) error {
 	}
 	plainSize, err := fs.MakeExt4(ctx, *from, plainFile.Name(), fs.MakeOptions{
 		BlockSize: *blockSize, Size: size, Label: *label, Journal: *journal,
+		Warn: func(msg string) { fmt.Fprintln(os.Stderr, "warning:", msg) },
 	})
 	if err != nil {
 		return err
@@ -170,7 +170,12 @@ func runImageCheck(ctx context.Context, args []string) error {
 	if err := vf.validate(); err != nil {
 		return err
 	}
-	img, err := openImageTree(ctx, pos[0], &vf, blockcache.Options{})
+	spec, err := vf.spec(pos[0])
+	if err != nil {
+		return err
+	}
+	img, err := openImageTree(ctx, spec)
+	spec.Key.Wipe()
 	if err != nil {
 		return err
 	}

@@ -67,23 +67,39 @@ func readImageKeyFile(path string) (secret.Bytes, error) {
 	return secret.Bytes(b), nil
 }
 
-// unlock opens the encrypted volume on dev with the key file.
-func (v *volumeFlags) unlock(dev io.ReaderAt, size int64, name string) (*crypto.Volume, error) {
+// imageSpec says where an image is and how to unlock it. The sidecar
+// builds one from its configuration and the released key; the CLI from
+// flags and a key file.
+type imageSpec struct {
+	Location   string       // local path or blob URL (may carry a SAS)
+	Key        secret.Bytes // LUKS passphrase, or the raw XTS key for "plain"
+	Format     string       // "auto" (LUKS header required), "luks" or "plain"
+	SectorSize int          // plain images only
+	Cache      blockcache.Options
+	CacheLocal bool // read local files through the block cache too
+}
+
+// spec turns the flags into an imageSpec, reading the key file.
+func (v *volumeFlags) spec(loc string) (imageSpec, error) {
 	key, err := readImageKeyFile(v.keyFile)
 	if err != nil {
-		return nil, err
+		return imageSpec{}, err
 	}
-	defer key.Wipe()
-	opts := crypto.OpenOptions{Plain: crypto.PlainOptions{SectorSize: v.sectorSize}}
-	switch v.format {
+	return imageSpec{Location: loc, Key: key, Format: v.format, SectorSize: v.sectorSize}, nil
+}
+
+// unlockVolume opens the encrypted volume on dev.
+func unlockVolume(dev io.ReaderAt, size int64, name string, spec imageSpec) (*crypto.Volume, error) {
+	opts := crypto.OpenOptions{Plain: crypto.PlainOptions{SectorSize: spec.SectorSize}}
+	switch spec.Format {
 	case "plain":
 		opts.Format = "plain"
-	case "auto":
+	case "auto", "":
 		if crypto.Detect(dev) == "" {
 			return nil, fmt.Errorf("%s has no LUKS header: if it is a headerless image, pass --format plain", name)
 		}
 	}
-	vol, err := crypto.Open(dev, size, key, opts)
+	vol, err := crypto.Open(dev, size, spec.Key, opts)
 	if err != nil {
 		return nil, fmt.Errorf("unlock %s: %w", name, err)
 	}
@@ -112,18 +128,21 @@ func isBlobLocation(loc string) bool {
 }
 
 // openImageTree opens a local file or blob URL, unlocks it and opens its ext4
-// filesystem. Remote images read through the block cache; local files go
-// straight to the page cache, which already caches and reads ahead.
-func openImageTree(ctx context.Context, loc string, vf *volumeFlags, cacheOpts blockcache.Options) (*openedImage, error) {
+// filesystem. Remote images read through the block cache; local files too
+// when cacheLocal is set (the mount's default: its parallel read-ahead beats
+// the page cache's for cold sequential reads), else straight from the file.
+// The caller wipes spec.Key when it no longer needs it.
+func openImageTree(ctx context.Context, spec imageSpec) (*openedImage, error) {
+	loc := spec.Location
 	o := &openedImage{name: secret.RedactURL(loc)}
 	var dev io.ReaderAt
 	var size int64
-	if isBlobLocation(loc) {
+	if isBlobLocation(loc) || spec.CacheLocal {
 		src, err := blob.Open(ctx, loc, blob.Options{})
 		if err != nil {
-			return nil, fmt.Errorf("open %s: %w", o.name, err)
+			return nil, err // names the location already, without credentials
 		}
-		cache, err := blockcache.New(src, cacheOpts)
+		cache, err := blockcache.New(src, spec.Cache)
 		if err != nil {
 			return nil, fmt.Errorf("cache for %s: %w", o.name, err)
 		}
@@ -146,7 +165,7 @@ func openImageTree(ctx context.Context, loc string, vf *volumeFlags, cacheOpts b
 		}
 		dev, size = f, st.Size()
 	}
-	vol, err := vf.unlock(dev, size, o.name)
+	vol, err := unlockVolume(dev, size, o.name, spec)
 	if err != nil {
 		o.Close()
 		return nil, err
@@ -210,8 +229,13 @@ func runMount(ctx context.Context, args []string) error {
 	logLevel := f.String("log-level", "info", "debug, info, warn or error")
 	logFormat := f.String("log-format", "text", "text or json (to stderr)")
 	debugFUSE := f.Bool("debug-fuse", false, "log every FUSE request (with --log-level debug)")
+	grace := f.Duration("unmount-grace", fs.DefaultUnmountGrace, "on SIGINT/SIGTERM, how long to retry a busy unmount before detaching lazily")
 	cacheMiB := f.Int64("cache-memory", 256, "block cache memory for blob URLs, MiB")
 	cacheDir := f.String("cache-dir", "", "disk cache directory for blob URLs (ciphertext only)")
+	// Measured with bench/fs-vs-kernel.sh's image, caches dropped, dd of
+	// 1 GiB: 720 and 671 MB/s through the block cache (parallel read-ahead)
+	// against 633 and 552 MB/s straight from the file.
+	cacheLocal := f.Bool("cache-local", true, "read a local image through the block cache (parallel read-ahead); false reads the file directly")
 	pos, err := parseInterspersed(f, args)
 	if err != nil {
 		return err
@@ -229,16 +253,24 @@ func runMount(ctx context.Context, args []string) error {
 	}
 	image, mountpoint := pos[0], pos[1]
 
-	img, err := openImageTree(ctx, image, &vf, blockcache.Options{MemoryBytes: *cacheMiB << 20, DiskDir: *cacheDir, Logger: logger})
+	spec, err := vf.spec(image)
+	if err != nil {
+		return err
+	}
+	spec.Cache = blockcache.Options{MemoryBytes: *cacheMiB << 20, DiskDir: *cacheDir, Logger: logger}
+	spec.CacheLocal = *cacheLocal
+	img, err := openImageTree(ctx, spec)
+	spec.Key.Wipe()
 	if err != nil {
 		return err
 	}
 	defer img.Close()
 	srv, err := fs.Mount(ctx, mountpoint, img.tree, fs.Options{
-		AllowOther: *allowOther,
-		Logger:     logger,
-		Source:     mountSourceName(img.name),
-		Debug:      *debugFUSE,
+		AllowOther:   *allowOther,
+		Logger:       logger,
+		Source:       mountSourceName(img.name),
+		Debug:        *debugFUSE,
+		UnmountGrace: *grace,
 	})
 	if err != nil {
 		return err
