@@ -185,6 +185,9 @@ func TestCorruption(t *testing.T) {
 			in := l.ino(t, "/a")
 			off := l.firstBlock(t, in)
 			i := bytes.Index(b[off:off+1024], []byte("child"))
+			if i < 0 {
+				t.Fatal("entry not found")
+			}
 			b[off+int64(i)] ^= 0x20
 			return in.Ino
 		}, readDir, ErrCorrupt, false},
@@ -199,7 +202,10 @@ func TestCorruption(t *testing.T) {
 			child := l.ino(t, "/a/child")
 			off := l.firstBlock(t, child)
 			i := bytes.Index(b[off:off+1024], []byte{1, FtRegular, 'f'}) // name_len 1, type, "f"
-			le.PutUint32(b[off+int64(i)-6:], a.Ino)                      // /a/child/f → /a
+			if i < 6 {
+				t.Fatal("entry not found")
+			}
+			le.PutUint32(b[off+int64(i)-6:], a.Ino) // /a/child/f → /a
 			b[off+int64(i)-6+7] = FtDir
 			return a.Ino
 		}, func(f *FS, ino uint32) error { return f.Walk(func(string, *Inode) error { return nil }) }, ErrCorrupt, false},

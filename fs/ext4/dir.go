@@ -269,7 +269,10 @@ func (f *FS) Lookup(dir *Inode, name string) (uint32, error) {
 	if len(name) == 0 || len(name) > maxNameLen {
 		return 0, fmt.Errorf("ext4: inode %d: lookup of a %d-byte name: %w", dir.Ino, len(name), ErrNotFound)
 	}
-	if name != "." && name != ".." && f.isIndexed(dir) {
+	if name == "." {
+		return dir.Ino, nil // inline directories store no "." entry
+	}
+	if name != ".." && f.isIndexed(dir) {
 		ino, err := f.dxLookup(dir, []byte(name))
 		if !errors.Is(err, errBadDx) {
 			return ino, err

@@ -30,6 +30,7 @@ var (
 // Feature bits (superblock s_feature_compat / incompat / ro_compat).
 const (
 	compatHasJournal   = 0x4
+	compatExtAttr      = 0x8
 	compatDirIndex     = 0x20
 	compatSparseSuper2 = 0x200
 

@@ -78,10 +78,10 @@ func fuzzSeedImages(f testing.TB) [][]byte {
 		{"-O", "^has_journal,^resize_inode,inline_data,^metadata_csum", "-N", "16"},
 		{"-t", "ext2", "-O", "^resize_inode", "-N", "16"},
 	} {
-		img := mkfs(f, nil, src, 1, append([]string{"-b", "1024"}, args...)...)
+		img := mkfsKiB(f, nil, src, 256, append([]string{"-b", "1024"}, args...)...)
 		b, err := os.ReadFile(img)
 		must(f, err)
-		out = append(out, b[:256<<10]) // the filesystems are 1 MiB; keep a prefix
+		out = append(out, b)
 	}
 	return out
 }

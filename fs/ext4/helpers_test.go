@@ -41,13 +41,19 @@ func runCmd(t testing.TB, env []string, name string, args ...string) string {
 // mkfs builds an image of sizeMiB from src with extra mke2fs arguments.
 func mkfs(t testing.TB, env []string, src string, sizeMiB int, args ...string) string {
 	t.Helper()
+	return mkfsKiB(t, env, src, sizeMiB<<10, args...)
+}
+
+// mkfsKiB builds an image of sizeKiB from src (empty if src is "").
+func mkfsKiB(t testing.TB, env []string, src string, sizeKiB int, args ...string) string {
+	t.Helper()
 	tools := testenv.RequireTools(t, "mkfs.ext4")
 	img := filepath.Join(t.TempDir(), "fs.img")
 	full := append([]string{"-q", "-F"}, args...)
 	if src != "" {
 		full = append(full, "-d", src)
 	}
-	full = append(full, img, fmt.Sprintf("%dM", sizeMiB))
+	full = append(full, img, fmt.Sprintf("%dk", sizeKiB))
 	runCmd(t, env, tools[0], full...)
 	return img
 }

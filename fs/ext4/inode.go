@@ -1,6 +1,7 @@
 package ext4
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"time"
@@ -105,7 +106,8 @@ func (f *FS) loadInode(ino uint32) (*Inode, error) {
 		return nil, fmt.Errorf("ext4: inode %d: %w", ino, err)
 	}
 	inOff := off & uint64(f.blockSize-1)
-	raw := b[inOff : inOff+isz : inOff+isz]
+	// Copy so a cached inode does not pin its whole inode-table block.
+	raw := bytes.Clone(b[inOff : inOff+isz])
 	return f.parseInode(ino, raw)
 }
 
