@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"sync"
 	"syscall"
@@ -63,7 +62,7 @@ func (a *Azurite) Start() error {
 	}
 	cmd := exec.Command(a.bin,
 		"--blobHost", "127.0.0.1", "--blobPort", strconv.Itoa(a.Port),
-		"--location", a.dataDir, "--debug", filepath.Join(a.dataDir, "debug.log"),
+		"--location", a.dataDir,
 		"--disableTelemetry", "--skipApiVersionCheck", "--silent", "--loose")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	stderr, _ := cmd.StderrPipe()

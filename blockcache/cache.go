@@ -1,0 +1,774 @@
+// Package blockcache is the read cache between a blob source and the
+// decrypting volume: it serves io.ReaderAt reads from fixed-size blocks held
+// under one global memory bound, fetching each block at most once at a time,
+// coalescing adjacent missing blocks into large ranged reads, reading ahead
+// for sequential streams, never requesting unwritten (hole) ranges, and
+// optionally keeping fetched ciphertext in a bounded disk tier that survives
+// restarts while the blob's ETag is unchanged.
+//
+// Memory is organised in extents: one extent is the run of blocks one fetch
+// brought in (a single block for a random read, up to MaxFetchSize for
+// read-ahead) and is the unit of accounting and eviction. The cache mutex
+// guards only the block map, LRU list, stream table and accounting; fetches,
+// copies to callers, allocation and disk I/O happen outside it. A reader pins
+// an extent (reference count) while it waits for or copies from it, so an
+// extent is never released under a reader.
+package blockcache
+
+import (
+	"container/list"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/blobseal/blobseal/blob"
+)
+
+// ErrClosed is returned by reads on a closed cache.
+var ErrClosed = errors.New("blockcache: cache is closed")
+
+// extent is a run of consecutive blocks fetched together.
+type extent struct {
+	first   int64 // first block index
+	nblocks int64
+	off     int64 // byte offset of the first block
+	length  int64 // bytes covered (the last extent of the source may be short)
+	mem     int64 // accounted bytes: length rounded up to whole pages
+	ahead   bool  // created by read-ahead
+
+	done chan struct{} // closed when the fetch ends; then buf or err is set
+	buf  []byte        // the mapping, len == mem; data is buf[:length]
+	err  error
+
+	refs     int           // readers pinning the extent (and a queued disk write)
+	elem     *list.Element // position in the LRU list while ready and mapped
+	detached bool          // removed from the block map; free when refs drops to 0
+}
+
+func (e *extent) end() int64 { return e.off + e.length }
+
+// Cache is a block cache over a blob.Source. It is safe for concurrent use.
+type Cache struct {
+	src     blob.Source
+	name    string
+	size    int64
+	nblocks int64
+	o       Options
+	bs      int64
+	log     *slog.Logger
+	written *writtenIndex // nil when the source cannot list written ranges
+	disk    *diskTier     // nil without DiskDir
+
+	ctx    context.Context // cancelled by Close; parent of every fetch
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // fetch goroutines
+	diskWG sync.WaitGroup // the disk writer
+	sem    chan struct{}  // one token per request slot
+	raMax  int            // read-ahead may start a fetch only below this many used slots
+	diskQ  chan *extent   // extents waiting to be written to disk
+
+	mu      sync.Mutex
+	blocks  map[int64]*extent
+	lru     list.List // of *extent; front is most recently used
+	used    int64
+	peak    int64
+	memWake chan struct{} // closed and replaced whenever memory may have become available
+	streams streamTable
+	closed  bool
+	// diskPinned is memory pinned by extents queued for the disk writer,
+	// kept under a quarter of the bound so a slow disk cannot starve reads.
+	diskPinned int64
+
+	st counters
+}
+
+var _ io.ReaderAt = (*Cache)(nil)
+
+// New returns a cache over src. When src lists its written ranges they are
+// read once here (bounded by ReadDeadline); on failure the cache treats the
+// whole source as written.
+func New(src blob.Source, opts Options) (*Cache, error) {
+	if src == nil {
+		return nil, errors.New("blockcache: nil source")
+	}
+	o, err := opts.normalize()
+	if err != nil {
+		return nil, err
+	}
+	size := src.Size()
+	if size < 0 {
+		return nil, fmt.Errorf("blockcache: source %s reports negative size %d", src, size)
+	}
+	c := &Cache{
+		src:     src,
+		name:    src.String(),
+		size:    size,
+		nblocks: (size + o.BlockSize - 1) / o.BlockSize,
+		o:       o,
+		bs:      o.BlockSize,
+		log:     o.Logger,
+		sem:     make(chan struct{}, o.MaxFetches),
+		raMax:   o.MaxFetches - o.MaxFetches/4,
+		blocks:  make(map[int64]*extent),
+		memWake: make(chan struct{}),
+	}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+
+	if rl, ok := src.(blob.RangeLister); ok {
+		ctx, cancel := context.WithTimeout(c.ctx, o.ReadDeadline)
+		ranges, err := rl.WrittenRanges(ctx)
+		cancel()
+		if err != nil {
+			c.log.Warn("blockcache: cannot list written ranges; every range will be fetched", "source", c.name, "err", err)
+		} else {
+			c.written = newWrittenIndex(ranges, size)
+		}
+	}
+	if o.DiskDir != "" {
+		version, versioned := "", false
+		if v, ok := src.(blob.Versioned); ok && v.Version() != "" {
+			version, versioned = v.Version(), true
+		}
+		c.disk, err = openDiskTier(o.DiskDir, c.name, version, versioned, c.bs, o.DiskBytes, c.log, &c.st)
+		if err != nil {
+			c.cancel()
+			return nil, err
+		}
+		c.diskQ = make(chan *extent, 16)
+		c.diskWG.Add(1)
+		go c.diskWriter()
+	}
+	return c, nil
+}
+
+// Size returns the size of the source.
+func (c *Cache) Size() int64 { return c.size }
+
+// String names the cached source.
+func (c *Cache) String() string { return "blockcache(" + c.name + ")" }
+
+// ReadAt implements io.ReaderAt; it gives up after Options.ReadDeadline.
+func (c *Cache) ReadAt(p []byte, off int64) (int, error) {
+	return c.ReadAtContext(context.Background(), p, off)
+}
+
+// ReadAtContext reads len(p) bytes at off, like io.ReaderAt, honouring ctx
+// and Options.ReadDeadline. Failed fetches are retried with backoff until the
+// deadline; the error then names the source, the offset and the last cause.
+func (c *Cache) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("blockcache: read of %s at negative offset %d", c.name, off)
+	}
+	if off >= c.size {
+		if len(p) == 0 {
+			return 0, nil
+		}
+		return 0, io.EOF
+	}
+	want, atEOF := p, false
+	if int64(len(p)) > c.size-off {
+		want, atEOF = p[:c.size-off], true
+	}
+	if len(want) == 0 {
+		return 0, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.o.ReadDeadline)
+	defer cancel()
+
+	horizon, err := c.observe(off, int64(len(want)))
+	if err != nil {
+		return 0, err
+	}
+	n, err := c.read(ctx, want, off, horizon)
+	if err != nil {
+		return n, err
+	}
+	if atEOF {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// read fills p from off, block by block, waiting for or starting fetches. A
+// fetch it starts may extend up to horizon (the stream's read-ahead window)
+// so a sequential reader's miss becomes one large request.
+func (c *Cache) read(ctx context.Context, p []byte, off, horizon int64) (int, error) {
+	end := off + int64(len(p))
+	pos := off
+	var lastErr error
+	backoff := 50 * time.Millisecond
+	for pos < end {
+		b := pos / c.bs
+		if c.holeBlock(b) {
+			n := min(end, c.blockEnd(b)) - pos
+			clear(p[pos-off : pos-off+n])
+			c.st.zeroFilled.Add(uint64(n))
+			pos += n
+			continue
+		}
+		e, err := c.acquire(ctx, b, max(end, horizon))
+		if err != nil {
+			return int(pos - off), c.readError(ctx, pos, err, lastErr)
+		}
+		select {
+		case <-e.done:
+		case <-ctx.Done():
+			c.unpin(e)
+			return int(pos - off), c.readError(ctx, pos, ctx.Err(), lastErr)
+		}
+		if e.err != nil {
+			c.unpin(e)
+			if errors.Is(e.err, ErrClosed) {
+				return int(pos - off), ErrClosed
+			}
+			lastErr = e.err
+			// The failed extent is gone from the map; the next pass fetches
+			// again after a pause, until the read deadline.
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				return int(pos - off), c.readError(ctx, pos, ctx.Err(), lastErr)
+			}
+			backoff = min(2*backoff, 2*time.Second)
+			continue
+		}
+		n := copy(p[pos-off:], e.buf[pos-e.off:e.length])
+		c.unpin(e)
+		pos += int64(n)
+	}
+	return int(pos - off), nil
+}
+
+// readError builds the error of a failed read: which source, where, and the
+// fetch error that kept it from completing.
+func (c *Cache) readError(ctx context.Context, pos int64, err, lastErr error) error {
+	if errors.Is(err, ErrClosed) {
+		return ErrClosed
+	}
+	if lastErr != nil && ctx.Err() != nil {
+		return fmt.Errorf("blockcache: reading %s at offset %d: gave up (%w) after fetch errors: %w", c.name, pos, ctx.Err(), lastErr)
+	}
+	return fmt.Errorf("blockcache: reading %s at offset %d: %w", c.name, pos, err)
+}
+
+func (c *Cache) blockEnd(b int64) int64 { return min((b+1)*c.bs, c.size) }
+
+// holeBlock reports whether block b holds no written byte.
+func (c *Cache) holeBlock(b int64) bool {
+	return c.written != nil && c.written.isHole(b*c.bs, c.blockEnd(b))
+}
+
+// acquire returns the extent holding block b, pinned, starting a fetch of b
+// and the following missing blocks up to the block holding end-1 (and
+// MaxFetchSize) when b is not cached. It waits for memory when the bound is reached and everything
+// is pinned or in flight.
+func (c *Cache) acquire(ctx context.Context, b, end int64) (*extent, error) {
+	for {
+		c.mu.Lock()
+		if c.closed {
+			c.mu.Unlock()
+			return nil, ErrClosed
+		}
+		if e := c.blocks[b]; e != nil {
+			e.refs++
+			if e.elem != nil {
+				c.lru.MoveToFront(e.elem)
+				c.st.hits.Add(1)
+			} else {
+				c.st.pendingHits.Add(1)
+			}
+			c.mu.Unlock()
+			return e, nil
+		}
+		last := min((end-1)/c.bs, c.nblocks-1)
+		n := c.missingRunLocked(b, last)
+		var freed []*extent
+		ok := false
+		for ; n >= 1; n /= 2 {
+			var f []*extent
+			ok, f = c.reserveLocked(c.extentMem(b, n))
+			freed = append(freed, f...)
+			if ok {
+				break
+			}
+		}
+		if !ok {
+			wake := c.memWake
+			c.mu.Unlock()
+			c.release(freed)
+			select {
+			case <-wake:
+				continue
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-c.ctx.Done():
+				return nil, ErrClosed
+			}
+		}
+		e := c.newExtentLocked(b, n, false)
+		e.refs = 1
+		c.st.misses.Add(uint64(n))
+		c.wg.Add(1)
+		c.mu.Unlock()
+		c.release(adoptBuffers([]*extent{e}, freed))
+		go c.fetch(e, false)
+		return e, nil
+	}
+}
+
+// missingRunLocked returns how many blocks from b (at most up to last and
+// MaxFetchSize) are neither cached, in flight nor holes.
+func (c *Cache) missingRunLocked(b, last int64) int64 {
+	maxBlocks := c.o.MaxFetchSize / c.bs
+	n := int64(1)
+	for b+n <= last && n < maxBlocks && c.blocks[b+n] == nil && !c.holeBlock(b+n) {
+		n++
+	}
+	return n
+}
+
+func (c *Cache) extentMem(b, n int64) int64 {
+	return roundToPage(min((b+n)*c.bs, c.size) - b*c.bs)
+}
+
+// newExtentLocked registers a pending extent of n blocks from b.
+func (c *Cache) newExtentLocked(b, n int64, ahead bool) *extent {
+	off := b * c.bs
+	e := &extent{
+		first: b, nblocks: n, off: off,
+		length: min((b+n)*c.bs, c.size) - off,
+		ahead:  ahead,
+		done:   make(chan struct{}),
+	}
+	e.mem = roundToPage(e.length)
+	for i := b; i < b+n; i++ {
+		c.blocks[i] = e
+	}
+	c.st.inFlight.Add(1)
+	return e
+}
+
+// reserveLocked accounts mem more bytes, evicting least recently used
+// unpinned extents as needed. It returns false when the bound cannot be met;
+// the evicted extents are returned for release outside the lock either way.
+func (c *Cache) reserveLocked(mem int64) (bool, []*extent) {
+	var freed []*extent
+	for el := c.lru.Back(); c.used+mem > c.o.MemoryBytes && el != nil; {
+		e := el.Value.(*extent)
+		el = el.Prev()
+		if e.refs > 0 {
+			continue
+		}
+		c.detachLocked(e)
+		c.used -= e.mem
+		freed = append(freed, e)
+		c.st.evictions.Add(1)
+	}
+	if c.used+mem > c.o.MemoryBytes {
+		return false, freed
+	}
+	c.used += mem
+	c.peak = max(c.peak, c.used)
+	return true, freed
+}
+
+// detachLocked removes e from the block map and the LRU list.
+func (c *Cache) detachLocked(e *extent) {
+	if e.detached {
+		return
+	}
+	e.detached = true
+	for i := e.first; i < e.first+e.nblocks; i++ {
+		if c.blocks[i] == e {
+			delete(c.blocks, i)
+		}
+	}
+	if e.elem != nil {
+		c.lru.Remove(e.elem)
+		e.elem = nil
+	}
+}
+
+// wakeLocked tells memory waiters to look again.
+func (c *Cache) wakeLocked() {
+	close(c.memWake)
+	c.memWake = make(chan struct{})
+}
+
+// release unmaps extents that are detached, unpinned and already unaccounted.
+func (c *Cache) release(es []*extent) {
+	for _, e := range es {
+		if err := unmapBuffer(e.buf); err != nil {
+			c.log.Error("blockcache: releasing block memory", "err", err)
+		}
+		e.buf = nil
+	}
+}
+
+// adoptBuffers hands the mappings of evicted extents to new extents of the
+// same size, sparing an unmap, a map and the kernel zeroing the pages; it
+// returns the evicted extents whose mappings are still to be released. Both
+// sides are private to the caller: the evicted ones are detached and
+// unpinned, the new ones not yet fetched.
+func adoptBuffers(fresh, evicted []*extent) []*extent {
+	for _, e := range fresh {
+		for _, old := range evicted {
+			if old.buf != nil && int64(len(old.buf)) == e.mem {
+				e.buf, old.buf = old.buf, nil
+				break
+			}
+		}
+	}
+	return evicted
+}
+
+// unpin drops a reader's reference; a detached extent is freed by its last
+// reader.
+func (c *Cache) unpin(e *extent) {
+	c.mu.Lock()
+	e.refs--
+	var free bool
+	if e.refs == 0 {
+		if e.detached {
+			c.used -= e.mem
+			free = true
+		}
+		c.wakeLocked()
+	}
+	c.mu.Unlock()
+	if free {
+		c.release([]*extent{e})
+	}
+}
+
+// fetch fills e from the disk tier and the source and publishes the result.
+// A demand fetch waits for a request slot; read-ahead arrives holding one.
+func (c *Cache) fetch(e *extent, haveSlot bool) {
+	defer c.wg.Done()
+	if !haveSlot {
+		select {
+		case c.sem <- struct{}{}:
+		case <-c.ctx.Done():
+			c.finish(e, e.buf, ErrClosed)
+			return
+		}
+	}
+	buf, err := e.buf, error(nil) // set when adopted from an evicted extent
+	if buf == nil {
+		buf, err = mapBuffer(e.mem)
+	}
+	if err == nil {
+		ctx, cancel := context.WithTimeout(c.ctx, c.o.FetchTimeout)
+		err = c.fill(ctx, e, buf[:e.length])
+		cancel()
+	}
+	<-c.sem
+	if err != nil && c.ctx.Err() != nil {
+		err = ErrClosed
+	}
+	c.finish(e, buf, err)
+}
+
+// fill reads the extent's bytes: blocks on disk from disk, the rest from the
+// source in one ranged read per contiguous run (only its written parts when
+// the source lists them), and zeros for holes.
+func (c *Cache) fill(ctx context.Context, e *extent, dst []byte) error {
+	fromDisk := make([]bool, e.nblocks)
+	if c.disk != nil {
+		for i := range e.nblocks {
+			b := e.first + i
+			if !c.disk.has(b) {
+				continue
+			}
+			lo, hi := b*c.bs-e.off, c.blockEnd(b)-e.off
+			if c.disk.read(b, dst[lo:hi]) == nil {
+				fromDisk[i] = true
+			}
+		}
+	}
+	var parts []blob.Range
+	for i := int64(0); i < e.nblocks; {
+		if fromDisk[i] {
+			i++
+			continue
+		}
+		j := i
+		for j < e.nblocks && !fromDisk[j] {
+			j++
+		}
+		lo, hi := (e.first+i)*c.bs, c.blockEnd(e.first+j-1)
+		parts = parts[:0]
+		if c.written != nil {
+			parts = c.written.written(parts, lo, hi)
+		} else {
+			parts = append(parts, blob.Range{Off: lo, Len: hi - lo})
+		}
+		pos := lo
+		for _, r := range parts {
+			clear(dst[pos-e.off : r.Off-e.off])
+			if err := c.get(ctx, dst[r.Off-e.off:r.End()-e.off], r.Off); err != nil {
+				return err
+			}
+			pos = r.End()
+		}
+		clear(dst[pos-e.off : hi-e.off])
+		c.st.zeroFilled.Add(uint64(hi - lo - rangesLen(parts)))
+		i = j
+	}
+	return nil
+}
+
+func rangesLen(rs []blob.Range) int64 {
+	var n int64
+	for _, r := range rs {
+		n += r.Len
+	}
+	return n
+}
+
+// get performs one ranged read and insists on every byte.
+func (c *Cache) get(ctx context.Context, p []byte, off int64) error {
+	start := time.Now()
+	c.st.requests.Add(1)
+	n, err := c.src.ReadAt(ctx, p, off)
+	c.st.observeLatency(time.Since(start))
+	c.st.bytesFetched.Add(uint64(max(n, 0)))
+	if err == nil && n != len(p) || errors.Is(err, io.EOF) && n != len(p) {
+		err = fmt.Errorf("short read: %d of %d bytes", n, len(p))
+	} else if errors.Is(err, io.EOF) {
+		err = nil // the range ends exactly at the end of the source
+	}
+	if err != nil {
+		return fmt.Errorf("fetching %d bytes at offset %d: %w", len(p), off, err)
+	}
+	return nil
+}
+
+// finish publishes a fetch: on success the extent becomes cached, on failure
+// it leaves the map so the next read fetches again.
+func (c *Cache) finish(e *extent, buf []byte, err error) {
+	c.st.inFlight.Add(-1)
+	c.mu.Lock()
+	if err == nil && c.closed {
+		err = ErrClosed
+	}
+	var free bool
+	e.buf = buf
+	if err != nil {
+		if !errors.Is(err, ErrClosed) {
+			c.st.fetchErrors.Add(1)
+		}
+		e.err = err
+		c.detachLocked(e)
+		if e.refs == 0 {
+			c.used -= e.mem
+			free = true
+		}
+	} else {
+		e.elem = c.lru.PushFront(e)
+	}
+	queueDisk := err == nil && c.disk != nil && c.diskPinned+e.mem <= c.o.MemoryBytes/4
+	if queueDisk {
+		e.refs++ // held by the disk writer
+		c.diskPinned += e.mem
+	}
+	close(e.done)
+	c.wakeLocked()
+	c.mu.Unlock()
+	if free {
+		c.release([]*extent{e})
+	}
+	if err != nil {
+		c.log.Debug("blockcache: fetch failed", "source", c.name, "offset", e.off, "bytes", e.length, "err", err)
+	}
+	if queueDisk {
+		select {
+		case c.diskQ <- e:
+		default: // the disk is behind; skip rather than hold memory
+			c.unpinDisk(e)
+		}
+	}
+}
+
+// diskWriter stores fetched extents in the disk tier until Close closes the
+// queue; what is queued then is still written, so a clean shutdown keeps it.
+func (c *Cache) diskWriter() {
+	defer c.diskWG.Done()
+	for e := range c.diskQ {
+		c.writeDisk(e)
+	}
+}
+
+// unpinDisk drops the disk writer's reference.
+func (c *Cache) unpinDisk(e *extent) {
+	c.mu.Lock()
+	c.diskPinned -= e.mem
+	c.mu.Unlock()
+	c.unpin(e)
+}
+
+func (c *Cache) writeDisk(e *extent) {
+	defer c.unpinDisk(e)
+	for i := range e.nblocks {
+		b := e.first + i
+		if c.holeBlock(b) {
+			continue
+		}
+		lo, hi := b*c.bs-e.off, c.blockEnd(b)-e.off
+		if err := c.disk.write(b, e.buf[lo:hi]); err != nil {
+			c.log.Warn("blockcache: disk tier write failed", "err", err)
+			return
+		}
+	}
+}
+
+// observe feeds the stream detector and starts read-ahead for sequential
+// streams: missing blocks from off to off+n+window, in extents of up to
+// MaxFetchSize, as long as request slots and memory allow. It returns how far
+// a demand fetch for this read may extend: the end of the read-ahead window
+// (when all request slots are busy with demand fetches, read-ahead rides on
+// them), or off+n for a random read.
+func (c *Cache) observe(off, n int64) (int64, error) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return 0, ErrClosed
+	}
+	initial := max(4*c.bs, 256<<10)
+	maxWindow := c.o.MaxReadAhead
+	// Sequential streams share the memory bound: each may use at most half
+	// of its share, so read-ahead does not evict what others read ahead.
+	if active := c.streams.activeSequential(4 * maxStreams); active > 0 {
+		maxWindow = min(maxWindow, c.o.MemoryBytes/(2*active))
+	}
+	maxWindow = max(maxWindow-maxWindow%c.bs, 0)
+	if c.o.MaxReadAhead == 0 {
+		maxWindow = 0
+	}
+	s, seq := c.streams.observe(off, n, min(initial, maxWindow), maxWindow)
+	end := off + n
+	if !seq || s.window == 0 {
+		c.mu.Unlock()
+		return end, nil
+	}
+	horizon := min(end+s.window, c.size)
+	// Read ahead in whole steps of the window (or MaxFetchSize once the
+	// window is larger), as soon as one step of the window is free: a
+	// server that answers parallel requests together (Azurite does) must
+	// never find the pipeline empty while the reader drains what arrived.
+	step := min(s.window, c.o.MaxFetchSize)
+	if s.raEnd-end > s.window-step {
+		c.mu.Unlock()
+		return horizon, nil
+	}
+	from := max(s.raEnd, off)
+	to := from + (end+s.window-from+step-1)/step*step
+	to = min(to, c.size)
+	var started []*extent
+	var freed []*extent
+	b, last := from/c.bs, (to-1)/c.bs
+issue:
+	for b <= last {
+		if c.blocks[b] != nil || c.holeBlock(b) {
+			b++
+			continue
+		}
+		if len(c.sem) >= c.raMax {
+			break
+		}
+		nb := c.missingRunLocked(b, last)
+		mem := c.extentMem(b, nb)
+		ok, f := c.reserveLocked(mem)
+		freed = append(freed, f...)
+		if !ok {
+			break
+		}
+		select {
+		case c.sem <- struct{}{}:
+		default: // demand fetches took the slots meanwhile
+			c.used -= mem
+			break issue
+		}
+		e := c.newExtentLocked(b, nb, true)
+		c.st.readAhead.Add(uint64(nb))
+		started = append(started, e)
+		c.wg.Add(1)
+		b += nb
+	}
+	s.raEnd = max(s.raEnd, min(b*c.bs, c.size))
+	c.mu.Unlock()
+	c.release(adoptBuffers(started, freed))
+	for _, e := range started {
+		go c.fetch(e, true)
+	}
+	return horizon, nil
+}
+
+// Stats returns a snapshot of the counters.
+func (c *Cache) Stats() Stats {
+	c.mu.Lock()
+	used, peak := c.used, c.peak
+	c.mu.Unlock()
+	return Stats{
+		Hits:            c.st.hits.Load(),
+		PendingHits:     c.st.pendingHits.Load(),
+		Misses:          c.st.misses.Load(),
+		ReadAhead:       c.st.readAhead.Load(),
+		Requests:        c.st.requests.Load(),
+		BytesFetched:    c.st.bytesFetched.Load(),
+		FetchErrors:     c.st.fetchErrors.Load(),
+		InFlight:        c.st.inFlight.Load(),
+		ZeroFilled:      c.st.zeroFilled.Load(),
+		Evictions:       c.st.evictions.Load(),
+		MemoryBytes:     used,
+		PeakMemoryBytes: peak,
+		MemoryLimit:     c.o.MemoryBytes,
+		DiskHits:        c.st.diskHits.Load(),
+		DiskWrites:      c.st.diskWrites.Load(),
+		DiskCorrupt:     c.st.diskCorrupt.Load(),
+		DiskEvictions:   c.st.diskEvict.Load(),
+		DiskBytes:       c.st.diskBytes.Load(),
+		FetchLatency:    c.st.histogram(),
+	}
+}
+
+// Close stops fetches, waits for them and releases all block memory. Reads
+// in progress fail with ErrClosed; memory they still pin is released when
+// they let go.
+func (c *Cache) Close() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true
+	c.wakeLocked()
+	c.mu.Unlock()
+	c.cancel()
+	c.wg.Wait()
+	if c.diskQ != nil {
+		close(c.diskQ) // no fetch is left to send on it
+		c.diskWG.Wait()
+	}
+
+	c.mu.Lock()
+	var freed []*extent
+	for el := c.lru.Front(); el != nil; {
+		e := el.Value.(*extent)
+		el = el.Next()
+		c.detachLocked(e)
+		if e.refs == 0 {
+			c.used -= e.mem
+			freed = append(freed, e)
+		}
+	}
+	c.mu.Unlock()
+	c.release(freed)
+	return nil
+}

@@ -1,0 +1,44 @@
+package blockcache
+
+import (
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// Block memory lives outside the Go heap, in anonymous mappings that are
+// unmapped on eviction. The Go collector lets the heap grow to about twice
+// its live size before it collects (GOGC=100), so a cache of 256 MiB of
+// garbage-collected buffers that churns through a sequential read would reach
+// ~512 MiB of RSS; mappings return memory to the kernel at once, so RSS
+// tracks the accounted bytes. The mappings hold no Go pointers.
+
+// roundToPage rounds n up to a whole number of pages: the memory a mapping of
+// n bytes really occupies, and therefore what the bound counts.
+func roundToPage(n int64) int64 {
+	page := int64(os.Getpagesize())
+	return (n + page - 1) / page * page
+}
+
+// mapBuffer returns a zeroed buffer of n bytes (n a multiple of the page size).
+func mapBuffer(n int64) ([]byte, error) {
+	b, err := unix.Mmap(-1, 0, int(n), unix.PROT_READ|unix.PROT_WRITE,
+		unix.MAP_ANON|unix.MAP_PRIVATE|unix.MAP_POPULATE)
+	if err != nil {
+		return nil, fmt.Errorf("blockcache: allocating %d bytes of block memory: %w", n, err)
+	}
+	return b, nil
+}
+
+// unmapBuffer releases a buffer from mapBuffer. Callers guarantee no reader
+// still uses it (the extent's reference count is zero).
+func unmapBuffer(b []byte) error {
+	if b == nil {
+		return nil
+	}
+	if err := unix.Munmap(b); err != nil {
+		return fmt.Errorf("blockcache: releasing block memory: %w", err)
+	}
+	return nil
+}
