@@ -107,7 +107,7 @@ func listPageRanges(ctx context.Context, c *clients) ([]Range, azcore.ETag, erro
 			rs = append(rs, Range{Off: *pr.Start, Len: *pr.End - *pr.Start + 1})
 		}
 	}
-	return mergeRanges(rs), etag, nil
+	return MergeRanges(rs), etag, nil
 }
 
 func (p *pageSource) loadRanges(ctx context.Context) error {

@@ -140,5 +140,5 @@ func dataExtents(ctx context.Context, f *os.File, size int64) ([]Range, error) {
 		rs = append(rs, Range{Off: data, Len: hole - data})
 		off = hole
 	}
-	return mergeRanges(rs), nil
+	return MergeRanges(rs), nil
 }

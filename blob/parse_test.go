@@ -83,10 +83,10 @@ func TestParseConnectionString(t *testing.T) {
 }
 
 func TestMergeAndPlan(t *testing.T) {
-	rs := mergeRanges([]Range{{1024, 512}, {0, 512}, {512, 512}, {4096, 0}, {8192, 512}, {8000, 300}})
+	rs := MergeRanges([]Range{{1024, 512}, {0, 512}, {512, 512}, {4096, 0}, {8192, 512}, {8000, 300}})
 	want := []Range{{0, 1536}, {8000, 704}}
 	if len(rs) != len(want) || rs[0] != want[0] || rs[1] != want[1] {
-		t.Fatalf("mergeRanges = %v, want %v", rs, want)
+		t.Fatalf("MergeRanges = %v, want %v", rs, want)
 	}
 	segs := planRead([]Range{{0, 1000}, {1100, 100}, {1 << 20, 10}}, 500, 1<<20, 256)
 	// [500,1000) data + 100-byte hole absorbed + [1100,1200) data, big hole, [1M,1M+10) data, trailing hole.
@@ -162,11 +162,11 @@ func FuzzPlanRead(f *testing.F) {
 		for i := 0; i+1 < len(raw) && i < 40; i += 2 {
 			rs = append(rs, Range{Off: int64(raw[i]) * 4, Len: int64(raw[i+1])})
 		}
-		rs = mergeRanges(rs)
+		rs = MergeRanges(rs)
 		var written [space]bool
 		for i, r := range rs {
 			if i > 0 && r.Off <= rs[i-1].End() {
-				t.Fatalf("mergeRanges left overlapping/adjacent ranges: %v", rs)
+				t.Fatalf("MergeRanges left overlapping/adjacent ranges: %v", rs)
 			}
 			for b := r.Off; b < r.End(); b++ {
 				written[b] = true
@@ -206,7 +206,7 @@ func FuzzPageRuns(f *testing.F) {
 			}
 		}
 		data, zero := pageRuns(buf, 4096)
-		all := mergeRanges(append(append([]Range(nil), data...), zero...))
+		all := MergeRanges(append(append([]Range(nil), data...), zero...))
 		if len(buf) > 0 && (len(all) != 1 || all[0] != (Range{4096, int64(len(buf))})) {
 			t.Fatalf("runs %v + %v do not cover the buffer exactly", data, zero)
 		}

@@ -5,10 +5,10 @@ import (
 	"sort"
 )
 
-// mergeRanges sorts ranges and merges overlapping and adjacent ones (Azurite
+// MergeRanges sorts ranges and merges overlapping and adjacent ones (Azurite
 // returns page ranges unmerged). Empty ranges are dropped. The input is
 // modified.
-func mergeRanges(rs []Range) []Range {
+func MergeRanges(rs []Range) []Range {
 	rs = slices.DeleteFunc(rs, func(r Range) bool { return r.Len <= 0 })
 	slices.SortFunc(rs, func(a, b Range) int {
 		switch {
@@ -92,7 +92,7 @@ func insertRange(rs []Range, r Range) []Range {
 	out := make([]Range, 0, len(rs)+1)
 	out = append(out, rs...)
 	out = append(out, r)
-	return mergeRanges(out)
+	return MergeRanges(out)
 }
 
 // subtractRange removes r from a merged, sorted list.

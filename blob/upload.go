@@ -286,7 +286,7 @@ func uploadPages(ctx context.Context, c *clients, img *fileSource, workers int, 
 		return fmt.Errorf("scan image %s: %w", img.path, err)
 	}
 	// Count holes that need no work as done right away.
-	work := mergeRanges(append(slicesClone(extents), existing...))
+	work := MergeRanges(append(slicesClone(extents), existing...))
 	jobs := chunkJobs(work, img.size, MaxPutPages)
 	skipped := img.size
 	for _, off := range jobs {

@@ -1,7 +1,6 @@
 package blockcache
 
 import (
-	"slices"
 	"sort"
 
 	"github.com/blobseal/blobseal/blob"
@@ -30,25 +29,7 @@ func newWrittenIndex(in []blob.Range, size int64) *writtenIndex {
 			rs = append(rs, blob.Range{Off: off, Len: end - off})
 		}
 	}
-	slices.SortFunc(rs, func(a, b blob.Range) int {
-		switch {
-		case a.Off < b.Off:
-			return -1
-		case a.Off > b.Off:
-			return 1
-		}
-		return 0
-	})
-	merged := rs[:0]
-	for _, r := range rs {
-		if n := len(merged); n > 0 && r.Off <= merged[n-1].End() {
-			if r.End() > merged[n-1].End() {
-				merged[n-1].Len = r.End() - merged[n-1].Off
-			}
-			continue
-		}
-		merged = append(merged, r)
-	}
+	merged := blob.MergeRanges(rs)
 	return &writtenIndex{ranges: merged}
 }
 
