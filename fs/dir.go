@@ -27,6 +27,7 @@ var (
 // OpendirHandle reads the directory and lets the kernel cache the listing:
 // the image is immutable.
 func (n *node) OpendirHandle(ctx context.Context, flags uint32) (_ gofs.FileHandle, _ uint32, errno syscall.Errno) {
+	defer n.vol.observe("readdir", n.vol.begin(), &errno)
 	defer n.vol.guard("readdir", n.ino.Ino, &errno)
 	if !n.ino.IsDir() {
 		return nil, 0, syscall.ENOTDIR
@@ -44,7 +45,7 @@ func (n *node) OpendirHandle(ctx context.Context, flags uint32) (_ gofs.FileHand
 		fuse.DirEntry{Name: ".", Ino: uint64(n.ino.Ino), Mode: syscall.S_IFDIR},
 		fuse.DirEntry{Name: "..", Ino: uint64(parent), Mode: syscall.S_IFDIR})
 	for _, e := range list {
-		entries = append(entries, fuse.DirEntry{Name: e.Name, Ino: uint64(e.Ino), Mode: modeOfType(e.Type)})
+		entries = append(entries, fuse.DirEntry{Name: e.Name, Ino: uint64(e.Ino), Mode: ModeOfType(e.Type)})
 	}
 	for i := range entries {
 		entries[i].Off = uint64(i + 1) // the offset of the entry after it
@@ -73,16 +74,17 @@ func (d *dirHandle) Seekdir(ctx context.Context, off uint64) syscall.Errno {
 
 // Lookup resolves the entry last returned by Readdirent (readdirplus).
 func (d *dirHandle) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (_ *gofs.Inode, errno syscall.Errno) {
+	defer d.n.vol.observe("lookup", d.n.vol.begin(), &errno)
 	defer d.n.vol.guard("readdirplus", d.n.ino.Ino, &errno)
 	if d.pos > 0 && d.pos <= len(d.entries) && d.entries[d.pos-1].Name == name {
 		return d.n.newChild(ctx, "readdirplus", uint32(d.entries[d.pos-1].Ino), out)
 	}
-	return d.n.Lookup(ctx, name, out)
+	return d.n.lookup(ctx, name, out)
 }
 
-// modeOfType maps an ext4 directory entry file type (EXT4_FT_*) to S_IFMT
+// ModeOfType maps an ext4 directory entry file type (EXT4_FT_*) to S_IFMT
 // bits; 0 (no filetype feature, or unknown) leaves the type to the lookup.
-func modeOfType(t uint8) uint32 {
+func ModeOfType(t uint8) uint32 {
 	switch t {
 	case 1:
 		return syscall.S_IFREG

@@ -23,6 +23,7 @@ import (
 	"github.com/blobseal/blobseal/crypto"
 	"github.com/blobseal/blobseal/fs"
 	"github.com/blobseal/blobseal/fs/ext4"
+	"github.com/blobseal/blobseal/image"
 	"github.com/blobseal/blobseal/internal/fusetest"
 	"github.com/blobseal/blobseal/internal/testenv"
 )
@@ -101,7 +102,7 @@ func makeImage(t testing.TB, src string) string {
 	t.Helper()
 	testenv.RequireTools(t, "mkfs.ext4", "debugfs")
 	img := filepath.Join(t.TempDir(), "plain.ext4")
-	if _, err := fs.MakeExt4(context.Background(), src, img, fs.MakeOptions{Label: "test"}); err != nil {
+	if _, err := image.MakeExt4(context.Background(), src, img, image.MakeOptions{Label: "test"}); err != nil {
 		t.Fatalf("MakeExt4: %v", err)
 	}
 	return img
@@ -274,7 +275,7 @@ func TestLargeDirectory(t *testing.T) {
 	empty := t.TempDir()
 	testenv.RequireTools(t, "mkfs.ext4", "debugfs")
 	img := filepath.Join(t.TempDir(), "big.ext4")
-	if _, err := fs.MakeExt4(context.Background(), empty, img, fs.MakeOptions{Size: 64 << 20, Inodes: n + 1000}); err != nil {
+	if _, err := image.MakeExt4(context.Background(), empty, img, image.MakeOptions{Size: 64 << 20, Inodes: n + 1000}); err != nil {
 		t.Fatal(err)
 	}
 	fusetest.EditImage(t, img, func(dir string) {

@@ -2,19 +2,15 @@ package fs
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
-	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 
 	"github.com/blobseal/blobseal/fs/ext4"
-	"github.com/blobseal/blobseal/internal/testenv"
 )
 
 func TestErrnoOf(t *testing.T) {
@@ -57,7 +53,14 @@ func TestCopyOutFollowsXattrSizeProtocol(t *testing.T) {
 // Writes never reach these handlers through a "ro" mount; they must refuse
 // anyway, should a kernel or mount option ever let one through.
 func TestWriteHandlersRefuse(t *testing.T) {
-	n := &node{}
+	observed := map[string]syscall.Errno{}
+	vol := &volume{observer: func(op string, d time.Duration, errno syscall.Errno) {
+		if _, dup := observed[op]; dup && op != "open" {
+			t.Errorf("%s observed twice", op)
+		}
+		observed[op] = errno
+	}}
+	n := &node{vol: vol}
 	ctx := context.Background()
 	errnos := map[string]syscall.Errno{
 		"setattr":     n.Setattr(ctx, nil, &fuse.SetAttrIn{}, &fuse.AttrOut{}),
@@ -81,7 +84,15 @@ func TestWriteHandlersRefuse(t *testing.T) {
 			t.Errorf("%s: %v, want EROFS", op, errno)
 		}
 	}
-	reg := &node{ino: &ext4.Inode{Mode: syscall.S_IFREG | 0o644}}
+	for op := range errnos {
+		if op == "access W_OK" { // the kernel's permission probe, not a write
+			continue
+		}
+		if got, ok := observed[op]; !ok || got != syscall.EROFS {
+			t.Errorf("refused %s: observed %v (seen %t), want EROFS", op, got, ok)
+		}
+	}
+	reg := &node{vol: vol, ino: &ext4.Inode{Mode: syscall.S_IFREG | 0o644}}
 	for _, flags := range []uint32{syscall.O_WRONLY, syscall.O_RDWR, syscall.O_RDONLY | syscall.O_TRUNC} {
 		if _, _, errno := reg.Open(ctx, flags); errno != syscall.EROFS {
 			t.Errorf("open flags %#x: %v, want EROFS", flags, errno)
@@ -90,112 +101,40 @@ func TestWriteHandlersRefuse(t *testing.T) {
 	if _, fl, errno := reg.Open(ctx, syscall.O_RDONLY); errno != 0 || fl&fuse.FOPEN_KEEP_CACHE == 0 {
 		t.Errorf("read-only open: flags %#x, %v; want FOPEN_KEEP_CACHE", fl, errno)
 	}
+	if got, ok := observed["open"]; !ok || got != 0 {
+		t.Errorf("last open observed as %v (seen %t), want success", got, ok)
+	}
 }
 
 func TestModeOfType(t *testing.T) {
 	want := map[uint8]uint32{1: syscall.S_IFREG, 2: syscall.S_IFDIR, 3: syscall.S_IFCHR, 4: syscall.S_IFBLK,
 		5: syscall.S_IFIFO, 6: syscall.S_IFSOCK, 7: syscall.S_IFLNK, 0: 0, 8: 0, 255: 0}
 	for ft, mode := range want {
-		if got := modeOfType(ft); got != mode {
-			t.Errorf("modeOfType(%d) = %#o, want %#o", ft, got, mode)
+		if got := ModeOfType(ft); got != mode {
+			t.Errorf("ModeOfType(%d) = %#o, want %#o", ft, got, mode)
 		}
 	}
 }
 
-func TestManifestEntryString(t *testing.T) {
-	cases := []struct {
-		e    ManifestEntry
-		want string
+// BenchmarkGetattrObserve prices the Observe hook on the cheapest
+// operation: off (nil) it must cost nothing measurable.
+func BenchmarkGetattrObserve(b *testing.B) {
+	in := &ext4.Inode{Ino: 12, Mode: syscall.S_IFREG | 0o644}
+	for _, bc := range []struct {
+		name    string
+		observe func(string, time.Duration, syscall.Errno)
 	}{
-		{ManifestEntry{Path: "/a/b", Mode: syscall.S_IFREG | 0o4755, UID: 1, GID: 2, Size: 3, Digest: "abc"}, "f 4755 1:2 3 abc /a/b"},
-		{ManifestEntry{Path: "/sp ace", Mode: syscall.S_IFLNK | 0o777, Size: 5, Digest: "t t"}, `l 0777 0:0 5 "t t" "/sp ace"`},
-		{ManifestEntry{Path: "/bad\xff", Mode: syscall.S_IFDIR | 0o700, Size: 4096, Digest: "-"}, `d 0700 0:0 4096 - "/bad\xff"`},
-		{ManifestEntry{Path: "/dev", Mode: syscall.S_IFCHR | 0o600, Digest: DeviceDigest(1, 3)}, "c 0600 0:0 0 1,3 /dev"},
-		{ManifestEntry{Path: "/ünï", Mode: syscall.S_IFIFO | 0o644, Digest: "-"}, "p 0644 0:0 0 - /ünï"},
-	}
-	for _, c := range cases {
-		if got := c.e.String(); got != c.want {
-			t.Errorf("String() = %q, want %q", got, c.want)
-		}
-		if n := len(strings.Fields(c.e.String())); n != 6 && !strings.Contains(c.e.String(), `"`) {
-			t.Errorf("%q has %d fields", c.e.String(), n)
-		}
-	}
-}
-
-// TestEstimateTree: sparse files count their allocation, hard links count
-// once, and the estimate is enough for mke2fs on the first try.
-func TestEstimateTree(t *testing.T) {
-	dir := t.TempDir()
-	f, err := os.Create(filepath.Join(dir, "sparse"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.WriteAt([]byte("end"), 10<<30); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	if err := os.WriteFile(filepath.Join(dir, "data"), make([]byte, 1<<20), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	for i := 0; i < 3; i++ {
-		if err := os.Link(filepath.Join(dir, "data"), filepath.Join(dir, fmt.Sprint("link", i))); err != nil {
-			t.Fatal(err)
-		}
-	}
-	est, err := EstimateTree(dir, 4096)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if est.Inodes != 3 { // root, sparse, data (+3 links)
-		t.Errorf("inodes %d, want 3", est.Inodes)
-	}
-	if est.MaxDirEntries != 5 {
-		t.Errorf("largest directory has %d entries, want 5", est.MaxDirEntries)
-	}
-	if est.Blocks < 256 || est.Blocks > 300 {
-		t.Errorf("blocks %d: want the 1 MiB file (256) plus little for the 10 GiB sparse one", est.Blocks)
-	}
-	if sz := est.ImageSize(false); sz < minImageSize || sz%(1<<20) != 0 || sz > 8<<20 {
-		t.Errorf("image size %d", sz)
-	}
-	if j, nj := est.ImageSize(true), est.ImageSize(false); j <= nj {
-		t.Errorf("journal does not add space: %d vs %d", j, nj)
-	}
-	if _, err := EstimateTree(filepath.Join(dir, "missing"), 4096); err == nil {
-		t.Error("estimate of a missing directory succeeded")
-	}
-}
-
-func TestMakeExt4Errors(t *testing.T) {
-	testenv.RequireTools(t, "mkfs.ext4", "debugfs")
-	src := t.TempDir()
-	big := make([]byte, 8<<20)
-	if _, err := rand.Read(big); err != nil { // mke2fs stores zero blocks as holes
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(src, "big"), big, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	out := filepath.Join(t.TempDir(), "img")
-	ctx := context.Background()
-	if _, err := MakeExt4(ctx, src, out, MakeOptions{Size: 4 << 20}); err == nil || !strings.Contains(err.Error(), "mkfs.ext4") {
-		t.Errorf("explicit size too small: %v", err)
-	}
-	if _, err := MakeExt4(ctx, src, out, MakeOptions{BlockSize: 8192}); err == nil || !strings.Contains(err.Error(), "block size") {
-		t.Errorf("bad block size: %v", err)
-	}
-	if _, err := MakeExt4(ctx, src, out, MakeOptions{Label: strings.Repeat("l", 17)}); err == nil || !strings.Contains(err.Error(), "label") {
-		t.Errorf("long label: %v", err)
-	}
-	if _, err := MakeExt4(ctx, filepath.Join(src, "big"), out, MakeOptions{}); err == nil || !strings.Contains(err.Error(), "not a directory") {
-		t.Errorf("file as source: %v", err)
-	}
-	size, err := MakeExt4(ctx, src, out, MakeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if st, err := os.Stat(out); err != nil || st.Size() != size {
-		t.Errorf("image is %v bytes (err %v), MakeExt4 said %d", st.Size(), err, size)
+		{"off", nil},
+		{"on", func(string, time.Duration, syscall.Errno) {}},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			n := &node{vol: &volume{observer: bc.observe}, ino: in}
+			var out fuse.AttrOut
+			for b.Loop() {
+				if errno := n.Getattr(context.Background(), nil, &out); errno != 0 {
+					b.Fatal(errno)
+				}
+			}
+		})
 	}
 }

@@ -24,6 +24,7 @@ type volume struct {
 	log       *slog.Logger
 	blockSize uint32
 	timeout   time.Duration
+	observer  func(op string, d time.Duration, errno syscall.Errno) // nil: off
 	// failed remembers which (operation, inode) pairs have been logged at
 	// error level, so a reader retrying a damaged file cannot flood the
 	// log; repeats go to debug level.
@@ -90,6 +91,29 @@ func (v *volume) fail(op string, ino uint32, err error) syscall.Errno {
 	return errno
 }
 
+// begin starts timing an operation; without an observer it reads no clock.
+func (v *volume) begin() time.Time {
+	if v.observer == nil {
+		return time.Time{}
+	}
+	return time.Now()
+}
+
+// observe reports an answered operation to Options.Observe. Deferred
+// before guard, so it sees the EIO that guard substitutes for a panic:
+// defer n.vol.observe("read", n.vol.begin(), &errno).
+func (v *volume) observe(op string, start time.Time, errno *syscall.Errno) {
+	if v.observer != nil {
+		v.observer(op, time.Since(start), *errno)
+	}
+}
+
+// refuse answers a write with EROFS, observed like any operation.
+func (v *volume) refuse(op string) (errno syscall.Errno) {
+	defer v.observe(op, v.begin(), &errno)
+	return syscall.EROFS
+}
+
 // guard converts a panic inside an operation (a reader bug met on a damaged
 // image) into EIO for that operation, so one bad inode cannot take the mount
 // down. Use as: defer n.vol.guard("read", ino, &errno).
@@ -141,6 +165,12 @@ func (n *node) newChild(ctx context.Context, op string, ino uint32, out *fuse.En
 
 // Lookup finds name in this directory.
 func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (_ *gofs.Inode, errno syscall.Errno) {
+	defer n.vol.observe("lookup", n.vol.begin(), &errno)
+	return n.lookup(ctx, name, out)
+}
+
+// lookup is Lookup without the observer, for callers that observe already.
+func (n *node) lookup(ctx context.Context, name string, out *fuse.EntryOut) (_ *gofs.Inode, errno syscall.Errno) {
 	defer n.vol.guard("lookup", n.ino.Ino, &errno)
 	if len(name) > 255 {
 		return nil, syscall.ENAMETOOLONG
@@ -153,7 +183,8 @@ func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (_ *
 }
 
 // Getattr answers from the inode read at lookup time.
-func (n *node) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+func (n *node) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) (errno syscall.Errno) {
+	defer n.vol.observe("getattr", n.vol.begin(), &errno)
 	n.vol.fillAttr(n.ino, &out.Attr)
 	out.SetTimeout(n.vol.timeout)
 	return 0
@@ -161,7 +192,8 @@ func (n *node) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut
 
 // Statx answers statx(2) like Getattr, plus the creation time that ext4
 // keeps in large inodes.
-func (n *node) Statx(ctx context.Context, f gofs.FileHandle, flags uint32, mask uint32, out *fuse.StatxOut) syscall.Errno {
+func (n *node) Statx(ctx context.Context, f gofs.FileHandle, flags uint32, mask uint32, out *fuse.StatxOut) (errno syscall.Errno) {
+	defer n.vol.observe("getattr", n.vol.begin(), &errno)
 	in := n.ino
 	out.Mask = unix.STATX_BASIC_STATS
 	out.Blksize = n.vol.blockSize
@@ -198,7 +230,8 @@ func (n *node) Access(ctx context.Context, mask uint32) syscall.Errno {
 
 // Open allows read-only opens of regular files and lets the kernel keep
 // its page cache across opens, since the content never changes.
-func (n *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
+func (n *node) Open(ctx context.Context, flags uint32) (_ gofs.FileHandle, _ uint32, errno syscall.Errno) {
+	defer n.vol.observe("open", n.vol.begin(), &errno)
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY || flags&syscall.O_TRUNC != 0 {
 		return nil, 0, syscall.EROFS
 	}
@@ -210,6 +243,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32,
 
 // Read fills dest from the file at off; a short read means end of file.
 func (n *node) Read(ctx context.Context, f gofs.FileHandle, dest []byte, off int64) (_ fuse.ReadResult, errno syscall.Errno) {
+	defer n.vol.observe("read", n.vol.begin(), &errno)
 	defer n.vol.guard("read", n.ino.Ino, &errno)
 	if off < 0 {
 		return nil, syscall.EINVAL
@@ -229,6 +263,7 @@ func (n *node) Read(ctx context.Context, f gofs.FileHandle, dest []byte, off int
 
 // Readlink returns the symlink target.
 func (n *node) Readlink(ctx context.Context) (_ []byte, errno syscall.Errno) {
+	defer n.vol.observe("readlink", n.vol.begin(), &errno)
 	defer n.vol.guard("readlink", n.ino.Ino, &errno)
 	if !n.ino.IsSymlink() {
 		return nil, syscall.EINVAL
@@ -243,6 +278,7 @@ func (n *node) Readlink(ctx context.Context) (_ []byte, errno syscall.Errno) {
 // Listxattr writes the NUL-separated attribute names, or only their size
 // when dest is empty (the size probe of listxattr(2)).
 func (n *node) Listxattr(ctx context.Context, dest []byte) (_ uint32, errno syscall.Errno) {
+	defer n.vol.observe("listxattr", n.vol.begin(), &errno)
 	defer n.vol.guard("listxattr", n.ino.Ino, &errno)
 	names, err := n.vol.tree.ListXattr(n.ino)
 	if err != nil {
@@ -258,6 +294,7 @@ func (n *node) Listxattr(ctx context.Context, dest []byte) (_ uint32, errno sysc
 
 // Getxattr returns one attribute value, ENODATA when absent.
 func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (_ uint32, errno syscall.Errno) {
+	defer n.vol.observe("getxattr", n.vol.begin(), &errno)
 	defer n.vol.guard("getxattr", n.ino.Ino, &errno)
 	value, err := n.vol.tree.GetXattr(n.ino, attr)
 	if err != nil {
@@ -281,6 +318,7 @@ func copyOut(dest, data []byte) (uint32, syscall.Errno) {
 // Statfs reports the ext4 geometry; nothing is writable, so the free
 // counts are informational only.
 func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) (errno syscall.Errno) {
+	defer n.vol.observe("statfs", n.vol.begin(), &errno)
 	defer n.vol.guard("statfs", n.ino.Ino, &errno)
 	st := n.vol.tree.StatFS()
 	out.Bsize = st.BlockSize
@@ -297,51 +335,51 @@ func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) (errno syscall.E
 // Every mutation is refused: the image is immutable.
 
 func (n *node) Setattr(context.Context, gofs.FileHandle, *fuse.SetAttrIn, *fuse.AttrOut) syscall.Errno {
-	return syscall.EROFS
+	return n.vol.refuse("setattr")
 }
 
 func (n *node) Write(context.Context, gofs.FileHandle, []byte, int64) (uint32, syscall.Errno) {
-	return 0, syscall.EROFS
+	return 0, n.vol.refuse("write")
 }
 
 func (n *node) Create(context.Context, string, uint32, uint32, *fuse.EntryOut) (*gofs.Inode, gofs.FileHandle, uint32, syscall.Errno) {
-	return nil, nil, 0, syscall.EROFS
+	return nil, nil, 0, n.vol.refuse("create")
 }
 
 func (n *node) Mkdir(context.Context, string, uint32, *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
-	return nil, syscall.EROFS
+	return nil, n.vol.refuse("mkdir")
 }
 
 func (n *node) Mknod(context.Context, string, uint32, uint32, *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
-	return nil, syscall.EROFS
+	return nil, n.vol.refuse("mknod")
 }
 
 func (n *node) Link(context.Context, gofs.InodeEmbedder, string, *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
-	return nil, syscall.EROFS
+	return nil, n.vol.refuse("link")
 }
 
 func (n *node) Symlink(context.Context, string, string, *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
-	return nil, syscall.EROFS
+	return nil, n.vol.refuse("symlink")
 }
 
-func (n *node) Unlink(context.Context, string) syscall.Errno { return syscall.EROFS }
+func (n *node) Unlink(context.Context, string) syscall.Errno { return n.vol.refuse("unlink") }
 
-func (n *node) Rmdir(context.Context, string) syscall.Errno { return syscall.EROFS }
+func (n *node) Rmdir(context.Context, string) syscall.Errno { return n.vol.refuse("rmdir") }
 
 func (n *node) Rename(context.Context, string, gofs.InodeEmbedder, string, uint32) syscall.Errno {
-	return syscall.EROFS
+	return n.vol.refuse("rename")
 }
 
 func (n *node) Setxattr(context.Context, string, []byte, uint32) syscall.Errno {
-	return syscall.EROFS
+	return n.vol.refuse("setxattr")
 }
 
-func (n *node) Removexattr(context.Context, string) syscall.Errno { return syscall.EROFS }
+func (n *node) Removexattr(context.Context, string) syscall.Errno { return n.vol.refuse("removexattr") }
 
 func (n *node) Allocate(context.Context, gofs.FileHandle, uint64, uint64, uint32) syscall.Errno {
-	return syscall.EROFS
+	return n.vol.refuse("allocate")
 }
 
 func (n *node) CopyFileRange(context.Context, gofs.FileHandle, uint64, *gofs.Inode, gofs.FileHandle, uint64, uint64, uint64) (uint32, syscall.Errno) {
-	return 0, syscall.EROFS
+	return 0, n.vol.refuse("copy_file_range")
 }

@@ -193,7 +193,7 @@ func (s *Sidecar) mountOnce(ctx context.Context, f *Filesystem, log *slog.Logger
 		Logger:       log,
 		Source:       "blobseal:" + f.Name,
 		UnmountGrace: time.Duration(s.cfg.UnmountGrace),
-		// TODO(lead): Observe: s.metrics.observeFUSE,
+		Observe:      s.metrics.observeFUSE,
 	})
 	if err != nil {
 		s.metrics.errors.WithLabelValues("mount").Inc()

@@ -6,13 +6,12 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 
 	"github.com/blobseal/blobseal/blob/progress"
 	"github.com/blobseal/blobseal/crypto"
-	"github.com/blobseal/blobseal/fs"
+	"github.com/blobseal/blobseal/image"
 )
 
 func runImageCreate(ctx context.Context, args []string) error {
@@ -75,57 +74,34 @@ func runImageCreate(ctx context.Context, args []string) error {
 		return fmt.Errorf("key file %s has %d bytes; a plain image needs a raw 32- or 64-byte XTS key", *keyFile, len(key))
 	}
 
-	outDir := filepath.Dir(out)
-	plainFile, err := os.CreateTemp(outDir, ".blobseal-plain-*.ext4")
-	if err != nil {
-		return fmt.Errorf("temporary plaintext image next to %s: %w", out, err)
-	}
-	defer os.Remove(plainFile.Name())
-	defer plainFile.Close()
-
 	tty := progress.IsTerminal(os.Stderr)
 	if tty {
 		fmt.Fprintf(os.Stderr, "building ext4 from %s...\n", *from)
 	}
-	plainSize, err := fs.MakeExt4(ctx, *from, plainFile.Name(), fs.MakeOptions{
-		BlockSize: *blockSize, Size: size, Label: *label, Journal: *journal,
-		Warn: func(msg string) { fmt.Fprintln(os.Stderr, "warning:", msg) },
-	})
-	if err != nil {
-		return err
-	}
-
-	dst, err := os.CreateTemp(outDir, "."+filepath.Base(out)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("create %s: %w", out, err)
-	}
-	defer os.Remove(dst.Name()) // no-op after the rename
-	defer dst.Close()
 	bar := progress.New(os.Stderr, "encrypting", tty, 0)
 	keyBytes := 64
 	if *format == "plain" {
 		keyBytes = len(key)
 	}
-	err = crypto.CreateImage(ctx, dst, plainFile, plainSize, key, crypto.FormatOptions{
-		Format:     *format,
-		SectorSize: *sectorSize,
-		KeyBytes:   keyBytes,
-		PBKDF:      *pbkdf,
-		Label:      *label,
-		NoHoles:    *noHoles,
-		Progress:   bar.Update,
+	res, err := image.Create(ctx, image.CreateOptions{
+		From: *from, Out: out, Key: key,
+		BlockSize: *blockSize, Size: size, Label: *label, Journal: *journal,
+		Warn: func(msg string) { fmt.Fprintln(os.Stderr, "warning:", msg) },
+		Crypto: crypto.FormatOptions{
+			Format:     *format,
+			SectorSize: *sectorSize,
+			KeyBytes:   keyBytes,
+			PBKDF:      *pbkdf,
+			Label:      *label,
+			NoHoles:    *noHoles,
+			Progress:   bar.Update,
+		},
 	})
 	if err != nil {
-		return fmt.Errorf("encrypt %s: %w", out, err)
-	}
-	if err := dst.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", out, err)
-	}
-	if err := os.Rename(dst.Name(), out); err != nil {
-		return fmt.Errorf("write %s: %w", out, err)
+		return fmt.Errorf("create %s: %w", out, err)
 	}
 	fmt.Printf("created %s: %s, ext4 %d MiB (%d-byte blocks), %d-byte sectors\n",
-		out, *format, plainSize>>20, *blockSize, *sectorSize)
+		out, *format, res.FilesystemBytes>>20, *blockSize, *sectorSize)
 	return nil
 }
 
@@ -170,19 +146,19 @@ func runImageCheck(ctx context.Context, args []string) error {
 	if err := vf.validate(); err != nil {
 		return err
 	}
-	spec, err := vf.spec(pos[0])
+	key, err := readImageKeyFile(vf.keyFile)
 	if err != nil {
 		return err
 	}
-	img, err := openImageTree(ctx, spec)
-	spec.Key.Wipe()
+	img, err := image.Open(ctx, vf.imageSpec(pos[0], key))
+	key.Wipe()
 	if err != nil {
 		return err
 	}
 	defer img.Close()
 	out := bufio.NewWriterSize(os.Stdout, 64<<10)
 	entries := 0
-	problems := fs.Check(ctx, img.tree, func(e fs.ManifestEntry) {
+	problems := image.Check(ctx, img.FS, func(e image.ManifestEntry) {
 		entries++
 		fmt.Fprintln(out, e.String())
 	})
@@ -193,8 +169,8 @@ func runImageCheck(ctx context.Context, args []string) error {
 		fmt.Fprintln(os.Stderr, "inconsistent:", p)
 	}
 	if len(problems) > 0 {
-		return fmt.Errorf("%s: %d problems in %d entries", img.name, len(problems), entries)
+		return fmt.Errorf("%s: %d problems in %d entries", img.Name, len(problems), entries)
 	}
-	fmt.Fprintf(os.Stderr, "%s: %d entries, all consistent\n", img.name, entries)
+	fmt.Fprintf(os.Stderr, "%s: %d entries, all consistent\n", img.Name, entries)
 	return nil
 }

@@ -28,7 +28,7 @@ func commands() []command {
 		{"image create", "build an encrypted ext4 image from a directory", runImageCreate},
 		{"image check", "unlock an image, read every entry and print a manifest", runImageCheck},
 		{"image upload", "upload an image to a page or block blob", runImageUpload},
-		{"mount", "mount an encrypted image (file or blob URL) with FUSE", runMount},
+		{"mount", "mount an encrypted image (file or blob URL) with FUSE; key from a file or a secure key release", runMount},
 		{"attest", "get an attestation token and print its verified claims", runAttest},
 		{"key import", "create or import a key with a release policy", runKeyImport},
 		{"key release", "run attestation and key release; write the secret to a file", runKeyRelease},

@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -22,7 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/blobseal/blobseal/blob"
-	"github.com/blobseal/blobseal/fs"
+	"github.com/blobseal/blobseal/image"
 	"github.com/blobseal/blobseal/internal/fusetest"
 	"github.com/blobseal/blobseal/internal/testenv"
 )
@@ -220,7 +221,7 @@ func sourceManifest(t *testing.T, src string) []string {
 		}
 		st := info.Sys().(*syscall.Stat_t)
 		rel, _ := filepath.Rel(src, p)
-		e := fs.ManifestEntry{Path: "/" + filepath.ToSlash(rel), Mode: st.Mode, UID: st.Uid, GID: st.Gid,
+		e := image.ManifestEntry{Path: "/" + filepath.ToSlash(rel), Mode: st.Mode, UID: st.Uid, GID: st.Gid,
 			Size: uint64(st.Size), Digest: "-"}
 		if rel == "." {
 			e.Path = "/"
@@ -364,7 +365,7 @@ func TestCryptsetupImageThroughBinary(t *testing.T) {
 	src := testSource(t)
 	dir := t.TempDir()
 	img := filepath.Join(dir, "img")
-	size, err := fs.MakeExt4(context.Background(), src, img, fs.MakeOptions{})
+	size, err := image.MakeExt4(context.Background(), src, img, image.MakeOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -448,7 +449,7 @@ func TestMountErrors(t *testing.T) {
 		{[]string{"mount", "--key-file", key, img}, 2, "MOUNTPOINT"},
 		{[]string{"mount", "--key-file", key, "--log-format", "xml", img, mnt}, 2, "--log-format"},
 		{[]string{"mount", "--key-file", key, filepath.Join(dir, "missing"), mnt}, 1, "missing"},
-		{[]string{"mount", "--cache-local=false", "--key-file", key, filepath.Join(dir, "missing"), mnt}, 1, "no such file"},
+		{[]string{"mount", "--cache-local=false", "--key-file", key, filepath.Join(dir, "missing"), mnt}, 1, "does not exist"},
 		{[]string{"mount", "--key-file", filepath.Join(dir, "nokey"), img, mnt}, 1, "key file"},
 		{[]string{"mount", "--key-file", wrong, img, mnt}, 1, "key"},
 		{[]string{"mount", "--key-file", key, img, filepath.Join(dir, "nomnt")}, 1, "mount point"},
@@ -548,5 +549,76 @@ func TestMountBusyAtSignal(t *testing.T) {
 	}
 	if fusetest.IsMounted(t, mnt) {
 		t.Errorf("%s still mounted after lazy detach", mnt)
+	}
+}
+
+// TestMountWithKeyRelease: `blobseal mount` gets the image key by secure
+// key release from a running dev stack (simulated SEV-SNP evidence, local
+// MAA and vault) instead of a key file, serves the image, and refuses —
+// naming the claim, mounting nothing — when the attested HOST_DATA is not
+// the one the key's release policy demands.
+func TestMountWithKeyRelease(t *testing.T) {
+	testenv.RequireTools(t, "mkfs.ext4", "debugfs")
+	testenv.RequireFUSE(t)
+	dev := startDevStack(t)
+	dir := t.TempDir()
+	src := testSource(t)
+	keyBytes := random(t, 32)
+	key := filepath.Join(dir, "key")
+	if err := os.WriteFile(key, keyBytes, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	img := filepath.Join(dir, "image.luks")
+	if _, stderr, code := blobseal(t, "image", "create", "--from", src, "--key-file", key, img); code != 0 {
+		t.Fatalf("image create: exit %d: %s", code, stderr)
+	}
+	hostData := strings.Repeat("5a", 32)
+	if err := runKeyImport(context.Background(), []string{"--dev-dir", dev, "--name", "fs-key", "--key-file", key, "--host-data", hostData}); err != nil {
+		t.Fatal(err)
+	}
+	release := []string{"--dev-dir", dev, "--key-name", "fs-key", "--attestation", "simulated"}
+
+	mnt := filepath.Join(dir, "mnt")
+	proc, got := startMount(t, append(release, "--simulated-host-data", hostData, img, mnt)...)
+	if !fusetest.IsMounted(t, got) {
+		t.Fatalf("ready, but %s is not mounted", got)
+	}
+	fusetest.CompareTrees(t, src, got, fusetest.Compare{Xattrs: true, Ignore: []string{"lost+found"}})
+	proc.stop(t)
+	logs := proc.stderr.String()
+	if !strings.Contains(logs, "SIMULATED") {
+		t.Errorf("simulated attestation not logged:\n%s", logs)
+	}
+	if strings.Contains(logs, hex.EncodeToString(keyBytes)) || strings.Contains(logs, base64.RawURLEncoding.EncodeToString(keyBytes)) {
+		t.Errorf("the released key appears in the log:\n%s", logs)
+	}
+
+	// Another container group's HOST_DATA: the vault refuses, nothing mounts.
+	mnt2 := filepath.Join(dir, "mnt2")
+	if err := os.Mkdir(mnt2, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	_, stderr, code := blobseal(t, append(append([]string{"mount"}, release...), "--simulated-host-data", strings.Repeat("77", 32), img, mnt2)...)
+	if code != 1 || !strings.Contains(stderr, "x-ms-sevsnpvm-hostdata") {
+		t.Errorf("release with the wrong HOST_DATA: exit %d, stderr %q; want exit 1 naming x-ms-sevsnpvm-hostdata", code, stderr)
+	}
+	if fusetest.IsMounted(t, mnt2) {
+		t.Errorf("%s mounted although the key release was refused", mnt2)
+	}
+
+	usage := []struct {
+		args []string
+		want string
+	}{
+		{append([]string{"mount", "--key-file", key}, append(release, img, mnt2)...), "not both"},
+		{[]string{"mount", "--key-name", "fs-key", img, mnt2}, "--vault"},
+		{[]string{"mount", "--dev-dir", dev, "--key-name", "fs-key", "--simulated-host-data", "zz", "--attestation", "simulated", img, mnt2}, "--simulated-host-data"},
+		{[]string{"mount", "--dev-dir", dev, "--key-name", "fs-key", "--simulated-host-data", hostData, img, mnt2}, "--attestation simulated"},
+	}
+	for _, c := range usage {
+		_, stderr, code := blobseal(t, c.args...)
+		if code != 2 || !strings.Contains(stderr, c.want) {
+			t.Errorf("blobseal %q: exit %d, stderr %q; want exit 2 mentioning %q", c.args, code, stderr, c.want)
+		}
 	}
 }

@@ -4,9 +4,11 @@
 package localca
 
 import (
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -65,12 +67,26 @@ func (ca *CA) PEM() []byte {
 // ServerCert issues a TLS server certificate for the given DNS names and IPs
 // (defaults: localhost and 127.0.0.1).
 func (ca *CA) ServerCert(hosts ...string) (tls.Certificate, error) {
-	if len(hosts) == 0 {
-		hosts = []string{"localhost", "127.0.0.1"}
-	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return tls.Certificate{}, err
+	}
+	return ca.issue(key, hosts)
+}
+
+// ServerCertRSA is ServerCert with an RSA-2048 key, so a key service using
+// it signs its release responses RS256 as Managed HSM does.
+func (ca *CA) ServerCertRSA(hosts ...string) (tls.Certificate, error) {
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return ca.issue(key, hosts)
+}
+
+func (ca *CA) issue(key crypto.Signer, hosts []string) (tls.Certificate, error) {
+	if len(hosts) == 0 {
+		hosts = []string{"localhost", "127.0.0.1"}
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(),
@@ -87,7 +103,7 @@ func (ca *CA) ServerCert(hosts ...string) (tls.Certificate, error) {
 			tmpl.DNSNames = append(tmpl.DNSNames, h)
 		}
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.key)
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("localca: issue server certificate: %w", err)
 	}

@@ -1,4 +1,4 @@
-package fs
+package image
 
 import (
 	"context"
@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"unicode/utf8"
 
+	"github.com/blobseal/blobseal/fs"
 	"github.com/blobseal/blobseal/fs/ext4"
 )
 
@@ -78,7 +79,7 @@ func DeviceDigest(major, minor uint32) string { return fmt.Sprintf("%d,%d", majo
 // the walk: each problem is returned, naming the path and inode. Link
 // counts are checked against the names found. Cancelling ctx stops the
 // walk with ctx's error as the last problem.
-func Check(ctx context.Context, tree Tree, emit func(ManifestEntry)) []error {
+func Check(ctx context.Context, tree *ext4.FS, emit func(ManifestEntry)) []error {
 	c := checker{ctx: ctx, tree: tree, emit: emit, names: make(map[uint32]int), inodes: make(map[uint32]*ext4.Inode),
 		dirs: make(map[uint32]bool), buf: make([]byte, 1<<20)}
 	root, err := tree.Inode(ext4.RootIno)
@@ -100,7 +101,7 @@ func Check(ctx context.Context, tree Tree, emit func(ManifestEntry)) []error {
 
 type checker struct {
 	ctx      context.Context
-	tree     Tree
+	tree     *ext4.FS
 	emit     func(ManifestEntry)
 	names    map[uint32]int // names seen per non-directory inode
 	inodes   map[uint32]*ext4.Inode
@@ -174,7 +175,7 @@ func (c *checker) visit(p string, in *ext4.Inode) {
 			c.problem("%s (inode %d): %w", cp, de.Ino, err)
 			continue
 		}
-		if t := modeOfType(de.Type); t != 0 && t != uint32(child.Mode)&syscall.S_IFMT {
+		if t := fs.ModeOfType(de.Type); t != 0 && t != uint32(child.Mode)&syscall.S_IFMT {
 			c.problem("%s (inode %d): directory entry type %d disagrees with inode mode %#o", cp, de.Ino, de.Type, child.Mode)
 		}
 		if child.IsDir() {
@@ -194,6 +195,11 @@ func (c *checker) hash(in *ext4.Inode) (string, error) {
 	h := sha256.New()
 	var off int64
 	for uint64(off) < in.Size {
+		// A (damaged or huge sparse) size can mean terabytes of zeros:
+		// stay cancellable between chunks.
+		if err := c.ctx.Err(); err != nil {
+			return "", err
+		}
 		want := min(uint64(len(c.buf)), in.Size-uint64(off))
 		n, err := c.tree.ReadAt(in, c.buf[:want], off)
 		h.Write(c.buf[:n])

@@ -1,4 +1,4 @@
-package fs
+package image
 
 import (
 	"bytes"
@@ -54,68 +54,73 @@ const (
 // the file at path, without root, with mke2fs -d. It returns the image size.
 // With an automatic size, a too small estimate is retried larger.
 func MakeExt4(ctx context.Context, dir, path string, opts MakeOptions) (int64, error) {
+	size, _, err := makeExt4(ctx, dir, path, opts)
+	return size, err
+}
+
+// makeExt4 is MakeExt4 that also returns the tree estimate it sized from.
+func makeExt4(ctx context.Context, dir, path string, opts MakeOptions) (size int64, est TreeEstimate, err error) {
 	if opts.BlockSize == 0 {
 		opts.BlockSize = 4096
 	}
 	switch opts.BlockSize {
 	case 1024, 2048, 4096:
 	default:
-		return 0, fmt.Errorf("block size %d: use 1024, 2048 or 4096", opts.BlockSize)
+		return 0, est, fmt.Errorf("block size %d: use 1024, 2048 or 4096", opts.BlockSize)
 	}
 	if len(opts.Label) > 16 {
-		return 0, fmt.Errorf("label %q is longer than 16 bytes", opts.Label)
+		return 0, est, fmt.Errorf("label %q is longer than 16 bytes", opts.Label)
 	}
 	if st, err := os.Stat(dir); err != nil {
-		return 0, fmt.Errorf("source directory: %w", err)
+		return 0, est, fmt.Errorf("source directory: %w", err)
 	} else if !st.IsDir() {
-		return 0, fmt.Errorf("source %s is not a directory", dir)
+		return 0, est, fmt.Errorf("source %s is not a directory", dir)
 	}
 	mkfs := opts.Mkfs
 	if mkfs == "" {
-		var err error
 		if mkfs, err = findProgram("mkfs.ext4"); err != nil {
-			return 0, err
+			return 0, est, err
 		}
 	}
-	est, err := EstimateTree(dir, opts.BlockSize)
+	est, err = EstimateTree(dir, opts.BlockSize)
 	if err != nil {
-		return 0, err
+		return 0, est, err
 	}
 	if est.MaxDirEntries >= slowDirEntries && opts.Warn != nil {
 		opts.Warn(fmt.Sprintf("a directory in %s has %d entries; mke2fs -d copies large directories in quadratic time (about 80 s for 20,000 entries)", dir, est.MaxDirEntries))
 	}
-	size := opts.Size
+	size = opts.Size
 	if size == 0 {
 		size = est.ImageSize(opts.Journal)
 	}
 	if size%int64(opts.BlockSize) != 0 {
-		return 0, fmt.Errorf("size %d is not a multiple of the block size %d", size, opts.BlockSize)
+		return 0, est, fmt.Errorf("size %d is not a multiple of the block size %d", size, opts.BlockSize)
 	}
 	inodes := opts.Inodes
 	if inodes == 0 {
 		inodes = est.InodeCount()
 	}
 	for attempt := 0; ; attempt++ {
-		out, err := runMkfs(ctx, mkfs, dir, path, size, inodes, opts)
+		out, err := runMke2fs(ctx, mkfs, dir, path, size, inodes, opts)
 		if err == nil {
 			if err := copyRootAttrs(ctx, dir, path); err != nil {
-				return 0, err
+				return 0, est, err
 			}
-			return size, nil
+			return size, est, nil
 		}
 		if ctx.Err() != nil {
-			return 0, ctx.Err()
+			return 0, est, ctx.Err()
 		}
 		full := bytes.Contains(out, []byte("space")) || bytes.Contains(out, []byte("allocate")) ||
 			bytes.Contains(out, []byte("populat")) || bytes.Contains(out, []byte("too small"))
 		if opts.Size != 0 || !full || attempt >= 3 {
-			return 0, fmt.Errorf("mkfs.ext4 for a %d MiB image from %s: %w: %s", size>>20, dir, err, bytes.TrimSpace(out))
+			return 0, est, fmt.Errorf("mkfs.ext4 for a %d MiB image from %s: %w: %s", size>>20, dir, err, bytes.TrimSpace(out))
 		}
 		size = roundUp(size+size/2, 1<<20)
 	}
 }
 
-func runMkfs(ctx context.Context, mkfs, dir, path string, size int64, inodes uint64, opts MakeOptions) ([]byte, error) {
+func runMke2fs(ctx context.Context, mkfs, dir, path string, size int64, inodes uint64, opts MakeOptions) ([]byte, error) {
 	if err := os.Truncate(path, 0); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, err
 	}
@@ -180,6 +185,7 @@ type TreeEstimate struct {
 	BlockSize int
 	Inodes    uint64 // distinct inodes, hard links counted once
 	Blocks    uint64 // data, directory, symlink and xattr blocks
+	Entries   int    // names in the tree, the root included
 	// MaxDirEntries is the largest directory's entry count: mke2fs 1.47.0
 	// inserts entries in time quadratic in it (20,000 entries: ~80 s).
 	MaxDirEntries int
@@ -203,6 +209,7 @@ func EstimateTree(dir string, blockSize int) (TreeEstimate, error) {
 		if err := unix.Lstat(p, &st); err != nil {
 			return fmt.Errorf("stat %s: %w", p, err)
 		}
+		est.Entries++
 		if p != dir {
 			dirBytes[filepath.Dir(p)] += uint64(8+len(d.Name())+3) &^ 3
 			dirEntries[filepath.Dir(p)]++

@@ -1,0 +1,138 @@
+package main
+
+import (
+	"context"
+	"encoding/hex"
+	"flag"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+
+	"github.com/blobseal/blobseal/internal/secret"
+	"github.com/blobseal/blobseal/keyrelease"
+	"github.com/blobseal/blobseal/keyrelease/evidence"
+	"github.com/blobseal/blobseal/keyrelease/hsm"
+)
+
+// releaseFlags are the flags of a secure key release (attest, MAA token,
+// vault release). `blobseal mount` uses them as the alternative to
+// --key-file; `key release` can adopt them (it still parses its own).
+type releaseFlags struct {
+	vault       vaultFlags // vault, key name, bearer token, CA, dev dir
+	maaEndpoint string
+	keyVersion  string
+	attestation string
+	salt, label string
+	wrapAlg     string
+	simDir      string // directory holding the simulated signer
+	simHostData string
+	simDebug    bool
+	certCache   string
+}
+
+func (r *releaseFlags) register(f *flag.FlagSet) {
+	v := &r.vault
+	f.StringVar(&r.maaEndpoint, "maa-endpoint", "", "attestation service URL, e.g. https://sharedeus.eus.attest.azure.net (secure key release)")
+	f.StringVar(&v.vault, "vault", "", "vault URL: https://NAME.managedhsm.azure.net, https://NAME.vault.azure.net or the local key service")
+	f.StringVar(&v.name, "key-name", "", "name of the vault key to release (instead of --key-file)")
+	f.StringVar(&r.keyVersion, "key-version", "", "key version (default: latest)")
+	f.StringVar(&r.attestation, "attestation", evidence.ProviderAuto, "evidence provider: auto, sev-guest, configfs-tsm, or simulated (local testing only; named explicitly, logged)")
+	f.StringVar(&r.salt, "salt", "", "RSA-HSM keys: HKDF salt (hex)")
+	f.StringVar(&r.label, "label", "", "RSA-HSM keys: HKDF label (default \"Symmetric Encryption Key\")")
+	f.StringVar(&r.wrapAlg, "wrap-alg", hsm.AlgCKMRSAAESKeyWrap, "key wrap: CKM_RSA_AES_KEY_WRAP, RSA_AES_KEY_WRAP_256 or RSA_AES_KEY_WRAP_384")
+	f.StringVar(&v.bearerFile, "bearer-token-file", "", "file holding a bearer token for the vault (default: azidentity)")
+	f.StringVar(&v.caFile, "ca-file", "", "PEM file of extra CA roots for TLS and the vault's signed responses (local stack)")
+	f.StringVar(&r.simDir, "simulated-dir", "", "simulated only: directory holding the simulated signer (default with --dev-dir: the stack's)")
+	f.StringVar(&r.simHostData, "simulated-host-data", "", "simulated only: HOST_DATA to report, 64 hex digits")
+	f.BoolVar(&r.simDebug, "simulated-debuggable", false, "simulated only: report a debuggable guest")
+	f.StringVar(&r.certCache, "cert-cache-url", "", "AMD certificate cache for a missing or stale host certificate (default: the provider's)")
+	f.StringVar(&v.devDir, "dev-dir", "", "directory of a running `blobseal dev serve`: fills --maa-endpoint, --vault, --ca-file, --bearer-token-file and the simulated signer from its stack.json")
+}
+
+// requested reports whether any release flag was given, so a command can
+// insist on exactly one key source.
+func (r *releaseFlags) requested(f *flag.FlagSet) bool {
+	names := map[string]bool{"maa-endpoint": true, "vault": true, "key-name": true, "key-version": true,
+		"attestation": true, "salt": true, "label": true, "wrap-alg": true, "bearer-token-file": true,
+		"ca-file": true, "simulated-dir": true, "simulated-host-data": true, "simulated-debuggable": true,
+		"cert-cache-url": true, "dev-dir": true}
+	set := false
+	f.Visit(func(fl *flag.Flag) { set = set || names[fl.Name] })
+	return set
+}
+
+// prepare fills unset flags from --dev-dir and checks the set is complete,
+// before anything slow happens.
+func (r *releaseFlags) prepare() error {
+	st, err := r.vault.applyDev()
+	if err != nil {
+		return err
+	}
+	if st != nil {
+		if r.maaEndpoint == "" {
+			r.maaEndpoint = st.MAAEndpoint
+		}
+		if r.simDir == "" && st.SimulatedSignerFile != "" {
+			r.simDir = filepath.Dir(st.SimulatedSignerFile)
+		}
+	}
+	switch {
+	case r.vault.vault == "":
+		return usageErrorf("--vault is required for key release (or --dev-dir)")
+	case r.vault.name == "":
+		return usageErrorf("--key-name is required for key release")
+	case r.maaEndpoint == "":
+		return usageErrorf("--maa-endpoint is required for key release (or --dev-dir)")
+	}
+	if err := hsm.CheckAlgorithm(r.wrapAlg); err != nil {
+		return usageErrorf("--wrap-alg: %v", err)
+	}
+	if r.attestation != evidence.ProviderSimulated && (r.simHostData != "" || r.simDebug || r.simDir != "" && r.vault.devDir == "") {
+		return usageErrorf("--simulated-* flags need --attestation simulated")
+	}
+	if r.simHostData != "" {
+		if _, err := parseHostData(r.simHostData); err != nil {
+			return usageErrorf("--simulated-host-data: %v", err)
+		}
+	}
+	return nil
+}
+
+// release attests, fetches the MAA token and has the vault release the
+// key. The secret stays in memory; the caller wipes it.
+func (r *releaseFlags) release(ctx context.Context, log *slog.Logger) (secret.Bytes, error) {
+	roots, err := r.vault.roots()
+	if err != nil {
+		return nil, err
+	}
+	client := httpClientFor(roots)
+	evOpts := evidence.Options{Logger: log, CertCacheURL: r.certCache, HTTPClient: client}
+	if r.attestation == evidence.ProviderSimulated {
+		sc := &evidence.SimulatedConfig{Debuggable: r.simDebug}
+		if r.simHostData != "" {
+			h, _ := parseHostData(r.simHostData) // checked in prepare
+			b, _ := hex.DecodeString(h)
+			copy(sc.HostData[:], b)
+		}
+		if r.simDir != "" {
+			if sc.Signer, err = evidence.ReadSimulatedSigner(r.simDir); err != nil {
+				return nil, fmt.Errorf("--simulated-dir: %w", err)
+			}
+		}
+		evOpts.Simulated = sc
+	}
+	provider, err := evidence.NewProvider(r.attestation, evOpts)
+	if err != nil {
+		return nil, err
+	}
+	cred, err := r.vault.credential()
+	if err != nil {
+		return nil, err
+	}
+	return keyrelease.Release(ctx, keyrelease.Config{
+		Evidence: provider, MAAEndpoint: r.maaEndpoint,
+		VaultURL: r.vault.vault, KeyName: r.vault.name, KeyVersion: r.keyVersion,
+		Credential: cred, WrapAlg: r.wrapAlg, Salt: r.salt, Label: r.label,
+		HTTPClient: client, TrustedRoots: roots, Logger: log,
+	})
+}

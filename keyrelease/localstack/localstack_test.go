@@ -1,0 +1,117 @@
+package localstack
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/tls"
+	"errors"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/blobseal/blobseal/internal/secret"
+	"github.com/blobseal/blobseal/keyrelease"
+	"github.com/blobseal/blobseal/keyrelease/evidence"
+	"github.com/blobseal/blobseal/keyrelease/hsm"
+)
+
+func releaseConfig(st *Stack, ev evidence.Provider, key string) keyrelease.Config {
+	return keyrelease.Config{Evidence: ev, MAAEndpoint: st.MAAEndpoint, VaultURL: st.VaultURL, KeyName: key,
+		Credential: hsm.BearerToken(st.Bearer), HTTPClient: st.HTTPClient(), TrustedRoots: st.CAPool()}
+}
+
+// TestReleaseThroughStack imports a key with a policy bound to the host
+// data and has the real release client obtain it through both services;
+// a VM with other host data is refused with the claim named.
+func TestReleaseThroughStack(t *testing.T) {
+	hostData := sha256.Sum256([]byte("package policy\n"))
+	dir := t.TempDir()
+	st, err := Start(Options{SignerDir: dir, Simulated: evidence.SimulatedConfig{HostData: hostData}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if !strings.HasPrefix(st.MAAEndpoint, "https://127.0.0.1:") || !strings.HasPrefix(st.VaultURL, "https://127.0.0.1:") {
+		t.Fatalf("endpoints %q %q are not local https", st.MAAEndpoint, st.VaultURL)
+	}
+	// The key service signs release responses with its TLS key; RSA means
+	// RS256, as Managed HSM signs.
+	conn, err := tls.Dial("tcp", strings.TrimPrefix(st.VaultURL, "https://"), &tls.Config{RootCAs: st.CAPool()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := conn.ConnectionState().PeerCertificates[0].PublicKey.(*rsa.PublicKey); !ok {
+		t.Errorf("key service certificate key is %T, want RSA", conn.ConnectionState().PeerCertificates[0].PublicKey)
+	}
+	conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	key := make(secret.Bytes, 32)
+	rand.Read(key)
+	if err := st.ImportOctKey(ctx, "fs-key", key, hostData); err != nil {
+		t.Fatal(err)
+	}
+	got, err := keyrelease.Release(ctx, releaseConfig(st, st.Simulated, "fs-key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, key) {
+		t.Fatal("released secret differs from the imported key")
+	}
+
+	// Same signer chain (loaded from the dir), other host data: denied.
+	signer, err := evidence.ReadSimulatedSigner(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := evidence.NewSimulated(evidence.SimulatedConfig{HostData: sha256.Sum256([]byte("other")), Signer: signer})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = keyrelease.Release(ctx, releaseConfig(st, other, "fs-key"))
+	if !errors.Is(err, hsm.ErrPolicy) || !strings.Contains(err.Error(), "x-ms-sevsnpvm-hostdata") {
+		t.Fatalf("release with wrong host data: %v, want a policy refusal naming the host data claim", err)
+	}
+}
+
+func TestWriteStackFile(t *testing.T) {
+	st, err := Start(Options{SignerDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	dir := t.TempDir()
+	f, err := st.WriteStackFile(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := os.ReadFile(f.CAPEMFile)
+	if !bytes.Equal(ca, st.CAPEM()) {
+		t.Error("ca.pem differs from the stack's CA")
+	}
+	tok, _ := os.ReadFile(f.BearerTokenFile)
+	if string(tok) != st.Bearer.Reveal() {
+		t.Error("bearer-token file differs from the stack's token")
+	}
+	if _, err := evidence.ReadSimulatedSigner(dir); err != nil {
+		t.Errorf("signer not readable from %s: %v", dir, err)
+	}
+	for _, p := range []string{f.CAPEMFile, f.BearerTokenFile} {
+		fi, err := os.Stat(p)
+		if err != nil {
+			t.Errorf("%s: %v", p, err)
+		} else if fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s: mode %v, want 0600", p, fi.Mode().Perm())
+		}
+	}
+}
+
+func TestStartNeedsSignerDir(t *testing.T) {
+	if _, err := Start(Options{}); err == nil || !strings.Contains(err.Error(), "SignerDir") {
+		t.Fatalf("err = %v, want one naming SignerDir", err)
+	}
+}
