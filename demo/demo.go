@@ -12,13 +12,11 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"log/slog"
-	"net/http"
 	"os"
 	"path/filepath"
 	"time"
@@ -26,11 +24,7 @@ import (
 	"github.com/blobseal/blobseal/image"
 	"github.com/blobseal/blobseal/internal/secret"
 	"github.com/blobseal/blobseal/keyrelease/evidence"
-	"github.com/blobseal/blobseal/keyrelease/hsm"
-	"github.com/blobseal/blobseal/keyrelease/localca"
-	"github.com/blobseal/blobseal/keyrelease/localhsm"
-	"github.com/blobseal/blobseal/keyrelease/localmaa"
-	"github.com/blobseal/blobseal/keyrelease/policy"
+	"github.com/blobseal/blobseal/keyrelease/localstack"
 	"github.com/blobseal/blobseal/sidecar"
 )
 
@@ -92,16 +86,20 @@ func Run(ctx context.Context, o Options) (err error) {
 		return s.fail(err)
 	}
 	hostData := sha256.Sum256(policyText)
-	st, err := startStack(dir, hostData, o.Log)
+	st, err := localstack.Start(localstack.Options{SignerDir: dir, Simulated: evidence.SimulatedConfig{HostData: hostData}, Logger: o.Log})
 	if err != nil {
 		return s.fail(err)
 	}
-	defer st.close()
-	s.done("attestation %s, key service %s", st.maaURL, st.vaultURL)
+	defer st.Close()
+	files, err := st.WriteStackFile(dir)
+	if err != nil {
+		return s.fail(err)
+	}
+	s.done("attestation %s, key service %s", st.MAAEndpoint, st.VaultURL)
 
 	// 3. The key, with a release policy bound to the demo's host data.
 	s.begin("import the key with a release policy (host data %s…, not debuggable)", hex.EncodeToString(hostData[:])[:16])
-	if err := st.importKey(ctx, "demo-key", pass, hostData); err != nil {
+	if err := st.ImportOctKey(ctx, "demo-key", pass, hostData); err != nil {
 		return s.fail(err)
 	}
 	pass.Wipe()
@@ -122,7 +120,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		Health: sidecar.HealthConfig{Address: "127.0.0.1:0"},
 		Attestation: sidecar.Attestation{
 			Provider:          "simulated",
-			CAFile:            st.caFile,
+			CAFile:            files.CAPEMFile,
 			SimulatedDir:      dir,
 			SimulatedHostData: hex.EncodeToString(hostData[:]),
 		},
@@ -131,7 +129,7 @@ func Run(ctx context.Context, o Options) (err error) {
 			MountPoint: mountPoint,
 			Source:     store.location,
 			Key: sidecar.Key{Release: &sidecar.Release{
-				MAAEndpoint: st.maaURL, Vault: st.vaultURL, KeyName: "demo-key", BearerTokenFile: st.bearerFile,
+				MAAEndpoint: st.MAAEndpoint, Vault: st.VaultURL, KeyName: "demo-key", BearerTokenFile: files.BearerTokenFile,
 			}},
 		}},
 	}
@@ -244,97 +242,3 @@ func printTree(w io.Writer, root string) error {
 		return nil
 	})
 }
-
-// stack is the in-process local attestation and key service.
-type stack struct {
-	maaURL, vaultURL string
-	caFile           string
-	bearerFile       string
-	bearer           secret.Token
-	client           *http.Client
-	ca               *localca.CA
-	closers          []func()
-}
-
-func startStack(dir string, hostData [32]byte, log *slog.Logger) (*stack, error) {
-	st := &stack{}
-	ca, err := localca.New("blobseal demo CA", 24*time.Hour)
-	if err != nil {
-		return nil, err
-	}
-	st.ca = ca
-	cert, err := ca.ServerCert()
-	if err != nil {
-		return nil, err
-	}
-	sim, err := evidence.NewSimulated(evidence.SimulatedConfig{HostData: hostData})
-	if err != nil {
-		return nil, err
-	}
-	if _, err := evidence.WriteSimulatedSigner(dir, sim); err != nil {
-		return nil, err
-	}
-	var zeroMeasurement [48]byte
-	maa, err := localmaa.New(localmaa.Options{Roots: sim.Roots(), TLSCert: &cert, Logger: log, CompliantMeasurements: [][]byte{zeroMeasurement[:]}})
-	if err != nil {
-		return nil, err
-	}
-	if st.maaURL, err = maa.Start("127.0.0.1:0"); err != nil {
-		return nil, err
-	}
-	st.closers = append(st.closers, func() { maa.Close() })
-	st.client = &http.Client{Transport: &http.Transport{TLSClientConfig: ca.ClientTLS()}, Timeout: 30 * time.Second}
-	tok := make([]byte, 24)
-	rand.Read(tok)
-	st.bearer = secret.Token("demo-" + hex.EncodeToString(tok))
-	kv, err := localhsm.New(localhsm.Options{TLSCert: cert, TrustedIssuers: []string{st.maaURL}, IssuerHTTPClient: st.client,
-		BearerTokens: []secret.Token{st.bearer}, Logger: log})
-	if err != nil {
-		st.close()
-		return nil, err
-	}
-	if st.vaultURL, err = kv.Start("127.0.0.1:0"); err != nil {
-		st.close()
-		return nil, err
-	}
-	st.closers = append(st.closers, func() { kv.Close() })
-	st.caFile = filepath.Join(dir, "ca.pem")
-	st.bearerFile = filepath.Join(dir, "bearer-token")
-	if err := os.WriteFile(st.caFile, ca.PEM(), 0o600); err != nil {
-		st.close()
-		return nil, err
-	}
-	if err := os.WriteFile(st.bearerFile, []byte(st.bearer.Reveal()), 0o600); err != nil {
-		st.close()
-		return nil, err
-	}
-	return st, nil
-}
-
-func (st *stack) importKey(ctx context.Context, name string, key secret.Bytes, hostData [32]byte) error {
-	pol, err := policy.Build(st.maaURL, []policy.Claim{
-		{Name: "x-ms-attestation-type", Value: "sevsnpvm"},
-		{Name: "x-ms-sevsnpvm-hostdata", Value: hex.EncodeToString(hostData[:])},
-		{Name: "x-ms-sevsnpvm-is-debuggable", Value: false},
-	})
-	if err != nil {
-		return err
-	}
-	polJSON, err := json.Marshal(pol)
-	if err != nil {
-		return err
-	}
-	client, err := hsm.New(st.vaultURL, hsm.BearerToken(st.bearer), hsm.Options{HTTPClient: st.client, TrustedRoots: st.ca.Pool()})
-	if err != nil {
-		return err
-	}
-	_, err = client.PutKey(ctx, name, hsm.KeySpec{Kty: "oct-HSM", Oct: key, Policy: polJSON})
-	return err
-}
-
-func (st *stack) close() {
-	for i := len(st.closers) - 1; i >= 0; i-- {
-		st.closers[i]()
-	}
-}
-
