@@ -22,7 +22,10 @@ cleanup() {
 		fusermount3 -uz "$m" 2>/dev/null || true
 	done
 	if [ -n "$az_pid" ]; then
+		# Azurite does not always exit on SIGTERM; escalate to SIGKILL.
 		kill "$az_pid" 2>/dev/null || true
+		for _ in $(seq 50); do kill -0 "$az_pid" 2>/dev/null || break; sleep 0.1; done
+		kill -9 "$az_pid" 2>/dev/null || true
 		wait "$az_pid" 2>/dev/null || true
 	fi
 	rm -rf "$tmp"

@@ -303,11 +303,13 @@ func (h *harness) withMount(ctx context.Context, start mountFn, budget time.Dura
 	select {
 	case r = <-done:
 	case <-time.After(budget):
-		used, _ := cpu.stop()
-		stopErr := p.stop() // unblocks the read
+		// Kill first: reading /proc of a wedged FUSE server, or a polite
+		// unmount, can block as long as the read itself.
+		_ = p.cmd.Process.Kill()
+		stopErr := p.stop() // the kill fails the blocked read with ENOTCONN
 		<-done
-		return m, errors.Join(fmt.Errorf("%s: read stalled: not finished after %v (server CPU in that time: %v; stderr: %s)",
-			p.name, budget, used, p.stderr), stopErr)
+		return m, errors.Join(fmt.Errorf("%s: read stalled: not finished after %v, server killed (stderr: %s)",
+			p.name, budget, p.stderr), stopErr)
 	case <-ctx.Done():
 		_ = p.stop()
 		<-done
