@@ -1,6 +1,7 @@
 package blockcache
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -14,6 +15,8 @@ import (
 // ~512 MiB of RSS; mappings return memory to the kernel at once, so RSS
 // tracks the accounted bytes. The mappings hold no Go pointers.
 
+const hugePage = 2 << 20
+
 // roundToPage rounds n up to a whole number of pages: the memory a mapping of
 // n bytes really occupies, and therefore what the bound counts.
 func roundToPage(n int64) int64 {
@@ -23,9 +26,20 @@ func roundToPage(n int64) int64 {
 
 // mapBuffer returns a zeroed buffer of n bytes (n a multiple of the page size).
 func mapBuffer(n int64) ([]byte, error) {
-	b, err := unix.Mmap(-1, 0, int(n), unix.PROT_READ|unix.PROT_WRITE,
-		unix.MAP_ANON|unix.MAP_PRIVATE|unix.MAP_POPULATE)
+	b, err := unix.Mmap(-1, 0, int(n), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
 	if err != nil {
+		return nil, fmt.Errorf("blockcache: allocating %d bytes of block memory: %w", n, err)
+	}
+	if n >= hugePage {
+		// Large extents (sequential fetches) in 2 MiB pages: 512 times
+		// fewer faults and TLB entries while the socket fills them. Only a
+		// hint; without transparent huge pages it changes nothing.
+		_ = unix.Madvise(b, unix.MADV_HUGEPAGE)
+	}
+	// Fault the pages in now, in one call, rather than one by one inside
+	// the socket reads that fill them.
+	if err := unix.Madvise(b, unix.MADV_POPULATE_WRITE); err != nil && !errors.Is(err, unix.EINVAL) {
+		_ = unix.Munmap(b)
 		return nil, fmt.Errorf("blockcache: allocating %d bytes of block memory: %w", n, err)
 	}
 	return b, nil

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 
 	"github.com/blobseal/blobseal/blockcache"
@@ -136,6 +137,7 @@ func runMount(ctx context.Context, args []string) error {
 	cacheDir := f.String("cache-dir", "", "disk cache directory for blob URLs (ciphertext only)")
 	// Default true: see image.Spec.DirectLocal for the measurement.
 	cacheLocal := f.Bool("cache-local", true, "read a local image through the block cache (parallel read-ahead); false reads the file directly")
+	cpuProfile := f.String("cpuprofile", "", "write a Go CPU profile of the whole mount to this file (for go tool pprof)")
 	pos, err := parseInterspersed(f, args)
 	if err != nil {
 		return err
@@ -164,6 +166,13 @@ func runMount(ctx context.Context, args []string) error {
 		return err
 	}
 	location, mountpoint := pos[0], pos[1]
+	if *cpuProfile != "" {
+		stop, err := startCPUProfile(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 
 	var key secret.Bytes
 	if release {
@@ -184,6 +193,7 @@ func runMount(ctx context.Context, args []string) error {
 		return err
 	}
 	defer img.Close()
+	defer logImageStats(logger, img)
 	srv, err := fs.Mount(ctx, mountpoint, img.FS, fs.Options{
 		AllowOther:   *allowOther,
 		Logger:       logger,
@@ -211,6 +221,41 @@ func runMount(ctx context.Context, args []string) error {
 		logger.Info("unmounted from outside", "mountpoint", srv.Mountpoint())
 		return nil
 	}
+}
+
+// startCPUProfile profiles the process into path until the returned stop.
+func startCPUProfile(path string) (stop func(), err error) {
+	fh, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("--cpuprofile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(fh); err != nil {
+		fh.Close()
+		return nil, fmt.Errorf("--cpuprofile: %w", err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		fh.Close()
+	}, nil
+}
+
+// logImageStats logs what serving the image cost: requests and bytes sent
+// to storage, cache effectiveness, and decryption work. Benchmarks read the
+// request and byte counts from this line.
+func logImageStats(logger *slog.Logger, img *image.Image) {
+	attrs := []any{}
+	if img.Cache != nil {
+		st := img.Cache.Stats()
+		attrs = append(attrs,
+			"requests", st.Requests, "bytes_fetched", st.BytesFetched,
+			"zero_filled_bytes", st.ZeroFilled, "hits", st.Hits, "pending_hits", st.PendingHits,
+			"misses", st.Misses, "read_ahead", st.ReadAhead, "fetch_errors", st.FetchErrors,
+			"evictions", st.Evictions, "peak_memory_bytes", st.PeakMemoryBytes,
+			"fetch_p50", st.FetchLatency.Quantile(0.5), "fetch_p99", st.FetchLatency.Quantile(0.99))
+	}
+	vs := img.Volume.Stats()
+	attrs = append(attrs, "bytes_decrypted", vs.BytesDecrypted, "decrypt_time", vs.DecryptTime)
+	logger.Info("image statistics", attrs...)
 }
 
 // mountSourceName is the mount table's source column: short, no spaces or
