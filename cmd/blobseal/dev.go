@@ -2,25 +2,19 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
 	"time"
 
-	"github.com/blobseal/blobseal/internal/secret"
 	"github.com/blobseal/blobseal/keyrelease/evidence"
-	"github.com/blobseal/blobseal/keyrelease/localca"
 	"github.com/blobseal/blobseal/keyrelease/localhsm"
-	"github.com/blobseal/blobseal/keyrelease/localmaa"
+	"github.com/blobseal/blobseal/keyrelease/localstack"
 )
 
 // StackFile is the name of the file `blobseal dev serve --dir DIR` writes
@@ -83,19 +77,15 @@ func runDevServe(ctx context.Context, args []string) error {
 	if fs.NArg() > 0 {
 		return usageErrorf("unexpected arguments %v", fs.Args())
 	}
-	host, port, err := net.SplitHostPort(*addr)
+	host, _, err := net.SplitHostPort(*addr)
 	if err != nil {
 		return usageErrorf("--addr %q: %v", *addr, err)
 	}
-	maaPort, err := strconv.Atoi(port)
-	if err != nil || maaPort < 0 || maaPort > 65534 {
-		return usageErrorf("--addr port %q must be 0-65534", port)
-	}
-	vaultAddr := net.JoinHostPort(host, "0")
-	if maaPort != 0 {
-		vaultAddr = net.JoinHostPort(host, strconv.Itoa(maaPort+1))
-	}
 	if err := os.MkdirAll(*dir, 0o700); err != nil {
+		return fmt.Errorf("--dir: %w", err)
+	}
+	abs, err := filepath.Abs(*dir)
+	if err != nil {
 		return fmt.Errorf("--dir: %w", err)
 	}
 	level := slog.LevelInfo
@@ -104,104 +94,47 @@ func runDevServe(ctx context.Context, args []string) error {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
-	ca, err := localca.New("blobseal dev CA", 7*24*time.Hour)
-	if err != nil {
-		return err
-	}
-	hosts := []string{"localhost", "127.0.0.1"}
+	var hosts []string
 	if host != "" && host != "localhost" && host != "127.0.0.1" {
 		hosts = append(hosts, host)
 	}
-	cert, err := ca.ServerCert(hosts...)
-	if err != nil {
-		return err
-	}
-	sim, err := evidence.NewSimulated(evidence.SimulatedConfig{})
-	if err != nil {
-		return err
-	}
-	var zeroMeasurement [48]byte // simulated reports' default launch measurement
-	maaSrv, err := localmaa.New(localmaa.Options{Roots: sim.Roots(), TLSCert: &cert, Logger: log, CompliantMeasurements: [][]byte{zeroMeasurement[:]}})
-	if err != nil {
-		return err
-	}
-	maaURL, err := maaSrv.Start(*addr)
-	if err != nil {
-		return err
-	}
-	defer maaSrv.Close()
-
-	tokBytes := make([]byte, 32)
-	if _, err := rand.Read(tokBytes); err != nil {
-		return err
-	}
-	bearer := secret.Token("blobseal-dev-" + hex.EncodeToString(tokBytes))
-	hsmSrv, err := localhsm.New(localhsm.Options{
-		TLSCert:          cert,
-		TrustedIssuers:   []string{maaURL},
-		IssuerHTTPClient: &http.Client{Transport: &http.Transport{TLSClientConfig: ca.ClientTLS()}, Timeout: 10 * time.Second},
-		BearerTokens:     []secret.Token{bearer},
-		Logger:           log,
-	})
-	if err != nil {
-		return err
-	}
-	vaultURL, err := hsmSrv.Start(vaultAddr)
-	if err != nil {
-		return err
-	}
-	defer hsmSrv.Close()
-
+	// Every file the stack leaves in the directory goes when it stops.
 	var written []string
 	defer func() {
 		for _, p := range written {
 			os.Remove(p)
 		}
 	}()
-	write := func(name string, data []byte) (string, error) {
-		p, err := filepath.Abs(filepath.Join(*dir, name))
-		if err != nil {
-			return "", err
-		}
-		tmp := p + ".tmp"
-		if err := os.WriteFile(tmp, data, 0o600); err != nil {
-			return "", err
-		}
-		if err := os.Rename(tmp, p); err != nil {
-			os.Remove(tmp)
-			return "", err
-		}
-		written = append(written, p)
-		return p, nil
+	signerFile := filepath.Join(abs, evidence.SimulatedSignerFile)
+	if _, err := os.Stat(signerFile); os.IsNotExist(err) {
+		written = append(written, signerFile)
 	}
-	caFile, err := write("ca.pem", ca.PEM())
+	st, err := localstack.Start(localstack.Options{SignerDir: abs, Addr: *addr, Hosts: hosts,
+		Validity: 7 * 24 * time.Hour, Logger: log})
+	if err != nil {
+		return fmt.Errorf("start the local stack: %w", err)
+	}
+	defer st.Close()
+	files, err := st.WriteStackFile(abs)
+	if err != nil {
+		return fmt.Errorf("write the local stack's files into %s: %w", abs, err)
+	}
+	written = append(written, files.CAPEMFile, files.BearerTokenFile, files.SimulatedSignerFile)
+	manifest := devStack{Version: 1, MAAEndpoint: st.MAAEndpoint, VaultURL: st.VaultURL, Resource: localhsm.ResourceManagedHSM,
+		CAPEMFile: files.CAPEMFile, BearerTokenFile: files.BearerTokenFile, SimulatedSignerFile: files.SimulatedSignerFile,
+		PID: os.Getpid()}
+	js, err := json.MarshalIndent(manifest, "", "  ")
 	if err != nil {
 		return err
 	}
-	bearerFile, err := write("bearer-token", []byte(bearer.Reveal()+"\n"))
-	if err != nil {
-		return err
+	// stack.json goes last, through a rename: its presence means ready.
+	stackFile := filepath.Join(abs, StackFile)
+	if err := writeReadyFile(stackFile, append(js, '\n')); err != nil {
+		return fmt.Errorf("write %s: %w", stackFile, err)
 	}
-	signerFile, err := evidence.WriteSimulatedSigner(*dir, sim)
-	if err != nil {
-		return err
-	}
-	if signerFile, err = filepath.Abs(signerFile); err != nil {
-		return err
-	}
-	written = append(written, signerFile)
-	st := devStack{Version: 1, MAAEndpoint: maaURL, VaultURL: vaultURL, Resource: localhsm.ResourceManagedHSM,
-		CAPEMFile: caFile, BearerTokenFile: bearerFile, SimulatedSignerFile: signerFile, PID: os.Getpid()}
-	js, err := json.MarshalIndent(st, "", "  ")
-	if err != nil {
-		return err
-	}
-	stackFile, err := write(StackFile, append(js, '\n'))
-	if err != nil {
-		return err
-	}
+	written = append(written, stackFile)
 	log.Info("local stack ready (test-only: simulated attestation and an in-memory key service)",
-		"maa_endpoint", maaURL, "vault_url", vaultURL, "stack", stackFile)
+		"maa_endpoint", st.MAAEndpoint, "vault_url", st.VaultURL, "stack", stackFile)
 	fmt.Println(stackFile)
 	<-ctx.Done()
 	log.Info("local stack stopping")

@@ -15,9 +15,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/blobseal/blobseal/internal/secret"
@@ -36,7 +38,34 @@ type Options struct {
 	SignerDir string
 	// Simulated shapes the simulated reports (host data etc.).
 	Simulated evidence.SimulatedConfig
-	Logger    *slog.Logger
+	// Addr is HOST:PORT for the attestation service (default 127.0.0.1:0);
+	// the key service listens on PORT+1, or on a free port when PORT is 0.
+	Addr string
+	// Hosts are extra names the services' certificates hold, besides
+	// localhost and 127.0.0.1.
+	Hosts []string
+	// Validity of the CA (default 24 hours).
+	Validity time.Duration
+	Logger   *slog.Logger
+}
+
+// addrs returns the listen addresses of the attestation and key services.
+func (o Options) addrs() (maaAddr, vaultAddr string, err error) {
+	if o.Addr == "" {
+		return "127.0.0.1:0", "127.0.0.1:0", nil
+	}
+	host, port, err := net.SplitHostPort(o.Addr)
+	if err != nil {
+		return "", "", fmt.Errorf("localstack: address %q: %w", o.Addr, err)
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p < 0 || p > 65534 {
+		return "", "", fmt.Errorf("localstack: address %q: the port must be 0-65534 (the key service takes the next one)", o.Addr)
+	}
+	if p == 0 {
+		return o.Addr, net.JoinHostPort(host, "0"), nil
+	}
+	return o.Addr, net.JoinHostPort(host, strconv.Itoa(p+1)), nil
 }
 
 // Stack is a running local stack. Close stops it.
@@ -51,7 +80,7 @@ type Stack struct {
 	closers []func()
 }
 
-// Start starts the stack on 127.0.0.1 ports chosen by the kernel.
+// Start starts the stack, by default on 127.0.0.1 ports chosen by the kernel.
 func Start(o Options) (_ *Stack, err error) {
 	if o.SignerDir == "" {
 		return nil, errors.New("localstack: SignerDir is required (a directory for the simulated signer)")
@@ -59,6 +88,14 @@ func Start(o Options) (_ *Stack, err error) {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
+	if o.Validity <= 0 {
+		o.Validity = 24 * time.Hour
+	}
+	maaAddr, vaultAddr, err := o.addrs()
+	if err != nil {
+		return nil, err
+	}
+	hosts := append([]string{"localhost", "127.0.0.1"}, o.Hosts...)
 	if err := os.MkdirAll(o.SignerDir, 0o700); err != nil {
 		return nil, fmt.Errorf("localstack: signer directory: %w", err)
 	}
@@ -68,16 +105,16 @@ func Start(o Options) (_ *Stack, err error) {
 			st.Close()
 		}
 	}()
-	if st.CA, err = localca.New("blobseal local stack CA", 24*time.Hour); err != nil {
+	if st.CA, err = localca.New("blobseal local stack CA", o.Validity); err != nil {
 		return nil, err
 	}
-	cert, err := st.CA.ServerCert()
+	cert, err := st.CA.ServerCert(hosts...)
 	if err != nil {
 		return nil, err
 	}
 	// The key service signs its release responses with its TLS key: RSA,
 	// so the JWS is RS256 like Managed HSM's.
-	hsmCert, err := st.CA.ServerCertRSA()
+	hsmCert, err := st.CA.ServerCertRSA(hosts...)
 	if err != nil {
 		return nil, err
 	}
@@ -89,7 +126,7 @@ func Start(o Options) (_ *Stack, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if st.MAAEndpoint, err = maa.Start("127.0.0.1:0"); err != nil {
+	if st.MAAEndpoint, err = maa.Start(maaAddr); err != nil {
 		return nil, err
 	}
 	st.closers = append(st.closers, func() { maa.Close() })
@@ -103,7 +140,7 @@ func Start(o Options) (_ *Stack, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if st.VaultURL, err = kv.Start("127.0.0.1:0"); err != nil {
+	if st.VaultURL, err = kv.Start(vaultAddr); err != nil {
 		return nil, err
 	}
 	st.closers = append(st.closers, func() { kv.Close() })

@@ -115,3 +115,28 @@ func TestStartNeedsSignerDir(t *testing.T) {
 		t.Fatalf("err = %v, want one naming SignerDir", err)
 	}
 }
+
+func TestStartRejectsBadAddr(t *testing.T) {
+	for _, addr := range []string{"127.0.0.1", "127.0.0.1:65535", "127.0.0.1:http"} {
+		if _, err := Start(Options{SignerDir: t.TempDir(), Addr: addr}); err == nil || !strings.Contains(err.Error(), addr) {
+			t.Errorf("Start(Addr %q) = %v, want an error naming the address", addr, err)
+		}
+	}
+}
+
+func TestStartOnGivenHost(t *testing.T) {
+	st, err := Start(Options{SignerDir: t.TempDir(), Addr: "127.0.0.1:0", Hosts: []string{"blobseal.test"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	for _, endpoint := range []string{st.MAAEndpoint, st.VaultURL} {
+		host := strings.TrimPrefix(endpoint, "https://")
+		conn, err := tls.Dial("tcp", host, &tls.Config{RootCAs: st.CAPool(), ServerName: "blobseal.test"})
+		if err != nil {
+			t.Errorf("%s: TLS for the extra host name: %v", endpoint, err)
+			continue
+		}
+		conn.Close()
+	}
+}
