@@ -23,6 +23,7 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/blobseal/blobseal/blob"
@@ -60,8 +61,10 @@ type Cache struct {
 	o       Options
 	bs      int64
 	log     *slog.Logger
-	written *writtenIndex // nil when the source cannot list written ranges
-	disk    *diskTier     // nil without DiskDir
+	// written is nil while every byte of the source may hold data; it is
+	// set from the source's written ranges, and narrowed by SkipRanges.
+	written atomic.Pointer[writtenIndex]
+	disk    *diskTier // nil without DiskDir
 
 	ctx    context.Context // cancelled by Close; parent of every fetch
 	cancel context.CancelFunc
@@ -125,7 +128,7 @@ func New(src blob.Source, opts Options) (*Cache, error) {
 		if err != nil {
 			c.log.Warn("blockcache: cannot list written ranges; every range will be fetched", "source", c.name, "err", err)
 		} else {
-			c.written = newWrittenIndex(ranges, size)
+			c.written.Store(newWrittenIndex(ranges, size))
 		}
 	}
 	if o.DiskDir != "" {
@@ -143,6 +146,30 @@ func New(src blob.Source, opts Options) (*Cache, error) {
 		go c.diskWriter()
 	}
 	return c, nil
+}
+
+// SkipRanges declares byte ranges of the source that no reader needs, such
+// as the holes of an encrypted volume, which the volume serves as zeros
+// without reading: fetches and read-ahead leave them out, and a read of them
+// returns zeros. A skipped range shorter than minSkip is still fetched with
+// its neighbours, since one more request costs more than its bytes.
+func (c *Cache) SkipRanges(skip []blob.Range, minSkip int64) {
+	var big []blob.Range
+	for _, r := range skip {
+		if r.Len >= max(minSkip, 1) {
+			big = append(big, r)
+		}
+	}
+	if len(big) == 0 {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	w := c.written.Load()
+	if w == nil {
+		w = newWrittenIndex([]blob.Range{{Off: 0, Len: c.size}}, c.size)
+	}
+	c.written.Store(w.without(big, c.size))
 }
 
 // Size returns the size of the source.
@@ -261,7 +288,8 @@ func (c *Cache) blockEnd(b int64) int64 { return min((b+1)*c.bs, c.size) }
 
 // holeBlock reports whether block b holds no written byte.
 func (c *Cache) holeBlock(b int64) bool {
-	return c.written != nil && c.written.isHole(b*c.bs, c.blockEnd(b))
+	w := c.written.Load()
+	return w != nil && w.isHole(b*c.bs, c.blockEnd(b))
 }
 
 // acquire returns the extent holding block b, pinned, starting a fetch of b
@@ -509,8 +537,8 @@ func (c *Cache) fill(ctx context.Context, e *extent, dst []byte) error {
 		}
 		lo, hi := (e.first+i)*c.bs, c.blockEnd(e.first+j-1)
 		parts = parts[:0]
-		if c.written != nil {
-			parts = c.written.written(parts, lo, hi)
+		if w := c.written.Load(); w != nil {
+			parts = w.written(parts, lo, hi)
 		} else {
 			parts = append(parts, blob.Range{Off: lo, Len: hi - lo})
 		}

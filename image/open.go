@@ -103,6 +103,12 @@ func Open(ctx context.Context, spec Spec) (img *Image, err error) {
 	}
 	img.Volume = vol
 	img.closers = append(img.closers, vol.Close)
+	if img.Cache != nil {
+		// The volume reads its holes as zeros without touching the device,
+		// so the cache need not fetch or read ahead through them (on a
+		// block blob, where storage cannot say what is unwritten).
+		img.Cache.SkipRanges(deviceHoles(vol), skipHoleMin)
+	}
 
 	fsys, err := ext4.Open(vol, vol.Size())
 	if err != nil {
@@ -123,4 +129,20 @@ func (i *Image) Close() error {
 	}
 	i.closers = nil
 	return errors.Join(errs...)
+}
+
+// skipHoleMin is the smallest volume hole the cache skips: a smaller one
+// splits a sequential fetch in two, and one more request costs storage more
+// than a few MiB of bytes (Azurite: ~20 ms of CPU per request against ~2 ms
+// per MiB).
+const skipHoleMin = 4 << 20
+
+// deviceHoles returns the volume's holes as byte ranges of its device.
+func deviceHoles(vol *crypto.Volume) []blob.Range {
+	runs, base := vol.Holes().Runs(), vol.Info().DataOffset
+	out := make([]blob.Range, 0, len(runs))
+	for _, r := range runs {
+		out = append(out, blob.Range{Off: base + r.Off, Len: r.Len})
+	}
+	return out
 }

@@ -15,7 +15,6 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -25,8 +24,6 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/azidentity"
 
 	"github.com/blobseal/blobseal/internal/secret"
-	"github.com/blobseal/blobseal/keyrelease"
-	"github.com/blobseal/blobseal/keyrelease/evidence"
 	"github.com/blobseal/blobseal/keyrelease/hsm"
 	"github.com/blobseal/blobseal/keyrelease/policy"
 )
@@ -319,17 +316,15 @@ func loadKeyFile(path string, spec *hsm.KeySpec) error {
 
 func runKeyRelease(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("key release", flag.ContinueOnError)
-	var vf vaultFlags
-	vf.register(fs)
-	version := fs.String("version", "", "key version (default: latest)")
-	maaEndpoint := fs.String("maa-endpoint", "", "attestation service URL, e.g. https://sharedeus.eus.attest.azure.net")
-	attestation := fs.String("attestation", evidence.ProviderAuto, "evidence provider: auto, sev-guest, configfs-tsm, or simulated (local testing only)")
-	simHostData := fs.String("sim-host-data", "", "simulated only: HOST_DATA hex")
-	simCCE := fs.String("sim-cce-policy", "", "simulated only: CCE policy file whose SHA-256 is HOST_DATA")
-	simDebug := fs.Bool("sim-debuggable", false, "simulated only: report a debuggable guest")
-	wrapAlg := fs.String("wrap-alg", hsm.AlgCKMRSAAESKeyWrap, "key wrap: CKM_RSA_AES_KEY_WRAP, RSA_AES_KEY_WRAP_256 or RSA_AES_KEY_WRAP_384")
-	salt := fs.String("salt", "", "RSA-HSM keys: HKDF salt (hex)")
-	label := fs.String("label", "", "RSA-HSM keys: HKDF label (default \"Symmetric Encryption Key\")")
+	var rf releaseFlags
+	rf.register(fs)
+	// The names this command had before it shared mount's release flags.
+	fs.StringVar(&rf.vault.name, "name", "", "same as --key-name")
+	fs.StringVar(&rf.keyVersion, "version", "", "same as --key-version")
+	fs.StringVar(&rf.simHostData, "sim-host-data", "", "same as --simulated-host-data")
+	fs.StringVar(&rf.simCCE, "sim-cce-policy", "", "same as --simulated-cce-policy")
+	fs.BoolVar(&rf.simDebug, "sim-debuggable", false, "same as --simulated-debuggable")
+	fs.BoolVar(&rf.vault.verbose, "v", false, "debug logging (never prints keys or tokens)")
 	out := fs.String("out", "", "file to write the 32-byte secret to (created with mode 0600; must not exist)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -337,75 +332,18 @@ func runKeyRelease(ctx context.Context, args []string) error {
 	if fs.NArg() > 0 {
 		return usageErrorf("unexpected arguments %v", fs.Args())
 	}
-	st, err := vf.applyDev()
-	if err != nil {
+	if err := rf.prepare(); err != nil {
 		return err
-	}
-	if *maaEndpoint == "" && st != nil {
-		*maaEndpoint = st.MAAEndpoint
-	}
-	if err := vf.check(); err != nil {
-		return err
-	}
-	if *maaEndpoint == "" {
-		return usageErrorf("--maa-endpoint is required")
 	}
 	if *out == "" {
 		return usageErrorf("--out FILE is required (the secret is never printed)")
-	}
-	if err := hsm.CheckAlgorithm(*wrapAlg); err != nil {
-		return usageErrorf("--wrap-alg: %v", err)
-	}
-	log := vf.logger()
-	evOpts := evidence.Options{Logger: log}
-	if *attestation == evidence.ProviderSimulated {
-		sc := &evidence.SimulatedConfig{Debuggable: *simDebug}
-		switch {
-		case *simHostData != "" && *simCCE != "":
-			return usageErrorf("give at most one of --sim-host-data and --sim-cce-policy")
-		case *simCCE != "":
-			if sc.HostData, err = hostDataFromCCE(*simCCE); err != nil {
-				return err
-			}
-		case *simHostData != "":
-			h, err := parseHostData(*simHostData)
-			if err != nil {
-				return usageErrorf("--sim-host-data: %v", err)
-			}
-			b, _ := hex.DecodeString(h)
-			copy(sc.HostData[:], b)
-		}
-		if st != nil && st.SimulatedSignerFile != "" {
-			if sc.Signer, err = evidence.ReadSimulatedSigner(filepath.Dir(st.SimulatedSignerFile)); err != nil {
-				return err
-			}
-		}
-		evOpts.Simulated = sc
-	} else if *simHostData != "" || *simCCE != "" || *simDebug {
-		return usageErrorf("--sim-* flags need --attestation simulated")
-	}
-	provider, err := evidence.NewProvider(*attestation, evOpts)
-	if err != nil {
-		return err
-	}
-	roots, err := vf.roots()
-	if err != nil {
-		return err
-	}
-	cred, err := vf.credential()
-	if err != nil {
-		return err
 	}
 	// Create the output first so a bad path fails before any release.
 	f, err := os.OpenFile(*out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return fmt.Errorf("--out: %w (the file must not exist yet)", err)
 	}
-	sec, err := keyrelease.Release(ctx, keyrelease.Config{
-		Evidence: provider, MAAEndpoint: *maaEndpoint,
-		VaultURL: vf.vault, KeyName: vf.name, KeyVersion: *version, Credential: cred, WrapAlg: *wrapAlg,
-		Salt: *salt, Label: *label, HTTPClient: httpClientFor(roots), TrustedRoots: roots, Logger: log,
-	})
+	sec, err := rf.release(ctx, rf.vault.logger())
 	if err != nil {
 		f.Close()
 		os.Remove(*out)
@@ -420,6 +358,6 @@ func runKeyRelease(ctx context.Context, args []string) error {
 		os.Remove(*out)
 		return fmt.Errorf("write %s: %w", *out, werr)
 	}
-	fmt.Fprintf(os.Stderr, "released %d-byte secret of key %q to %s\n", len(sec), vf.name, *out)
+	fmt.Fprintf(os.Stderr, "released %d-byte secret of key %q to %s\n", len(sec), rf.vault.name, *out)
 	return nil
 }

@@ -15,8 +15,8 @@ import (
 )
 
 // releaseFlags are the flags of a secure key release (attest, MAA token,
-// vault release). `blobseal mount` uses them as the alternative to
-// --key-file; `key release` can adopt them (it still parses its own).
+// vault release), shared by `blobseal mount` (as the alternative to
+// --key-file) and `blobseal key release`.
 type releaseFlags struct {
 	vault       vaultFlags // vault, key name, bearer token, CA, dev dir
 	maaEndpoint string
@@ -26,6 +26,7 @@ type releaseFlags struct {
 	wrapAlg     string
 	simDir      string // directory holding the simulated signer
 	simHostData string
+	simCCE      string // CCE policy file whose SHA-256 is the simulated HOST_DATA
 	simDebug    bool
 	certCache   string
 }
@@ -44,6 +45,7 @@ func (r *releaseFlags) register(f *flag.FlagSet) {
 	f.StringVar(&v.caFile, "ca-file", "", "PEM file of extra CA roots for TLS and the vault's signed responses (local stack)")
 	f.StringVar(&r.simDir, "simulated-dir", "", "simulated only: directory holding the simulated signer (default with --dev-dir: the stack's)")
 	f.StringVar(&r.simHostData, "simulated-host-data", "", "simulated only: HOST_DATA to report, 64 hex digits")
+	f.StringVar(&r.simCCE, "simulated-cce-policy", "", "simulated only: CCE policy file whose SHA-256 is the HOST_DATA to report")
 	f.BoolVar(&r.simDebug, "simulated-debuggable", false, "simulated only: report a debuggable guest")
 	f.StringVar(&r.certCache, "cert-cache-url", "", "AMD certificate cache for a missing or stale host certificate (default: the provider's)")
 	f.StringVar(&v.devDir, "dev-dir", "", "directory of a running `blobseal dev serve`: fills --maa-endpoint, --vault, --ca-file, --bearer-token-file and the simulated signer from its stack.json")
@@ -55,7 +57,8 @@ func (r *releaseFlags) requested(f *flag.FlagSet) bool {
 	names := map[string]bool{"maa-endpoint": true, "vault": true, "key-name": true, "key-version": true,
 		"attestation": true, "salt": true, "label": true, "wrap-alg": true, "bearer-token-file": true,
 		"ca-file": true, "simulated-dir": true, "simulated-host-data": true, "simulated-debuggable": true,
-		"cert-cache-url": true, "dev-dir": true}
+		"simulated-cce-policy": true,
+		"cert-cache-url":       true, "dev-dir": true}
 	set := false
 	f.Visit(func(fl *flag.Flag) { set = set || names[fl.Name] })
 	return set
@@ -87,8 +90,11 @@ func (r *releaseFlags) prepare() error {
 	if err := hsm.CheckAlgorithm(r.wrapAlg); err != nil {
 		return usageErrorf("--wrap-alg: %v", err)
 	}
-	if r.attestation != evidence.ProviderSimulated && (r.simHostData != "" || r.simDebug || r.simDir != "" && r.vault.devDir == "") {
+	if r.attestation != evidence.ProviderSimulated && (r.simHostData != "" || r.simCCE != "" || r.simDebug || r.simDir != "" && r.vault.devDir == "") {
 		return usageErrorf("--simulated-* flags need --attestation simulated")
+	}
+	if r.simHostData != "" && r.simCCE != "" {
+		return usageErrorf("give at most one of --simulated-host-data and --simulated-cce-policy")
 	}
 	if r.simHostData != "" {
 		if _, err := parseHostData(r.simHostData); err != nil {
@@ -113,6 +119,11 @@ func (r *releaseFlags) release(ctx context.Context, log *slog.Logger) (secret.By
 			h, _ := parseHostData(r.simHostData) // checked in prepare
 			b, _ := hex.DecodeString(h)
 			copy(sc.HostData[:], b)
+		}
+		if r.simCCE != "" {
+			if sc.HostData, err = hostDataFromCCE(r.simCCE); err != nil {
+				return nil, err
+			}
 		}
 		if r.simDir != "" {
 			if sc.Signer, err = evidence.ReadSimulatedSigner(r.simDir); err != nil {
