@@ -175,7 +175,7 @@ func (r *report) write(w io.Writer) error {
 		mb, cpu, az, req, rss, lat := "—", "—", "—", "—", "—", "—"
 		switch {
 		case m.Failed != "":
-			lat = "FAILED: " + strings.ReplaceAll(m.Failed, "|", "/")
+			lat = "FAILED: " + strings.NewReplacer("|", "/", "\n", "; ").Replace(m.Failed)
 		case m.Key == "sparse":
 			mb = fmt.Sprintf("%.2f MiB fetched", float64(m.Bytes)/(1<<20))
 		case m.Latency != nil:

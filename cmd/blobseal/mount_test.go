@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"slices"
 	"strings"
@@ -22,7 +23,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/blobseal/blobseal/blob"
 	"github.com/blobseal/blobseal/image"
 	"github.com/blobseal/blobseal/internal/fusetest"
 	"github.com/blobseal/blobseal/internal/testenv"
@@ -495,19 +495,22 @@ func TestMountBlobURL(t *testing.T) {
 	for _, typ := range []string{"page", "block"} {
 		t.Run(typ, func(t *testing.T) {
 			url := az.Endpoint() + "/images/" + typ + ".img"
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
-			if _, err := blob.Upload(ctx, img, url, blob.UploadOptions{
-				Options: blob.Options{ConnectionString: az.ConnectionString()}, Type: typ, CreateContainer: true,
-			}); err != nil {
-				t.Fatalf("upload: %v", err)
-			}
 			t.Setenv("AZURE_STORAGE_CONNECTION_STRING", az.ConnectionString())
+			// 1 MiB blocks: a block blob of many blocks.
+			if _, stderr, code := blobseal(t, "image", "upload", "--type", typ, "--block-size", "1", "--create-container", img, url); code != 0 {
+				t.Fatalf("image upload: %s", stderr)
+			}
 			proc, mnt := startMount(t, "--key-file", key, url, filepath.Join(t.TempDir(), "mnt"))
 			fusetest.CompareTrees(t, src, mnt, fusetest.Compare{Xattrs: true, Ignore: []string{"lost+found"}})
 			proc.stop(t)
-			if strings.Contains(proc.stderr.String(), "AccountKey") {
-				t.Errorf("credential in the log:\n%s", proc.stderr)
+			log := proc.stderr.String()
+			if strings.Contains(log, "AccountKey") {
+				t.Errorf("credential in the log:\n%s", log)
+			}
+			// The exit statistics count what reading the tree cost.
+			m := regexp.MustCompile(`msg="image statistics" requests=(\d+) bytes_fetched=(\d+)`).FindStringSubmatch(log)
+			if m == nil || m[1] == "0" || m[2] == "0" {
+				t.Errorf("no statistics line with requests and bytes on exit:\n%s", log)
 			}
 		})
 	}

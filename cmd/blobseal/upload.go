@@ -17,6 +17,7 @@ func runImageUpload(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("image upload", flag.ContinueOnError)
 	typ := fs.String("type", "page", "blob type: page (sparse, read-write) or block (read-only, faster reads)")
 	conc := fs.Int("concurrency", 8, "requests in flight")
+	blockMiB := fs.Int64("block-size", 8, "block blobs: staged block size in MiB (1-4000; raised to stay within 50,000 blocks)")
 	noVerify := fs.Bool("no-verify", false, "skip reading the blob back and comparing it with the image")
 	connStr := fs.String("connection-string", "", "storage connection string with a shared key (default $AZURE_STORAGE_CONNECTION_STRING); not needed with a SAS URL")
 	clientID := fs.String("identity-client-id", "", "client id of a user-assigned managed identity (https URLs without SAS or shared key)")
@@ -39,12 +40,16 @@ func runImageUpload(ctx context.Context, args []string) error {
 	if *conc < 1 || *conc > 256 {
 		return usageErrorf("--concurrency %d: want 1..256", *conc)
 	}
+	if *blockMiB < 1 || *blockMiB > 4000 {
+		return usageErrorf("--block-size %d: want 1..4000 (MiB)", *blockMiB)
+	}
 	image, url := pos[0], pos[1]
 	opts := blob.UploadOptions{
 		Options:     blob.Options{ConnectionString: *connStr, RequestTimeout: *timeout},
 		Type:        *typ,
 		Concurrency: *conc,
 		Verify:      !*noVerify,
+		BlockSize:   *blockMiB << 20,
 
 		CreateContainer: *create,
 	}
