@@ -55,6 +55,12 @@ type Options struct {
 	UnmountGrace time.Duration
 	// Debug logs every FUSE request and reply at debug level.
 	Debug bool
+	// DirectIO serves file reads without the kernel page cache: each read
+	// is answered straight into the reader's buffer (one copy fewer, no
+	// page-cache upkeep) and repeated reads come from the block cache. It
+	// asks the kernel to still allow mmap (Linux 6.6+); older kernels
+	// refuse mmap of such files, so leave it off where programs map files.
+	DirectIO bool
 	// Observe, when set, is called once per answered FUSE operation with
 	// its name (lookup, getattr, readdir, open, read, readlink, listxattr,
 	// getxattr, statfs, or the refused write's name), how long it took and
@@ -118,6 +124,7 @@ func Mount(ctx context.Context, mountpoint string, tree Tree, opts Options) (*Se
 		tree:      tree,
 		log:       logger,
 		blockSize: tree.StatFS().BlockSize,
+		directIO:  opts.DirectIO,
 		timeout:   opts.CacheTimeout,
 		observer:  opts.Observe,
 	}
@@ -139,7 +146,9 @@ func Mount(ctx context.Context, mountpoint string, tree Tree, opts Options) (*Se
 		// More concurrent read-ahead requests hide storage latency
 		// (go-fuse's default is 12).
 		MaxBackground: 64,
-		Logger:        log.New(logWriter{logger}, "", 0),
+		// mmap of direct-I/O files (kernel 6.6+; ignored by older ones).
+		ExtraCapabilities: fuse.CAP_DIRECT_IO_ALLOW_MMAP,
+		Logger:            log.New(logWriter{logger}, "", 0),
 	}
 	server, err := gofs.Mount(abs, &node{vol: vol, ino: root}, &gofs.Options{
 		MountOptions:    mo,

@@ -25,6 +25,7 @@ type volume struct {
 	blockSize uint32
 	timeout   time.Duration
 	observer  func(op string, d time.Duration, errno syscall.Errno) // nil: off
+	directIO  bool
 	// failed remembers which (operation, inode) pairs have been logged at
 	// error level, so a reader retrying a damaged file cannot flood the
 	// log; repeats go to debug level.
@@ -237,6 +238,9 @@ func (n *node) Open(ctx context.Context, flags uint32) (_ gofs.FileHandle, _ uin
 	}
 	if !n.ino.IsRegular() {
 		return nil, 0, syscall.EINVAL
+	}
+	if n.vol.directIO {
+		return nil, fuse.FOPEN_DIRECT_IO, 0
 	}
 	return nil, fuse.FOPEN_KEEP_CACHE, 0
 }

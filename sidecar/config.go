@@ -94,7 +94,10 @@ type Filesystem struct {
 	SectorSizes      []int    `yaml:"sector_sizes" json:"sector_sizes"`
 	AllowOther       *bool    `yaml:"allow_other" json:"allow_other"` // default true
 	ReadWrite        bool     `yaml:"read_write" json:"read_write"`
-	Key              Key      `yaml:"key" json:"key"`
+	// DirectIO serves reads without the kernel page cache (fs.Options.DirectIO):
+	// faster large sequential reads such as model loading; mmap needs Linux 6.6+.
+	DirectIO bool `yaml:"direct_io" json:"direct_io"`
+	Key      Key  `yaml:"key" json:"key"`
 }
 
 // Key says where a filesystem's key comes from: exactly one of File,

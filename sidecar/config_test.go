@@ -16,7 +16,8 @@ func TestExampleConfigsParse(t *testing.T) {
 	if len(cfg.Filesystems) != 2 || cfg.Cache.MemoryBytes != 512<<20 || cfg.Filesystems[0].Key.Release.KeyName != "models-key" {
 		t.Fatalf("unexpected parse: %+v", cfg)
 	}
-	if cfg.Filesystems[1].Key.Release.Kty != "RSA-HSM" || *cfg.Filesystems[0].AllowOther != true {
+	if cfg.Filesystems[1].Key.Release.Kty != "RSA-HSM" || *cfg.Filesystems[0].AllowOther != true ||
+		!cfg.Filesystems[0].DirectIO || cfg.Filesystems[1].DirectIO {
 		t.Fatal("defaults or fields wrong")
 	}
 

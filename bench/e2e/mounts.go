@@ -56,13 +56,14 @@ const mountStartTimeout = 2 * time.Minute
 // startBlobseal runs `blobseal mount` on url at a fresh mount point and
 // waits for its "ready" line. The shared key reaches it through the
 // environment, never the command line.
-func (h *harness) startBlobseal(ctx context.Context, url string) (*mountProc, error) {
+func (h *harness) startBlobseal(ctx context.Context, url string, extra ...string) (*mountProc, error) {
 	mnt, err := os.MkdirTemp(h.work, "mnt-blobseal-")
 	if err != nil {
 		return nil, err
 	}
-	args := []string{"mount", "--key-file", h.keyFile,
-		"--cache-memory", fmt.Sprint(h.cfg.CacheMiB), "--log-level", "warn", url, mnt}
+	args := append([]string{"mount", "--key-file", h.keyFile,
+		"--cache-memory", fmt.Sprint(h.cfg.CacheMiB), "--log-level", "warn"}, extra...)
+	args = append(args, url, mnt)
 	cmd := exec.Command(h.cfg.Blobseal, args...)
 	cmd.Env = append(os.Environ(), "AZURE_STORAGE_CONNECTION_STRING="+h.connString)
 	p := &mountProc{name: "blobseal", mountpoint: mnt, cmd: cmd,

@@ -137,6 +137,7 @@ func runMount(ctx context.Context, args []string) error {
 	cacheDir := f.String("cache-dir", "", "disk cache directory for blob URLs (ciphertext only)")
 	// Default true: see image.Spec.DirectLocal for the measurement.
 	cacheLocal := f.Bool("cache-local", true, "read a local image through the block cache (parallel read-ahead); false reads the file directly")
+	directIO := f.Bool("direct-io", false, "answer reads without the kernel page cache (fewer copies for large sequential reads; mmap needs Linux 6.6+)")
 	cpuProfile := f.String("cpuprofile", "", "write a Go CPU profile of the whole mount to this file (for go tool pprof)")
 	pos, err := parseInterspersed(f, args)
 	if err != nil {
@@ -200,6 +201,7 @@ func runMount(ctx context.Context, args []string) error {
 		Source:       mountSourceName(img.Name),
 		Debug:        *debugFUSE,
 		UnmountGrace: *grace,
+		DirectIO:     *directIO,
 	})
 	if err != nil {
 		return err
