@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -25,7 +26,9 @@ type volume struct {
 	blockSize uint32
 	timeout   time.Duration
 	observer  func(op string, d time.Duration, errno syscall.Errno) // nil: off
-	directIO  bool
+	// directIO is one of directNone, directLarge or directAll, set once the
+	// kernel's capabilities are known (opens before that use the page cache).
+	directIO atomic.Int32
 	// failed remembers which (operation, inode) pairs have been logged at
 	// error level, so a reader retrying a damaged file cannot flood the
 	// log; repeats go to debug level.
@@ -239,8 +242,13 @@ func (n *node) Open(ctx context.Context, flags uint32) (_ gofs.FileHandle, _ uin
 	if !n.ino.IsRegular() {
 		return nil, 0, syscall.EINVAL
 	}
-	if n.vol.directIO {
+	switch n.vol.directIO.Load() {
+	case directAll:
 		return nil, fuse.FOPEN_DIRECT_IO, 0
+	case directLarge:
+		if n.ino.Size >= DirectIOMinSize {
+			return nil, fuse.FOPEN_DIRECT_IO, 0
+		}
 	}
 	return nil, fuse.FOPEN_KEEP_CACHE, 0
 }

@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	blobfs "github.com/blobseal/blobseal/fs"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -94,10 +95,11 @@ type Filesystem struct {
 	SectorSizes      []int    `yaml:"sector_sizes" json:"sector_sizes"`
 	AllowOther       *bool    `yaml:"allow_other" json:"allow_other"` // default true
 	ReadWrite        bool     `yaml:"read_write" json:"read_write"`
-	// DirectIO serves reads without the kernel page cache (fs.Options.DirectIO):
-	// faster large sequential reads such as model loading; mmap needs Linux 6.6+.
-	DirectIO bool `yaml:"direct_io" json:"direct_io"`
-	Key      Key  `yaml:"key" json:"key"`
+	// DirectIO: auto (default), on or off; see fs.DirectIOMode.
+	DirectIO string `yaml:"direct_io" json:"direct_io"`
+	Key      Key    `yaml:"key" json:"key"`
+
+	directIO blobfs.DirectIOMode // parsed DirectIO
 }
 
 // Key says where a filesystem's key comes from: exactly one of File,
@@ -375,6 +377,11 @@ func (c *Config) Validate() error {
 		if f.AllowOther == nil {
 			t := true
 			f.AllowOther = &t
+		}
+		if mode, err := blobfs.ParseDirectIO(f.DirectIO); err != nil {
+			bad("%s: direct_io: %v", where, err)
+		} else {
+			f.directIO = mode
 		}
 		sources := 0
 		if f.Key.File != "" {

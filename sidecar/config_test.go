@@ -3,6 +3,7 @@ package sidecar
 import (
 	"encoding/base64"
 	"fmt"
+	blobfs "github.com/blobseal/blobseal/fs"
 	"os"
 	"strings"
 	"testing"
@@ -17,7 +18,7 @@ func TestExampleConfigsParse(t *testing.T) {
 		t.Fatalf("unexpected parse: %+v", cfg)
 	}
 	if cfg.Filesystems[1].Key.Release.Kty != "RSA-HSM" || *cfg.Filesystems[0].AllowOther != true ||
-		!cfg.Filesystems[0].DirectIO || cfg.Filesystems[1].DirectIO {
+		cfg.Filesystems[0].DirectIO != "auto" || cfg.Filesystems[1].directIO != blobfs.DirectIOAuto {
 		t.Fatal("defaults or fields wrong")
 	}
 

@@ -194,7 +194,7 @@ func (s *Sidecar) mountOnce(ctx context.Context, f *Filesystem, log *slog.Logger
 		Source:       "blobseal:" + f.Name,
 		UnmountGrace: time.Duration(s.cfg.UnmountGrace),
 		Observe:      s.metrics.observeFUSE,
-		DirectIO:     f.DirectIO,
+		DirectIO:     f.directIO,
 	})
 	if err != nil {
 		s.metrics.errors.WithLabelValues("mount").Inc()

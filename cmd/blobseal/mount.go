@@ -137,7 +137,7 @@ func runMount(ctx context.Context, args []string) error {
 	cacheDir := f.String("cache-dir", "", "disk cache directory for blob URLs (ciphertext only)")
 	// Default true: see image.Spec.DirectLocal for the measurement.
 	cacheLocal := f.Bool("cache-local", true, "read a local image through the block cache (parallel read-ahead); false reads the file directly")
-	directIO := f.Bool("direct-io", false, "answer reads without the kernel page cache (fewer copies for large sequential reads; mmap needs Linux 6.6+)")
+	directIO := f.String("direct-io", "auto", "read files without the kernel page cache: auto (files of 32 MiB and more, when the kernel keeps mmap working: Linux 6.6+), on (every file) or off")
 	cpuProfile := f.String("cpuprofile", "", "write a Go CPU profile of the whole mount to this file (for go tool pprof)")
 	pos, err := parseInterspersed(f, args)
 	if err != nil {
@@ -156,6 +156,10 @@ func runMount(ctx context.Context, args []string) error {
 	}
 	if err := vf.validateFormat(); err != nil {
 		return err
+	}
+	directMode, err := fs.ParseDirectIO(*directIO)
+	if err != nil {
+		return usageErrorf("--direct-io: %v", err)
 	}
 	if release {
 		if err := rf.prepare(); err != nil {
@@ -201,7 +205,7 @@ func runMount(ctx context.Context, args []string) error {
 		Source:       mountSourceName(img.Name),
 		Debug:        *debugFUSE,
 		UnmountGrace: *grace,
-		DirectIO:     *directIO,
+		DirectIO:     directMode,
 	})
 	if err != nil {
 		return err
