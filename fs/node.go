@@ -19,7 +19,9 @@ import (
 )
 
 // volume is what every node of one mount shares. Apart from the failure
-// set (a sync.Map) it is immutable after Mount, so the nodes need no locks.
+// set (a sync.Map) and the direct-I/O mode (an atomic, known only once the
+// kernel has answered the mount) it is immutable after Mount, so the nodes
+// need no locks.
 type volume struct {
 	tree      Tree
 	log       *slog.Logger
