@@ -71,6 +71,7 @@ type Cache struct {
 	wg     sync.WaitGroup // fetch goroutines
 	diskWG sync.WaitGroup // the disk writer
 	sem    chan struct{}  // one token per request slot
+	zeros  []byte         // one block of zeros, read-only, for holes
 	raMax  int            // read-ahead may start a fetch only below this many used slots
 	diskQ  chan *extent   // extents waiting to be written to disk
 
@@ -118,6 +119,7 @@ func New(src blob.Source, opts Options) (*Cache, error) {
 		raMax:   o.MaxFetches - o.MaxFetches/4,
 		blocks:  make(map[int64]*extent),
 		memWake: make(chan struct{}),
+		zeros:   make([]byte, o.BlockSize),
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 
@@ -210,7 +212,10 @@ func (c *Cache) ReadAtContext(ctx context.Context, p []byte, off int64) (int, er
 	if err != nil {
 		return 0, err
 	}
-	n, err := c.read(ctx, want, off, horizon)
+	n, err := c.read(ctx, off, int64(len(want)), horizon, func(pos int64, b []byte) error {
+		copy(want[pos-off:], b)
+		return nil
+	})
 	if err != nil {
 		return n, err
 	}
@@ -220,11 +225,13 @@ func (c *Cache) ReadAtContext(ctx context.Context, p []byte, off int64) (int, er
 	return n, nil
 }
 
-// read fills p from off, block by block, waiting for or starting fetches. A
-// fetch it starts may extend up to horizon (the stream's read-ahead window)
-// so a sequential reader's miss becomes one large request.
-func (c *Cache) read(ctx context.Context, p []byte, off, horizon int64) (int, error) {
-	end := off + int64(len(p))
+// read hands the bytes [off, off+n) to sink in order, block by block,
+// waiting for or starting fetches; each slice is cache memory (or zeros for a
+// hole) valid only during the call. A fetch it starts may extend up to
+// horizon (the stream's read-ahead window) so a sequential reader's miss
+// becomes one large request.
+func (c *Cache) read(ctx context.Context, off, n, horizon int64, sink func(pos int64, b []byte) error) (int, error) {
+	end := off + n
 	pos := off
 	var lastErr error
 	backoff := 50 * time.Millisecond
@@ -232,7 +239,9 @@ func (c *Cache) read(ctx context.Context, p []byte, off, horizon int64) (int, er
 		b := pos / c.bs
 		if c.holeBlock(b) {
 			n := min(end, c.blockEnd(b)) - pos
-			clear(p[pos-off : pos-off+n])
+			if err := sink(pos, c.zeros[:n]); err != nil {
+				return int(pos - off), err
+			}
 			c.st.zeroFilled.Add(uint64(n))
 			pos += n
 			continue
@@ -265,11 +274,39 @@ func (c *Cache) read(ctx context.Context, p []byte, off, horizon int64) (int, er
 			backoff = min(2*backoff, 2*time.Second)
 			continue
 		}
-		n := copy(p[pos-off:], e.buf[pos-e.off:e.length])
+		chunk := e.buf[pos-e.off : min(e.length, end-e.off)]
+		err = sink(pos, chunk)
 		c.unpin(e)
-		pos += int64(n)
+		if err != nil {
+			return int(pos - off), err
+		}
+		pos += int64(len(chunk))
 	}
 	return int(pos - off), nil
+}
+
+// ReadFunc calls fn with the bytes [off, off+n) of the source, in order, in
+// slices of the cache's own memory that are valid only during the call and
+// must not be written; holes come as zeros. It saves the copy ReadAt makes,
+// for a caller that transforms the bytes anyway (the decrypting volume
+// decrypts from here straight into the FUSE reply). Slices end at multiples
+// of BlockSize or at off+n. The range must lie within the source; reads
+// are retried and time out as for ReadAt, and fn's error ends the read.
+func (c *Cache) ReadFunc(off, n int64, fn func(b []byte) error) error {
+	if off < 0 || n < 0 || off > c.size || n > c.size-off {
+		return fmt.Errorf("blockcache: range [%d, %d) of %s lies outside its %d bytes", off, off+n, c.name, c.size)
+	}
+	if n == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), c.o.ReadDeadline)
+	defer cancel()
+	horizon, err := c.observe(off, n)
+	if err != nil {
+		return err
+	}
+	_, err = c.read(ctx, off, n, horizon, func(_ int64, b []byte) error { return fn(b) })
+	return err
 }
 
 // readError builds the error of a failed read: which source, where, and the

@@ -164,11 +164,58 @@ func (v *Volume) readSectors(buf []byte, start int64) error {
 			clear(piece)
 			return nil
 		}
+		if cr, ok := v.dev.(chunkReader); ok && v.offset%int64(v.sectorSize) == 0 &&
+			v.offset+to <= cr.Size() {
+			return v.decryptChunks(cr, piece, from)
+		}
 		if err := v.readDevice(piece, v.offset+from); err != nil {
 			return err
 		}
-		return v.decrypt(piece, from)
+		return v.decrypt(piece, piece, from)
 	})
+}
+
+// chunkReader is a device that lends its bytes instead of copying them
+// (blockcache.Cache): decrypting from there into the reader's buffer saves
+// one copy of everything read.
+type chunkReader interface {
+	ReadFunc(off, n int64, fn func(b []byte) error) error
+	Size() int64
+}
+
+// decryptChunks fills dst with the plaintext at off, decrypting each chunk
+// the device lends straight into dst. Chunks normally end at multiples of the
+// cache block size (a multiple of 4096, so of every sector size); bytes of a
+// chunk that splits a sector are copied into dst and decrypted there once the
+// sector is whole.
+func (v *Volume) decryptChunks(cr chunkReader, dst []byte, off int64) error {
+	pos, pending := 0, -1 // pending: start of bytes copied but not yet decrypted
+	err := cr.ReadFunc(v.offset+off, int64(len(dst)), func(b []byte) error {
+		out := dst[pos : pos+len(b)]
+		if pending < 0 && len(b)%v.sectorSize == 0 {
+			pos += len(b)
+			return v.decrypt(out, b, off+int64(pos-len(b)))
+		}
+		copy(out, b)
+		if pending < 0 {
+			pending = pos
+		}
+		pos += len(b)
+		if pos%v.sectorSize != 0 {
+			return nil
+		}
+		whole := dst[pending:pos]
+		from := pending
+		pending = -1
+		return v.decrypt(whole, whole, off+int64(from))
+	})
+	if err == nil && pos != len(dst) {
+		err = fmt.Errorf("device lent %d of %d bytes", pos, len(dst))
+	}
+	if err != nil {
+		return fmt.Errorf("read %d bytes at device offset %d: %w", len(dst), v.offset+off, err)
+	}
+	return nil
 }
 
 func (v *Volume) readDevice(p []byte, devOff int64) error {
@@ -182,15 +229,17 @@ func (v *Volume) readDevice(p []byte, devOff int64) error {
 	return fmt.Errorf("read %d bytes at device offset %d: %w", len(p), devOff, err)
 }
 
-func (v *Volume) decrypt(p []byte, off int64) error {
+// decrypt writes the plaintext of src (whole sectors at plaintext offset
+// off) to dst, which may be src itself.
+func (v *Volume) decrypt(dst, src []byte, off int64) error {
 	iv := IVOf(off, v.ivUnit, v.ivTweak)
 	step := IVStep(v.sectorSize, v.ivUnit)
 	start := time.Now()
 	// DecryptParallel does small runs inline and spreads large ones
 	// (block-cache fills, 1 MiB FUSE reads) over all cores.
-	err := v.cipher.DecryptParallel(p, p, iv, step)
+	err := v.cipher.DecryptParallel(dst, src, iv, step)
 	v.decryptNano.Add(int64(time.Since(start)))
-	v.decrypted.Add(uint64(len(p)))
+	v.decrypted.Add(uint64(len(src)))
 	return err
 }
 
