@@ -17,9 +17,12 @@ done
 tmp="$(mktemp -d)"
 az_pid=""
 cleanup() {
+	# No errexit here: a failing step (grep finding no mount) must not skip
+	# stopping Azurite.
+	set +e
 	# Unmount anything the harness left behind (it normally cleans up itself).
 	grep -o " $tmp/[^ ]*" /proc/self/mountinfo 2>/dev/null | while read -r m; do
-		fusermount3 -uz "$m" 2>/dev/null || true
+		fusermount3 -uz "$m" 2>/dev/null
 	done
 	if [ -n "$az_pid" ]; then
 		# Azurite does not always exit on SIGTERM; escalate to SIGKILL.
