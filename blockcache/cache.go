@@ -205,14 +205,7 @@ func (c *Cache) ReadAtContext(ctx context.Context, p []byte, off int64) (int, er
 	if len(want) == 0 {
 		return 0, nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.o.ReadDeadline)
-	defer cancel()
-
-	horizon, err := c.observe(off, int64(len(want)))
-	if err != nil {
-		return 0, err
-	}
-	n, err := c.read(ctx, off, int64(len(want)), horizon, func(pos int64, b []byte) error {
+	n, err := c.readRange(ctx, off, int64(len(want)), func(pos int64, b []byte) error {
 		copy(want[pos-off:], b)
 		return nil
 	})
@@ -299,14 +292,20 @@ func (c *Cache) ReadFunc(off, n int64, fn func(b []byte) error) error {
 	if n == 0 {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), c.o.ReadDeadline)
+	_, err := c.readRange(context.Background(), off, n, func(_ int64, b []byte) error { return fn(b) })
+	return err
+}
+
+// readRange is what ReadAtContext and ReadFunc share: the read deadline,
+// stream detection (which may start read-ahead) and the read itself.
+func (c *Cache) readRange(ctx context.Context, off, n int64, sink func(pos int64, b []byte) error) (int, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.o.ReadDeadline)
 	defer cancel()
 	horizon, err := c.observe(off, n)
 	if err != nil {
-		return err
+		return 0, err
 	}
-	_, err = c.read(ctx, off, n, horizon, func(_ int64, b []byte) error { return fn(b) })
-	return err
+	return c.read(ctx, off, n, horizon, sink)
 }
 
 // readError builds the error of a failed read: which source, where, and the

@@ -616,13 +616,15 @@ func (h *harness) measureAll(ctx context.Context) error {
 	if err := h.volumeRead(ctx); err != nil {
 		return err
 	}
-	// c, d. sequential reads through the mounts.
-	steps := []struct {
+	// mountCase is one measured read through a fresh mount.
+	type mountCase struct {
 		key, label string
 		start      mountFn
 		budget     time.Duration
 		read       func(string) (measurement, error)
-	}{
+	}
+	// c, d. sequential reads through the mounts.
+	steps := []mountCase{
 		{"seq/blobseal/block", "blobseal mount, block blob, sequential", h.blobsealMount(h.blockURL), seqBudget, h.seqFile},
 		{"seq/blobseal/page", "blobseal mount, page blob, sequential", h.blobsealMount(h.pageURL), seqBudget, h.seqFile},
 		{"seq/blobseal/pagecache", "blobseal mount --direct-io=off, block blob, sequential", h.blobsealMount(h.blockURL, "--direct-io=off"), seqBudget, h.seqFile},
@@ -638,12 +640,7 @@ func (h *harness) measureAll(ctx context.Context) error {
 	// unexpected EOF"), and every later case then measured slower (16
 	// parallel readers 76 against 310-390 MB/s, the proxied mount 125
 	// against 426 MB/s), so they must not precede anyone's figure.
-	late := []struct {
-		key, label string
-		start      mountFn
-		budget     time.Duration
-		read       func(string) (measurement, error)
-	}{
+	late := []mountCase{
 		{"rand1/rclone", "rclone mount, random 4 KiB, 1 thread", h.rcloneMount("cr"), randBudget, h.randomFile(1)},
 		{"rand16/rclone", "rclone mount, random 4 KiB, 16 threads", h.rcloneMount("cr"), randBudget, h.randomFile(16)},
 		{"par16/rclone", "rclone mount, 16 parallel readers", h.rcloneMount("cr"), seqBudget, h.parallelFile(16)},

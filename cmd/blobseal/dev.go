@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/blobseal/blobseal/keyrelease/evidence"
 	"github.com/blobseal/blobseal/keyrelease/localhsm"
 	"github.com/blobseal/blobseal/keyrelease/localstack"
 )
@@ -105,10 +104,6 @@ func runDevServe(ctx context.Context, args []string) error {
 			os.Remove(p)
 		}
 	}()
-	signerFile := filepath.Join(abs, evidence.SimulatedSignerFile)
-	if _, err := os.Stat(signerFile); os.IsNotExist(err) {
-		written = append(written, signerFile)
-	}
 	st, err := localstack.Start(localstack.Options{SignerDir: abs, Addr: *addr, Hosts: hosts,
 		Validity: 7 * 24 * time.Hour, Logger: log})
 	if err != nil {
