@@ -152,7 +152,7 @@ func BenchmarkAzuriteSequential(b *testing.B) {
 	for _, cfg := range []struct {
 		name string
 		o    Options
-	}{{"cache", Options{}}, {"cache-16MiBx64MiB", Options{MaxFetchSize: 16 << 20, MaxReadAhead: 64 << 20}}} {
+	}{{"cache", Options{}}, {"cache-32MiBx128MiB", Options{MaxFetchSize: 32 << 20, MaxReadAhead: 128 << 20}}} {
 		benchAzuriteCache(b, src, size, cfg.name, cfg.o)
 	}
 }

@@ -47,7 +47,7 @@ func TestHarnessQuick(t *testing.T) {
 			t.Errorf("%s failed: %s", m.Label, m.Failed)
 		}
 	}
-	for _, k := range []string{"raw/block/best", "raw/page/best", "cache/cipher", "cache/volume",
+	for _, k := range []string{"raw/block/best", "raw/block/paired", "raw/page/best", "cache/cipher", "cache/volume",
 		"seq/blobseal/block", "seq/blobseal/page", "seq/rclone", "par16/blobseal", "par16/rclone",
 		"proxy/raw/best", "proxy/seq/blobseal", "proxy/seq/rclone"} {
 		m, ok := byKey[k]
@@ -90,7 +90,7 @@ func TestHarnessQuick(t *testing.T) {
 	}
 	text := out.String()
 	for _, want := range []string{"| figure | blobseal | peer | ratio | goal | met? |", "vs rclone crypt mount",
-		"best raw SDK", "peak RSS", "bytes fetched", "+2ms each way", "machine: "} {
+		"best raw SDK", "alternating with the mount reads", "peak RSS", "bytes fetched", "+2ms each way", "machine: "} {
 		if !strings.Contains(text, want) {
 			t.Errorf("report lacks %q:\n%s", want, text)
 		}

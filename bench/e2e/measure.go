@@ -562,7 +562,8 @@ func (h *harness) measureAll(ctx context.Context) error {
 	// A failed mount case is recorded and the run goes on, so one stalled
 	// peer does not cost the other figures; the report and exit status
 	// show it.
-	step := func(key, label string, start mountFn, budget time.Duration, read func(string) (measurement, error)) error {
+	// before, when set, runs ahead of every read of the case.
+	step := func(key, label string, start mountFn, budget time.Duration, read func(string) (measurement, error), before func() error) error {
 		runs := 1
 		if strings.HasPrefix(key, "seq/") || strings.HasPrefix(key, "proxy/seq/") {
 			runs = h.cfg.Runs // the headline ratios: median of several
@@ -570,6 +571,11 @@ func (h *harness) measureAll(ctx context.Context) error {
 		var all []measurement
 		var err error
 		for range runs {
+			if before != nil {
+				if err := before(); err != nil {
+					return err
+				}
+			}
 			var m measurement
 			m, err = h.withMount(ctx, start, budget, read)
 			if ctx.Err() != nil {
@@ -645,9 +651,27 @@ func (h *harness) measureAll(ctx context.Context) error {
 		{"rand16/rclone", "rclone mount, random 4 KiB, 16 threads", h.rcloneMount("cr"), randBudget, h.randomFile(16)},
 		{"par16/rclone", "rclone mount, 16 parallel readers", h.rcloneMount("cr"), seqBudget, h.parallelFile(16)},
 	}
-	for _, s := range steps {
-		if err := step(s.key, s.label, s.start, s.budget, s.read); err != nil {
+	// The headline case alternates with the best raw variant, measured
+	// again, so that both meet Azurite in the same state: the sweep ran
+	// minutes earlier, and the best of its eight medians is the luckiest.
+	var paired []measurement
+	rawAgain := func() error {
+		m, err := h.rawDownload(ctx, "raw/block/paired", h.blockURL, best)
+		paired = append(paired, m)
+		return err
+	}
+	for i, s := range steps {
+		var before func() error
+		if i == 0 {
+			before = rawAgain
+		}
+		if err := step(s.key, s.label, s.start, s.budget, s.read, before); err != nil {
 			return err
+		}
+		if i == 0 && len(paired) > 0 {
+			m := median(paired)
+			m.Label = "block blob, alternating with the mount reads: " + m.Label
+			h.add(m)
 		}
 	}
 	// g. sparse image.
@@ -659,17 +683,17 @@ func (h *harness) measureAll(ctx context.Context) error {
 	if _, err := h.rawSweep(ctx, "proxy/raw", proxied, fmt.Sprintf("+%v each way", h.cfg.Latency)); err != nil {
 		return err
 	}
-	if err := step("proxy/seq/blobseal", fmt.Sprintf("+%v: blobseal mount, sequential", h.cfg.Latency), h.blobsealMount(proxied), seqBudget, h.seqFile); err != nil {
+	if err := step("proxy/seq/blobseal", fmt.Sprintf("+%v: blobseal mount, sequential", h.cfg.Latency), h.blobsealMount(proxied), seqBudget, h.seqFile, nil); err != nil {
 		return err
 	}
-	if err := step("proxy/seq/blobseal/pagecache", fmt.Sprintf("+%v: blobseal mount --direct-io=off, sequential", h.cfg.Latency), h.blobsealMount(proxied, "--direct-io=off"), seqBudget, h.seqFile); err != nil {
+	if err := step("proxy/seq/blobseal/pagecache", fmt.Sprintf("+%v: blobseal mount --direct-io=off, sequential", h.cfg.Latency), h.blobsealMount(proxied, "--direct-io=off"), seqBudget, h.seqFile, nil); err != nil {
 		return err
 	}
-	if err := step("proxy/seq/rclone", fmt.Sprintf("+%v: rclone crypt mount, sequential", h.cfg.Latency), h.rcloneMount("crp"), seqBudget, h.seqFile); err != nil {
+	if err := step("proxy/seq/rclone", fmt.Sprintf("+%v: rclone crypt mount, sequential", h.cfg.Latency), h.rcloneMount("crp"), seqBudget, h.seqFile, nil); err != nil {
 		return err
 	}
 	for _, s := range late {
-		if err := step(s.key, s.label, s.start, s.budget, s.read); err != nil {
+		if err := step(s.key, s.label, s.start, s.budget, s.read, nil); err != nil {
 			return err
 		}
 	}
