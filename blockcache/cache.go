@@ -531,6 +531,9 @@ func (c *Cache) fetch(e *extent, haveSlot bool) {
 	buf, err := e.buf, error(nil) // set when adopted from an evicted extent
 	if buf == nil {
 		buf, err = mapBuffer(e.mem)
+		if err == nil {
+			c.st.mappedBytes.Add(uint64(e.mem))
+		}
 	}
 	if err == nil {
 		ctx, cancel := context.WithTimeout(c.ctx, c.o.FetchTimeout)
@@ -803,6 +806,7 @@ func (c *Cache) Stats() Stats {
 		MemoryBytes:     used,
 		PeakMemoryBytes: peak,
 		MemoryLimit:     c.o.MemoryBytes,
+		MappedBytes:     c.st.mappedBytes.Load(),
 		DiskHits:        c.st.diskHits.Load(),
 		DiskWrites:      c.st.diskWrites.Load(),
 		DiskCorrupt:     c.st.diskCorrupt.Load(),

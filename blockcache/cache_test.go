@@ -221,6 +221,56 @@ func TestSequentialReadAheadRamps(t *testing.T) {
 	}
 }
 
+// TestSequentialReadReusesMemory: a sequential read through eight times the
+// bound maps fresh memory only until the bound is reached (plus one fetch:
+// the ramp's first extents are smaller than the rest and cannot be reused
+// for them); afterwards every extent reuses a released mapping, and the
+// bytes stay right.
+func TestSequentialReadReusesMemory(t *testing.T) {
+	const bs = 64 << 10
+	const bound = 16 << 20
+	src := newVirtualSource(8*bound, bs)
+	c := newCache(t, src, Options{BlockSize: bs, MemoryBytes: bound, MaxFetchSize: 2 << 20, MaxReadAhead: 8 << 20})
+	p := make([]byte, 1<<20)
+	want := make([]byte, len(p))
+	for off := int64(0); off < src.size; off += int64(len(p)) {
+		if _, err := c.ReadAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+		pattern(want, off)
+		if !bytes.Equal(p, want) {
+			t.Fatalf("wrong bytes at %d", off)
+		}
+	}
+	st := c.Stats()
+	t.Logf("mapped %d bytes, evictions %d, peak %d", st.MappedBytes, st.Evictions, st.PeakMemoryBytes)
+	if st.Evictions == 0 {
+		t.Fatal("nothing was evicted: the read did not exceed the bound")
+	}
+	if st.MappedBytes > bound+2<<20 {
+		t.Errorf("mapped %d bytes of fresh memory for a bound of %d: evicted mappings were not reused", st.MappedBytes, bound)
+	}
+	if st.PeakMemoryBytes > st.MemoryLimit {
+		t.Errorf("peak memory %d over the bound %d", st.PeakMemoryBytes, st.MemoryLimit)
+	}
+	// Random reads of single blocks need other sizes: evicted mappings give
+	// way to them within the bound.
+	for i := range 64 {
+		off := int64(i*7919%int(src.size/bs)) * bs
+		q := make([]byte, 4096)
+		if _, err := c.ReadAt(q, off); err != nil {
+			t.Fatal(err)
+		}
+		pattern(want[:len(q)], off)
+		if !bytes.Equal(q, want[:len(q)]) {
+			t.Fatalf("wrong bytes at %d", off)
+		}
+	}
+	if st := c.Stats(); st.PeakMemoryBytes > st.MemoryLimit || st.MemoryBytes > st.MemoryLimit {
+		t.Errorf("memory %d (peak %d) over the bound %d after random reads", st.MemoryBytes, st.PeakMemoryBytes, st.MemoryLimit)
+	}
+}
+
 // TestSequentialThenRandomStopsReadAhead: read-ahead stops when the reader
 // turns random.
 func TestSequentialThenRandomStopsReadAhead(t *testing.T) {

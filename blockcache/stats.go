@@ -23,6 +23,7 @@ type Stats struct {
 	MemoryBytes     int64  // block memory held now, cached and in flight
 	PeakMemoryBytes int64  // highest MemoryBytes so far
 	MemoryLimit     int64  // the configured bound
+	MappedBytes     uint64 // block memory taken fresh from the kernel so far; evicted mappings are reused
 
 	DiskHits      uint64 // blocks served from the disk tier
 	DiskWrites    uint64 // blocks written to the disk tier
@@ -60,7 +61,7 @@ type counters struct {
 	hits, pendingHits, misses, readAhead         atomic.Uint64
 	requests, bytesFetched, fetchErrors          atomic.Uint64
 	inFlight, diskBytes                          atomic.Int64
-	zeroFilled, evictions                        atomic.Uint64
+	zeroFilled, evictions, mappedBytes           atomic.Uint64
 	diskHits, diskWrites, diskCorrupt, diskEvict atomic.Uint64
 	latCounts                                    [numLatencyBounds + 1]atomic.Uint64
 	latCount                                     atomic.Uint64

@@ -256,7 +256,7 @@ func logImageStats(logger *slog.Logger, img *image.Image) {
 			"requests", st.Requests, "bytes_fetched", st.BytesFetched,
 			"zero_filled_bytes", st.ZeroFilled, "hits", st.Hits, "pending_hits", st.PendingHits,
 			"misses", st.Misses, "read_ahead", st.ReadAhead, "fetch_errors", st.FetchErrors,
-			"evictions", st.Evictions, "peak_memory_bytes", st.PeakMemoryBytes,
+			"evictions", st.Evictions, "peak_memory_bytes", st.PeakMemoryBytes, "mapped_bytes", st.MappedBytes,
 			"fetch_p50", st.FetchLatency.Quantile(0.5), "fetch_p99", st.FetchLatency.Quantile(0.99))
 	}
 	vs := img.Volume.Stats()
