@@ -61,6 +61,9 @@ func TestHarnessQuick(t *testing.T) {
 		if m.AzuriteCPU <= 0 {
 			t.Errorf("%s: Azurite CPU %v, want > 0 (it served %d bytes)", k, m.AzuriteCPU, m.Bytes)
 		}
+		if m.AzuriteMainCPU <= 0 || m.AzuriteMainCPU > m.AzuriteCPU {
+			t.Errorf("%s: Azurite main thread CPU %v of %v in all", k, m.AzuriteMainCPU, m.AzuriteCPU)
+		}
 	}
 	for _, k := range []string{"seq/blobseal/block", "seq/rclone", "par16/blobseal"} {
 		if m := byKey[k]; m.ClientCPU <= 0 || m.PeakRSS <= 0 || m.Cmd == "" {
@@ -105,6 +108,26 @@ func TestHarnessQuick(t *testing.T) {
 	}
 	if testing.Verbose() {
 		t.Log("\n" + text)
+	}
+}
+
+// TestMainThreadCPU: the main thread's share comes from its own stat file
+// and cannot exceed the whole process's.
+func TestMainThreadCPU(t *testing.T) {
+	pid := os.Getpid()
+	main, err := cpuOf(-pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	all, err := cpuOf(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if all <= 0 || main > all {
+		t.Errorf("main thread %v, process %v: want 0 < main thread <= process", main, all)
+	}
+	if _, err := cpuOf(-(1 << 30)); err == nil || !strings.Contains(err.Error(), "main thread") {
+		t.Errorf("missing process: err %v, want one naming the main thread", err)
 	}
 }
 

@@ -110,9 +110,18 @@ func (m *cpuMeter) stop() ([]time.Duration, error) {
 	return out, nil
 }
 
+// cpuOf returns the CPU used so far by process pid, by this process for
+// pid 0, and by the main thread alone of process -pid for a negative pid.
 func cpuOf(pid int) (time.Duration, error) {
-	if pid == 0 {
+	switch {
+	case pid == 0:
 		return selfCPU(), nil
+	case pid < 0:
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/stat", -pid, -pid))
+		if err != nil {
+			return 0, fmt.Errorf("cpu of the main thread of pid %d: %w", -pid, err)
+		}
+		return parseStatCPU(b)
 	}
 	return procCPU(pid)
 }

@@ -195,7 +195,7 @@ func (r *report) write(w io.Writer) error {
 		default:
 			mb = fmt.Sprintf("%.1f", m.MBps())
 			cpu = fmt.Sprintf("%.2f", m.perGiB(m.ClientCPU))
-			az = fmt.Sprintf("%.2f", m.perGiB(m.AzuriteCPU))
+			az = fmt.Sprintf("%.2f (main thread %.2f)", m.perGiB(m.AzuriteCPU), m.perGiB(m.AzuriteMainCPU))
 		}
 		if m.Requests > 0 {
 			req = fmt.Sprint(m.Requests)
