@@ -115,6 +115,13 @@ func TestHarnessQuick(t *testing.T) {
 // and cannot exceed the whole process's.
 func TestMainThreadCPU(t *testing.T) {
 	pid := os.Getpid()
+	// Spin on this goroutine until the process has used at least one clock
+	// tick, so that there is something to split.
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
+		if d, err := cpuOf(pid); err != nil || d > 0 {
+			break
+		}
+	}
 	main, err := cpuOf(-pid)
 	if err != nil {
 		t.Fatal(err)
