@@ -146,16 +146,8 @@ func TestSmallRandomReadsFetchOneBlock(t *testing.T) {
 	c := newCache(t, src, Options{BlockSize: bs, MemoryBytes: 64 << 20})
 	r := rand.New(rand.NewPCG(9, 9))
 	p := make([]byte, 4096)
-	want := make([]byte, 4096)
 	for range 500 {
-		off := r.Int64N(src.size/4096) * 4096
-		if _, err := c.ReadAt(p, off); err != nil {
-			t.Fatal(err)
-		}
-		pattern(want, off)
-		if !bytes.Equal(p, want) {
-			t.Fatalf("wrong bytes at %d", off)
-		}
+		readChecked(t, c, p, r.Int64N(src.size/4096)*4096)
 	}
 	st := c.Stats()
 	for _, rq := range src.requests() {
@@ -180,15 +172,8 @@ func TestSequentialReadAheadRamps(t *testing.T) {
 	src.latency = time.Millisecond
 	c := newCache(t, src, Options{BlockSize: bs, MemoryBytes: 64 << 20, MaxFetchSize: 4 << 20, MaxReadAhead: 16 << 20})
 	p := make([]byte, 128<<10)
-	want := make([]byte, len(p))
 	for off := int64(0); off < src.size; off += int64(len(p)) {
-		if _, err := c.ReadAt(p, off); err != nil {
-			t.Fatal(err)
-		}
-		pattern(want, off)
-		if !bytes.Equal(p, want) {
-			t.Fatalf("wrong bytes at %d", off)
-		}
+		readChecked(t, c, p, off)
 	}
 	reqs := src.requests()
 	var largest int64
@@ -232,15 +217,8 @@ func TestSequentialReadReusesMemory(t *testing.T) {
 	src := newVirtualSource(8*bound, bs)
 	c := newCache(t, src, Options{BlockSize: bs, MemoryBytes: bound, MaxFetchSize: 2 << 20, MaxReadAhead: 8 << 20})
 	p := make([]byte, 1<<20)
-	want := make([]byte, len(p))
 	for off := int64(0); off < src.size; off += int64(len(p)) {
-		if _, err := c.ReadAt(p, off); err != nil {
-			t.Fatal(err)
-		}
-		pattern(want, off)
-		if !bytes.Equal(p, want) {
-			t.Fatalf("wrong bytes at %d", off)
-		}
+		readChecked(t, c, p, off)
 	}
 	st := c.Stats()
 	t.Logf("mapped %d bytes, evictions %d, peak %d", st.MappedBytes, st.Evictions, st.PeakMemoryBytes)
@@ -256,15 +234,7 @@ func TestSequentialReadReusesMemory(t *testing.T) {
 	// Random reads of single blocks need other sizes: evicted mappings give
 	// way to them within the bound.
 	for i := range 64 {
-		off := int64(i*7919%int(src.size/bs)) * bs
-		q := make([]byte, 4096)
-		if _, err := c.ReadAt(q, off); err != nil {
-			t.Fatal(err)
-		}
-		pattern(want[:len(q)], off)
-		if !bytes.Equal(q, want[:len(q)]) {
-			t.Fatalf("wrong bytes at %d", off)
-		}
+		readChecked(t, c, make([]byte, 4096), int64(i*7919%int(src.size/bs))*bs)
 	}
 	if st := c.Stats(); st.PeakMemoryBytes > st.MemoryLimit || st.MemoryBytes > st.MemoryLimit {
 		t.Errorf("memory %d (peak %d) over the bound %d after random reads", st.MemoryBytes, st.PeakMemoryBytes, st.MemoryLimit)

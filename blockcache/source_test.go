@@ -93,6 +93,20 @@ func pattern(p []byte, off int64) {
 	}
 }
 
+// readChecked reads len(p) bytes at off through c and fails the test unless
+// they are the virtual source's pattern.
+func readChecked(t testing.TB, c *Cache, p []byte, off int64) {
+	t.Helper()
+	if _, err := c.ReadAt(p, off); err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, len(p))
+	pattern(want, off)
+	if !bytes.Equal(p, want) {
+		t.Fatalf("wrong bytes at %d", off)
+	}
+}
+
 func (s *testSource) Size() int64    { return s.size }
 func (s *testSource) String() string { return s.name }
 
