@@ -157,6 +157,25 @@ func TestTruncatedImage(t *testing.T) {
 	}
 }
 
+// createImageFile encrypts pt into a new image file in a temporary
+// directory and returns the open file and its bytes.
+func createImageFile(t *testing.T, pt, pass []byte, opts FormatOptions) (*os.File, []byte) {
+	t.Helper()
+	f, err := os.Create(filepath.Join(t.TempDir(), "img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if err := CreateImage(context.Background(), f, bytes.NewReader(pt), int64(len(pt)), pass, opts); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile(f.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f, raw
+}
+
 // TestHolesEndToEnd creates a sparse image, checks that holes are neither
 // stored nor read, and that a forged hole map is refused.
 func TestHolesEndToEnd(t *testing.T) {
@@ -166,22 +185,13 @@ func TestHolesEndToEnd(t *testing.T) {
 	copy(pt[5<<20:], randomBytes(4096))         // an island
 	copy(pt[size-70_000:], randomBytes(70_000)) // data at the end
 	pass := []byte("passphrase bytes")
-	out := filepath.Join(t.TempDir(), "img")
-	f, err := os.Create(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
 	var progressCalls int
-	if err := CreateImage(context.Background(), f, bytes.NewReader(pt), size, pass, FormatOptions{
+	f, raw := createImageFile(t, pt, pass, FormatOptions{
 		Progress: func(done, total int64) { progressCalls++ },
-	}); err != nil {
-		t.Fatal(err)
-	}
+	})
 	if progressCalls == 0 {
 		t.Error("no progress reported")
 	}
-	raw, _ := os.ReadFile(out)
 	dev := &memDev{data: raw}
 	vol, err := Open(dev, int64(len(raw)), pass, OpenOptions{})
 	if err != nil {
@@ -224,7 +234,7 @@ func TestHolesEndToEnd(t *testing.T) {
 	if _, err := luks.Format(f, pass, luks.FormatOptions{VolumeKey: realKey, Tokens: map[string]json.RawMessage{"0": tok}}); err != nil {
 		t.Fatal(err)
 	}
-	raw, _ = os.ReadFile(out)
+	raw, _ = os.ReadFile(f.Name())
 	if _, err := Open(&memDev{data: raw}, int64(len(raw)), pass, OpenOptions{}); !errors.Is(err, ErrHoleMapForged) {
 		t.Fatalf("forged hole map: %v", err)
 	}
@@ -283,16 +293,7 @@ func TestVolumeDecryptsLentChunks(t *testing.T) {
 	pt := randomBytes(size)
 	clear(pt[1<<20 : 2<<20]) // a hole
 	pass := []byte("lent chunks")
-	out := filepath.Join(t.TempDir(), "img")
-	f, err := os.Create(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := CreateImage(context.Background(), f, bytes.NewReader(pt), size, pass, FormatOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	raw, _ := os.ReadFile(out)
+	_, raw := createImageFile(t, pt, pass, FormatOptions{})
 	for _, dev := range []*lendingDev{{memDev: memDev{data: raw}, cut: 64 << 10}, {memDev: memDev{data: raw}, cut: 4096, odd: true}} {
 		vol, err := Open(dev, int64(len(raw)), pass, OpenOptions{})
 		if err != nil {
