@@ -142,3 +142,25 @@ func dataExtents(ctx context.Context, f *os.File, size int64) ([]Range, error) {
 	}
 	return MergeRanges(rs), nil
 }
+
+// FileHoles lists the holes of a sparse file (SEEK_HOLE/SEEK_DATA): ranges
+// of its first size bytes with no data, which read as zeros. A file system
+// without SEEK_DATA reports none.
+func FileHoles(ctx context.Context, f *os.File, size int64) ([]Range, error) {
+	data, err := dataExtents(ctx, f, size)
+	if err != nil {
+		return nil, err
+	}
+	var holes []Range
+	pos := int64(0)
+	for _, r := range data {
+		if r.Off > pos {
+			holes = append(holes, Range{Off: pos, Len: r.Off - pos})
+		}
+		pos = r.End()
+	}
+	if pos < size {
+		holes = append(holes, Range{Off: pos, Len: size - pos})
+	}
+	return holes, nil
+}

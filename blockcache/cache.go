@@ -44,6 +44,7 @@ type extent struct {
 	done chan struct{} // closed when the fetch ends; then buf or err is set
 	buf  []byte        // the mapping, len == mem; data is buf[:length]
 	err  error
+	bad  []blob.Range // ranges the Verifier rejected; reads of them fail
 
 	refs     int           // readers pinning the extent (and a queued disk write)
 	elem     *list.Element // position in the LRU list while ready and mapped
@@ -62,7 +63,7 @@ type Cache struct {
 	bs      int64
 	log     *slog.Logger
 	// written is nil while every byte of the source may hold data; it is
-	// set from the source's written ranges, and narrowed by SkipRanges.
+	// set from the source's written ranges.
 	written atomic.Pointer[writtenIndex]
 	disk    *diskTier // nil without DiskDir
 
@@ -102,6 +103,9 @@ func New(src blob.Source, opts Options) (*Cache, error) {
 	o, err := opts.normalize()
 	if err != nil {
 		return nil, err
+	}
+	if v, ok := o.Verifier.(interface{ BlockSize() int64 }); ok && (v.BlockSize() <= 0 || o.BlockSize%v.BlockSize() != 0) {
+		return nil, fmt.Errorf("blockcache: BlockSize %d is not a multiple of the verifier's %d-byte blocks", o.BlockSize, v.BlockSize())
 	}
 	size := src.Size()
 	if size < 0 {
@@ -148,30 +152,6 @@ func New(src blob.Source, opts Options) (*Cache, error) {
 		go c.diskWriter()
 	}
 	return c, nil
-}
-
-// SkipRanges declares byte ranges of the source that no reader needs, such
-// as the holes of an encrypted volume, which the volume serves as zeros
-// without reading: fetches and read-ahead leave them out, and a read of them
-// returns zeros. A skipped range shorter than minSkip is still fetched with
-// its neighbours, since one more request costs more than its bytes.
-func (c *Cache) SkipRanges(skip []blob.Range, minSkip int64) {
-	var big []blob.Range
-	for _, r := range skip {
-		if r.Len >= max(minSkip, 1) {
-			big = append(big, r)
-		}
-	}
-	if len(big) == 0 {
-		return
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	w := c.written.Load()
-	if w == nil {
-		w = newWrittenIndex([]blob.Range{{Off: 0, Len: c.size}}, c.size)
-	}
-	c.written.Store(w.without(big, c.size))
 }
 
 // Size returns the size of the source.
@@ -267,13 +247,23 @@ func (c *Cache) read(ctx context.Context, off, n, horizon int64, sink func(pos i
 			backoff = min(2*backoff, 2*time.Second)
 			continue
 		}
-		chunk := e.buf[pos-e.off : min(e.length, end-e.off)]
-		err = sink(pos, chunk)
+		stop := min(e.end(), end)
+		r, rejected := e.badIn(pos, stop)
+		if rejected {
+			stop = max(r.Off, pos)
+		}
+		if stop > pos {
+			err = sink(pos, e.buf[pos-e.off:stop-e.off])
+		}
 		c.unpin(e)
 		if err != nil {
 			return int(pos - off), err
 		}
-		pos += int64(len(chunk))
+		pos = stop
+		if rejected {
+			c.st.integrityErrors.Add(1)
+			return int(pos - off), fmt.Errorf("blockcache: %s: bytes [%d, %d): %w", c.name, pos, r.End(), ErrIntegrity)
+		}
 	}
 	return int(pos - off), nil
 }
@@ -322,8 +312,15 @@ func (c *Cache) readError(ctx context.Context, pos int64, err, lastErr error) er
 
 func (c *Cache) blockEnd(b int64) int64 { return min((b+1)*c.bs, c.size) }
 
-// holeBlock reports whether block b holds no written byte.
+// holeBlock reports whether block b may be served as zeros without a
+// fetch: the source lists no written byte in it and there is no Verifier
+// (with one, zeros are verified like any other bytes).
 func (c *Cache) holeBlock(b int64) bool {
+	return c.o.Verifier == nil && c.unwritten(b)
+}
+
+// unwritten reports whether the source lists no written byte in block b.
+func (c *Cache) unwritten(b int64) bool {
 	w := c.written.Load()
 	return w != nil && w.isHole(b*c.bs, c.blockEnd(b))
 }
@@ -535,24 +532,63 @@ func (c *Cache) fetch(e *extent, haveSlot bool) {
 			c.st.mappedBytes.Add(uint64(e.mem))
 		}
 	}
+	ctx, cancel := context.WithTimeout(c.ctx, c.o.FetchTimeout)
+	defer cancel()
+	fromDisk := false
 	if err == nil {
-		ctx, cancel := context.WithTimeout(c.ctx, c.o.FetchTimeout)
-		err = c.fill(ctx, e, buf[:e.length])
-		cancel()
+		fromDisk, err = c.fill(ctx, e, buf[:e.length], true)
 	}
 	<-c.sem
+	if err == nil && c.o.Verifier != nil {
+		// Hashing is CPU work: it runs without holding a request slot.
+		err = c.verify(ctx, e, buf[:e.length], fromDisk)
+	}
 	if err != nil && c.ctx.Err() != nil {
 		err = ErrClosed
 	}
 	c.finish(e, buf, err)
 }
 
-// fill reads the extent's bytes: blocks on disk from disk, the rest from the
-// source in one ranged read per contiguous run (only its written parts when
-// the source lists them), and zeros for holes.
-func (c *Cache) fill(ctx context.Context, e *extent, dst []byte) error {
+// verify runs the Verifier over a filled extent and records what it
+// rejected. Blocks from the disk tier that fail are dropped from it and
+// fetched again from the source, since local damage is not tampering.
+func (c *Cache) verify(ctx context.Context, e *extent, data []byte, fromDisk bool) error {
+	bad, err := c.o.Verifier.Verify(ctx, e.off, data)
+	if err != nil {
+		return fmt.Errorf("verifying %d bytes at offset %d: %w", len(data), e.off, err)
+	}
+	if len(bad) > 0 && fromDisk {
+		for i := range e.nblocks {
+			b := e.first + i
+			if c.disk.has(b) {
+				c.disk.drop(b)
+				c.st.diskCorrupt.Add(1)
+			}
+		}
+		if _, err := c.fill(ctx, e, data, false); err != nil {
+			return err
+		}
+		if bad, err = c.o.Verifier.Verify(ctx, e.off, data); err != nil {
+			return fmt.Errorf("verifying %d bytes at offset %d: %w", len(data), e.off, err)
+		}
+	}
+	e.bad = bad
+	if len(bad) > 0 {
+		c.st.rejectedBytes.Add(uint64(rangesLen(bad)))
+		c.log.Debug("blockcache: fetched bytes failed verification", "source", c.name, "offset", e.off, "bytes", e.length, "rejected", rangesLen(bad))
+	}
+	return nil
+}
+
+// fill reads the extent's bytes: blocks on disk from disk (when useDisk),
+// the rest from the source in one ranged read per contiguous run (only its
+// written parts when the source lists them, and without the parts the
+// Verifier vouches are zeros), and zeros for holes. It reports whether any
+// block came from disk.
+func (c *Cache) fill(ctx context.Context, e *extent, dst []byte, useDisk bool) (bool, error) {
 	fromDisk := make([]bool, e.nblocks)
-	if c.disk != nil {
+	anyDisk := false
+	if c.disk != nil && useDisk {
 		for i := range e.nblocks {
 			b := e.first + i
 			if !c.disk.has(b) {
@@ -560,7 +596,7 @@ func (c *Cache) fill(ctx context.Context, e *extent, dst []byte) error {
 			}
 			lo, hi := b*c.bs-e.off, c.blockEnd(b)-e.off
 			if c.disk.read(b, dst[lo:hi]) == nil {
-				fromDisk[i] = true
+				fromDisk[i], anyDisk = true, true
 			}
 		}
 	}
@@ -581,11 +617,22 @@ func (c *Cache) fill(ctx context.Context, e *extent, dst []byte) error {
 		} else {
 			parts = append(parts, blob.Range{Off: lo, Len: hi - lo})
 		}
+		if v := c.o.Verifier; v != nil && len(parts) > 0 {
+			if hi-lo >= zeroSkipMin {
+				zeros, err := v.Zeros(ctx, lo, hi)
+				if err != nil {
+					return anyDisk, fmt.Errorf("asking the verifier for zero ranges of [%d, %d): %w", lo, hi, err)
+				}
+				parts = subtractRanges(parts, zeros, zeroGapMin)
+			} else if p, ok := v.(Prefetcher); ok {
+				p.Prefetch(e.off, e.end())
+			}
+		}
 		pos := lo
 		for _, r := range parts {
 			clear(dst[pos-e.off : r.Off-e.off])
 			if err := c.get(ctx, dst[r.Off-e.off:r.End()-e.off], r.Off); err != nil {
-				return err
+				return anyDisk, err
 			}
 			pos = r.End()
 		}
@@ -593,7 +640,34 @@ func (c *Cache) fill(ctx context.Context, e *extent, dst []byte) error {
 		c.st.zeroFilled.Add(uint64(hi - lo - rangesLen(parts)))
 		i = j
 	}
-	return nil
+	return anyDisk, nil
+}
+
+// subtractRanges returns parts without the runs of skip that are at least
+// minLen long (both sorted and non-overlapping).
+func subtractRanges(parts, skip []blob.Range, minLen int64) []blob.Range {
+	var out []blob.Range
+	j := 0
+	for _, r := range parts {
+		off, end := r.Off, r.End()
+		for j < len(skip) && skip[j].End() <= off {
+			j++
+		}
+		for k := j; k < len(skip) && skip[k].Off < end && off < end; k++ {
+			s := skip[k]
+			if s.Len < minLen {
+				continue
+			}
+			if s.Off > off {
+				out = append(out, blob.Range{Off: off, Len: s.Off - off})
+			}
+			off = max(off, s.End())
+		}
+		if off < end {
+			out = append(out, blob.Range{Off: off, Len: end - off})
+		}
+	}
+	return out
 }
 
 func rangesLen(rs []blob.Range) int64 {
@@ -689,7 +763,7 @@ func (c *Cache) writeDisk(e *extent) {
 	defer c.unpinDisk(e)
 	for i := range e.nblocks {
 		b := e.first + i
-		if c.holeBlock(b) {
+		if _, rejected := e.badIn(b*c.bs, c.blockEnd(b)); rejected || c.unwritten(b) {
 			continue
 		}
 		lo, hi := b*c.bs-e.off, c.blockEnd(b)-e.off
@@ -813,6 +887,8 @@ func (c *Cache) Stats() Stats {
 		DiskEvictions:   c.st.diskEvict.Load(),
 		DiskBytes:       c.st.diskBytes.Load(),
 		FetchLatency:    c.st.histogram(),
+		RejectedBytes:   c.st.rejectedBytes.Load(),
+		IntegrityErrors: c.st.integrityErrors.Load(),
 	}
 }
 

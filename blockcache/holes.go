@@ -54,26 +54,3 @@ func (w *writtenIndex) written(dst []blob.Range, off, end int64) []blob.Range {
 	}
 	return dst
 }
-
-// without returns the index minus the ranges in skip.
-func (w *writtenIndex) without(skip []blob.Range, size int64) *writtenIndex {
-	skip = newWrittenIndex(skip, size).ranges
-	var out []blob.Range
-	j := 0
-	for _, r := range w.ranges {
-		off, end := r.Off, r.End()
-		for j < len(skip) && skip[j].End() <= off {
-			j++
-		}
-		for k := j; k < len(skip) && skip[k].Off < end && off < end; k++ {
-			if skip[k].Off > off {
-				out = append(out, blob.Range{Off: off, Len: skip[k].Off - off})
-			}
-			off = max(off, skip[k].End())
-		}
-		if off < end {
-			out = append(out, blob.Range{Off: off, Len: end - off})
-		}
-	}
-	return &writtenIndex{ranges: out}
-}

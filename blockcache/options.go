@@ -72,6 +72,9 @@ type Options struct {
 	DiskDir string
 	// DiskBytes bounds the disk tier (default 1 GiB when DiskDir is set).
 	DiskBytes int64
+	// Verifier, when set, checks every fetched block before readers see it
+	// (integrity protection); see Verifier.
+	Verifier Verifier
 	// Logger receives diagnostics; nil discards them.
 	Logger *slog.Logger
 }
@@ -136,8 +139,9 @@ func (o Options) normalize() (Options, error) {
 	return o, nil
 }
 
-// redacted drops the logger, which would print as a pointer soup.
+// redacted drops the logger and verifier, which would print as pointer soup.
 func (o Options) redacted() Options {
 	o.Logger = nil
+	o.Verifier = nil
 	return o
 }

@@ -32,6 +32,9 @@ type Stats struct {
 	DiskBytes     int64  // bytes held by the disk tier now
 
 	FetchLatency Histogram // latency of each request to the source
+
+	RejectedBytes   uint64 // bytes the Verifier rejected when they were fetched
+	IntegrityErrors uint64 // reads refused because they touched rejected bytes
 }
 
 const numLatencyBounds = 13
@@ -63,6 +66,7 @@ type counters struct {
 	inFlight, diskBytes                          atomic.Int64
 	zeroFilled, evictions, mappedBytes           atomic.Uint64
 	diskHits, diskWrites, diskCorrupt, diskEvict atomic.Uint64
+	rejectedBytes, integrityErrors               atomic.Uint64
 	latCounts                                    [numLatencyBounds + 1]atomic.Uint64
 	latCount                                     atomic.Uint64
 	latSumNanos                                  atomic.Int64

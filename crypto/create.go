@@ -32,8 +32,9 @@ type FormatOptions struct {
 	Label          string
 
 	// NoHoles encrypts every sector. By default all-zero runs of at least
-	// HoleUnit bytes are left out of the image and recorded in an
-	// authenticated hole map (LUKS2 only; plain images have no metadata).
+	// HoleUnit bytes are left out of the image (never encrypted or stored)
+	// and the header marks the image sparse (LUKS2 only; plain images have
+	// no metadata). See sparse.go.
 	NoHoles  bool
 	HoleUnit int64 // default 64 KiB, a multiple of SectorSize
 
@@ -73,56 +74,71 @@ func (o FormatOptions) withDefaults() FormatOptions {
 // chunkSize is the unit of work of the encrypting workers.
 const chunkSize = 4 << 20
 
+// Created describes what CreateImage wrote.
+type Created struct {
+	// Holes are the byte ranges of the data area left unwritten (all
+	// zeros; image file offsets), sorted; HoleBytes is their total.
+	Holes     []Run
+	HoleBytes int64
+	// Size is the size of the image file.
+	Size int64
+}
+
 // CreateImage encrypts size bytes of plaintext into dst, which is truncated
 // first. For "luks2" the passphrase unlocks the new keyslot (the key file's
 // bytes); for "plain" it is the raw 32- or 64-byte XTS key. dst is left
 // sparse where the plaintext had holes, and synced before return.
-func CreateImage(ctx context.Context, dst *os.File, plaintext io.ReaderAt, size int64, passphrase []byte, opts FormatOptions) error {
+func CreateImage(ctx context.Context, dst *os.File, plaintext io.ReaderAt, size int64, passphrase []byte, opts FormatOptions) (*Created, error) {
 	opts = opts.withDefaults()
 	if err := checkGeometry(opts.SectorSize, size); err != nil {
-		return fmt.Errorf("plaintext image: %w", err)
+		return nil, fmt.Errorf("plaintext image: %w", err)
 	}
 	if opts.HoleUnit%int64(opts.SectorSize) != 0 {
-		return fmt.Errorf("hole unit %d is not a multiple of the %d-byte sector", opts.HoleUnit, opts.SectorSize)
+		return nil, fmt.Errorf("hole unit %d is not a multiple of the %d-byte sector", opts.HoleUnit, opts.SectorSize)
 	}
 	var key []byte
 	switch opts.Format {
 	case "luks2":
 		if opts.KeyBytes != 32 && opts.KeyBytes != 64 {
-			return fmt.Errorf("key size must be 32 or 64 bytes (AES-128/256-XTS), not %d", opts.KeyBytes)
+			return nil, fmt.Errorf("key size must be 32 or 64 bytes (AES-128/256-XTS), not %d", opts.KeyBytes)
 		}
 		key = make([]byte, opts.KeyBytes)
 		if _, err := rand.Read(key); err != nil {
-			return err
+			return nil, err
 		}
 		defer wipe(key)
 	case "plain":
 		if len(passphrase) != 32 && len(passphrase) != 64 {
-			return fmt.Errorf("a plain image needs a raw key of 32 or 64 bytes; the key file has %d bytes", len(passphrase))
+			return nil, fmt.Errorf("a plain image needs a raw key of 32 or 64 bytes; the key file has %d bytes", len(passphrase))
 		}
 		key = passphrase
 	default:
-		return fmt.Errorf("unknown image format %q (use luks2 or plain)", opts.Format)
+		return nil, fmt.Errorf("unknown image format %q (use luks2 or plain)", opts.Format)
 	}
 
 	if err := dst.Truncate(0); err != nil {
-		return err
+		return nil, err
 	}
 	if err := dst.Truncate(opts.DataOffset + size); err != nil {
-		return fmt.Errorf("size output image: %w", err)
+		return nil, fmt.Errorf("size output image: %w", err)
 	}
 	vol, err := newVolume(dst, volumeParams{
-		key: key, sectorSize: opts.SectorSize, offset: opts.DataOffset, size: size, ivUnit: 512,
+		key: key, devSize: opts.DataOffset + size, sectorSize: opts.SectorSize, offset: opts.DataOffset, size: size, ivUnit: 512,
 		info: Info{Format: opts.Format, Cipher: "aes-xts-plain64"},
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer vol.Close()
 
 	holes, err := encryptAll(ctx, vol, dst, plaintext, size, opts)
 	if err != nil {
-		return err
+		return nil, err
+	}
+	res := &Created{Size: opts.DataOffset + size}
+	for _, h := range holes {
+		res.Holes = append(res.Holes, Run{Off: opts.DataOffset + h.Off, Len: h.Len})
+		res.HoleBytes += h.Len
 	}
 	if opts.Format == "luks2" {
 		lo := luks.FormatOptions{
@@ -130,28 +146,24 @@ func CreateImage(ctx context.Context, dst *os.File, plaintext io.ReaderAt, size 
 			Iterations: opts.Iterations, ArgonTime: opts.Iterations, ArgonMemoryKiB: opts.ArgonMemoryKiB,
 			ArgonThreads: opts.ArgonThreads, DataOffset: opts.DataOffset, Label: opts.Label, VolumeKey: key,
 		}
-		if len(holes.Runs()) > 0 {
-			tok, err := MarshalHoleToken(holes, key, opts.SectorSize, size)
-			if err != nil {
-				return err
-			}
-			lo.Tokens = map[string]json.RawMessage{"0": tok}
+		if len(holes) > 0 {
+			lo.Tokens = map[string]json.RawMessage{"0": sparseToken()}
 		}
 		u, err := luks.Format(dst, passphrase, lo)
 		if err != nil {
-			return fmt.Errorf("write LUKS2 header: %w", err)
+			return nil, fmt.Errorf("write LUKS2 header: %w", err)
 		}
 		u.Wipe()
 	}
 	if err := dst.Sync(); err != nil {
-		return fmt.Errorf("sync output image: %w", err)
+		return nil, fmt.Errorf("sync output image: %w", err)
 	}
-	return nil
+	return res, nil
 }
 
 // encryptAll encrypts the plaintext chunk by chunk on opts.Concurrency
-// workers and returns the hole map of the all-zero units it skipped.
-func encryptAll(ctx context.Context, vol *Volume, dst io.WriterAt, plaintext io.ReaderAt, size int64, opts FormatOptions) (*HoleMap, error) {
+// workers and returns the all-zero units it skipped (plaintext offsets).
+func encryptAll(ctx context.Context, vol *Volume, dst io.WriterAt, plaintext io.ReaderAt, size int64, opts FormatOptions) ([]Run, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	chunks := make(chan int64)
@@ -222,7 +234,7 @@ feed:
 		}
 		runs = append(runs, Run{Off: off, Len: n})
 	}
-	return NewHoleMap(runs, opts.SectorSize, size)
+	return runs, nil
 }
 
 // encryptChunk encrypts buf's worth of plaintext at off, skipping (and

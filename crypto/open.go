@@ -2,7 +2,7 @@ package crypto
 
 import (
 	"bytes"
-	"encoding/json"
+	"context"
 	"fmt"
 	"io"
 
@@ -18,14 +18,27 @@ type OpenOptions struct {
 	Ciphers     []string // allowed; default aes-xts-plain64
 	SectorSizes []int    // allowed; default 512 and 4096
 	Plain       PlainOptions
+	// KDF bounds the keyslot key derivation a header may ask for (its
+	// Ciphers and SectorSizes are ignored; zero fields take luks's defaults).
+	KDF luks.Policy
+	// ZeroSectors reads all-zero ciphertext sectors as zero plaintext even
+	// when the image does not mark itself sparse: set it when an integrity
+	// layer (a verity tree) vouches for every stored byte.
+	ZeroSectors bool
 }
 
-// Open unlocks an image with the key file's bytes: the keyslot passphrase
-// for LUKS, the raw XTS key for plain images.
+// Open is OpenContext without cancellation.
 func Open(dev io.ReaderAt, deviceSize int64, key []byte, opts OpenOptions) (*Volume, error) {
+	return OpenContext(context.Background(), dev, deviceSize, key, opts)
+}
+
+// OpenContext unlocks an image with the key file's bytes: the keyslot
+// passphrase for LUKS, the raw XTS key for plain images. Cancelling ctx
+// interrupts the keyslot key derivation.
+func OpenContext(ctx context.Context, dev io.ReaderAt, deviceSize int64, key []byte, opts OpenOptions) (*Volume, error) {
 	switch opts.Format {
 	case "plain":
-		return OpenPlain(dev, deviceSize, key, opts.Plain)
+		return openPlain(dev, deviceSize, key, opts.Plain, opts.ZeroSectors)
 	case "", "luks", "luks1", "luks2":
 	default:
 		return nil, fmt.Errorf("unknown image format %q (use luks or plain)", opts.Format)
@@ -34,7 +47,9 @@ func Open(dev io.ReaderAt, deviceSize int64, key []byte, opts OpenOptions) (*Vol
 	if err != nil {
 		return nil, err
 	}
-	u, err := h.Unlock(dev, key, luks.Policy{Ciphers: opts.Ciphers, SectorSizes: opts.SectorSizes})
+	pol := opts.KDF
+	pol.Ciphers, pol.SectorSizes = opts.Ciphers, opts.SectorSizes
+	u, err := h.UnlockContext(ctx, dev, key, pol)
 	if err != nil {
 		return nil, err
 	}
@@ -46,31 +61,16 @@ func Open(dev io.ReaderAt, deviceSize int64, key []byte, opts OpenOptions) (*Vol
 	if size <= 0 || u.Offset+size > deviceSize {
 		return nil, fmt.Errorf("image is truncated: its header puts %d bytes of data at offset %d but the image has only %d bytes", size, u.Offset, deviceSize)
 	}
-	var holes *HoleMap
-	for id, raw := range h.Tokens {
-		if !isHoleToken(raw) {
-			continue
-		}
-		if holes != nil {
-			return nil, fmt.Errorf("%w (more than one hole map token)", ErrHoleMapForged)
-		}
-		if holes, err = ParseHoleToken(raw, u.VolumeKey, u.SectorSize, size); err != nil {
-			return nil, fmt.Errorf("LUKS2 token %s: %w", id, err)
-		}
+	zeroSectors := opts.ZeroSectors
+	for _, raw := range h.Tokens {
+		zeroSectors = zeroSectors || isSparseToken(raw)
 	}
 	format := fmt.Sprintf("luks%d", h.Version)
 	return newVolume(dev, volumeParams{
-		key: u.VolumeKey, sectorSize: u.SectorSize, offset: u.Offset, size: size,
-		ivUnit: 512, ivTweak: u.IVTweak, holes: holes,
+		key: u.VolumeKey, devSize: deviceSize, sectorSize: u.SectorSize, offset: u.Offset, size: size,
+		ivUnit: 512, ivTweak: u.IVTweak, zeroSectors: zeroSectors,
 		info: Info{Format: format, Cipher: u.Cipher, Keyslot: u.Keyslot, UUID: h.UUID, Warnings: h.Warnings},
 	})
-}
-
-func isHoleToken(raw json.RawMessage) bool {
-	var t struct {
-		Type string `json:"type"`
-	}
-	return json.Unmarshal(raw, &t) == nil && t.Type == HoleTokenType
 }
 
 // Detect names the format of an image from its first bytes: "luks2",

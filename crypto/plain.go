@@ -27,6 +27,10 @@ func (o PlainOptions) withDefaults() PlainOptions {
 // OpenPlain opens a headerless image. key is the raw XTS key: 32 bytes for
 // AES-128-XTS or 64 bytes for AES-256-XTS (the key file's exact contents).
 func OpenPlain(dev io.ReaderAt, deviceSize int64, key []byte, opts PlainOptions) (*Volume, error) {
+	return openPlain(dev, deviceSize, key, opts, false)
+}
+
+func openPlain(dev io.ReaderAt, deviceSize int64, key []byte, opts PlainOptions, zeroSectors bool) (*Volume, error) {
 	opts = opts.withDefaults()
 	if len(key) != 32 && len(key) != 64 {
 		return nil, fmt.Errorf("a plain image needs a raw key of 32 or 64 bytes; the key file has %d bytes (for LUKS images the key file is a passphrase and may have any length)", len(key))
@@ -47,8 +51,8 @@ func OpenPlain(dev io.ReaderAt, deviceSize int64, key []byte, opts PlainOptions)
 		ivTweak = uint64(opts.Skip) * 512 / uint64(opts.SectorSize)
 	}
 	return newVolume(dev, volumeParams{
-		key: key, sectorSize: opts.SectorSize, offset: opts.Offset, size: size,
-		ivUnit: ivUnit, ivTweak: ivTweak,
+		key: key, devSize: deviceSize, sectorSize: opts.SectorSize, offset: opts.Offset, size: size,
+		ivUnit: ivUnit, ivTweak: ivTweak, zeroSectors: zeroSectors,
 		info: Info{Format: "plain", Cipher: "aes-xts-plain64", Keyslot: -1},
 	})
 }

@@ -19,6 +19,8 @@ import (
 // contiguous stored run and decrypts the whole batch at once.
 type Volume struct {
 	dev        io.ReaderAt
+	lender     Lender      // dev's lending capability; nil when it has none
+	devSize    int64       // bytes of the device
 	devW       io.WriterAt // nil when read-only
 	cipher     *xts.Cipher
 	offset     int64 // start of the data segment on the device
@@ -26,8 +28,11 @@ type Volume struct {
 	sectorSize int
 	ivUnit     int
 	ivTweak    uint64
-	holes      *HoleMap
-	info       Info
+	// zeroSectors: a sector whose ciphertext is all zeros was never written
+	// (a hole of a sparse image or an unwritten page) and reads as
+	// plaintext zeros instead of the noise dm-crypt would decrypt it to.
+	zeroSectors bool
+	info        Info
 
 	closeOnce sync.Once
 	bufs      sync.Pool
@@ -57,7 +62,9 @@ type Info struct {
 	Size       int64
 	Keyslot    int // -1 for plain
 	UUID       string
-	HoleBytes  int64
+	// ZeroSectors: all-zero ciphertext sectors read as plaintext zeros
+	// (sparse images; see OpenOptions.ZeroSectors).
+	ZeroSectors bool
 	// Warnings describe a damaged or outdated header copy that was not used;
 	// worth logging, since the next damage could make the image unreadable.
 	Warnings []string
@@ -65,14 +72,27 @@ type Info struct {
 
 // volumeParams is everything needed to serve a segment.
 type volumeParams struct {
-	key        []byte // copied into the cipher; the caller wipes its copy
-	sectorSize int
-	offset     int64
-	size       int64
-	ivUnit     int
-	ivTweak    uint64
-	holes      *HoleMap
-	info       Info
+	key         []byte // copied into the cipher; the caller wipes its copy
+	devSize     int64
+	sectorSize  int
+	offset      int64
+	size        int64
+	ivUnit      int
+	ivTweak     uint64
+	zeroSectors bool
+	info        Info
+}
+
+// Lender is an optional capability of a volume's device: it lends its own
+// memory for a range instead of copying it (blockcache.Cache does), which
+// saves one copy of every byte read. Capabilities are taken from the device
+// handed to Open and from nothing beneath it: a wrapper that checks,
+// meters or limits reads must implement Lender itself, through its own
+// checks, or the volume uses its ReadAt; no fast path reaches around it.
+type Lender interface {
+	// ReadFunc calls fn with the bytes [off, off+n) in order, in slices
+	// valid only during the call, or returns an error.
+	ReadFunc(off, n int64, fn func(b []byte) error) error
 }
 
 func newVolume(dev io.ReaderAt, p volumeParams) (*Volume, error) {
@@ -87,10 +107,13 @@ func newVolume(dev io.ReaderAt, p volumeParams) (*Volume, error) {
 	p.info.SectorSize = p.sectorSize
 	p.info.DataOffset = p.offset
 	p.info.Size = p.size
-	p.info.HoleBytes = p.holes.Bytes()
+	p.info.ZeroSectors = p.zeroSectors
 	v := &Volume{
-		dev: dev, cipher: c, offset: p.offset, size: p.size, sectorSize: p.sectorSize,
-		ivUnit: p.ivUnit, ivTweak: p.ivTweak, holes: p.holes, info: p.info,
+		dev: dev, devSize: p.devSize, cipher: c, offset: p.offset, size: p.size, sectorSize: p.sectorSize,
+		ivUnit: p.ivUnit, ivTweak: p.ivTweak, zeroSectors: p.zeroSectors, info: p.info,
+	}
+	if l, ok := dev.(Lender); ok {
+		v.lender = l
 	}
 	if w, ok := dev.(io.WriterAt); ok {
 		v.devW = w
@@ -103,9 +126,6 @@ func (v *Volume) Size() int64 { return v.size }
 
 // Info describes the volume.
 func (v *Volume) Info() Info { return v.info }
-
-// Holes returns the volume's authenticated hole map (nil when it has none).
-func (v *Volume) Holes() *HoleMap { return v.holes }
 
 // String describes the volume without key material.
 func (v *Volume) String() string {
@@ -158,29 +178,13 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 // readSectors fills buf (whole sectors) with the plaintext at start.
 func (v *Volume) readSectors(buf []byte, start int64) error {
 	end := start + int64(len(buf))
-	return v.holes.Walk(start, end, func(from, to int64, hole bool) error {
-		piece := buf[from-start : to-start]
-		if hole {
-			clear(piece)
-			return nil
-		}
-		if cr, ok := v.dev.(chunkReader); ok && v.offset%int64(v.sectorSize) == 0 &&
-			v.offset+to <= cr.Size() {
-			return v.decryptChunks(cr, piece, from)
-		}
-		if err := v.readDevice(piece, v.offset+from); err != nil {
-			return err
-		}
-		return v.decrypt(piece, piece, from)
-	})
-}
-
-// chunkReader is a device that lends its bytes instead of copying them
-// (blockcache.Cache): decrypting from there into the reader's buffer saves
-// one copy of everything read.
-type chunkReader interface {
-	ReadFunc(off, n int64, fn func(b []byte) error) error
-	Size() int64
+	if v.lender != nil && v.offset%int64(v.sectorSize) == 0 && v.offset+end <= v.devSize {
+		return v.decryptChunks(v.lender, buf, start)
+	}
+	if err := v.readDevice(buf, v.offset+start); err != nil {
+		return err
+	}
+	return v.decrypt(buf, buf, start)
 }
 
 // decryptChunks fills dst with the plaintext at off, decrypting each chunk
@@ -188,7 +192,7 @@ type chunkReader interface {
 // cache block size (a multiple of 4096, so of every sector size); bytes of a
 // chunk that splits a sector are copied into dst and decrypted there once the
 // sector is whole.
-func (v *Volume) decryptChunks(cr chunkReader, dst []byte, off int64) error {
+func (v *Volume) decryptChunks(cr Lender, dst []byte, off int64) error {
 	pos, pending := 0, -1 // pending: start of bytes copied but not yet decrypted
 	err := cr.ReadFunc(v.offset+off, int64(len(dst)), func(b []byte) error {
 		out := dst[pos : pos+len(b)]
@@ -230,8 +234,36 @@ func (v *Volume) readDevice(p []byte, devOff int64) error {
 }
 
 // decrypt writes the plaintext of src (whole sectors at plaintext offset
-// off) to dst, which may be src itself.
+// off) to dst, which may be src itself. With zeroSectors, all-zero
+// ciphertext sectors become zero plaintext and the runs between them are
+// decrypted in one call each.
 func (v *Volume) decrypt(dst, src []byte, off int64) error {
+	if !v.zeroSectors {
+		return v.decryptRun(dst, src, off)
+	}
+	ss := v.sectorSize
+	run := -1 // start of the pending run of written sectors
+	for i := 0; i <= len(src); i += ss {
+		if i < len(src) && !isZero(src[i:i+ss]) {
+			if run < 0 {
+				run = i
+			}
+			continue
+		}
+		if run >= 0 {
+			if err := v.decryptRun(dst[run:i], src[run:i], off+int64(run)); err != nil {
+				return err
+			}
+			run = -1
+		}
+		if i < len(src) {
+			clear(dst[i : i+ss])
+		}
+	}
+	return nil
+}
+
+func (v *Volume) decryptRun(dst, src []byte, off int64) error {
 	iv := IVOf(off, v.ivUnit, v.ivTweak)
 	step := IVStep(v.sectorSize, v.ivUnit)
 	start := time.Now()
@@ -252,10 +284,6 @@ func (v *Volume) encrypt(dst, src []byte, off int64) error {
 // ErrReadOnly is returned by WriteAt on a volume whose device cannot be written.
 var ErrReadOnly = errors.New("volume is read-only: its device does not support writing")
 
-// ErrWriteIntoHole is returned when a write touches a region the image
-// recorded as a hole; read-write use needs an image made without holes.
-var ErrWriteIntoHole = errors.New("write touches a hole of a sparse image; read-write volumes must be created without holes (--no-holes)")
-
 // WriteAt encrypts p and writes it in place. Partial sectors are read,
 // merged and rewritten.
 func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
@@ -268,9 +296,6 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	span, n := SpanOf(off, int64(len(p)), v.size, v.sectorSize)
 	if n == 0 {
 		return 0, nil
-	}
-	if v.holes.Overlaps(span.Start, span.End) {
-		return 0, ErrWriteIntoHole
 	}
 	buf := v.getBuf(int(span.Len()))
 	defer v.putBuf(buf)

@@ -77,7 +77,8 @@ func Run(ctx context.Context, o Options) (err error) {
 	if err != nil {
 		return s.fail(err)
 	}
-	s.done("%d entries, %d KiB ext4 in LUKS2/AES-256-XTS, %d KiB left out as holes", res.Entries, res.FilesystemBytes>>10, res.HoleBytes>>10)
+	s.done("%d entries, %d KiB ext4 in LUKS2/AES-256-XTS, %d KiB left out as holes; verity root hash %s…",
+		res.Entries, res.FilesystemBytes>>10, res.HoleBytes>>10, res.Verity.RootHash[:16])
 
 	// 2. The local stack.
 	s.begin("start the local attestation and key services (TLS, simulated AMD SEV-SNP — for local use only)")
@@ -128,6 +129,10 @@ func Run(ctx context.Context, o Options) (err error) {
 			Name:       "demo",
 			MountPoint: mountPoint,
 			Source:     store.location,
+			// Pinned here, in the configuration the CCE policy measures:
+			// the key is released only to a group that reads exactly
+			// this image, and every block is verified before use.
+			VerityRootHash: res.Verity.RootHash,
 			Key: sidecar.Key{Release: &sidecar.Release{
 				MAAEndpoint: st.MAAEndpoint, Vault: st.VaultURL, KeyName: "demo-key", BearerTokenFile: files.BearerTokenFile,
 			}},
@@ -136,7 +141,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
-	s.begin("run the sidecar: attest → token → key release → unlock → mount → publish")
+	s.begin("run the sidecar: attest → token → key release → verify the tree → unlock → mount → publish")
 	sc := sidecar.New(cfg, o.Log, nil)
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()

@@ -26,6 +26,11 @@ type CreateOptions struct {
 	Mkfs string
 	// Warn, when set, receives advice about slow inputs (huge directories).
 	Warn func(msg string)
+	// NoVerity leaves out the dm-verity tree that is otherwise appended
+	// over the whole image (see AddVerity).
+	NoVerity bool
+	// Verity configures the tree.
+	Verity VerityOptions
 }
 
 // CreateResult reports what Create built.
@@ -34,6 +39,9 @@ type CreateResult struct {
 	ImageBytes      int64 // apparent size of the image file
 	HoleBytes       int64 // plaintext left out as holes
 	Entries         int   // files, directories, links in the tree
+	// Verity describes the tree (nil with NoVerity): its root hash is what
+	// a mount pins.
+	Verity *VerityInfo
 }
 
 // Create builds an ext4 filesystem from a directory with MakeExt4 (mkfs.ext4
@@ -71,8 +79,20 @@ func Create(ctx context.Context, o CreateOptions) (*CreateResult, error) {
 	}
 	defer os.Remove(out.Name()) // no-op after the rename
 	defer out.Close()
-	if err := crypto.CreateImage(ctx, out, plain, size, o.Key, o.Crypto); err != nil {
+	created, err := crypto.CreateImage(ctx, out, plain, size, o.Key, o.Crypto)
+	if err != nil {
 		return nil, err
+	}
+	res := &CreateResult{FilesystemBytes: size, Entries: est.Entries, HoleBytes: created.HoleBytes}
+	if !o.NoVerity {
+		built, err := appendTree(ctx, out, created.Size, o.Verity)
+		if err != nil {
+			return nil, err
+		}
+		if err := out.Sync(); err != nil {
+			return nil, fmt.Errorf("sync image: %w", err)
+		}
+		res.Verity = verityInfo(built)
 	}
 	if err := out.Chmod(0o644); err != nil {
 		return nil, err
@@ -83,18 +103,8 @@ func Create(ctx context.Context, o CreateOptions) (*CreateResult, error) {
 	if err := os.Rename(out.Name(), o.Out); err != nil {
 		return nil, fmt.Errorf("move image into place: %w", err)
 	}
-	res := &CreateResult{FilesystemBytes: size, Entries: est.Entries}
 	if fi, err := os.Stat(o.Out); err == nil {
 		res.ImageBytes = fi.Size()
-	}
-	if o.Crypto.Format != "plain" {
-		if f, err := os.Open(o.Out); err == nil {
-			if v, err := crypto.Open(f, res.ImageBytes, o.Key, crypto.OpenOptions{}); err == nil {
-				res.HoleBytes = v.Info().HoleBytes
-				v.Close()
-			}
-			f.Close()
-		}
 	}
 	return res, nil
 }

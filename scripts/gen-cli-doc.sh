@@ -14,7 +14,7 @@ go build -o "$bin" ./cmd/blobseal
   echo '```'
   "$bin" help 2>&1
   echo '```'
-  "$bin" help 2>&1 | awk '/^  [a-z]/ { n = ($2 ~ /^[a-z]+$/ && $2 != "") ? 2 : 1; cmd = $1; if ($2 ~ /^(create|check|upload|import|release|serve)$/) cmd = $1 " " $2; print cmd }' |
+  "$bin" help 2>&1 | awk '/^  [a-z]/ { n = ($2 ~ /^[a-z]+$/ && $2 != "") ? 2 : 1; cmd = $1; if ($2 ~ /^(create|check|verity|upload|import|release|serve)$/) cmd = $1 " " $2; print cmd }' |
   while read -r cmd; do
     echo
     echo "## blobseal $cmd"

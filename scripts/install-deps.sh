@@ -1,11 +1,27 @@
 #!/usr/bin/env bash
 # Installs what blobseal's tests, benchmarks and demo use on Debian 12:
-# cryptsetup and e2fsprogs as independent references, fuse3 for mounts,
+# cryptsetup, veritysetup and e2fsprogs as independent references, fuse3 for mounts,
 # rclone as a benchmark peer, and Azurite (npm) as the blob storage server.
+#
+# Run it as yourself: it elevates only the steps that need root (apt-get,
+# npm -g), with sudo when you are not root and sudo exists; as root (minimal
+# images and CI have no sudo) it runs them directly. Go modules land in the
+# invoking user's cache.
 set -euo pipefail
 
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo -E "$@"
+  else
+    echo "install-deps: '$*' needs root: run this script as root or install sudo" >&2
+    return 1
+  fi
+}
+
 need_apt=()
-for tool in cryptsetup:cryptsetup-bin mkfs.ext4:e2fsprogs debugfs:e2fsprogs fusermount3:fuse3 rclone:rclone openssl:openssl; do
+for tool in cryptsetup:cryptsetup-bin veritysetup:cryptsetup-bin mkfs.ext4:e2fsprogs debugfs:e2fsprogs fusermount3:fuse3 rclone:rclone openssl:openssl; do
   cmd=${tool%%:*} pkg=${tool#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || [ -x "/sbin/$cmd" ] || need_apt+=("$pkg")
 done
@@ -14,7 +30,7 @@ done
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   for attempt in 1 2 3; do
-    apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}" && break
+    as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" && break
     echo "apt-get failed (attempt $attempt), retrying" >&2; sleep $((attempt * 5))
   done
 fi
@@ -22,7 +38,7 @@ fi
 if ! command -v azurite-blob >/dev/null 2>&1; then
   # 3.35.0 is the newest Azurite that runs on Node 20.
   for attempt in 1 2 3; do
-    npm install -g --no-audit --no-fund azurite@3.35.0 && break
+    as_root npm install -g --no-audit --no-fund azurite@3.35.0 && break
     echo "npm install failed (attempt $attempt), retrying" >&2; sleep $((attempt * 5))
   done
 fi

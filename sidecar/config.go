@@ -99,7 +99,26 @@ type Filesystem struct {
 	DirectIO string `yaml:"direct_io" json:"direct_io"`
 	Key      Key    `yaml:"key" json:"key"`
 
-	directIO blobfs.DirectIOMode // parsed DirectIO
+	// VerityRootHash pins the image's dm-verity tree (hex, as `blobseal
+	// image create` printed it): every block is verified before use. The
+	// configuration reaches the sidecar through its command line or
+	// environment, which the CCE policy measures into HOST_DATA, so the
+	// pinned root is part of what the key release policy attests.
+	VerityRootHash string `yaml:"verity_root_hash" json:"verity_root_hash"`
+	// VerityHashOffset is where the tree's superblock is; 0 finds it at
+	// the end of the image. Giving it pins the image's data size too.
+	VerityHashOffset int64 `yaml:"verity_hash_offset" json:"verity_hash_offset"`
+	// KDFMaxIterations and KDFMaxMemory bound the keyslot key derivation a
+	// LUKS header may ask for (defaults: luks.DefaultMaxIterations, 1 GiB).
+	KDFMaxIterations int      `yaml:"kdf_max_iterations" json:"kdf_max_iterations"`
+	KDFMaxMemory     ByteSize `yaml:"kdf_max_memory" json:"kdf_max_memory"`
+	// RequireIntegrity refuses to mount without VerityRootHash. Default on
+	// in this configuration format; off for EncfsSideCarArgs (whose
+	// existing configurations have no root hash).
+	RequireIntegrity *bool `yaml:"require_integrity" json:"require_integrity"`
+
+	directIO   blobfs.DirectIOMode // parsed DirectIO
+	verityRoot []byte              // parsed VerityRootHash
 }
 
 // Key says where a filesystem's key comes from: exactly one of File,
@@ -239,6 +258,11 @@ type legacyConfig struct {
 			Salt  string `json:"salt"`
 			Label string `json:"label"`
 		} `json:"key_derivation"`
+		// blobseal's optional additions; configurations without them keep
+		// working as before (without integrity protection).
+		VerityRootHash   string `json:"verity_root_hash"`
+		VerityHashOffset int64  `json:"verity_hash_offset"`
+		RequireIntegrity *bool  `json:"require_integrity"`
 	} `json:"azure_filesystems"`
 }
 
@@ -261,11 +285,18 @@ func ParseEncfsArgs(b64 string) (*Config, error) {
 		cfg.Attestation.CertCacheURL = withScheme(ep)
 	}
 	for i, lf := range lc.AzureFilesystems {
+		requireIntegrity := false
+		if lf.RequireIntegrity != nil {
+			requireIntegrity = *lf.RequireIntegrity
+		}
 		f := &Filesystem{
-			Name:       fmt.Sprintf("fs%d", i),
-			MountPoint: lf.MountPoint,
-			Source:     lf.AzureURL,
-			ReadWrite:  lf.ReadWrite,
+			Name:             fmt.Sprintf("fs%d", i),
+			MountPoint:       lf.MountPoint,
+			Source:           lf.AzureURL,
+			ReadWrite:        lf.ReadWrite,
+			VerityRootHash:   lf.VerityRootHash,
+			VerityHashOffset: lf.VerityHashOffset,
+			RequireIntegrity: &requireIntegrity,
 		}
 		if lf.AzureURLPrivate {
 			f.Identity = "managed"
@@ -377,6 +408,28 @@ func (c *Config) Validate() error {
 		if f.AllowOther == nil {
 			t := true
 			f.AllowOther = &t
+		}
+		if f.RequireIntegrity == nil {
+			t := true
+			f.RequireIntegrity = &t
+		}
+		switch {
+		case f.VerityRootHash != "":
+			root, err := hex.DecodeString(f.VerityRootHash)
+			if err != nil || (len(root) != 32 && len(root) != 64) {
+				bad("%s: verity_root_hash must be 64 hex digits (the sha256 root `blobseal image create` printed)", where)
+			}
+			f.verityRoot = root
+		case *f.RequireIntegrity:
+			bad("%s: require_integrity is on but verity_root_hash is empty: add the root hash `blobseal image create` (or `blobseal image verity`) printed for this image, or set require_integrity: false to mount it without integrity protection (storage could then modify it undetected)", where)
+		case f.VerityHashOffset != 0:
+			bad("%s: verity_hash_offset is set without verity_root_hash", where)
+		}
+		if f.KDFMaxIterations < 0 || f.KDFMaxMemory < 0 || f.KDFMaxMemory > 64<<30 {
+			bad("%s: kdf_max_iterations must not be negative and kdf_max_memory at most 64Gi", where)
+		}
+		if f.VerityHashOffset < 0 || f.VerityHashOffset%4096 != 0 {
+			bad("%s: verity_hash_offset %d must be a non-negative multiple of 4096", where, f.VerityHashOffset)
 		}
 		if mode, err := blobfs.ParseDirectIO(f.DirectIO); err != nil {
 			bad("%s: direct_io: %v", where, err)

@@ -21,6 +21,9 @@ func TestExampleConfigsParse(t *testing.T) {
 		cfg.Filesystems[0].DirectIO != "auto" || cfg.Filesystems[1].directIO != blobfs.DirectIOAuto {
 		t.Fatal("defaults or fields wrong")
 	}
+	if len(cfg.Filesystems[0].verityRoot) != 32 || !*cfg.Filesystems[0].RequireIntegrity || *cfg.Filesystems[1].RequireIntegrity {
+		t.Fatal("integrity fields wrong")
+	}
 
 	raw, err := os.ReadFile("../examples/encfs-sidecar-args.json")
 	if err != nil {
@@ -36,6 +39,40 @@ func TestExampleConfigsParse(t *testing.T) {
 		f.Key.Release.Vault != "https://myvault.vault.azure.net" || f.Key.Release.KeyName != "RSAKeyForShare2" ||
 		f.Key.Release.Salt == "" || f.Key.Release.Label != "Encryption Key" || legacy.Attestation.Provider != "auto" {
 		t.Fatalf("legacy mapping wrong: %+v %+v", f, f.Key.Release)
+	}
+	// Existing configurations have no root hash and stay valid.
+	if *f.RequireIntegrity || f.verityRoot != nil {
+		t.Fatal("a legacy filesystem without verity_root_hash must mount without integrity, as before")
+	}
+}
+
+// The native format requires integrity unless told otherwise; the legacy
+// one takes blobseal's optional fields.
+func TestIntegrityConfig(t *testing.T) {
+	root := strings.Repeat("0f", 32)
+	base := "filesystems:\n  - mount_point: /m\n    source: /x\n    key: {file: k}\n"
+	cases := map[string]string{
+		base:                                 "require_integrity is on but verity_root_hash is empty",
+		base + "    verity_root_hash: xyz\n": "verity_root_hash must be 64 hex digits",
+		base + "    require_integrity: false\n    verity_hash_offset: 4096\n":      "verity_hash_offset is set without verity_root_hash",
+		base + "    verity_root_hash: " + root + "\n    verity_hash_offset: 100\n": "multiple of 4096",
+	}
+	for in, want := range cases {
+		if _, err := Parse([]byte(in)); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("config %q: got %v, want an error containing %q", in, err, want)
+		}
+	}
+	for _, ok := range []string{base + "    require_integrity: false\n", base + "    verity_root_hash: " + root + "\n    verity_hash_offset: 8192\n"} {
+		if _, err := Parse([]byte(ok)); err != nil {
+			t.Errorf("config %q: %v", ok, err)
+		}
+	}
+	js := `{"azure_filesystems":[{"mount_point":"/m/a","azure_url":"https://a.blob.core.windows.net/c/i.img","raw_key":"00",
+	"verity_root_hash":"` + root + `","verity_hash_offset":4096,"require_integrity":true},
+	{"mount_point":"/m/b","azure_url":"https://a.blob.core.windows.net/c/j.img","raw_key":"00","require_integrity":true}]}`
+	_, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte(js)))
+	if err == nil || !strings.Contains(err.Error(), "filesystems[1]: require_integrity is on") || strings.Contains(err.Error(), "filesystems[0]") {
+		t.Fatalf("legacy integrity fields: %v", err)
 	}
 }
 
@@ -101,7 +138,7 @@ func FuzzParseConfig(f *testing.F) {
 			f.Add(b)
 		}
 	}
-	f.Add([]byte("filesystems:\n  - mount_point: /m\n    source: /x\n    key: {file: k}"))
+	f.Add([]byte("filesystems:\n  - mount_point: /m\n    source: /x\n    require_integrity: false\n    key: {file: k}"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		cfg, err := Parse(data)
 		if err == nil && len(cfg.Filesystems) == 0 {

@@ -59,6 +59,10 @@ type env struct {
 	dir      string
 	hostData [32]byte
 	urls     map[string]string // page, block → blob URL
+	root     string            // the image's verity root hash
+	// roots overrides the verity_root_hash legacyArgs puts in each entry
+	// (by blob type; "" leaves the field out, as existing configs do).
+	roots map[string]string
 }
 
 func setup(t *testing.T) *env {
@@ -79,9 +83,14 @@ func setup(t *testing.T) *env {
 	key := make(secret.Bytes, 32)
 	rand.Read(key)
 	img := filepath.Join(e.dir, "demo.img")
-	if _, err := image.Create(ctx, image.CreateOptions{From: demoData, Out: img, Key: key}); err != nil {
+	res, err := image.Create(ctx, image.CreateOptions{From: demoData, Out: img, Key: key})
+	if err != nil {
 		t.Fatal(err)
 	}
+	e.root = res.Verity.RootHash
+	// The page blob's entry pins the root (blobseal's optional field); the
+	// block blob's is an existing configuration, unchanged.
+	e.roots = map[string]string{"page": e.root, "block": ""}
 	if err := e.stack.ImportOctKey(ctx, "fs-key", key, e.hostData); err != nil {
 		t.Fatal(err)
 	}
@@ -112,12 +121,16 @@ func (e *env) legacyArgs(t *testing.T, mounts map[string]string) string {
 		if !ok {
 			continue
 		}
-		fss = append(fss, map[string]any{
+		entry := map[string]any{
 			"mount_point": mp, "azure_url": e.urls[typ], "azure_url_private": false, "read_write": false, // private means managed identity; Azurite takes the shared key from the environment
 			"key": map[string]any{"kid": "fs-key", "kty": "oct-HSM",
 				"authority": map[string]any{"endpoint": host(e.stack.MAAEndpoint)},
 				"akv":       map[string]any{"endpoint": host(e.stack.VaultURL), "bearer_token": e.stack.Bearer.Reveal()}},
-		})
+		}
+		if root := e.roots[typ]; root != "" {
+			entry["verity_root_hash"] = root
+		}
+		fss = append(fss, entry)
 	}
 	js, err := json.Marshal(map[string]any{"azure_filesystems": fss})
 	if err != nil {
@@ -245,6 +258,12 @@ func TestLegacyTwoMountsAndSIGTERM(t *testing.T) {
 		}
 	}
 	notMounted(t, mnt)
+	if got := strings.Count(stderr.String(), "integrity=\"verity root "+e.root); got != 1 {
+		t.Errorf("%d filesystems report verified integrity, want 1 (the page blob's):\n%s", got, stderr.String())
+	}
+	if !strings.Contains(stderr.String(), "no verity root hash configured") {
+		t.Error("the filesystem without a root hash logged no warning")
+	}
 	if strings.Contains(stderr.String(), e.stack.Bearer.Reveal()) {
 		t.Error("debug log holds the bearer token")
 	}
@@ -259,7 +278,16 @@ func TestDeniedRelease(t *testing.T) {
 	e := setup(t)
 	mnt := t.TempDir()
 	mp := filepath.Join(mnt, "share")
-	cmd := e.command(e.legacyArgs(t, map[string]string{"page": mp}), sha256.Sum256([]byte("another policy")))
+	stderr := mustFail(t, e.command(e.legacyArgs(t, map[string]string{"page": mp}), sha256.Sum256([]byte("another policy"))), mnt, mp)
+	if !strings.Contains(stderr, "x-ms-sevsnpvm-hostdata") {
+		t.Errorf("stderr does not name the refused claim:\n%s", stderr)
+	}
+}
+
+// mustFail runs a sidecar that must exit non-zero without publishing mp or
+// leaving anything mounted under mnt; it returns the sidecar's stderr.
+func mustFail(t *testing.T, cmd *exec.Cmd, mnt, mp string) string {
+	t.Helper()
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	done := make(chan error, 1)
@@ -270,17 +298,31 @@ func TestDeniedRelease(t *testing.T) {
 	select {
 	case err := <-done:
 		if err == nil {
-			t.Fatal("sidecar exited 0 after a denied key release")
+			t.Fatalf("sidecar exited 0; stderr:\n%s", stderr.String())
 		}
 	case <-time.After(90 * time.Second):
 		cmd.Process.Kill()
-		t.Fatal("sidecar did not exit within 90s after a denied key release")
+		t.Fatal("sidecar did not exit within 90s")
 	}
 	if _, err := os.Lstat(mp); !errors.Is(err, fs.ErrNotExist) {
-		t.Errorf("mount point %s exists after a denied release (err %v)", mp, err)
+		t.Errorf("mount point %s exists after a failure (err %v)", mp, err)
 	}
 	notMounted(t, mnt)
-	if !strings.Contains(stderr.String(), "x-ms-sevsnpvm-hostdata") {
-		t.Errorf("stderr does not name the refused claim:\n%s", stderr.String())
+	return stderr.String()
+}
+
+// TestWrongRootRefused: the configuration pins another image's root (an
+// older image rolled back in storage looks the same): nothing is mounted,
+// the exit is non-zero and stderr says which check failed.
+func TestWrongRootRefused(t *testing.T) {
+	e := setup(t)
+	e.roots["page"] = strings.Repeat("ab", 32)
+	mnt := t.TempDir()
+	mp := filepath.Join(mnt, "share")
+	stderr := mustFail(t, e.command(e.legacyArgs(t, map[string]string{"page": mp}), e.hostData), mnt, mp)
+	for _, want := range []string{"does not match the pinned root hash", "rolled back"} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("stderr does not say %q:\n%s", want, stderr)
+		}
 	}
 }

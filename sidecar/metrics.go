@@ -70,11 +70,16 @@ var (
 	descFetchLatency = prometheus.NewDesc("blobseal_fetch_duration_seconds", "Latency of storage requests.", []string{"fs"}, nil)
 	descDecrypted    = prometheus.NewDesc("blobseal_decrypted_bytes_total", "Bytes decrypted.", []string{"fs"}, nil)
 	descDecryptSecs  = prometheus.NewDesc("blobseal_decrypt_seconds_total", "CPU-bound time spent decrypting (decrypt throughput = bytes / seconds).", []string{"fs"}, nil)
+	descIntegrity    = prometheus.NewDesc("blobseal_filesystem_integrity", "1 when every block is verified against a pinned verity root hash.", []string{"fs"}, nil)
+	descVerified     = prometheus.NewDesc("blobseal_verified_blocks_total", "Data blocks verified against the verity tree (zero blocks included).", []string{"fs"}, nil)
+	descMismatches   = prometheus.NewDesc("blobseal_integrity_failures_total", "Blocks that did not match the verity tree, by kind (data or tree).", []string{"fs", "kind"}, nil)
+	descRefused      = prometheus.NewDesc("blobseal_integrity_read_errors_total", "Reads refused (EIO) because they touched blocks that failed verification.", []string{"fs"}, nil)
 )
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descReady, descHits, descMisses, descBytesFetched, descRequests, descFetchErrors,
-		descInFlight, descEvictions, descMemory, descZero, descFetchLatency, descDecrypted, descDecryptSecs} {
+		descInFlight, descEvictions, descMemory, descZero, descFetchLatency, descDecrypted, descDecryptSecs,
+		descIntegrity, descVerified, descMismatches, descRefused} {
 		ch <- d
 	}
 }
@@ -95,6 +100,15 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		if st.img == nil {
 			continue
 		}
+		verified := 0.0
+		if t := st.img.Tree; t != nil {
+			verified = 1
+			ts := t.Stats()
+			counter(descVerified, float64(ts.BlocksVerified+ts.ZeroBlocks), st.Name)
+			ch <- prometheus.MustNewConstMetric(descMismatches, prometheus.CounterValue, float64(ts.DataMismatches), st.Name, "data")
+			ch <- prometheus.MustNewConstMetric(descMismatches, prometheus.CounterValue, float64(ts.NodeMismatches), st.Name, "tree")
+		}
+		gauge(descIntegrity, verified, st.Name)
 		vs := st.img.Volume.Stats()
 		counter(descDecrypted, float64(vs.BytesDecrypted), st.Name)
 		counter(descDecryptSecs, vs.DecryptTime.Seconds(), st.Name)
@@ -111,6 +125,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(descEvictions, float64(cs.Evictions), st.Name)
 		gauge(descMemory, float64(cs.MemoryBytes), st.Name)
 		counter(descZero, float64(cs.ZeroFilled), st.Name)
+		counter(descRefused, float64(cs.IntegrityErrors), st.Name)
 		h := cs.FetchLatency
 		buckets := make(map[float64]uint64, len(h.Bounds))
 		var cum uint64

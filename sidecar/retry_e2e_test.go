@@ -31,7 +31,7 @@ func TestRetryUntilBlobExists(t *testing.T) {
 		"health": map[string]any{"address": "off", "ready_file": ready},
 		"attestation": map[string]any{"provider": "simulated", "simulated_dir": filepath.Join(e.dir, "signer"),
 			"simulated_host_data": hex.EncodeToString(e.hostData[:]), "ca_file": filepath.Join(e.dir, "ca.pem")},
-		"filesystems": []any{map[string]any{"name": "late", "mount_point": mp, "source": late,
+		"filesystems": []any{map[string]any{"name": "late", "mount_point": mp, "source": late, "verity_root_hash": e.root,
 			"key": map[string]any{"release": map[string]any{"maa_endpoint": e.stack.MAAEndpoint, "vault": e.stack.VaultURL,
 				"key_name": "fs-key", "bearer_token_file": filepath.Join(e.dir, "bearer-token")}}}},
 	}

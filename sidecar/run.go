@@ -14,6 +14,7 @@ import (
 	"github.com/blobseal/blobseal/blob"
 	"github.com/blobseal/blobseal/blockcache"
 	"github.com/blobseal/blobseal/crypto"
+	"github.com/blobseal/blobseal/crypto/luks"
 	"github.com/blobseal/blobseal/fs"
 	"github.com/blobseal/blobseal/image"
 	"github.com/blobseal/blobseal/internal/secret"
@@ -170,10 +171,14 @@ func (s *Sidecar) mountOnce(ctx context.Context, f *Filesystem, log *slog.Logger
 	img, err := image.Open(ctx, image.Spec{
 		Location: f.Source,
 		Key:      key,
-		Crypto:   crypto.OpenOptions{Format: f.Format, Ciphers: f.Ciphers, SectorSizes: f.SectorSizes},
-		Blob:     blobOpts,
-		Cache:    s.cacheOptions(f),
-		Logger:   log,
+		Crypto: crypto.OpenOptions{Format: f.Format, Ciphers: f.Ciphers, SectorSizes: f.SectorSizes,
+			KDF: luks.Policy{MaxIterations: f.KDFMaxIterations, MaxArgonMemoryKiB: int(f.KDFMaxMemory >> 10)}},
+		Blob:   blobOpts,
+		Cache:  s.cacheOptions(f),
+		Logger: log,
+		Integrity: image.Integrity{
+			RootHash: f.verityRoot, HashOffset: f.VerityHashOffset, Require: *f.RequireIntegrity,
+		},
 	})
 	if err != nil {
 		s.metrics.errors.WithLabelValues("open").Inc()
@@ -210,8 +215,12 @@ func (s *Sidecar) mountOnce(ctx context.Context, f *Filesystem, log *slog.Logger
 	for _, w := range info.Warnings {
 		log.Warn("image header needs attention", "warning", w)
 	}
+	integrity := "none: storage can modify the image undetected"
+	if img.Tree != nil {
+		integrity = "verity root " + f.VerityRootHash
+	}
 	log.Info("filesystem ready", "source", img.Source.String(), "format", info.Format,
-		"bytes", info.Size, "took", time.Since(start).Round(time.Millisecond))
+		"bytes", info.Size, "integrity", integrity, "took", time.Since(start).Round(time.Millisecond))
 	return &mounted{f: f, img: img, server: server, hidden: hidden}, nil
 }
 

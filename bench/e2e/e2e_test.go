@@ -82,9 +82,19 @@ func TestHarnessQuick(t *testing.T) {
 	if m := byKey["proxy/seq/blobseal"]; m.Elapsed < 4*time.Millisecond {
 		t.Errorf("read through the latency proxy took %v, less than one 2+2 ms round trip", m.Elapsed)
 	}
-	sp := byKey["sparse"]
-	if sp.Bytes <= 0 || sp.Bytes >= sparseImageBytes/2 || sp.Requests <= 0 {
-		t.Errorf("sparse image: %d bytes in %d requests fetched; want some, and far less than the %d-byte image", sp.Bytes, sp.Requests, sparseImageBytes)
+	for _, k := range []string{"sparse", "sparse/block"} {
+		sp := byKey[k]
+		if sp.Bytes <= 0 || sp.Bytes >= sparseImageBytes/2 || sp.Requests <= 0 {
+			t.Errorf("%s image: %d bytes in %d requests fetched; want some, and far less than the %d-byte image", k, sp.Bytes, sp.Requests, sparseImageBytes)
+		}
+	}
+	for _, k := range []string{"verity/on", "verity/off"} {
+		if m := byKey[k]; m.Bytes != cfg.Size || m.Failed != "" {
+			t.Errorf("%s: %d bytes read (want %d), failed %q", k, m.Bytes, cfg.Size, m.Failed)
+		}
+	}
+	if !strings.Contains(byKey["verity/on"].Cmd, "--verity-root-hash") || strings.Contains(byKey["verity/off"].Cmd, "--verity-root-hash") {
+		t.Errorf("verified/unverified commands: %q / %q", byKey["verity/on"].Cmd, byKey["verity/off"].Cmd)
 	}
 
 	var out bytes.Buffer
@@ -93,7 +103,8 @@ func TestHarnessQuick(t *testing.T) {
 	}
 	text := out.String()
 	for _, want := range []string{"| figure | blobseal | peer | ratio | goal | met? |", "vs rclone crypt mount",
-		"best raw SDK", "alternating with the mount reads", "peak RSS", "bytes fetched", "+2ms each way", "machine: "} {
+		"best raw SDK", "alternating with the mount reads", "peak RSS", "bytes fetched", "+2ms each way", "machine: ",
+		"verified mount vs unverified mount"} {
 		if !strings.Contains(text, want) {
 			t.Errorf("report lacks %q:\n%s", want, text)
 		}

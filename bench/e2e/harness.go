@@ -40,20 +40,27 @@ var crcTable = crc32.MakeTable(crc32.Castagnoli)
 // config is everything one run needs; main fills it from flags, the test
 // from internal/testenv.
 type config struct {
-	Size       int64         // bytes of the plaintext file
-	Quick      bool          // fewer raw-download variants, shorter random phases
-	Runs       int           // repetitions of raw and sequential cases; the median is reported
-	Blobseal   string        // path of the blobseal binary
-	Rclone     string        // path of rclone
-	Endpoint   string        // Azurite blob endpoint, http://127.0.0.1:PORT/devstoreaccount1
-	AzuritePID int           // Azurite's process, for its CPU time
-	CacheMiB   int64         // blobseal --cache-memory
-	RandomFor  time.Duration // duration of each random-read phase
-	Latency    time.Duration // injected each way by the proxy in phase h
-	WorkDir    string        // parent directory for data, images, mount points
-	Command    string        // the command line, for the report
-	Log        io.Writer     // progress lines
+	Size       int64           // bytes of the plaintext file
+	Quick      bool            // fewer raw-download variants, shorter random phases
+	Runs       int             // repetitions of raw and sequential cases; the median is reported
+	Blobseal   string          // path of the blobseal binary
+	Rclone     string          // path of rclone
+	Endpoint   string          // Azurite blob endpoint, http://127.0.0.1:PORT/devstoreaccount1
+	AzuritePID int             // Azurite's process, for its CPU time
+	CacheMiB   int64           // blobseal --cache-memory
+	RandomFor  time.Duration   // duration of each random-read phase
+	Latency    time.Duration   // injected each way by the proxy in phase h
+	WorkDir    string          // parent directory for data, images, mount points
+	Command    string          // the command line, for the report
+	Log        io.Writer       // progress lines
+	Only       map[string]bool // phases to run (nil: all)
 }
+
+// phases are the parts of a run -only can select.
+var phases = []string{"raw", "cache", "headline", "verity", "seq", "rand", "par", "sparse", "proxy", "rclone-late"}
+
+// want reports whether the phase is to run.
+func (c config) want(phase string) bool { return c.Only == nil || c.Only[phase] }
 
 func (c config) validate() error {
 	switch {
@@ -88,24 +95,27 @@ func (c config) validate() error {
 
 // harness holds the state of one run.
 type harness struct {
-	cfg        config
-	work       string // private temp dir, removed at the end
-	keyFile    string // 32 random bytes: the LUKS passphrase (tmpfs when available)
-	key        []byte
-	connString string
-	rcloneConf string
-	dataDir    string
-	dataPath   string
-	dataCRC    uint32
-	blockURL   string
-	pageURL    string
-	sparseURL  string
-	sparseDir  string
-	proxy      *toxiproxy.Proxy
-	proxyEnd   string // the Azurite endpoint through the latency proxy
-	results    []measurement
-	warnings   []string
-	setupCmds  []string
+	cfg            config
+	work           string // private temp dir, removed at the end
+	keyFile        string // 32 random bytes: the LUKS passphrase (tmpfs when available)
+	key            []byte
+	connString     string
+	rcloneConf     string
+	dataDir        string
+	dataPath       string
+	dataCRC        uint32
+	blockURL       string
+	pageURL        string
+	sparseURL      string
+	sparseBlockURL string // the same sparse image as a block blob
+	sparseDir      string
+	root           string // verity root hash of the main image
+	sparseRoot     string // of the sparse image
+	proxy          *toxiproxy.Proxy
+	proxyEnd       string // the Azurite endpoint through the latency proxy
+	results        []measurement
+	warnings       []string
+	setupCmds      []string
 }
 
 func (h *harness) logf(format string, args ...any) {
@@ -210,11 +220,13 @@ func (h *harness) setup(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("image create: %w", err)
 	}
+	h.root = res.Verity.RootHash
 	h.setupCmds = append(h.setupCmds, fmt.Sprintf("image.Create(From=%s) → %d MiB image, %d MiB of holes, %.1fs",
 		h.dataDir, res.ImageBytes>>20, res.HoleBytes>>20, time.Since(t0).Seconds()))
 
 	base := strings.TrimSuffix(h.cfg.Endpoint, "/") + "/" + containerName + "/"
 	h.blockURL, h.pageURL, h.sparseURL = base+"image-block.img", base+"image-page.img", base+"sparse-page.img"
+	h.sparseBlockURL = base + "sparse-block.img"
 	for _, u := range []struct{ loc, typ string }{{h.blockURL, "block"}, {h.pageURL, "page"}} {
 		h.logf("uploading the image as a %s blob", u.typ)
 		r, err := blob.Upload(ctx, img, u.loc, blob.UploadOptions{
@@ -298,7 +310,8 @@ func (h *harness) setupRclone(ctx context.Context) error {
 }
 
 // setupSparse builds the issue-4 sparse case: a 64 MiB image holding 1 MiB
-// of files, uploaded as a page blob (only written pages are stored).
+// of files, uploaded as a page blob (only written pages are stored) and as
+// a block blob (every byte stored; the verity tree says which are zeros).
 func (h *harness) setupSparse(ctx context.Context) error {
 	h.sparseDir = filepath.Join(h.work, "sparse")
 	if err := os.Mkdir(h.sparseDir, 0o755); err != nil {
@@ -310,12 +323,16 @@ func (h *harness) setupSparse(ctx context.Context) error {
 		}
 	}
 	img := filepath.Join(h.work, "sparse.img")
-	if _, err := image.Create(ctx, image.CreateOptions{From: h.sparseDir, Out: img, Key: h.key, Size: sparseImageBytes - luksDataOffset}); err != nil {
+	res, err := image.Create(ctx, image.CreateOptions{From: h.sparseDir, Out: img, Key: h.key, Size: sparseImageBytes - luksDataOffset})
+	if err != nil {
 		return fmt.Errorf("sparse image create: %w", err)
 	}
-	if _, err := blob.Upload(ctx, img, h.sparseURL, blob.UploadOptions{
-		Options: blob.Options{ConnectionString: h.connString}, Type: "page"}); err != nil {
-		return fmt.Errorf("upload sparse image: %w", err)
+	h.sparseRoot = res.Verity.RootHash
+	for _, u := range []struct{ loc, typ string }{{h.sparseURL, "page"}, {h.sparseBlockURL, "block"}} {
+		if _, err := blob.Upload(ctx, img, u.loc, blob.UploadOptions{
+			Options: blob.Options{ConnectionString: h.connString}, Type: u.typ}); err != nil {
+			return fmt.Errorf("upload sparse image as a %s blob: %w", u.typ, err)
+		}
 	}
 	return os.Remove(img)
 }

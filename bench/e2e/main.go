@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -52,6 +53,7 @@ func mainErr(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	latency := f.Duration("latency", 2*time.Millisecond, "latency the proxy adds in each direction (phase h)")
 	workDir := f.String("workdir", "", "where to put data, images and mount points (default $TMPDIR)")
 	out := f.String("out", "", "also write the Markdown report to this file")
+	only := f.String("only", "", "run only these phases, comma-separated: "+strings.Join(phases, ", ")+" (default: all)")
 	if err := f.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
@@ -77,7 +79,18 @@ func mainErr(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if *quick && !flagSet(f, "runs") {
 		*runs = 1
 	}
-	cfg := config{Size: n, Quick: *quick, Runs: *runs, Blobseal: *bin, Rclone: *rclone, Endpoint: *endpoint,
+	var onlySet map[string]bool
+	if *only != "" {
+		onlySet = map[string]bool{}
+		for _, p := range strings.Split(*only, ",") {
+			p = strings.TrimSpace(p)
+			if !slices.Contains(phases, p) {
+				return fmt.Errorf("%w: -only %q: phases are %s", errUsage, p, strings.Join(phases, ", "))
+			}
+			onlySet[p] = true
+		}
+	}
+	cfg := config{Size: n, Quick: *quick, Runs: *runs, Blobseal: *bin, Rclone: *rclone, Endpoint: *endpoint, Only: onlySet,
 		AzuritePID: *azPID, CacheMiB: *cacheMiB, RandomFor: rf, Latency: *latency, WorkDir: *workDir,
 		Command: "go run ./bench/e2e " + strings.Join(args, " "), Log: stderr}
 	fmt.Fprintln(stderr, "e2e: load average at start:", loadavg())

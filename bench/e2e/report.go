@@ -143,9 +143,18 @@ func (h *harness) report(total time.Duration) *report {
 		parB, parB, mib(float64(parB.PeakRSS)), mib(bound), float64(parB.PeakRSS), bound, goal{atMost: 1})
 	add("16 parallel readers: rclone peak RSS (for reference)", parR, parR, mib(float64(parR.PeakRSS)), mib(0), 0, 0, goal{})
 
-	sp := get("sparse")
-	add(fmt.Sprintf("sparse image: bytes fetched to open and read all files (%d requests) vs 4 MiB", sp.Requests),
-		sp, sp, mib(float64(sp.Bytes)), mib(4<<20), float64(sp.Bytes), 4<<20, goal{atMost: 1})
+	vOn, vOff := get("verity/on"), get("verity/off")
+	add("seq read, verified mount vs unverified mount (same block blob, alternating)", vOn, vOff, mbps, mbps, vOn.MBps(), vOff.MBps(), goal{atLeast: 0.9})
+	add("  client CPU per GiB, verified vs unverified", vOn, vOff, cpu, cpu, vOn.perGiB(vOn.ClientCPU), vOff.perGiB(vOff.ClientCPU), goal{})
+
+	kib := func(v float64) func(measurement) string {
+		return func(measurement) string { return fmt.Sprintf("%.2f MiB", v/(1<<20)) }
+	}
+	for _, k := range []struct{ key, what string }{{"sparse", "page blob"}, {"sparse/block", "block blob"}} {
+		sp := get(k.key)
+		add(fmt.Sprintf("sparse 64 MiB image, %s, verified: bytes fetched to open and read all files, tree included (%d requests) vs 4 MiB", k.what, sp.Requests),
+			sp, sp, kib(float64(sp.Bytes)), mib(4<<20), float64(sp.Bytes), 4<<20, goal{atMost: 1})
+	}
 
 	pRaw, pB, pR := get("proxy/raw/best"), get("proxy/seq/blobseal"), get("proxy/seq/rclone")
 	lbl := fmt.Sprintf("+%v each way: ", h.cfg.Latency)
@@ -185,7 +194,7 @@ func (r *report) write(w io.Writer) error {
 		switch {
 		case m.Failed != "":
 			lat = "FAILED: " + strings.NewReplacer("|", "/", "\n", "; ").Replace(m.Failed)
-		case m.Key == "sparse":
+		case strings.HasPrefix(m.Key, "sparse"):
 			mb = fmt.Sprintf("%.2f MiB fetched", float64(m.Bytes)/(1<<20))
 		case m.Latency != nil:
 			lat = fmt.Sprintf("p50 %.2f ms, p99 %.2f ms, %.0f IOPS, %d reads", float64(m.Latency.P50.Microseconds())/1000,

@@ -3,8 +3,11 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/hex"
+	"encoding/json"
 	"flag"
 	"fmt"
+	"log/slog"
 	"os"
 	"strconv"
 	"strings"
@@ -30,7 +33,9 @@ func runImageCreate(ctx context.Context, args []string) error {
 	sizeFlag := f.String("size", "", "ext4 size (e.g. 512M, 2G); default: sized from DIR with headroom")
 	label := f.String("label", "blobseal", "ext4 volume label (at most 16 bytes)")
 	journal := f.Bool("journal", false, "keep an ext4 journal (only useful for images later mounted read-write)")
-	noHoles := f.Bool("no-holes", false, "encrypt zero runs too (needed for images written through later)")
+	noHoles := f.Bool("no-holes", false, "encrypt zero runs too (for images that must read the same through dm-crypt)")
+	noVerity := f.Bool("no-verity", false, "leave out the dm-verity tree (the image can then be modified by storage undetected)")
+	jsonOut := f.Bool("json", false, "print the result as JSON")
 	pos, err := parseInterspersed(f, args)
 	if err != nil {
 		return err
@@ -74,7 +79,7 @@ func runImageCreate(ctx context.Context, args []string) error {
 		return fmt.Errorf("key file %s has %d bytes; a plain image needs a raw 32- or 64-byte XTS key", *keyFile, len(key))
 	}
 
-	tty := progress.IsTerminal(os.Stderr)
+	tty := progress.IsTerminal(os.Stderr) && !*jsonOut
 	if tty {
 		fmt.Fprintf(os.Stderr, "building ext4 from %s...\n", *from)
 	}
@@ -86,7 +91,8 @@ func runImageCreate(ctx context.Context, args []string) error {
 	res, err := image.Create(ctx, image.CreateOptions{
 		From: *from, Out: out, Key: key,
 		BlockSize: *blockSize, Size: size, Label: *label, Journal: *journal,
-		Warn: func(msg string) { fmt.Fprintln(os.Stderr, "warning:", msg) },
+		Warn:     func(msg string) { fmt.Fprintln(os.Stderr, "warning:", msg) },
+		NoVerity: *noVerity,
 		Crypto: crypto.FormatOptions{
 			Format:     *format,
 			SectorSize: *sectorSize,
@@ -100,8 +106,82 @@ func runImageCreate(ctx context.Context, args []string) error {
 	if err != nil {
 		return fmt.Errorf("create %s: %w", out, err)
 	}
+	if *jsonOut {
+		return printJSON(struct {
+			Image           string            `json:"image"`
+			Format          string            `json:"format"`
+			FilesystemBytes int64             `json:"filesystem_bytes"`
+			ImageBytes      int64             `json:"image_bytes"`
+			HoleBytes       int64             `json:"hole_bytes"`
+			BlockSize       int               `json:"block_size"`
+			SectorSize      int               `json:"sector_size"`
+			Entries         int               `json:"entries"`
+			Verity          *image.VerityInfo `json:"verity"`
+		}{out, *format, res.FilesystemBytes, res.ImageBytes, res.HoleBytes, *blockSize, *sectorSize, res.Entries, res.Verity})
+	}
 	fmt.Printf("created %s: %s, ext4 %d MiB (%d-byte blocks), %d-byte sectors\n",
 		out, *format, res.FilesystemBytes>>20, *blockSize, *sectorSize)
+	if res.Verity != nil {
+		printVerity(res.Verity)
+	} else {
+		fmt.Println("no verity tree (--no-verity): mounts cannot detect changes made by storage")
+	}
+	return nil
+}
+
+// printVerity prints what a mount must pin, in veritysetup's words.
+func printVerity(v *image.VerityInfo) {
+	fmt.Printf("verity root hash:   %s\n", v.RootHash)
+	fmt.Printf("verity hash offset: %d\n", v.HashOffset)
+	fmt.Printf("verity salt:        %s\n", v.Salt)
+	fmt.Printf("verity data blocks: %d (of %d bytes, %s)\n", v.DataBlocks, v.BlockSize, v.Algorithm)
+	fmt.Println("mount with --verity-root-hash", v.RootHash, "(sidecar: verity_root_hash)")
+}
+
+func printJSON(v any) error {
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func runImageVerity(ctx context.Context, args []string) error {
+	f := flag.NewFlagSet("image verity", flag.ContinueOnError)
+	f.Usage = func() {
+		fmt.Fprintln(f.Output(), "usage: blobseal image verity [flags] IMAGE\n\n"+
+			"Appends a dm-verity hash tree over the whole of IMAGE (a local file made by blobseal,\n"+
+			"cryptsetup or anything else) and prints its root hash. The file is padded to whole\n"+
+			"4096-byte blocks; the tree follows at the printed hash offset, in the format\n"+
+			"`veritysetup verify IMAGE IMAGE ROOT --hash-offset OFFSET` checks.\n\nflags:")
+		f.PrintDefaults()
+	}
+	saltHex := f.String("salt", "", "salt in hex (default: 32 random bytes)")
+	jsonOut := f.Bool("json", false, "print the result as JSON")
+	pos, err := parseInterspersed(f, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		f.Usage()
+		return usageErrorf("want one IMAGE argument, got %d", len(pos))
+	}
+	if image.IsRemote(pos[0]) {
+		return usageErrorf("IMAGE must be a local file: add the tree before uploading")
+	}
+	var salt []byte
+	if *saltHex != "" {
+		if salt, err = hex.DecodeString(*saltHex); err != nil || len(salt) > 256 {
+			return usageErrorf("--salt must be at most 256 bytes in hex")
+		}
+	}
+	v, err := image.AddVerity(ctx, pos[0], image.VerityOptions{Salt: salt})
+	if err != nil {
+		return err
+	}
+	if *jsonOut {
+		return printJSON(v)
+	}
+	fmt.Printf("added a verity tree to %s (%d bytes)\n", pos[0], v.TreeBytes)
+	printVerity(v)
 	return nil
 }
 
@@ -135,6 +215,8 @@ func runImageCheck(ctx context.Context, args []string) error {
 	}
 	var vf volumeFlags
 	vf.register(f)
+	var inf integrityFlags
+	inf.register(f)
 	pos, err := parseInterspersed(f, args)
 	if err != nil {
 		return err
@@ -146,11 +228,18 @@ func runImageCheck(ctx context.Context, args []string) error {
 	if err := vf.validate(); err != nil {
 		return err
 	}
+	integrity, err := inf.integrity()
+	if err != nil {
+		return err
+	}
 	key, err := readImageKeyFile(vf.keyFile)
 	if err != nil {
 		return err
 	}
-	img, err := image.Open(ctx, vf.imageSpec(pos[0], key))
+	spec := vf.imageSpec(pos[0], key)
+	spec.Integrity = integrity
+	spec.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	img, err := image.Open(ctx, spec)
 	key.Wipe()
 	if err != nil {
 		return err

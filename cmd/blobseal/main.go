@@ -27,6 +27,7 @@ func commands() []command {
 	return []command{
 		{"image create", "build an encrypted ext4 image from a directory", runImageCreate},
 		{"image check", "unlock an image, read every entry and print a manifest", runImageCheck},
+		{"image verity", "append a dm-verity hash tree to an image and print its root hash", runImageVerity},
 		{"image upload", "upload an image to a page or block blob", runImageUpload},
 		{"mount", "mount an encrypted image (file or blob URL) with FUSE; key from a file or a secure key release", runMount},
 		{"attest", "get an attestation token and print its verified claims", runAttest},

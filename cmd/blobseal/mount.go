@@ -13,6 +13,7 @@ import (
 
 	"github.com/blobseal/blobseal/blockcache"
 	"github.com/blobseal/blobseal/crypto"
+	"github.com/blobseal/blobseal/crypto/luks"
 	"github.com/blobseal/blobseal/fs"
 	"github.com/blobseal/blobseal/image"
 	"github.com/blobseal/blobseal/internal/secret"
@@ -20,15 +21,19 @@ import (
 
 // volumeFlags are the flags that say how to unlock an image.
 type volumeFlags struct {
-	keyFile    string
-	format     string
-	sectorSize int
+	keyFile       string
+	format        string
+	sectorSize    int
+	kdfIterations int
+	kdfMemoryMiB  int
 }
 
 func (v *volumeFlags) register(f *flag.FlagSet) {
 	f.StringVar(&v.keyFile, "key-file", "", "file whose bytes are the LUKS passphrase (or the raw XTS key with --format plain), used like cryptsetup --key-file")
 	f.StringVar(&v.format, "format", "auto", "image format: auto (LUKS header), luks, or plain (headerless AES-XTS)")
 	f.IntVar(&v.sectorSize, "sector-size", 4096, "encryption sector size of a plain image")
+	f.IntVar(&v.kdfIterations, "kdf-max-iterations", luks.DefaultMaxIterations, "most pbkdf2 iterations a LUKS keyslot may ask for (a forged header must not buy minutes of CPU)")
+	f.IntVar(&v.kdfMemoryMiB, "kdf-max-memory", luks.DefaultMaxArgonMemoryKiB>>10, "most argon2 memory a LUKS keyslot may ask for, MiB")
 }
 
 func (v *volumeFlags) validate() error {
@@ -44,7 +49,42 @@ func (v *volumeFlags) validateFormat() error {
 	default:
 		return usageErrorf("--format %q: use auto, luks or plain", v.format)
 	}
+	if v.kdfIterations < 1 || v.kdfMemoryMiB < 1 || v.kdfMemoryMiB > 64<<10 {
+		return usageErrorf("--kdf-max-iterations must be positive and --kdf-max-memory between 1 and 65536 MiB")
+	}
 	return nil
+}
+
+// integrityFlags pin the image's verity tree.
+type integrityFlags struct {
+	rootHash   string
+	hashOffset int64
+	require    bool
+}
+
+func (i *integrityFlags) register(f *flag.FlagSet) {
+	f.StringVar(&i.rootHash, "verity-root-hash", "", "the image's dm-verity root hash in hex, as blobseal image create or veritysetup printed it: every block read is verified against it")
+	f.Int64Var(&i.hashOffset, "verity-hash-offset", 0, "byte offset of the verity superblock; default: found at the end of the image (blobseal's layout)")
+	f.BoolVar(&i.require, "require-integrity", false, "refuse to open the image without --verity-root-hash")
+}
+
+func (i *integrityFlags) integrity() (image.Integrity, error) {
+	in := image.Integrity{HashOffset: i.hashOffset, Require: i.require}
+	if i.hashOffset < 0 || i.hashOffset%4096 != 0 {
+		return in, usageErrorf("--verity-hash-offset %d must be a non-negative multiple of 4096", i.hashOffset)
+	}
+	if i.rootHash == "" {
+		if i.hashOffset != 0 {
+			return in, usageErrorf("--verity-hash-offset needs --verity-root-hash")
+		}
+		return in, nil
+	}
+	root, err := image.ParseRootHash(i.rootHash)
+	if err != nil {
+		return in, usageErrorf("--verity-root-hash: %v", err)
+	}
+	in.RootHash = root
+	return in, nil
 }
 
 // readImageKeyFile returns all bytes of the key file, exactly as cryptsetup
@@ -73,8 +113,10 @@ func readImageKeyFile(path string) (secret.Bytes, error) {
 // imageSpec is the image.Spec for loc and key under the format flags.
 func (v *volumeFlags) imageSpec(loc string, key secret.Bytes) image.Spec {
 	spec := image.Spec{Location: loc, Key: key}
+	spec.Crypto.KDF = luks.Policy{MaxIterations: v.kdfIterations, MaxArgonMemoryKiB: v.kdfMemoryMiB << 10}
 	if v.format == "plain" {
-		spec.Crypto = crypto.OpenOptions{Format: "plain", Plain: crypto.PlainOptions{SectorSize: v.sectorSize}}
+		spec.Crypto.Format = "plain"
+		spec.Crypto.Plain = crypto.PlainOptions{SectorSize: v.sectorSize}
 	}
 	return spec
 }
@@ -120,13 +162,16 @@ func runMount(ctx context.Context, args []string) error {
 			"Serves IMAGE (a file or a blob URL) read-only at MOUNTPOINT in the foreground until\n"+
 			"SIGINT/SIGTERM or an external unmount. Prints \"ready\" once the tree is servable.\n"+
 			"The key comes from --key-file or from a secure key release (attestation, MAA, vault);\n"+
-			"a released key stays in memory only.\n\nflags:")
+			"a released key stays in memory only. With --verity-root-hash every block is verified\n"+
+			"against the image's hash tree before use; a tampered block reads as EIO.\n\nflags:")
 		f.PrintDefaults()
 	}
 	var vf volumeFlags
 	vf.register(f)
 	var rf releaseFlags
 	rf.register(f)
+	var inf integrityFlags
+	inf.register(f)
 	allowOther := f.Bool("allow-other", false, "let other users (other containers) read the mount; needs root or user_allow_other")
 	readyFile := f.String("ready-file", "", "write this file (atomically) once the mount is servable")
 	logLevel := f.String("log-level", "info", "debug, info, warn or error")
@@ -161,6 +206,10 @@ func runMount(ctx context.Context, args []string) error {
 	if err != nil {
 		return usageErrorf("--direct-io: %v", err)
 	}
+	integrity, err := inf.integrity()
+	if err != nil {
+		return err
+	}
 	if release {
 		if err := rf.prepare(); err != nil {
 			return err
@@ -192,6 +241,7 @@ func runMount(ctx context.Context, args []string) error {
 	spec.Cache = blockcache.Options{MemoryBytes: *cacheMiB << 20, DiskDir: *cacheDir}
 	spec.DirectLocal = !*cacheLocal
 	spec.Logger = logger
+	spec.Integrity = integrity
 	img, err := image.Open(ctx, spec)
 	key.Wipe()
 	if err != nil {
@@ -261,6 +311,11 @@ func logImageStats(logger *slog.Logger, img *image.Image) {
 	}
 	vs := img.Volume.Stats()
 	attrs = append(attrs, "bytes_decrypted", vs.BytesDecrypted, "decrypt_time", vs.DecryptTime)
+	if img.Tree != nil {
+		ts := img.Tree.Stats()
+		attrs = append(attrs, "verified_blocks", ts.BlocksVerified, "verified_zero_blocks", ts.ZeroBlocks,
+			"integrity_failures", ts.DataMismatches+ts.NodeMismatches, "tree_requests", ts.NodeRequests, "tree_bytes", ts.NodeBytes)
+	}
 	logger.Info("image statistics", attrs...)
 }
 

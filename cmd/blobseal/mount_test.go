@@ -335,10 +335,7 @@ func TestMountPlainFormat(t *testing.T) {
 	testenv.RequireTools(t, "mkfs.ext4", "debugfs")
 	src := testSource(t)
 	dir := t.TempDir()
-	key := filepath.Join(dir, "key")
-	if err := os.WriteFile(key, random(t, 64), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	key := writeKey(t, dir, 64)
 	img := filepath.Join(dir, "image.plain")
 	if _, stderr, code := blobseal(t, "image", "create", "--format", "plain", "--from", src, "--key-file", key, img); code != 0 {
 		t.Fatalf("image create --format plain: exit %d: %s", code, stderr)
@@ -381,14 +378,7 @@ func TestCryptsetupImageThroughBinary(t *testing.T) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("debugfs: %v: %s", err, out)
 	}
-	if err := os.Truncate(img, size+32<<20); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command(tools[0], "reencrypt", "--encrypt", "--batch-mode", "--type", "luks2",
-		"--cipher", "aes-xts-plain64", "--sector-size", "4096", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-		"--reduce-device-size", "32M", "--key-file", key, img).CombinedOutput(); err != nil {
-		t.Fatalf("cryptsetup reencrypt: %v: %s", err, out)
-	}
+	cryptsetupEncrypt(t, tools[0], img, size, key)
 
 	stdout, stderr, code := blobseal(t, "image", "check", "--key-file", key, img)
 	if code != 1 {
@@ -414,6 +404,21 @@ func TestCryptsetupImageThroughBinary(t *testing.T) {
 	proc.stop(t)
 	if !strings.Contains(proc.stderr.String(), "inode=") {
 		t.Errorf("no log line naming the damaged inode:\n%s", proc.stderr)
+	}
+}
+
+// cryptsetupEncrypt encrypts the ext4 image img (size bytes) in place with
+// cryptsetup and the Azure tooling's parameters: LUKS2, aes-xts-plain64,
+// 4096-byte sectors, pbkdf2 with 1000 iterations.
+func cryptsetupEncrypt(t *testing.T, cryptsetup, img string, size int64, key string) {
+	t.Helper()
+	if err := os.Truncate(img, size+32<<20); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(cryptsetup, "reencrypt", "--encrypt", "--batch-mode", "--type", "luks2",
+		"--cipher", "aes-xts-plain64", "--sector-size", "4096", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+		"--reduce-device-size", "32M", "--key-file", key, img).CombinedOutput(); err != nil {
+		t.Fatalf("cryptsetup reencrypt: %v: %s", err, out)
 	}
 }
 

@@ -88,7 +88,7 @@ func (o FormatOptions) withDefaults() (FormatOptions, error) {
 			o.Iterations = DefaultIterations
 		}
 		if o.Iterations < 1000 || o.Iterations > DefaultMaxIterations {
-			return o, fmt.Errorf("luks: format: pbkdf2 iterations %d out of range 1000..%d (cryptsetup refuses fewer than 1000)", o.Iterations, DefaultMaxIterations)
+			return o, fmt.Errorf("luks: format: pbkdf2 iterations %d out of range 1000..%d (cryptsetup refuses fewer than 1000; more would exceed what a mount accepts by default)", o.Iterations, DefaultMaxIterations)
 		}
 	case "argon2i", "argon2id":
 		if o.ArgonTime == 0 {

@@ -44,14 +44,27 @@ var (
 // CipherAESXTSPlain64 is the only data and keyslot cipher this package implements.
 const CipherAESXTSPlain64 = "aes-xts-plain64"
 
-// Default KDF limits, applied when the Policy leaves them zero. They are far
-// above what cryptsetup's own benchmarks choose and far below what could hang
-// a mount or exhaust memory.
+// Default KDF limits, applied when the Policy leaves them zero. A forged
+// header must not buy minutes of CPU or gigabytes of memory, so they admit
+// what blobseal and the Azure tooling write (pbkdf2, 1000 iterations) and
+// what cryptsetup's own benchmark picks for its defaults (pbkdf2 ~1.6 M
+// iterations, argon2id 0.5-1 GiB × 4 passes on this project's machines, for
+// a 2-second unlock), with room for a faster machine, and little more. One
+// Unlock never spends more than the totals, however many keyslots the
+// header lists (LUKS2 allows 32). Raise them in the Policy for images
+// formatted with a larger --iter-time.
 const (
-	DefaultMaxIterations     = 10_000_000
-	DefaultMaxArgonMemoryKiB = 4 * 1024 * 1024 // 4 GiB, cryptsetup's own maximum
-	DefaultMaxArgonTime      = 1000
-	DefaultMaxArgonThreads   = 64
+	DefaultMaxIterations     = 5_000_000   // pbkdf2 iterations of one keyslot or digest
+	DefaultMaxArgonMemoryKiB = 1024 * 1024 // 1 GiB, cryptsetup's default maximum
+	DefaultMaxArgonTime      = 10
+	DefaultMaxArgonThreads   = 16
+	// DefaultMaxTotalIterations bounds pbkdf2 iterations over every keyslot
+	// and digest check of one Unlock.
+	DefaultMaxTotalIterations = 2 * DefaultMaxIterations
+	// DefaultMaxTotalArgonWork bounds argon2 memory × passes (KiB) over
+	// every keyslot of one Unlock: two keyslots at cryptsetup's largest
+	// default, 1 GiB × 8.
+	DefaultMaxTotalArgonWork = 16 * 1024 * 1024
 )
 
 // Policy pins what a header may ask for. The zero value allows
@@ -65,6 +78,9 @@ type Policy struct {
 	MaxArgonMemoryKiB int
 	MaxArgonTime      int
 	MaxArgonThreads   int
+	// Totals over everything one Unlock derives (see the defaults).
+	MaxTotalIterations int64
+	MaxTotalArgonWork  int64 // KiB × passes
 }
 
 func (p Policy) withDefaults() (Policy, error) {
@@ -96,6 +112,12 @@ func (p Policy) withDefaults() (Policy, error) {
 	}
 	if out.MaxArgonThreads <= 0 {
 		out.MaxArgonThreads = DefaultMaxArgonThreads
+	}
+	if out.MaxTotalIterations <= 0 {
+		out.MaxTotalIterations = max(DefaultMaxTotalIterations, 2*int64(out.MaxIterations))
+	}
+	if out.MaxTotalArgonWork <= 0 {
+		out.MaxTotalArgonWork = max(DefaultMaxTotalArgonWork, 2*int64(out.MaxArgonMemoryKiB)*int64(out.MaxArgonTime))
 	}
 	if out.MaxArgonThreads > 255 {
 		out.MaxArgonThreads = 255 // argon2 lanes are a uint8 in x/crypto

@@ -2,6 +2,7 @@ package luks
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
@@ -278,7 +279,7 @@ func TestForgedHeaders(t *testing.T) {
 		{"sector 4096 not in policy", nil,
 			Policy{SectorSizes: []int{512}}, ErrForbiddenSectorSize, []string{"sector size 4096 but the mount allows 512"}},
 		{"huge pbkdf2 iterations", func(m map[string]any) { obj(m, "keyslots", "0", "kdf")["iterations"] = 2000000000 },
-			Policy{}, ErrKDFLimit, []string{"2000000000 pbkdf2 iterations", "limit 10000000"}},
+			Policy{}, ErrKDFLimit, []string{"2000000000 pbkdf2 iterations", "limit 5000000"}},
 		{"huge digest iterations", func(m map[string]any) { obj(m, "digests", "0")["iterations"] = 2000000000 },
 			Policy{}, ErrKDFLimit, []string{"digest 0 asks for 2000000000"}},
 		{"huge argon2 memory", func(m map[string]any) {
@@ -445,5 +446,62 @@ func TestReadErrorsPassedOn(t *testing.T) {
 	}
 	if _, err := h.Unlock(failingReader{img, 32768}, testPassphrase, Policy{}); !errors.Is(err, errStorage) || errors.Is(err, ErrWrongKey) {
 		t.Errorf("Unlock with failing key material read: err = %v", err)
+	}
+}
+
+// A forged header with many keyslots sharing one area, each within the
+// per-keyslot limits, buys at most the total budget of work: the slots
+// beyond it are skipped, not derived.
+func TestKDFTotalBudget(t *testing.T) {
+	img, _ := formatMem(t, FormatOptions{PBKDF: "argon2id", ArgonMemoryKiB: 256, ArgonTime: 4, ArgonThreads: 1})
+	forge(t, img, func(m map[string]any) {
+		slots := obj(m, "keyslots")
+		for i := 1; i < 32; i++ {
+			slots[fmt.Sprint(i)] = slots["0"]
+		}
+		dg := obj(m, "digests", "0")
+		ids := []any{}
+		for i := range 32 {
+			ids = append(ids, fmt.Sprint(i))
+		}
+		dg["keyslots"] = ids
+	})
+	pol := Policy{MaxArgonMemoryKiB: 256, MaxArgonTime: 4, MaxTotalArgonWork: 3 * 256 * 4}
+	_, err := readUnlock(img, []byte("not the passphrase"), pol)
+	if !errors.Is(err, ErrWrongKey) || !errors.Is(err, ErrKDFLimit) {
+		t.Fatalf("err = %v, want a wrong key after a spent budget", err)
+	}
+	if !strings.Contains(err.Error(), "tried keyslot 0, 1, 2)") || !strings.Contains(err.Error(), "total limit 3072") {
+		t.Fatalf("err = %v: want exactly three keyslots tried and the budget named", err)
+	}
+	// The right passphrase still unlocks: the first slot is within budget.
+	if u, err := readUnlock(img, testPassphrase, pol); err != nil {
+		t.Fatalf("right passphrase: %v", err)
+	} else {
+		u.Wipe()
+	}
+}
+
+// Cancellation stops an unlock between keyslots and abandons a derivation
+// in progress.
+func TestUnlockCancel(t *testing.T) {
+	img, _ := formatMem(t, FormatOptions{PBKDF: "argon2id", ArgonMemoryKiB: 64 << 10, ArgonTime: 10, ArgonThreads: 1})
+	h, err := ReadHeader(img, int64(len(img.b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := h.UnlockContext(ctx, img, testPassphrase, Policy{}); !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled before: %v", err)
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if _, err := h.UnlockContext(ctx, img, testPassphrase, Policy{}); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("cancelled during the derivation: %v", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("a cancelled unlock took %v", d) // a guard against ignoring ctx, not a benchmark
 	}
 }

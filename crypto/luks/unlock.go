@@ -1,6 +1,7 @@
 package luks
 
 import (
+	"context"
 	"crypto/subtle"
 	"encoding/binary"
 	"errors"
@@ -22,12 +23,19 @@ import (
 // areas; their IVs count from 0 at the area start.
 const keyslotSectorSize = 512
 
-// Unlock derives the volume key of the data segment from passphrase, trying
-// every keyslot bound to that segment (high priority first, "ignore"
-// priority never, as cryptsetup does). The header's ciphers and sector sizes
-// are checked against pol before any key is derived. r must be the device
-// the header was read from.
+// Unlock is UnlockContext without cancellation.
 func (h *Header) Unlock(r io.ReaderAt, passphrase []byte, pol Policy) (*Unlocked, error) {
+	return h.UnlockContext(context.Background(), r, passphrase, pol)
+}
+
+// UnlockContext derives the volume key of the data segment from passphrase,
+// trying every keyslot bound to that segment (high priority first,
+// "ignore" priority never, as cryptsetup does). The header's ciphers and
+// sector sizes are checked against pol before any key is derived, and the
+// KDF work is bounded per keyslot and in total (pol's limits). Cancelling
+// ctx stops between keyslots and abandons a derivation in progress. r must
+// be the device the header was read from.
+func (h *Header) UnlockContext(ctx context.Context, r io.ReaderAt, passphrase []byte, pol Policy) (*Unlocked, error) {
 	if h == nil || r == nil {
 		return nil, errors.New("luks: Unlock needs a header and a reader")
 	}
@@ -88,12 +96,20 @@ func (h *Header) Unlock(r io.ReaderAt, passphrase []byte, pol Policy) (*Unlocked
 
 	var tried []string
 	var limitErrs []error
+	var b budget
 	for _, k := range slots {
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("luks: unlock interrupted: %w", err)
+		}
 		if err := checkKDFLimits(k, pol); err != nil {
 			limitErrs = append(limitErrs, err)
 			continue
 		}
-		key, err := unlockKeyslot(r, k, passphrase)
+		if err := b.spend(k, dg, pol); err != nil {
+			limitErrs = append(limitErrs, err)
+			continue
+		}
+		key, err := derive(ctx, func() ([]byte, error) { return unlockKeyslot(r, k, passphrase) })
 		if err != nil {
 			return nil, fmt.Errorf("luks: keyslot %d: %w", k.ID, err)
 		}
@@ -124,6 +140,53 @@ func (h *Header) Unlock(r io.ReaderAt, passphrase []byte, pol Policy) (*Unlocked
 		err = fmt.Errorf("%w; skipped: %w", err, errors.Join(limitErrs...))
 	}
 	return nil, err
+}
+
+// budget accounts the KDF work of one Unlock against the policy's totals.
+type budget struct {
+	iterations int64 // pbkdf2, keyslots and digest checks
+	argonWork  int64 // KiB × passes
+}
+
+// spend charges keyslot k and the digest check after it, or refuses.
+func (b *budget) spend(k Keyslot, dg Digest, pol Policy) error {
+	iters, work := int64(dg.Iterations), int64(0)
+	switch k.KDF.Type {
+	case "pbkdf2":
+		iters += int64(k.KDF.Iterations)
+	default: // argon2i, argon2id: checkKDFLimits admitted nothing else
+		work = int64(k.KDF.MemoryKiB) * int64(k.KDF.Time)
+	}
+	if b.iterations+iters > pol.MaxTotalIterations {
+		return fmt.Errorf("keyslot %d would bring this unlock to %d pbkdf2 iterations, more than the total limit %d: %w", k.ID, b.iterations+iters, pol.MaxTotalIterations, ErrKDFLimit)
+	}
+	if b.argonWork+work > pol.MaxTotalArgonWork {
+		return fmt.Errorf("keyslot %d would bring this unlock to %d KiB-passes of argon2, more than the total limit %d: %w", k.ID, b.argonWork+work, pol.MaxTotalArgonWork, ErrKDFLimit)
+	}
+	b.iterations += iters
+	b.argonWork += work
+	return nil
+}
+
+// derive runs a key derivation that cannot be interrupted, returning early
+// when ctx ends; the abandoned result is wiped when it arrives.
+func derive(ctx context.Context, fn func() ([]byte, error)) ([]byte, error) {
+	type result struct {
+		key []byte
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		k, err := fn()
+		done <- result{k, err}
+	}()
+	select {
+	case r := <-done:
+		return r.key, r.err
+	case <-ctx.Done():
+		go func() { secret.Wipe((<-done).key) }()
+		return nil, fmt.Errorf("unlock interrupted: %w", ctx.Err())
+	}
 }
 
 // dataSegment returns the single crypt segment.
