@@ -209,6 +209,8 @@ func TestCorruption(t *testing.T) {
 			b[off+int64(i)-6+7] = FtDir
 			return a.Ino
 		}, func(f *FS, ino uint32) error { return f.Walk(func(string, *Inode) error { return nil }) }, ErrCorrupt, false},
+		{"directory entry name with NUL", "nocsum", corruptName(0), readDir, ErrCorrupt, false},
+		{"directory entry name with slash", "nocsum", corruptName('/'), readDir, ErrCorrupt, false},
 		{"directory entry inode out of range", "nocsum", func(t *testing.T, l located, b []byte) uint32 {
 			in := l.ino(t, "/a")
 			off := l.firstBlock(t, in)
@@ -306,4 +308,18 @@ func readDir(f *FS, ino uint32) error {
 	}
 	_, err = f.ReadDir(in)
 	return err
+}
+
+// corruptName puts c into the name of /a's entry "child".
+func corruptName(c byte) func(t *testing.T, l located, b []byte) uint32 {
+	return func(t *testing.T, l located, b []byte) uint32 {
+		in := l.ino(t, "/a")
+		off := l.firstBlock(t, in)
+		i := bytes.Index(b[off:off+1024], []byte("child"))
+		if i < 0 {
+			t.Fatal("entry not found")
+		}
+		b[off+int64(i)+2] = c
+		return in.Ino
+	}
 }

@@ -73,6 +73,11 @@ func parseDirEntries(b []byte, filetype bool, maxIno uint32, bs int, fn func(nam
 			if nameLen == 0 {
 				return fmt.Errorf("directory entry at offset %d has an empty name: %w", off, ErrCorrupt)
 			}
+			// No name can hold these (the kernel never writes them, e2fsck
+			// calls them illegal): a path served with one would be ambiguous.
+			if i := bytes.IndexAny(b[off+8:off+8+nameLen], "\x00/"); i >= 0 {
+				return fmt.Errorf("directory entry at offset %d has byte %#02x in its name %q: %w", off, b[off+8+i], b[off+8:off+8+nameLen], ErrCorrupt)
+			}
 			var typ uint8
 			if filetype {
 				typ = b[off+7]
