@@ -581,7 +581,7 @@ func TestMountWithKeyRelease(t *testing.T) {
 		t.Fatalf("image create: exit %d: %s", code, stderr)
 	}
 	hostData := strings.Repeat("5a", 32)
-	if err := runKeyImport(context.Background(), []string{"--dev-dir", dev, "--name", "fs-key", "--key-file", key, "--host-data", hostData}); err != nil {
+	if err := runIn(context.Background(), "key", "import", "--dev-dir", dev, "--key-name", "fs-key", "--key-file", key, "--host-data", hostData); err != nil {
 		t.Fatal(err)
 	}
 	release := []string{"--dev-dir", dev, "--key-name", "fs-key", "--attestation", "simulated"}
