@@ -41,6 +41,7 @@ func newRootCmd() *cobra.Command {
 	)
 	// Made now rather than on first Execute, so the generated reference
 	// documents them too.
+	root.InitDefaultVersionFlag()
 	root.InitDefaultHelpCmd()
 	root.InitDefaultCompletionCmd()
 	wrapRunErrors(root)
@@ -54,6 +55,16 @@ func execute(ctx context.Context, args []string, stdout, stderr io.Writer) (*cob
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
+	// pflag's deprecation warnings go to stderr, never into output a
+	// script parses (cobra would print them to the command's output).
+	var warnTo func(c *cobra.Command)
+	warnTo = func(c *cobra.Command) {
+		c.Flags().SetOutput(stderr)
+		for _, sub := range c.Commands() {
+			warnTo(sub)
+		}
+	}
+	warnTo(root)
 	cmd, err := root.ExecuteContextC(ctx)
 	var re *runError
 	if err != nil && !errors.As(err, &re) && !errors.Is(err, errUsage) {
