@@ -5,6 +5,8 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -75,12 +77,37 @@ func TestKeyImportAndReleaseWithDevStack(t *testing.T) {
 	os.WriteFile(regoPolicy, []byte(testCCE), 0o600)
 
 	ctx := context.Background()
-	if err := runIn(ctx, "key", "import", "--dev-dir", dev, "--key-name", "fs-key", "--key-file", keyFile, "--cce-policy", b64Policy, "--compliance-status", "azure-compliant-uvm"); err != nil {
+	stdout, _, err := runOut(ctx, "key", "import", "--json", "--dev-dir", dev, "--key-name", "fs-key", "--key-file", keyFile, "--cce-policy", b64Policy, "--compliance-status", "azure-compliant-uvm")
+	if err != nil {
 		t.Fatal(err)
 	}
+	var imported struct {
+		Kid    string `json:"kid"`
+		Kty    string `json:"kty"`
+		Policy struct {
+			AnyOf []struct {
+				Authority string `json:"authority"`
+			} `json:"anyOf"`
+		} `json:"release_policy"`
+	}
+	if err := json.Unmarshal([]byte(stdout), &imported); err != nil || !strings.Contains(imported.Kid, "/keys/fs-key/") ||
+		imported.Kty != "oct-HSM" || len(imported.Policy.AnyOf) != 1 || imported.Policy.AnyOf[0].Authority != st.MAAEndpoint {
+		t.Fatalf("key import --json: %v\n%s", err, stdout)
+	}
 	out := filepath.Join(work, "released.bin")
-	if err := runIn(ctx, "key", "release", "--dev-dir", dev, "--key-name", "fs-key", "--attestation", "simulated", "--simulated-cce-policy", regoPolicy, "--out", out); err != nil {
+	stdout, stderr, err := runOut(ctx, "key", "release", "--json", "--dev-dir", dev, "--key-name", "fs-key", "--attestation", "simulated", "--simulated-cce-policy", regoPolicy, "--out", out)
+	if err != nil {
 		t.Fatal(err)
+	}
+	var released map[string]any
+	if err := json.Unmarshal([]byte(stdout), &released); err != nil || released["kid"] != imported.Kid || released["kty"] != "oct-HSM" ||
+		released["secret_bytes"] != 32.0 || released["out"] != out || len(released) != 4 {
+		t.Fatalf("key release --json: %v\n%s", err, stdout)
+	}
+	for _, enc := range []string{hex.EncodeToString(key), base64.StdEncoding.EncodeToString(key), base64.RawURLEncoding.EncodeToString(key)} {
+		if strings.Contains(stdout+stderr, enc) {
+			t.Fatal("the released secret appears in the command's output")
+		}
 	}
 	got, err := os.ReadFile(out)
 	if err != nil || !bytes.Equal(got, key) {
