@@ -54,6 +54,7 @@ func newAttestCmd() *cobra.Command {
 	f.BoolVarP(&o.verbose, "verbose", "v", false, "debug logging (never includes tokens)")
 	f.BoolVar(&o.json, "json", false, "print the verified claims as one JSON object (with --print-token: {\"token\", \"claims\"})")
 	markRequired(cmd, "maa-endpoint")
+	completeValues(cmd, "attestation", evidence.ProviderAuto, evidence.ProviderSevGuest, evidence.ProviderConfigfsTSM, evidence.ProviderSimulated)
 	return cmd
 }
 

@@ -54,6 +54,10 @@ func newImageCreateCmd() *cobra.Command {
 	f.BoolVar(&o.noVerity, "no-verity", false, "leave out the dm-verity tree (the image can then be modified by storage undetected)")
 	f.BoolVar(&o.json, "json", false, "print the result as JSON")
 	markRequired(cmd, "from", "key-file")
+	completeValues(cmd, "format", "luks2", "plain")
+	completeValues(cmd, "pbkdf", "pbkdf2", "argon2id")
+	completeValues(cmd, "sector-size", "512", "1024", "2048", "4096")
+	completeValues(cmd, "block-size", "1024", "2048", "4096")
 	return cmd
 }
 
@@ -234,6 +238,7 @@ func newImageCheckCmd() *cobra.Command {
 	inf.register(cmd.Flags())
 	cmd.Flags().BoolVar(&jsonOut, "json", false, "print the manifest and a summary as one JSON object")
 	markRequired(cmd, "key-file")
+	completeValues(cmd, "format", "auto", "luks", "plain")
 	return cmd
 }
 

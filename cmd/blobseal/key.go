@@ -217,6 +217,7 @@ func newKeyImportCmd() *cobra.Command {
 	markRequired(cmd, "key-name")
 	cmd.MarkFlagsMutuallyExclusive("host-data", "cce-policy")
 	cmd.MarkFlagsOneRequired("host-data", "cce-policy")
+	completeValues(cmd, "kty", "oct-HSM", "RSA-HSM")
 	return cmd
 }
 

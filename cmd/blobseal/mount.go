@@ -200,6 +200,10 @@ func newMountCmd() *cobra.Command {
 	}
 	cmd.MarkFlagsOneRequired("key-file", "key-name")
 	o.rel.declare(cmd)
+	completeValues(cmd, "format", "auto", "luks", "plain")
+	completeValues(cmd, "log-level", "debug", "info", "warn", "error")
+	completeValues(cmd, "log-format", "text", "json")
+	completeValues(cmd, "direct-io", "auto", "on", "off")
 	return cmd
 }
 

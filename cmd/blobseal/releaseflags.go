@@ -64,6 +64,8 @@ func releaseFlagNames() []string {
 // declare marks the flag combinations a release cannot use.
 func (r *releaseFlags) declare(cmd *cobra.Command) {
 	cmd.MarkFlagsMutuallyExclusive("simulated-host-data", "simulated-cce-policy")
+	completeValues(cmd, "attestation", evidence.ProviderAuto, evidence.ProviderSevGuest, evidence.ProviderConfigfsTSM, evidence.ProviderSimulated)
+	completeValues(cmd, "wrap-alg", hsm.AlgCKMRSAAESKeyWrap, hsm.AlgRSAAESKeyWrap256, hsm.AlgRSAAESKeyWrap384)
 }
 
 // prepare fills unset flags from --dev-dir and checks the set is complete,

@@ -288,3 +288,14 @@ func markRequired(cmd *cobra.Command, names ...string) {
 }
 
 var _ error = (*runError)(nil)
+
+// completeValues offers the fixed values of an enumerated flag to shell
+// completion.
+func completeValues(cmd *cobra.Command, flag string, values ...string) {
+	err := cmd.RegisterFlagCompletionFunc(flag, func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
+		return values, cobra.ShellCompDirectiveNoFileComp
+	})
+	if err != nil {
+		panic(err) // a misspelt flag name: a programming error any test catches
+	}
+}

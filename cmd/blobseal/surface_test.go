@@ -28,6 +28,8 @@ func TestCLISurface(t *testing.T) {
 		{"zsh completion", []string{"completion", "zsh"}, 0, []string{"#compdef blobseal"}, nil},
 		{"fish completion", []string{"completion", "fish"}, 0, []string{"complete -c blobseal"}, nil},
 		{"flag completion", []string{"__complete", "image", "create", "--fo"}, 0, []string{"--format\t"}, nil},
+		{"value completion", []string{"__complete", "mount", "--direct-io", ""}, 0, []string{"auto\non\noff\n:4\n"}, nil},
+		{"group completion", []string{"__complete", "key", ""}, 0, []string{"import\t", "release\t"}, nil},
 		{"unknown command", []string{"mont"}, 2, nil, []string{`unknown command "mont"`, "did you mean mount?", "Run 'blobseal --help'"}},
 		{"unknown subcommand", []string{"image", "craete"}, 2, nil, []string{"did you mean create?"}},
 		{"unknown flag", []string{"image", "create", "--form", "x"}, 2, nil, []string{"unknown flag: --form; did you mean --format?"}},

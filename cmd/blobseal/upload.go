@@ -43,6 +43,7 @@ func newImageUploadCmd() *cobra.Command {
 	f.BoolVar(&o.create, "create-container", false, "create the container if it does not exist")
 	f.DurationVar(&o.timeout, "request-timeout", 2*time.Minute, "timeout of one request")
 	f.BoolVar(&o.json, "json", false, "print the upload summary as JSON")
+	completeValues(cmd, "type", "page", "block")
 	return cmd
 }
 
