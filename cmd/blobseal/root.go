@@ -189,6 +189,12 @@ func flagError(cmd *cobra.Command, err error) error {
 			msg += "; did you mean --" + s + "?"
 		}
 	}
+	// The Go flag package accepted -key-file; pflag reads it as -k -e -y ...
+	if m := singleDashRE.FindStringSubmatch(msg); m != nil {
+		if f := cmd.Flags().Lookup(m[1]); f != nil && !f.Hidden {
+			msg += "; long flags take two dashes: --" + m[1]
+		}
+	}
 	return usageErrorf("%s", msg)
 }
 
@@ -238,6 +244,7 @@ var (
 	oneRequiredRE = regexp.MustCompile(`at least one of the flags in the group \[([^\]]*)\] is required`)
 	togetherRE    = regexp.MustCompile(`if any flags in the group \[([^\]]*)\] are set they must all be set; missing \[([^\]]*)\]`)
 	requiredRE    = regexp.MustCompile(`required flag\(s\) (.*) not set`)
+	singleDashRE  = regexp.MustCompile(`^unknown shorthand flag: '.' in -([a-z][a-z0-9-]+)`)
 	unknownCmdRE  = regexp.MustCompile(`(?s)^(unknown command "[^"]*" for "[^"]*")(?:\s*Did you mean this\?\s*(.*))?$`)
 )
 

@@ -33,6 +33,7 @@ func TestCLISurface(t *testing.T) {
 		{"unknown command", []string{"mont"}, 2, nil, []string{`unknown command "mont"`, "did you mean mount?", "Run 'blobseal --help'"}},
 		{"unknown subcommand", []string{"image", "craete"}, 2, nil, []string{"did you mean create?"}},
 		{"unknown flag", []string{"image", "create", "--form", "x"}, 2, nil, []string{"unknown flag: --form; did you mean --format?"}},
+		{"single dash", []string{"image", "check", "-key-file", "k", "img"}, 2, nil, []string{"long flags take two dashes: --key-file"}},
 		{"required flag", []string{"image", "create", "out.img"}, 2, nil, []string{"--from and --key-file are required"}},
 		{"arguments", []string{"image", "check", "--key-file", "k"}, 2, nil, []string{"want IMAGE, got 0 argument(s)"}},
 		{"exclusive flags", []string{"mount", "--key-file", "k", "--key-name", "n", "img", "mnt"}, 2, nil, []string{"give either --key-file or --key-name, not both"}},
