@@ -224,27 +224,25 @@ func newKeyImportCmd() *cobra.Command {
 func runKeyImport(cmd *cobra.Command, o *keyImportFlags) error {
 	ctx := cmd.Context()
 	vf := &o.vault
-	kty, authority, hostData, ccePolicy := &o.kty, &o.authority, &o.hostData, &o.ccePolicy
-	keyFile, allowDebug, compliance, immutable, printPolicy, claims := &o.keyFile, &o.allowDebug, &o.compliance, &o.immutable, &o.printPolicy, o.claims
 	st, err := vf.applyDev()
 	if err != nil {
 		return err
 	}
-	if *authority == "" && st != nil {
-		*authority = st.MAAEndpoint
+	if o.authority == "" && st != nil {
+		o.authority = st.MAAEndpoint
 	}
 	if err := vf.check(); err != nil {
 		return err
 	}
-	if *authority == "" {
+	if o.authority == "" {
 		return usageErrorf("--authority is required (the attestation service URL the release policy trusts)")
 	}
-	if *kty != "oct-HSM" && *kty != "RSA-HSM" {
-		return usageErrorf("--kty must be oct-HSM or RSA-HSM, not %q", *kty)
+	if o.kty != "oct-HSM" && o.kty != "RSA-HSM" {
+		return usageErrorf("--kty must be oct-HSM or RSA-HSM, not %q", o.kty)
 	}
-	hd := *hostData
-	if *ccePolicy != "" {
-		sum, err := hostDataFromCCE(*ccePolicy)
+	hd := o.hostData
+	if o.ccePolicy != "" {
+		sum, err := hostDataFromCCE(o.ccePolicy)
 		if err != nil {
 			return err
 		}
@@ -256,20 +254,20 @@ func runKeyImport(cmd *cobra.Command, o *keyImportFlags) error {
 		{Name: "x-ms-attestation-type", Value: "sevsnpvm"},
 		{Name: "x-ms-sevsnpvm-hostdata", Value: hd},
 	}
-	if !*allowDebug {
+	if !o.allowDebug {
 		list = append(list, policy.Claim{Name: "x-ms-sevsnpvm-is-debuggable", Value: false})
 	}
-	if *compliance != "" {
-		list = append(list, policy.Claim{Name: "x-ms-compliance-status", Value: *compliance})
+	if o.compliance != "" {
+		list = append(list, policy.Claim{Name: "x-ms-compliance-status", Value: o.compliance})
 	}
-	for _, c := range claims {
+	for _, c := range o.claims {
 		name, value, ok := strings.Cut(c, "=")
 		if !ok || name == "" {
 			return usageErrorf("--claim %q must be NAME=VALUE", c)
 		}
 		list = append(list, policy.Claim{Name: name, Value: claimValue(value)})
 	}
-	pol, err := policy.Build(*authority, list)
+	pol, err := policy.Build(o.authority, list)
 	if err != nil {
 		return usageErrorf("%v", err)
 	}
@@ -277,9 +275,9 @@ func runKeyImport(cmd *cobra.Command, o *keyImportFlags) error {
 	if err != nil {
 		return err
 	}
-	spec := hsm.KeySpec{Kty: *kty, Policy: polJSON, Immutable: *immutable}
-	if *keyFile != "" {
-		if err := loadKeyFile(*keyFile, &spec); err != nil {
+	spec := hsm.KeySpec{Kty: o.kty, Policy: polJSON, Immutable: o.immutable}
+	if o.keyFile != "" {
+		if err := loadKeyFile(o.keyFile, &spec); err != nil {
 			return err
 		}
 		defer secret.Wipe(spec.Oct)
@@ -306,10 +304,10 @@ func runKeyImport(cmd *cobra.Command, o *keyImportFlags) error {
 			Kid    string          `json:"kid"`
 			Kty    string          `json:"kty"`
 			Policy json.RawMessage `json:"release_policy"`
-		}{kid, *kty, polJSON})
+		}{kid, o.kty, polJSON})
 	}
 	fmt.Fprintln(out, kid)
-	if *printPolicy {
+	if o.printPolicy {
 		fmt.Fprintln(out, string(polJSON))
 	}
 	return nil
