@@ -121,3 +121,16 @@ func formatUIDGID(uid, gid uint32) string {
 	c, _ := json.Marshal(gid)
 	return string(b) + ":" + string(c)
 }
+
+// TestUploadInvalidContainerName: storage's bare 400 for a container name
+// it refuses reaches the user as the naming rule.
+func TestUploadInvalidContainerName(t *testing.T) {
+	az := testenv.StartAzurite(t)
+	t.Setenv("AZURE_STORAGE_CONNECTION_STRING", az.ConnectionString())
+	img := filepath.Join(t.TempDir(), "img")
+	writeTestFile(t, img, random(t, 64<<10), 0o644)
+	_, stderr, code := blobseal(t, "image", "upload", "--create-container", img, az.Endpoint()+"/My_Images/x.img")
+	if code != 1 || !strings.Contains(stderr, `container name "My_Images"`) || !strings.Contains(stderr, "3 to 63 lowercase letters, digits and hyphens") {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+}
