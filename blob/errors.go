@@ -36,6 +36,9 @@ func describe(err error, l location, op string) error {
 	where := l.redacted()
 	var re *azcore.ResponseError
 	if errors.As(err, &re) {
+		if named := describeInvalidName(re, l, op); named != nil {
+			return named
+		}
 		code := bloberror.Code(re.ErrorCode)
 		switch {
 		case re.StatusCode == http.StatusNotFound && code == bloberror.ContainerNotFound:

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -14,6 +15,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/blobseal/blobseal/fs/ext4"
 )
 
 // MakeOptions control MakeExt4. The zero value is valid.
@@ -50,7 +53,8 @@ const (
 )
 
 // MakeExt4 writes a new ext4 filesystem holding a copy of dir (contents,
-// modes, owners, times, hard links, symlinks, xattrs, sparse files) into
+// modes, owners, times to the nanosecond, hard links, symlinks, xattrs,
+// sparse files) into
 // the file at path, without root, with mke2fs -d. It returns the image size.
 // With an automatic size, a too small estimate is retried larger.
 func MakeExt4(ctx context.Context, dir, path string, opts MakeOptions) (int64, error) {
@@ -103,7 +107,7 @@ func makeExt4(ctx context.Context, dir, path string, opts MakeOptions) (size int
 	for attempt := 0; ; attempt++ {
 		out, err := runMke2fs(ctx, mkfs, dir, path, size, inodes, opts)
 		if err == nil {
-			if err := copyRootAttrs(ctx, dir, path); err != nil {
+			if err := copyAttrs(ctx, dir, path); err != nil {
 				return 0, est, err
 			}
 			return size, est, nil
@@ -157,27 +161,108 @@ func runMke2fs(ctx context.Context, mkfs, dir, path string, size int64, inodes u
 	return cmd.CombinedOutput()
 }
 
-// copyRootAttrs gives the image's root directory the source directory's
-// mode and times, which mke2fs -d copies for every entry but the root.
-func copyRootAttrs(ctx context.Context, dir, path string) error {
-	var st unix.Stat_t
-	if err := unix.Stat(dir, &st); err != nil {
-		return fmt.Errorf("stat %s: %w", dir, err)
+// copyAttrs finishes what mke2fs -d leaves inexact: 1.47.0 copies times
+// in whole seconds, sets every ctime and crtime to the time it ran, and
+// gives the root directory neither the source's mode nor its times. One
+// debugfs run sets, for every inode, the source's atime, mtime and ctime
+// to the nanosecond (and its birth time where the source filesystem
+// reports one), so a mount of the image stats like the source.
+func copyAttrs(ctx context.Context, dir, path string) error {
+	script, err := timesScript(dir, path)
+	if err != nil {
+		return err
 	}
 	debugfs, err := findProgram("debugfs")
 	if err != nil {
 		return err
 	}
-	script := fmt.Sprintf("sif / mode 0%o\nsif / mtime @%d\nsif / atime @%d\n",
-		st.Mode, st.Mtim.Sec, st.Atim.Sec)
 	cmd := exec.CommandContext(ctx, debugfs, "-w", "-f", "-", path)
 	cmd.Stdin = strings.NewReader(script)
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("debugfs (set root directory attributes): %w: %s", err, bytes.TrimSpace(out))
+		return fmt.Errorf("debugfs (set inode times): %w: %s", err, bytes.TrimSpace(out))
+	}
+	// debugfs reports a refused command on its output but exits 0.
+	for _, line := range strings.Split(string(out), "\n") {
+		if strings.HasPrefix(line, "debugfs") || strings.TrimSpace(line) == "" {
+			continue
+		}
+		return fmt.Errorf("debugfs (set inode times): %s", line)
 	}
 	return nil
+}
+
+// timesScript is the debugfs script that gives every inode of the ext4
+// image at path the times of its source entry under dir. Inodes are named
+// by number (<N>), so no file name needs quoting.
+func timesScript(dir, path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return "", err
+	}
+	tree, err := ext4.Open(f, st.Size())
+	if err != nil {
+		return "", fmt.Errorf("read back the new filesystem: %w", err)
+	}
+	var script strings.Builder
+	inodes := map[string]uint32{dir: ext4.RootIno}
+	done := map[uint32]bool{}
+	err = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		ino, ok := inodes[p]
+		if !ok {
+			parent, err := tree.Inode(inodes[filepath.Dir(p)])
+			if err != nil {
+				return err
+			}
+			if ino, err = tree.Lookup(parent, d.Name()); err != nil {
+				return fmt.Errorf("%s is not in the new filesystem: %w", p, err)
+			}
+			if d.IsDir() {
+				inodes[p] = ino
+			}
+		}
+		if done[ino] { // a hard link: one inode, one set of times
+			return nil
+		}
+		done[ino] = true
+		var sx unix.Statx_t
+		if err := unix.Statx(unix.AT_FDCWD, p, unix.AT_SYMLINK_NOFOLLOW, unix.STATX_BASIC_STATS|unix.STATX_BTIME, &sx); err != nil {
+			return fmt.Errorf("stat %s: %w", p, err)
+		}
+		if ino == ext4.RootIno {
+			fmt.Fprintf(&script, "sif <%d> mode 0%o\n", ino, uint32(sx.Mode))
+		}
+		setTime(&script, ino, "atime", sx.Atime)
+		setTime(&script, ino, "mtime", sx.Mtime)
+		setTime(&script, ino, "ctime", sx.Ctime)
+		if sx.Mask&unix.STATX_BTIME != 0 {
+			setTime(&script, ino, "crtime", sx.Btime)
+		}
+		return nil
+	})
+	if err != nil {
+		return "", fmt.Errorf("copy times from %s: %w", dir, err)
+	}
+	return script.String(), nil
+}
+
+// setTime writes the debugfs commands that set one ext4 timestamp: the
+// low 32 bits of the seconds, then the extra field holding the epoch bits
+// (seconds beyond 32 bits, for times after 2038) and the nanoseconds.
+func setTime(w io.Writer, ino uint32, field string, t unix.StatxTimestamp) {
+	sec := t.Sec
+	epoch := uint32((sec-int64(int32(sec)))>>32) & 3
+	fmt.Fprintf(w, "sif <%d> %s 0x%x\n", ino, field, uint32(int32(sec)))
+	fmt.Fprintf(w, "sif <%d> %s_extra 0x%x\n", ino, field, t.Nsec<<2|epoch)
 }
 
 // TreeEstimate is what a directory tree needs on ext4.

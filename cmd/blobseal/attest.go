@@ -9,69 +9,82 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"os"
+	"sort"
 	"time"
+
+	"github.com/spf13/cobra"
 
 	"github.com/blobseal/blobseal/keyrelease/evidence"
 	"github.com/blobseal/blobseal/keyrelease/maa"
 )
 
-func runAttest(ctx context.Context, args []string) error {
-	return attest(ctx, args, os.Stdout, os.Stderr)
+type attestFlags struct {
+	endpoint, provider, caFile, certCache, simDir, nonce string
+	printToken, verbose, json                            bool
+	timeout                                              time.Duration
+}
+
+func newAttestCmd() *cobra.Command {
+	var o attestFlags
+	cmd := &cobra.Command{
+		Use:   "attest --maa-endpoint URL [flags]",
+		Short: "Get an attestation token and print its verified claims",
+		Long: "Collects SNP evidence for a fresh wrapping key, has the attestation service turn it into a\n" +
+			"token, verifies the token and prints its claims: a diagnosis of what a release policy will see.",
+		Example: "  blobseal attest --maa-endpoint https://sharedeus.eus.attest.azure.net",
+		Args:    noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return attest(cmd.Context(), o, cmd.OutOrStdout(), cmd.ErrOrStderr())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.endpoint, "maa-endpoint", "", "attestation service URL, e.g. https://sharedeus.eus.attest.azure.net")
+	f.StringVar(&o.provider, "attestation", evidence.ProviderAuto, "evidence source: sev-guest, configfs-tsm, auto, or simulated (local testing only)")
+	f.StringVar(&o.caFile, "ca-file", "", "PEM file of extra trusted TLS roots (for local services)")
+	f.StringVar(&o.certCache, "cert-cache-url", "", "certificate cache for a missing or stale VCEK, e.g. https://global.acccache.azure.net")
+	f.StringVar(&o.simDir, "simulated-dir", "", "with --attestation simulated: the `DIR` of a \"blobseal dev serve\" whose simulated signer to use")
+	f.StringVar(&o.nonce, "nonce", "", "nonce to send (default: random)")
+	f.BoolVar(&o.printToken, "print-token", false, "also print the raw token (it is a credential: handle with care)")
+	f.DurationVar(&o.timeout, "timeout", 2*time.Minute, "overall time limit")
+	f.BoolVarP(&o.verbose, "verbose", "v", false, "debug logging (never includes tokens)")
+	f.BoolVar(&o.json, "json", false, "print the verified claims as one JSON object (with --print-token: {\"token\", \"claims\"})")
+	markRequired(cmd, "maa-endpoint")
+	completeValues(cmd, "attestation", evidence.ProviderAuto, evidence.ProviderSevGuest, evidence.ProviderConfigfsTSM, evidence.ProviderSimulated)
+	return cmd
 }
 
 // attest collects evidence for a fresh wrapping key, gets a token and
 // prints its verified claims; it is a diagnosis tool.
-func attest(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("attest", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	endpoint := fs.String("maa-endpoint", "", "attestation service URL, e.g. https://sharedeus.eus.attest.azure.net (required)")
-	provider := fs.String("attestation", evidence.ProviderAuto, "evidence source: sev-guest, configfs-tsm, auto, or simulated (local testing only)")
-	caFile := fs.String("ca-file", "", "PEM file of extra trusted TLS roots (for local services)")
-	certCache := fs.String("cert-cache-url", "", "certificate cache for a missing or stale VCEK, e.g. https://global.acccache.azure.net")
-	simDir := fs.String("simulated-dir", "", "with --attestation simulated: the `blobseal dev serve` directory whose simulated signer to use")
-	nonce := fs.String("nonce", "", "nonce to send (default: random)")
-	printToken := fs.Bool("print-token", false, "also print the raw token (it is a credential: handle with care)")
-	timeout := fs.Duration("timeout", 2*time.Minute, "overall time limit")
-	verbose := fs.Bool("v", false, "debug logging (never includes tokens)")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return usageErrorf("unexpected arguments %q", fs.Args())
-	}
-	if *endpoint == "" {
-		return usageErrorf("--maa-endpoint is required")
-	}
-	if *simDir != "" && *provider != evidence.ProviderSimulated {
+func attest(ctx context.Context, o attestFlags, stdout, stderr io.Writer) error {
+	if o.simDir != "" && o.provider != evidence.ProviderSimulated {
 		return usageErrorf("--simulated-dir only applies to --attestation simulated")
 	}
 	level := slog.LevelInfo
-	if *verbose {
+	if o.verbose {
 		level = slog.LevelDebug
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 
-	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	ctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
-	hc, err := httpClientWithCA(*caFile)
+	hc, err := httpClientWithCA(o.caFile)
 	if err != nil {
 		return err
 	}
-	opts := evidence.Options{CertCacheURL: *certCache, HTTPClient: hc, Logger: log}
-	if *provider == evidence.ProviderSimulated && *simDir != "" {
-		signer, err := evidence.ReadSimulatedSigner(*simDir)
+	opts := evidence.Options{CertCacheURL: o.certCache, HTTPClient: hc, Logger: log}
+	if o.provider == evidence.ProviderSimulated && o.simDir != "" {
+		signer, err := evidence.ReadSimulatedSigner(o.simDir)
 		if err != nil {
 			return err
 		}
 		opts.Simulated = &evidence.SimulatedConfig{Signer: signer}
 	}
-	prov, err := evidence.NewProvider(*provider, opts)
+	prov, err := evidence.NewProvider(o.provider, opts)
 	if err != nil {
 		return err
 	}
@@ -87,15 +100,16 @@ func attest(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err != nil {
 		return fmt.Errorf("collect evidence (%s): %w", prov.Name(), err)
 	}
-	if *nonce == "" {
+	nonce := o.nonce
+	if nonce == "" {
 		b := make([]byte, 16)
 		if _, err := rand.Read(b); err != nil {
 			return err
 		}
-		*nonce = base64.RawURLEncoding.EncodeToString(b)
+		nonce = base64.RawURLEncoding.EncodeToString(b)
 	}
-	client := maa.New(*endpoint, maa.Options{HTTPClient: hc, Logger: log, UserAgent: "blobseal/" + version})
-	tok, err := client.AttestSevSnpVm(ctx, ev, runtime, *nonce)
+	client := maa.New(o.endpoint, maa.Options{HTTPClient: hc, Logger: log, UserAgent: "blobseal/" + version})
+	tok, err := client.AttestSevSnpVm(ctx, ev, runtime, nonce)
 	if err != nil {
 		return err
 	}
@@ -107,20 +121,48 @@ func attest(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err != nil {
 		return fmt.Errorf("verify token: %w", err)
 	}
-	if claims.Nonce != *nonce {
+	if claims.Nonce != nonce {
 		return errors.New("the token's nonce claim does not match the nonce sent")
 	}
-	if *printToken {
-		if _, err := fmt.Fprintln(stdout, tok.Reveal()); err != nil {
+	token := ""
+	if o.printToken {
+		token = tok.Reveal()
+	}
+	return printClaims(stdout, claims.Raw, token, o.printToken, o.json)
+}
+
+// printClaims writes the verified claims: one "name: value" line each,
+// sorted, or one JSON object. The token, a credential, only on request.
+func printClaims(w io.Writer, claims map[string]any, token string, withToken, asJSON bool) error {
+	if asJSON {
+		if withToken {
+			return printJSON(w, struct {
+				Token  string         `json:"token"`
+				Claims map[string]any `json:"claims"`
+			}{token, claims})
+		}
+		return printJSON(w, claims)
+	}
+	if withToken {
+		if _, err := fmt.Fprintln(w, token); err != nil {
 			return err
 		}
 	}
-	out, err := json.MarshalIndent(claims.Raw, "", "  ")
-	if err != nil {
-		return err
+	names := make([]string, 0, len(claims))
+	for n := range claims {
+		names = append(names, n)
 	}
-	_, err = fmt.Fprintf(stdout, "%s\n", out)
-	return err
+	sort.Strings(names)
+	for _, n := range names {
+		v, err := json.Marshal(claims[n])
+		if err != nil {
+			return err
+		}
+		if _, err := fmt.Fprintf(w, "%s: %s\n", n, v); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // httpClientWithCA trusts the system roots plus those in caFile.

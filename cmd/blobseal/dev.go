@@ -4,13 +4,15 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/spf13/cobra"
 
 	"github.com/blobseal/blobseal/keyrelease/localhsm"
 	"github.com/blobseal/blobseal/keyrelease/localstack"
@@ -62,36 +64,49 @@ func readDevStack(dir string) (*devStack, error) {
 	return &st, nil
 }
 
-func runDevServe(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("dev serve", flag.ContinueOnError)
-	dir := fs.String("dir", "", "directory for stack.json, the CA certificate, the bearer token and the simulated signer")
-	addr := fs.String("addr", "127.0.0.1:0", "HOST:PORT of the attestation service; the key service listens on PORT+1 (or a free port when PORT is 0)")
-	verbose := fs.Bool("v", false, "debug logging (never prints keys or tokens)")
-	if err := fs.Parse(args); err != nil {
-		return err
+func newDevCmd() *cobra.Command {
+	return newGroup("dev", "Local stand-ins for the cloud services (testing only)", newDevServeCmd())
+}
+
+func newDevServeCmd() *cobra.Command {
+	var dir, addr string
+	var verbose bool
+	cmd := &cobra.Command{
+		Use:   "serve --dir DIR [flags]",
+		Short: "Run the local attestation and key services",
+		Long: "Runs a local attestation service (MAA's SevSnpVm API, trusting a simulated AMD signer) and a\n" +
+			"local key service (the Managed HSM keys API) on 127.0.0.1, and describes them in DIR/" + StackFile + ".\n" +
+			"Test-only: no production key or credential is ever written.",
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runDevServe(cmd.Context(), dir, addr, verbose, cmd.OutOrStdout(), cmd.ErrOrStderr())
+		},
 	}
-	if *dir == "" {
-		return usageErrorf("--dir is required")
-	}
-	if fs.NArg() > 0 {
-		return usageErrorf("unexpected arguments %v", fs.Args())
-	}
-	host, _, err := net.SplitHostPort(*addr)
+	f := cmd.Flags()
+	f.StringVar(&dir, "dir", "", "directory for stack.json, the CA certificate, the bearer token and the simulated signer")
+	f.StringVar(&addr, "addr", "127.0.0.1:0", "HOST:PORT of the attestation service; the key service listens on PORT+1 (or a free port when PORT is 0)")
+	f.BoolVarP(&verbose, "verbose", "v", false, "debug logging (never prints keys or tokens)")
+	markRequired(cmd, "dir")
+	return cmd
+}
+
+func runDevServe(ctx context.Context, dir, addr string, verbose bool, stdout, stderr io.Writer) error {
+	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
-		return usageErrorf("--addr %q: %v", *addr, err)
+		return usageErrorf("--addr %q: %v", addr, err)
 	}
-	if err := os.MkdirAll(*dir, 0o700); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("--dir: %w", err)
 	}
-	abs, err := filepath.Abs(*dir)
+	abs, err := filepath.Abs(dir)
 	if err != nil {
 		return fmt.Errorf("--dir: %w", err)
 	}
 	level := slog.LevelInfo
-	if *verbose {
+	if verbose {
 		level = slog.LevelDebug
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 
 	var hosts []string
 	if host != "" && host != "localhost" && host != "127.0.0.1" {
@@ -104,7 +119,7 @@ func runDevServe(ctx context.Context, args []string) error {
 			os.Remove(p)
 		}
 	}()
-	st, err := localstack.Start(localstack.Options{SignerDir: abs, Addr: *addr, Hosts: hosts,
+	st, err := localstack.Start(localstack.Options{SignerDir: abs, Addr: addr, Hosts: hosts,
 		Validity: 7 * 24 * time.Hour, Logger: log})
 	if err != nil {
 		return fmt.Errorf("start the local stack: %w", err)
@@ -130,7 +145,7 @@ func runDevServe(ctx context.Context, args []string) error {
 	written = append(written, stackFile)
 	log.Info("local stack ready (test-only: simulated attestation and an in-memory key service)",
 		"maa_endpoint", st.MAAEndpoint, "vault_url", st.VaultURL, "stack", stackFile)
-	fmt.Println(stackFile)
+	fmt.Fprintln(stdout, stackFile)
 	<-ctx.Done()
 	log.Info("local stack stopping")
 	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/tls"
@@ -10,8 +9,8 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
-	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"os"
@@ -22,17 +21,13 @@ import (
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
 	"github.com/Azure/azure-sdk-for-go/sdk/azidentity"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/blobseal/blobseal/internal/secret"
 	"github.com/blobseal/blobseal/keyrelease/hsm"
 	"github.com/blobseal/blobseal/keyrelease/policy"
 )
-
-// multiFlag collects a repeatable string flag.
-type multiFlag []string
-
-func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
-func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
 
 // vaultFlags are shared by key import and key release.
 type vaultFlags struct {
@@ -40,13 +35,14 @@ type vaultFlags struct {
 	verbose                                 bool
 }
 
-func (v *vaultFlags) register(fs *flag.FlagSet) {
+func (v *vaultFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&v.vault, "vault", "", "vault URL: https://NAME.managedhsm.azure.net, https://NAME.vault.azure.net or the local key service")
-	fs.StringVar(&v.name, "name", "", "key name")
+	fs.StringVar(&v.name, "key-name", "", "key name")
+	deprecatedAlias(fs, "name", "key-name")
 	fs.StringVar(&v.bearerFile, "bearer-token-file", "", "file holding a bearer token for the vault (default: azidentity — managed identity, workload identity or Azure CLI)")
 	fs.StringVar(&v.caFile, "ca-file", "", "PEM file of extra CA roots for TLS and for the vault's signed responses (local stack)")
-	fs.StringVar(&v.devDir, "dev-dir", "", "directory of a running `blobseal dev serve`: fills --vault, --ca-file, --bearer-token-file (and --maa-endpoint) from its stack.json")
-	fs.BoolVar(&v.verbose, "v", false, "debug logging (never prints keys or tokens)")
+	fs.StringVar(&v.devDir, "dev-dir", "", "the `DIR` of a running \"blobseal dev serve\": fills --vault, --ca-file, --bearer-token-file (and --maa-endpoint) from its stack.json")
+	fs.BoolVarP(&v.verbose, "verbose", "v", false, "debug logging (never prints keys or tokens)")
 }
 
 // applyDev fills unset flags from a dev serve stack file.
@@ -75,17 +71,17 @@ func (v *vaultFlags) check() error {
 		return usageErrorf("--vault is required (or --dev-dir)")
 	}
 	if v.name == "" {
-		return usageErrorf("--name is required")
+		return usageErrorf("--key-name is required")
 	}
 	return nil
 }
 
-func (v *vaultFlags) logger() *slog.Logger {
+func (v *vaultFlags) logger(w io.Writer) *slog.Logger {
 	level := slog.LevelInfo
 	if v.verbose {
 		level = slog.LevelDebug
 	}
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
 }
 
 // roots returns the system pool plus --ca-file (nil pool: system only).
@@ -178,49 +174,75 @@ func claimValue(s string) any {
 	return s
 }
 
-func runKeyImport(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("key import", flag.ContinueOnError)
-	var vf vaultFlags
-	vf.register(fs)
-	kty := fs.String("kty", "oct-HSM", "key type: oct-HSM (Managed HSM) or RSA-HSM (Managed HSM, Key Vault Premium)")
-	keyFile := fs.String("key-file", "", "key to import: 32 raw bytes for oct-HSM (the image's key file), PEM RSA private key for RSA-HSM; omit to have the vault generate it")
-	authority := fs.String("authority", "", "attestation service URL the policy trusts, e.g. https://sharedeus.eus.attest.azure.net (default with --dev-dir: the local one)")
-	hostData := fs.String("host-data", "", "expected x-ms-sevsnpvm-hostdata: hex SHA-256 of the CCE policy")
-	ccePolicy := fs.String("cce-policy", "", "CCE policy file (Rego text or az confcom's base64) to compute --host-data from")
-	allowDebug := fs.Bool("allow-debug", false, "do not require x-ms-sevsnpvm-is-debuggable=false (NEVER for production keys)")
-	compliance := fs.String("compliance-status", "", "required x-ms-compliance-status, e.g. azure-compliant-uvm")
-	immutable := fs.Bool("immutable", false, "make the release policy immutable")
-	printPolicy := fs.Bool("print-policy", false, "print the release policy JSON")
-	var claims multiFlag
-	fs.Var(&claims, "claim", "extra required claim NAME=VALUE (repeatable)")
-	if err := fs.Parse(args); err != nil {
-		return err
+func newKeyCmd() *cobra.Command {
+	return newGroup("key", "Create keys with a release policy, and release them",
+		newKeyImportCmd(), newKeyReleaseCmd())
+}
+
+type keyImportFlags struct {
+	vault                                                    vaultFlags
+	kty, keyFile, authority, hostData, ccePolicy, compliance string
+	allowDebug, immutable, printPolicy, json                 bool
+	claims                                                   []string
+}
+
+func newKeyImportCmd() *cobra.Command {
+	var o keyImportFlags
+	cmd := &cobra.Command{
+		Use:   "import --vault URL --key-name NAME (--host-data HEX | --cce-policy FILE) [flags]",
+		Short: "Create or import a key with a release policy",
+		Long: "Creates (or imports, with --key-file) a vault key whose release policy requires an SEV-SNP\n" +
+			"attestation from --authority with the container group's HOST_DATA and no debugging.\n" +
+			"Prints the key id (kid).",
+		Example: "  blobseal key import --vault https://HSM.managedhsm.azure.net --key-name data-key --key-file key.bin \\\n" +
+			"      --authority https://sharedeus.eus.attest.azure.net --cce-policy policy.rego",
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runKeyImport(cmd, &o)
+		},
 	}
-	if fs.NArg() > 0 {
-		return usageErrorf("unexpected arguments %v", fs.Args())
-	}
+	f := cmd.Flags()
+	o.vault.register(f)
+	f.StringVar(&o.kty, "kty", "oct-HSM", "key type: oct-HSM (Managed HSM) or RSA-HSM (Managed HSM, Key Vault Premium)")
+	f.StringVar(&o.keyFile, "key-file", "", "key to import: 32 raw bytes for oct-HSM (the image's key file), PEM RSA private key for RSA-HSM; omit to have the vault generate it")
+	f.StringVar(&o.authority, "authority", "", "attestation service URL the policy trusts, e.g. https://sharedeus.eus.attest.azure.net (default with --dev-dir: the local one)")
+	f.StringVar(&o.hostData, "host-data", "", "expected x-ms-sevsnpvm-hostdata: hex SHA-256 of the CCE policy")
+	f.StringVar(&o.ccePolicy, "cce-policy", "", "CCE policy file (Rego text or az confcom's base64) to compute --host-data from")
+	f.BoolVar(&o.allowDebug, "allow-debug", false, "do not require x-ms-sevsnpvm-is-debuggable=false (NEVER for production keys)")
+	f.StringVar(&o.compliance, "compliance-status", "", "required x-ms-compliance-status, e.g. azure-compliant-uvm")
+	f.BoolVar(&o.immutable, "immutable", false, "make the release policy immutable")
+	f.BoolVar(&o.printPolicy, "print-policy", false, "print the release policy JSON")
+	f.StringArrayVar(&o.claims, "claim", nil, "extra required claim NAME=VALUE (repeatable)")
+	f.BoolVar(&o.json, "json", false, "print the key id and the release policy as one JSON object")
+	markRequired(cmd, "key-name")
+	cmd.MarkFlagsMutuallyExclusive("host-data", "cce-policy")
+	cmd.MarkFlagsOneRequired("host-data", "cce-policy")
+	completeValues(cmd, "kty", "oct-HSM", "RSA-HSM")
+	return cmd
+}
+
+func runKeyImport(cmd *cobra.Command, o *keyImportFlags) error {
+	ctx := cmd.Context()
+	vf := &o.vault
 	st, err := vf.applyDev()
 	if err != nil {
 		return err
 	}
-	if *authority == "" && st != nil {
-		*authority = st.MAAEndpoint
+	if o.authority == "" && st != nil {
+		o.authority = st.MAAEndpoint
 	}
 	if err := vf.check(); err != nil {
 		return err
 	}
-	if *authority == "" {
+	if o.authority == "" {
 		return usageErrorf("--authority is required (the attestation service URL the release policy trusts)")
 	}
-	if *kty != "oct-HSM" && *kty != "RSA-HSM" {
-		return usageErrorf("--kty must be oct-HSM or RSA-HSM, not %q", *kty)
+	if o.kty != "oct-HSM" && o.kty != "RSA-HSM" {
+		return usageErrorf("--kty must be oct-HSM or RSA-HSM, not %q", o.kty)
 	}
-	if (*hostData == "") == (*ccePolicy == "") {
-		return usageErrorf("give exactly one of --host-data HEX or --cce-policy FILE (the policy must pin the container group)")
-	}
-	hd := *hostData
-	if *ccePolicy != "" {
-		sum, err := hostDataFromCCE(*ccePolicy)
+	hd := o.hostData
+	if o.ccePolicy != "" {
+		sum, err := hostDataFromCCE(o.ccePolicy)
 		if err != nil {
 			return err
 		}
@@ -232,20 +254,20 @@ func runKeyImport(ctx context.Context, args []string) error {
 		{Name: "x-ms-attestation-type", Value: "sevsnpvm"},
 		{Name: "x-ms-sevsnpvm-hostdata", Value: hd},
 	}
-	if !*allowDebug {
+	if !o.allowDebug {
 		list = append(list, policy.Claim{Name: "x-ms-sevsnpvm-is-debuggable", Value: false})
 	}
-	if *compliance != "" {
-		list = append(list, policy.Claim{Name: "x-ms-compliance-status", Value: *compliance})
+	if o.compliance != "" {
+		list = append(list, policy.Claim{Name: "x-ms-compliance-status", Value: o.compliance})
 	}
-	for _, c := range claims {
+	for _, c := range o.claims {
 		name, value, ok := strings.Cut(c, "=")
 		if !ok || name == "" {
 			return usageErrorf("--claim %q must be NAME=VALUE", c)
 		}
 		list = append(list, policy.Claim{Name: name, Value: claimValue(value)})
 	}
-	pol, err := policy.Build(*authority, list)
+	pol, err := policy.Build(o.authority, list)
 	if err != nil {
 		return usageErrorf("%v", err)
 	}
@@ -253,9 +275,9 @@ func runKeyImport(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	spec := hsm.KeySpec{Kty: *kty, Policy: polJSON, Immutable: *immutable}
-	if *keyFile != "" {
-		if err := loadKeyFile(*keyFile, &spec); err != nil {
+	spec := hsm.KeySpec{Kty: o.kty, Policy: polJSON, Immutable: o.immutable}
+	if o.keyFile != "" {
+		if err := loadKeyFile(o.keyFile, &spec); err != nil {
 			return err
 		}
 		defer secret.Wipe(spec.Oct)
@@ -268,7 +290,7 @@ func runKeyImport(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	client, err := hsm.New(vf.vault, cred, hsm.Options{HTTPClient: httpClientFor(roots), TrustedRoots: roots, Logger: vf.logger()})
+	client, err := hsm.New(vf.vault, cred, hsm.Options{HTTPClient: httpClientFor(roots), TrustedRoots: roots, Logger: vf.logger(cmd.ErrOrStderr())})
 	if err != nil {
 		return err
 	}
@@ -276,9 +298,17 @@ func runKeyImport(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	fmt.Println(kid)
-	if *printPolicy {
-		fmt.Println(string(polJSON))
+	out := cmd.OutOrStdout()
+	if o.json {
+		return printJSON(out, struct {
+			Kid    string          `json:"kid"`
+			Kty    string          `json:"kty"`
+			Policy json.RawMessage `json:"release_policy"`
+		}{kid, o.kty, polJSON})
+	}
+	fmt.Fprintln(out, kid)
+	if o.printPolicy {
+		fmt.Fprintln(out, string(polJSON))
 	}
 	return nil
 }
@@ -314,50 +344,69 @@ func loadKeyFile(path string, spec *hsm.KeySpec) error {
 	return nil
 }
 
-func runKeyRelease(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("key release", flag.ContinueOnError)
+func newKeyReleaseCmd() *cobra.Command {
 	var rf releaseFlags
-	rf.register(fs)
+	var out string
+	var jsonOut bool
+	cmd := &cobra.Command{
+		Use:   "release --key-name NAME --vault URL --maa-endpoint URL --out FILE [flags]",
+		Short: "Run attestation and key release; write the secret to a file",
+		Long: "Attests, gets an attestation token and has the vault release the key, then writes the\n" +
+			"secret to --out (mode 0600). The secret is never printed, not even with --json.",
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runKeyRelease(cmd, &rf, out, jsonOut)
+		},
+	}
+	f := cmd.Flags()
+	rf.register(f)
+	f.BoolVarP(&rf.vault.verbose, "verbose", "v", false, "debug logging (never prints keys or tokens)")
+	f.StringVar(&out, "out", "", "file to write the secret to (created with mode 0600; must not exist)")
+	f.BoolVar(&jsonOut, "json", false, "print the key id, type and secret length as JSON (never the secret)")
 	// The names this command had before it shared mount's release flags.
-	fs.StringVar(&rf.vault.name, "name", "", "same as --key-name")
-	fs.StringVar(&rf.keyVersion, "version", "", "same as --key-version")
-	fs.StringVar(&rf.simHostData, "sim-host-data", "", "same as --simulated-host-data")
-	fs.StringVar(&rf.simCCE, "sim-cce-policy", "", "same as --simulated-cce-policy")
-	fs.BoolVar(&rf.simDebug, "sim-debuggable", false, "same as --simulated-debuggable")
-	fs.BoolVar(&rf.vault.verbose, "v", false, "debug logging (never prints keys or tokens)")
-	out := fs.String("out", "", "file to write the 32-byte secret to (created with mode 0600; must not exist)")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return usageErrorf("unexpected arguments %v", fs.Args())
-	}
+	deprecatedAlias(f, "name", "key-name")
+	deprecatedAlias(f, "version", "key-version")
+	deprecatedAlias(f, "sim-host-data", "simulated-host-data")
+	deprecatedAlias(f, "sim-cce-policy", "simulated-cce-policy")
+	deprecatedAlias(f, "sim-debuggable", "simulated-debuggable")
+	markRequired(cmd, "key-name", "out")
+	rf.declare(cmd)
+	return cmd
+}
+
+func runKeyRelease(cmd *cobra.Command, rf *releaseFlags, out string, jsonOut bool) error {
 	if err := rf.prepare(); err != nil {
 		return err
 	}
-	if *out == "" {
-		return usageErrorf("--out FILE is required (the secret is never printed)")
-	}
 	// Create the output first so a bad path fails before any release.
-	f, err := os.OpenFile(*out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	f, err := os.OpenFile(out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return fmt.Errorf("--out: %w (the file must not exist yet)", err)
 	}
-	sec, err := rf.release(ctx, rf.vault.logger())
+	rel, err := rf.releaseKey(cmd.Context(), rf.vault.logger(cmd.ErrOrStderr()))
 	if err != nil {
 		f.Close()
-		os.Remove(*out)
+		os.Remove(out)
 		return err
 	}
+	sec := rel.Secret
 	defer sec.Wipe()
 	_, werr := f.Write(sec)
 	if cerr := f.Close(); werr == nil {
 		werr = cerr
 	}
 	if werr != nil {
-		os.Remove(*out)
-		return fmt.Errorf("write %s: %w", *out, werr)
+		os.Remove(out)
+		return fmt.Errorf("write %s: %w", out, werr)
 	}
-	fmt.Fprintf(os.Stderr, "released %d-byte secret of key %q to %s\n", len(sec), rf.vault.name, *out)
+	if jsonOut {
+		return printJSON(cmd.OutOrStdout(), struct {
+			Kid         string `json:"kid"`
+			Kty         string `json:"kty"`
+			SecretBytes int    `json:"secret_bytes"`
+			Out         string `json:"out"`
+		}{rel.Kid, rel.Kty, len(sec), out})
+	}
+	fmt.Fprintf(cmd.ErrOrStderr(), "released %d-byte secret of key %q to %s\n", len(sec), rf.vault.name, out)
 	return nil
 }

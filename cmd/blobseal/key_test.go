@@ -5,6 +5,8 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -22,7 +24,7 @@ func startDevStack(t *testing.T) string {
 	dir := t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- runDevServe(ctx, []string{"--dir", dir}) }()
+	go func() { done <- runIn(ctx, "dev", "serve", "--dir", dir) }()
 	t.Cleanup(func() {
 		cancel()
 		select {
@@ -75,12 +77,37 @@ func TestKeyImportAndReleaseWithDevStack(t *testing.T) {
 	os.WriteFile(regoPolicy, []byte(testCCE), 0o600)
 
 	ctx := context.Background()
-	if err := runKeyImport(ctx, []string{"--dev-dir", dev, "--name", "fs-key", "--key-file", keyFile, "--cce-policy", b64Policy, "--compliance-status", "azure-compliant-uvm"}); err != nil {
+	stdout, _, err := runOut(ctx, "key", "import", "--json", "--dev-dir", dev, "--key-name", "fs-key", "--key-file", keyFile, "--cce-policy", b64Policy, "--compliance-status", "azure-compliant-uvm")
+	if err != nil {
 		t.Fatal(err)
 	}
+	var imported struct {
+		Kid    string `json:"kid"`
+		Kty    string `json:"kty"`
+		Policy struct {
+			AnyOf []struct {
+				Authority string `json:"authority"`
+			} `json:"anyOf"`
+		} `json:"release_policy"`
+	}
+	if err := json.Unmarshal([]byte(stdout), &imported); err != nil || !strings.Contains(imported.Kid, "/keys/fs-key/") ||
+		imported.Kty != "oct-HSM" || len(imported.Policy.AnyOf) != 1 || imported.Policy.AnyOf[0].Authority != st.MAAEndpoint {
+		t.Fatalf("key import --json: %v\n%s", err, stdout)
+	}
 	out := filepath.Join(work, "released.bin")
-	if err := runKeyRelease(ctx, []string{"--dev-dir", dev, "--name", "fs-key", "--attestation", "simulated", "--sim-cce-policy", regoPolicy, "--out", out}); err != nil {
+	stdout, stderr, err := runOut(ctx, "key", "release", "--json", "--dev-dir", dev, "--key-name", "fs-key", "--attestation", "simulated", "--simulated-cce-policy", regoPolicy, "--out", out)
+	if err != nil {
 		t.Fatal(err)
+	}
+	var released map[string]any
+	if err := json.Unmarshal([]byte(stdout), &released); err != nil || released["kid"] != imported.Kid || released["kty"] != "oct-HSM" ||
+		released["secret_bytes"] != 32.0 || released["out"] != out || len(released) != 4 {
+		t.Fatalf("key release --json: %v\n%s", err, stdout)
+	}
+	for _, enc := range []string{hex.EncodeToString(key), base64.StdEncoding.EncodeToString(key), base64.RawURLEncoding.EncodeToString(key)} {
+		if strings.Contains(stdout+stderr, enc) {
+			t.Fatal("the released secret appears in the command's output")
+		}
 	}
 	got, err := os.ReadFile(out)
 	if err != nil || !bytes.Equal(got, key) {
@@ -94,7 +121,7 @@ func TestKeyImportAndReleaseWithDevStack(t *testing.T) {
 	other := filepath.Join(work, "other.rego")
 	os.WriteFile(other, []byte(testCCE+"\nextra := 1\n"), 0o600)
 	out2 := filepath.Join(work, "denied.bin")
-	err = runKeyRelease(ctx, []string{"--dev-dir", dev, "--name", "fs-key", "--attestation", "simulated", "--sim-cce-policy", other, "--out", out2})
+	err = runIn(ctx, "key", "release", "--dev-dir", dev, "--key-name", "fs-key", "--attestation", "simulated", "--simulated-cce-policy", other, "--out", out2)
 	if err == nil || !strings.Contains(err.Error(), "x-ms-sevsnpvm-hostdata") {
 		t.Fatalf("wrong CCE policy: %v", err)
 	}
@@ -102,23 +129,23 @@ func TestKeyImportAndReleaseWithDevStack(t *testing.T) {
 		t.Fatal("a refused release left its --out file")
 	}
 	// A debuggable VM is refused by the default policy.
-	err = runKeyRelease(ctx, []string{"--dev-dir", dev, "--name", "fs-key", "--attestation", "simulated", "--sim-cce-policy", regoPolicy, "--sim-debuggable", "--out", out2})
+	err = runIn(ctx, "key", "release", "--dev-dir", dev, "--key-name", "fs-key", "--attestation", "simulated", "--simulated-cce-policy", regoPolicy, "--simulated-debuggable", "--out", out2)
 	if err == nil || !strings.Contains(err.Error(), "x-ms-sevsnpvm-is-debuggable") {
 		t.Fatalf("debuggable VM: %v", err)
 	}
 	// --out must not overwrite.
-	if err := runKeyRelease(ctx, []string{"--dev-dir", dev, "--name", "fs-key", "--attestation", "simulated", "--sim-cce-policy", regoPolicy, "--out", out}); err == nil || !strings.Contains(err.Error(), "must not exist") {
+	if err := runIn(ctx, "key", "release", "--dev-dir", dev, "--key-name", "fs-key", "--attestation", "simulated", "--simulated-cce-policy", regoPolicy, "--out", out); err == nil || !strings.Contains(err.Error(), "must not exist") {
 		t.Fatalf("existing --out: %v", err)
 	}
 
 	// A vault-generated RSA-HSM key releases the same HKDF secret twice.
-	if err := runKeyImport(ctx, []string{"--dev-dir", dev, "--name", "rsa-key", "--kty", "RSA-HSM", "--host-data", strings.Repeat("ab", 32), "--allow-debug"}); err != nil {
+	if err := runIn(ctx, "key", "import", "--dev-dir", dev, "--key-name", "rsa-key", "--kty", "RSA-HSM", "--host-data", strings.Repeat("ab", 32), "--allow-debug"); err != nil {
 		t.Fatal(err)
 	}
 	var secrets [][]byte
 	for i, alg := range []string{"RSA_AES_KEY_WRAP_256", "RSA_AES_KEY_WRAP_384"} {
 		p := filepath.Join(work, "rsa"+string(rune('0'+i)))
-		if err := runKeyRelease(ctx, []string{"--dev-dir", dev, "--name", "rsa-key", "--attestation", "simulated", "--sim-host-data", strings.Repeat("AB", 32), "--sim-debuggable", "--wrap-alg", alg, "--salt", "0011", "--out", p}); err != nil {
+		if err := runIn(ctx, "key", "release", "--dev-dir", dev, "--key-name", "rsa-key", "--attestation", "simulated", "--simulated-host-data", strings.Repeat("AB", 32), "--simulated-debuggable", "--wrap-alg", alg, "--salt", "0011", "--out", p); err != nil {
 			t.Fatal(err)
 		}
 		b, _ := os.ReadFile(p)
@@ -131,23 +158,34 @@ func TestKeyImportAndReleaseWithDevStack(t *testing.T) {
 
 func TestKeyCommandUsage(t *testing.T) {
 	ctx := context.Background()
+	vault := []string{"--vault", "https://x.managedhsm.azure.net", "--key-name", "k"}
+	imp := func(extra ...string) []string {
+		return append(append([]string{"key", "import"}, vault...), append([]string{"--authority", "https://a.example"}, extra...)...)
+	}
+	rel := func(extra ...string) []string {
+		return append(append([]string{"key", "release"}, vault...), append([]string{"--maa-endpoint", "https://a.example"}, extra...)...)
+	}
 	cases := []struct {
-		run  func(context.Context, []string) error
 		args []string
 		want string
 	}{
-		{runKeyImport, []string{"--name", "k"}, "--vault"},
-		{runKeyImport, []string{"--vault", "https://x.managedhsm.azure.net", "--name", "k", "--authority", "https://a.example"}, "exactly one of --host-data"},
-		{runKeyImport, []string{"--vault", "https://x.managedhsm.azure.net", "--name", "k", "--authority", "https://a.example", "--host-data", "zz"}, "64 hex digits"},
-		{runKeyImport, []string{"--vault", "https://x.managedhsm.azure.net", "--name", "k", "--authority", "https://a.example", "--host-data", strings.Repeat("0", 64), "--kty", "EC-HSM"}, "--kty"},
-		{runKeyImport, []string{"--vault", "https://x.managedhsm.azure.net", "--name", "k", "--authority", "https://a.example", "--host-data", strings.Repeat("0", 64), "--claim", "novalue"}, "NAME=VALUE"},
-		{runKeyRelease, []string{"--vault", "https://x.managedhsm.azure.net", "--name", "k", "--maa-endpoint", "https://a.example"}, "--out"},
-		{runKeyRelease, []string{"--vault", "https://x.managedhsm.azure.net", "--name", "k", "--maa-endpoint", "https://a.example", "--out", "f", "--wrap-alg", "X"}, "unknown key wrap algorithm"},
-		{runKeyRelease, []string{"--vault", "https://x.managedhsm.azure.net", "--name", "k", "--maa-endpoint", "https://a.example", "--out", "f", "--sim-debuggable"}, "--attestation simulated"},
-		{runDevServe, []string{}, "--dir"},
+		{[]string{"key", "import", "--key-name", "k", "--host-data", strings.Repeat("0", 64)}, "--vault"},
+		{imp(), "one of --cce-policy or --host-data is required"},
+		{imp("--host-data", strings.Repeat("0", 64), "--cce-policy", "p.rego"), "give either --cce-policy or --host-data, not both"},
+		{imp("--host-data", "zz"), "64 hex digits"},
+		{imp("--host-data", strings.Repeat("0", 64), "--kty", "EC-HSM"), "--kty"},
+		{imp("--host-data", strings.Repeat("0", 64), "--claim", "novalue"), "NAME=VALUE"},
+		{imp("--host-data", strings.Repeat("0", 64), "--name", "k2"), "--key-name and its old name --name"},
+		{rel(), "--out is required"},
+		{rel("--out", "f", "--wrap-alg", "X"), "unknown key wrap algorithm"},
+		{rel("--out", "f", "--simulated-debuggable"), "--attestation simulated"},
+		{rel("--out", "f", "--simulated-host-data", "x", "--simulated-cce-policy", "y"), "not both"},
+		{rel("--out", "f", "--oout", "g"), "did you mean --out?"},
+		{[]string{"dev", "serve"}, "--dir is required"},
+		{[]string{"key", "relase"}, "did you mean release?"},
 	}
 	for _, c := range cases {
-		err := c.run(ctx, c.args)
+		err := runIn(ctx, c.args...)
 		if !errors.Is(err, errUsage) || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%v: got %v, want usage error with %q", c.args, err, c.want)
 		}

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"context"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -10,6 +8,10 @@ import (
 	"path/filepath"
 	"runtime/pprof"
 	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/blobseal/blobseal/blockcache"
 	"github.com/blobseal/blobseal/crypto"
@@ -28,19 +30,12 @@ type volumeFlags struct {
 	kdfMemoryMiB  int
 }
 
-func (v *volumeFlags) register(f *flag.FlagSet) {
+func (v *volumeFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&v.keyFile, "key-file", "", "file whose bytes are the LUKS passphrase (or the raw XTS key with --format plain), used like cryptsetup --key-file")
 	f.StringVar(&v.format, "format", "auto", "image format: auto (LUKS header), luks, or plain (headerless AES-XTS)")
 	f.IntVar(&v.sectorSize, "sector-size", 4096, "encryption sector size of a plain image")
 	f.IntVar(&v.kdfIterations, "kdf-max-iterations", luks.DefaultMaxIterations, "most pbkdf2 iterations a LUKS keyslot may ask for (a forged header must not buy minutes of CPU)")
 	f.IntVar(&v.kdfMemoryMiB, "kdf-max-memory", luks.DefaultMaxArgonMemoryKiB>>10, "most argon2 memory a LUKS keyslot may ask for, MiB")
-}
-
-func (v *volumeFlags) validate() error {
-	if v.keyFile == "" {
-		return usageErrorf("--key-file is required")
-	}
-	return v.validateFormat()
 }
 
 func (v *volumeFlags) validateFormat() error {
@@ -62,7 +57,7 @@ type integrityFlags struct {
 	require    bool
 }
 
-func (i *integrityFlags) register(f *flag.FlagSet) {
+func (i *integrityFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&i.rootHash, "verity-root-hash", "", "the image's dm-verity root hash in hex, as blobseal image create or veritysetup printed it: every block read is verified against it")
 	f.Int64Var(&i.hashOffset, "verity-hash-offset", 0, "byte offset of the verity superblock; default: found at the end of the image (blobseal's layout)")
 	f.BoolVar(&i.require, "require-integrity", false, "refuse to open the image without --verity-root-hash")
@@ -155,58 +150,75 @@ func writeReadyFile(path string, data []byte) error {
 	return os.Rename(tmp.Name(), path)
 }
 
-func runMount(ctx context.Context, args []string) error {
-	f := flag.NewFlagSet("mount", flag.ContinueOnError)
-	f.Usage = func() {
-		fmt.Fprintln(f.Output(), "usage: blobseal mount (--key-file KEY | --key-name NAME --vault URL --maa-endpoint URL) [flags] IMAGE MOUNTPOINT\n\n"+
-			"Serves IMAGE (a file or a blob URL) read-only at MOUNTPOINT in the foreground until\n"+
-			"SIGINT/SIGTERM or an external unmount. Prints \"ready\" once the tree is servable.\n"+
-			"The key comes from --key-file or from a secure key release (attestation, MAA, vault);\n"+
-			"a released key stays in memory only. With --verity-root-hash every block is verified\n"+
-			"against the image's hash tree before use; a tampered block reads as EIO.\n\nflags:")
-		f.PrintDefaults()
+type mountFlags struct {
+	vol                         volumeFlags
+	rel                         releaseFlags
+	integ                       integrityFlags
+	allowOther, debugFUSE       bool
+	cacheLocal                  bool
+	readyFile, logLevel, logFmt string
+	cacheDir, directIO, cpuProf string
+	grace                       time.Duration
+	cacheMiB                    int64
+}
+
+func newMountCmd() *cobra.Command {
+	var o mountFlags
+	cmd := &cobra.Command{
+		Use:   "mount (--key-file KEY | --key-name NAME --vault URL --maa-endpoint URL) [flags] IMAGE MOUNTPOINT",
+		Short: "Mount an encrypted image (file or blob URL) with FUSE; key from a file or a secure key release",
+		Long: "Serves IMAGE (a file or a blob URL) read-only at MOUNTPOINT in the foreground until\n" +
+			"SIGINT/SIGTERM or an external unmount. Prints \"ready\" once the tree is servable.\n" +
+			"The key comes from --key-file or from a secure key release (attestation, MAA, vault);\n" +
+			"a released key stays in memory only. With --verity-root-hash every block is verified\n" +
+			"against the image's hash tree before use; a tampered block reads as EIO.",
+		Example: "  blobseal mount --key-file key.bin --verity-root-hash ROOT data.img /mnt/data",
+		Args:    positional("IMAGE", "MOUNTPOINT"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runMount(cmd, &o, args[0], args[1])
+		},
 	}
-	var vf volumeFlags
-	vf.register(f)
-	var rf releaseFlags
-	rf.register(f)
-	var inf integrityFlags
-	inf.register(f)
-	allowOther := f.Bool("allow-other", false, "let other users (other containers) read the mount; needs root or user_allow_other")
-	readyFile := f.String("ready-file", "", "write this file (atomically) once the mount is servable")
-	logLevel := f.String("log-level", "info", "debug, info, warn or error")
-	logFormat := f.String("log-format", "text", "text or json (to stderr)")
-	debugFUSE := f.Bool("debug-fuse", false, "log every FUSE request (with --log-level debug)")
-	grace := f.Duration("unmount-grace", fs.DefaultUnmountGrace, "on SIGINT/SIGTERM, how long to retry a busy unmount before detaching lazily")
-	cacheMiB := f.Int64("cache-memory", 256, "block cache memory for blob URLs, MiB")
-	cacheDir := f.String("cache-dir", "", "disk cache directory for blob URLs (ciphertext only)")
+	f := cmd.Flags()
+	o.vol.register(f)
+	o.rel.register(f)
+	o.integ.register(f)
+	f.BoolVar(&o.allowOther, "allow-other", false, "let other users (other containers) read the mount; needs root or user_allow_other")
+	f.StringVar(&o.readyFile, "ready-file", "", "write this file (atomically) once the mount is servable")
+	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&o.logFmt, "log-format", "text", "text or json (to stderr)")
+	f.BoolVar(&o.debugFUSE, "debug-fuse", false, "log every FUSE request (with --log-level debug)")
+	f.DurationVar(&o.grace, "unmount-grace", fs.DefaultUnmountGrace, "on SIGINT/SIGTERM, how long to retry a busy unmount before detaching lazily")
+	f.Int64Var(&o.cacheMiB, "cache-memory", 256, "block cache memory for blob URLs, MiB")
+	f.StringVar(&o.cacheDir, "cache-dir", "", "disk cache directory for blob URLs (ciphertext only)")
 	// Default true: see image.Spec.DirectLocal for the measurement.
-	cacheLocal := f.Bool("cache-local", true, "read a local image through the block cache (parallel read-ahead); false reads the file directly")
-	directIO := f.String("direct-io", "auto", "read files without the kernel page cache: auto (files of 32 MiB and more, when the kernel keeps mmap working: Linux 6.6+), on (every file) or off")
-	cpuProfile := f.String("cpuprofile", "", "write a Go CPU profile of the whole mount to this file (for go tool pprof)")
-	pos, err := parseInterspersed(f, args)
-	if err != nil {
-		return err
+	f.BoolVar(&o.cacheLocal, "cache-local", true, "read a local image through the block cache (parallel read-ahead); false reads the file directly")
+	f.StringVar(&o.directIO, "direct-io", "auto", "read files without the kernel page cache: auto (files of 32 MiB and more, when the kernel keeps mmap working: Linux 6.6+), on (every file) or off")
+	f.StringVar(&o.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole mount to this file (for go tool pprof)")
+	// One key source: a file, or a release (whose flags key-name stands for).
+	for _, rel := range releaseFlagNames() {
+		cmd.MarkFlagsMutuallyExclusive("key-file", rel)
 	}
-	if len(pos) != 2 {
-		f.Usage()
-		return usageErrorf("want IMAGE and MOUNTPOINT, got %d arguments", len(pos))
-	}
-	release := rf.requested(f)
-	switch {
-	case release && vf.keyFile != "":
-		return usageErrorf("give either --key-file or the key release flags (--key-name, --vault, --maa-endpoint, --dev-dir ...), not both")
-	case !release && vf.keyFile == "":
-		return usageErrorf("a key is required: --key-file KEY, or --key-name NAME with --vault and --maa-endpoint (or --dev-dir) for secure key release")
-	}
+	cmd.MarkFlagsOneRequired("key-file", "key-name")
+	o.rel.declare(cmd)
+	completeValues(cmd, "format", "auto", "luks", "plain")
+	completeValues(cmd, "log-level", "debug", "info", "warn", "error")
+	completeValues(cmd, "log-format", "text", "json")
+	completeValues(cmd, "direct-io", "auto", "on", "off")
+	return cmd
+}
+
+func runMount(cmd *cobra.Command, o *mountFlags, location, mountpoint string) error {
+	ctx := cmd.Context()
+	vf, rf := &o.vol, &o.rel
+	release := vf.keyFile == ""
 	if err := vf.validateFormat(); err != nil {
 		return err
 	}
-	directMode, err := fs.ParseDirectIO(*directIO)
+	directMode, err := fs.ParseDirectIO(o.directIO)
 	if err != nil {
 		return usageErrorf("--direct-io: %v", err)
 	}
-	integrity, err := inf.integrity()
+	integrity, err := o.integ.integrity()
 	if err != nil {
 		return err
 	}
@@ -215,13 +227,12 @@ func runMount(ctx context.Context, args []string) error {
 			return err
 		}
 	}
-	logger, err := mountLogger(*logLevel, *logFormat, os.Stderr)
+	logger, err := mountLogger(o.logLevel, o.logFmt, cmd.ErrOrStderr())
 	if err != nil {
 		return err
 	}
-	location, mountpoint := pos[0], pos[1]
-	if *cpuProfile != "" {
-		stop, err := startCPUProfile(*cpuProfile)
+	if o.cpuProf != "" {
+		stop, err := startCPUProfile(o.cpuProf)
 		if err != nil {
 			return err
 		}
@@ -238,8 +249,8 @@ func runMount(ctx context.Context, args []string) error {
 		return err
 	}
 	spec := vf.imageSpec(location, key)
-	spec.Cache = blockcache.Options{MemoryBytes: *cacheMiB << 20, DiskDir: *cacheDir}
-	spec.DirectLocal = !*cacheLocal
+	spec.Cache = blockcache.Options{MemoryBytes: o.cacheMiB << 20, DiskDir: o.cacheDir}
+	spec.DirectLocal = !o.cacheLocal
 	spec.Logger = logger
 	spec.Integrity = integrity
 	img, err := image.Open(ctx, spec)
@@ -250,24 +261,24 @@ func runMount(ctx context.Context, args []string) error {
 	defer img.Close()
 	defer logImageStats(logger, img)
 	srv, err := fs.Mount(ctx, mountpoint, img.FS, fs.Options{
-		AllowOther:   *allowOther,
+		AllowOther:   o.allowOther,
 		Logger:       logger,
 		Source:       mountSourceName(img.Name),
-		Debug:        *debugFUSE,
-		UnmountGrace: *grace,
+		Debug:        o.debugFUSE,
+		UnmountGrace: o.grace,
 		DirectIO:     directMode,
 	})
 	if err != nil {
 		return err
 	}
-	if *readyFile != "" {
-		if err := writeReadyFile(*readyFile, []byte(srv.Mountpoint()+"\n")); err != nil {
+	if o.readyFile != "" {
+		if err := writeReadyFile(o.readyFile, []byte(srv.Mountpoint()+"\n")); err != nil {
 			_ = srv.Unmount()
 			return fmt.Errorf("--ready-file: %w", err)
 		}
-		defer os.Remove(*readyFile)
+		defer os.Remove(o.readyFile)
 	}
-	fmt.Println("ready")
+	fmt.Fprintln(cmd.OutOrStdout(), "ready")
 
 	select {
 	case <-ctx.Done():

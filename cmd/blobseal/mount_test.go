@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -502,8 +503,20 @@ func TestMountBlobURL(t *testing.T) {
 			url := az.Endpoint() + "/images/" + typ + ".img"
 			t.Setenv("AZURE_STORAGE_CONNECTION_STRING", az.ConnectionString())
 			// 1 MiB blocks: a block blob of many blocks.
-			if _, stderr, code := blobseal(t, "image", "upload", "--type", typ, "--block-size", "1", "--create-container", img, url); code != 0 {
+			stdout, stderr, code := blobseal(t, "image", "upload", "--json", "--type", typ, "--block-size", "1", "--create-container", img, url)
+			if code != 0 {
 				t.Fatalf("image upload: %s", stderr)
+			}
+			var sum uploadJSON
+			if err := json.Unmarshal([]byte(stdout), &sum); err != nil || sum.Type != typ || !sum.Verified || sum.ETag == "" ||
+				sum.Uploaded <= 0 || sum.Uploaded > sum.Size || sum.Requests <= 0 {
+				t.Fatalf("image upload --json: %v\n%s", err, stdout)
+			}
+			if fi, err := os.Stat(img); err != nil || fi.Size() != sum.Size {
+				t.Fatalf("upload summary size %d, image %v", sum.Size, fi)
+			}
+			if strings.ContainsAny(stderr, "\r\x1b") {
+				t.Errorf("progress drawn on a stderr that is not a terminal: %q", stderr)
 			}
 			proc, mnt := startMount(t, "--key-file", key, url, filepath.Join(t.TempDir(), "mnt"))
 			fusetest.CompareTrees(t, src, mnt, fusetest.Compare{Xattrs: true, Ignore: []string{"lost+found"}})
@@ -581,7 +594,7 @@ func TestMountWithKeyRelease(t *testing.T) {
 		t.Fatalf("image create: exit %d: %s", code, stderr)
 	}
 	hostData := strings.Repeat("5a", 32)
-	if err := runKeyImport(context.Background(), []string{"--dev-dir", dev, "--name", "fs-key", "--key-file", key, "--host-data", hostData}); err != nil {
+	if err := runIn(context.Background(), "key", "import", "--dev-dir", dev, "--key-name", "fs-key", "--key-file", key, "--host-data", hostData); err != nil {
 		t.Fatal(err)
 	}
 	release := []string{"--dev-dir", dev, "--key-name", "fs-key", "--attestation", "simulated"}

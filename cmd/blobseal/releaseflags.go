@@ -3,10 +3,12 @@ package main
 import (
 	"context"
 	"encoding/hex"
-	"flag"
 	"fmt"
 	"log/slog"
 	"path/filepath"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/blobseal/blobseal/internal/secret"
 	"github.com/blobseal/blobseal/keyrelease"
@@ -31,7 +33,7 @@ type releaseFlags struct {
 	certCache   string
 }
 
-func (r *releaseFlags) register(f *flag.FlagSet) {
+func (r *releaseFlags) register(f *pflag.FlagSet) {
 	v := &r.vault
 	f.StringVar(&r.maaEndpoint, "maa-endpoint", "", "attestation service URL, e.g. https://sharedeus.eus.attest.azure.net (secure key release)")
 	f.StringVar(&v.vault, "vault", "", "vault URL: https://NAME.managedhsm.azure.net, https://NAME.vault.azure.net or the local key service")
@@ -48,20 +50,22 @@ func (r *releaseFlags) register(f *flag.FlagSet) {
 	f.StringVar(&r.simCCE, "simulated-cce-policy", "", "simulated only: CCE policy file whose SHA-256 is the HOST_DATA to report")
 	f.BoolVar(&r.simDebug, "simulated-debuggable", false, "simulated only: report a debuggable guest")
 	f.StringVar(&r.certCache, "cert-cache-url", "", "AMD certificate cache for a missing or stale host certificate (default: the provider's)")
-	f.StringVar(&v.devDir, "dev-dir", "", "directory of a running `blobseal dev serve`: fills --maa-endpoint, --vault, --ca-file, --bearer-token-file and the simulated signer from its stack.json")
+	f.StringVar(&v.devDir, "dev-dir", "", "the `DIR` of a running \"blobseal dev serve\": fills --maa-endpoint, --vault, --ca-file, --bearer-token-file and the simulated signer from its stack.json")
 }
 
-// requested reports whether any release flag was given, so a command can
-// insist on exactly one key source.
-func (r *releaseFlags) requested(f *flag.FlagSet) bool {
-	names := map[string]bool{"maa-endpoint": true, "vault": true, "key-name": true, "key-version": true,
-		"attestation": true, "salt": true, "label": true, "wrap-alg": true, "bearer-token-file": true,
-		"ca-file": true, "simulated-dir": true, "simulated-host-data": true, "simulated-debuggable": true,
-		"simulated-cce-policy": true,
-		"cert-cache-url":       true, "dev-dir": true}
-	set := false
-	f.Visit(func(fl *flag.Flag) { set = set || names[fl.Name] })
-	return set
+// releaseFlagNames are the flags register adds: a command with another key
+// source declares them exclusive with it.
+func releaseFlagNames() []string {
+	return []string{"maa-endpoint", "vault", "key-name", "key-version", "attestation", "salt", "label",
+		"wrap-alg", "bearer-token-file", "ca-file", "simulated-dir", "simulated-host-data", "simulated-cce-policy",
+		"simulated-debuggable", "cert-cache-url", "dev-dir"}
+}
+
+// declare marks the flag combinations a release cannot use.
+func (r *releaseFlags) declare(cmd *cobra.Command) {
+	cmd.MarkFlagsMutuallyExclusive("simulated-host-data", "simulated-cce-policy")
+	completeValues(cmd, "attestation", evidence.ProviderAuto, evidence.ProviderSevGuest, evidence.ProviderConfigfsTSM, evidence.ProviderSimulated)
+	completeValues(cmd, "wrap-alg", hsm.AlgCKMRSAAESKeyWrap, hsm.AlgRSAAESKeyWrap256, hsm.AlgRSAAESKeyWrap384)
 }
 
 // prepare fills unset flags from --dev-dir and checks the set is complete,
@@ -93,9 +97,6 @@ func (r *releaseFlags) prepare() error {
 	if r.attestation != evidence.ProviderSimulated && (r.simHostData != "" || r.simCCE != "" || r.simDebug || r.simDir != "" && r.vault.devDir == "") {
 		return usageErrorf("--simulated-* flags need --attestation simulated")
 	}
-	if r.simHostData != "" && r.simCCE != "" {
-		return usageErrorf("give at most one of --simulated-host-data and --simulated-cce-policy")
-	}
 	if r.simHostData != "" {
 		if _, err := parseHostData(r.simHostData); err != nil {
 			return usageErrorf("--simulated-host-data: %v", err)
@@ -104,9 +105,68 @@ func (r *releaseFlags) prepare() error {
 	return nil
 }
 
+// releasedKey is a released secret and the vault key it came from.
+type releasedKey struct {
+	Secret   secret.Bytes
+	Kid, Kty string
+}
+
 // release attests, fetches the MAA token and has the vault release the
 // key. The secret stays in memory; the caller wipes it.
 func (r *releaseFlags) release(ctx context.Context, log *slog.Logger) (secret.Bytes, error) {
+	k, err := r.releaseKey(ctx, log)
+	return k.Secret, err
+}
+
+// releaseKey is release that also reports the key's id and type.
+// keyrelease.Release returns only the secret and logs which key it was;
+// the log record is where the id and type are read from.
+func (r *releaseFlags) releaseKey(ctx context.Context, log *slog.Logger) (releasedKey, error) {
+	var k releasedKey
+	log = slog.New(&releasedKeyHandler{Handler: log.Handler(), key: &k})
+	sec, err := r.doRelease(ctx, log)
+	k.Secret = sec
+	return k, err
+}
+
+// releasedKeyHandler passes records on and notes kid and kty from the
+// "key released" record, whatever the log level.
+type releasedKeyHandler struct {
+	slog.Handler
+	key *releasedKey
+}
+
+var _ slog.Handler = (*releasedKeyHandler)(nil)
+
+func (h *releasedKeyHandler) Enabled(context.Context, slog.Level) bool { return true }
+
+func (h *releasedKeyHandler) Handle(ctx context.Context, rec slog.Record) error {
+	if rec.Message == "key released" {
+		rec.Attrs(func(a slog.Attr) bool {
+			switch a.Key {
+			case "kid":
+				h.key.Kid = a.Value.String()
+			case "kty":
+				h.key.Kty = a.Value.String()
+			}
+			return true
+		})
+	}
+	if !h.Handler.Enabled(ctx, rec.Level) {
+		return nil
+	}
+	return h.Handler.Handle(ctx, rec)
+}
+
+func (h *releasedKeyHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return &releasedKeyHandler{Handler: h.Handler.WithAttrs(attrs), key: h.key}
+}
+
+func (h *releasedKeyHandler) WithGroup(name string) slog.Handler {
+	return &releasedKeyHandler{Handler: h.Handler.WithGroup(name), key: h.key}
+}
+
+func (r *releaseFlags) doRelease(ctx context.Context, log *slog.Logger) (secret.Bytes, error) {
 	roots, err := r.vault.roots()
 	if err != nil {
 		return nil, err

@@ -1,38 +1,56 @@
 package main
 
 import (
-	"context"
-	"flag"
 	"os"
+
+	"github.com/spf13/cobra"
 
 	"github.com/blobseal/blobseal/internal/logging"
 	"github.com/blobseal/blobseal/sidecar"
 )
 
-func runSidecar(ctx context.Context, args []string) error {
-	fl := flag.NewFlagSet("sidecar", flag.ContinueOnError)
-	configFile := fl.String("config", "", "configuration file (JSON or YAML); without it, the "+sidecar.EncfsEnv+" environment variable (base64 JSON of the Azure encfs sidecar) is used")
-	logLevel := fl.String("log-level", "", "debug, info, warn or error (overrides the config)")
-	logFormat := fl.String("log-format", "", "text or json (overrides the config)")
-	health := fl.String("health-address", "", "address for /healthz, /readyz and /metrics, or off (overrides the config)")
-	readyFile := fl.String("ready-file", "", "file created once every filesystem is mounted (overrides the config)")
+// sidecarFlags override the configuration file's settings.
+type sidecarFlags struct {
+	configFile, logLevel, logFormat, health, readyFile string
 	// The legacy EncfsSideCarArgs form has no field for these; they let
 	// tests and the local stack run it unchanged.
-	attestation := fl.String("attestation", "", "evidence provider: auto, sev-guest, configfs-tsm, or simulated (simulated is for local testing only) (overrides the config)")
-	simDir := fl.String("simulated-dir", "", "directory holding the local stack's simulated signer (testing only, with --attestation simulated)")
-	simHostData := fl.String("simulated-host-data", "", "hex SHA-256 HOST_DATA the simulated reports carry (testing only, with --attestation simulated)")
-	caFile := fl.String("ca-file", "", "PEM file of extra trusted TLS roots, e.g. the local stack's CA (overrides the config)")
-	if err := fl.Parse(args); err != nil {
-		return err
+	attestation, simDir, simHostData, caFile string
+}
+
+func newSidecarCmd() *cobra.Command {
+	var o sidecarFlags
+	cmd := &cobra.Command{
+		Use:   "sidecar [--config FILE] [flags]",
+		Short: "Run as the confidential container sidecar",
+		Long: "Mounts every filesystem of the configuration concurrently, publishes each with an atomic\n" +
+			"symlink rename once it is servable, serves /healthz, /readyz and /metrics, and unmounts\n" +
+			"everything on SIGTERM. Without --config, the " + sidecar.EncfsEnv + " environment variable\n" +
+			"(base64 JSON of the Azure encfs sidecar) is the configuration.",
+		Example: "  blobseal sidecar --config sidecar.yaml\n  EncfsSideCarArgs=<base64 JSON> blobseal sidecar",
+		Args:    noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runSidecar(cmd, o)
+		},
 	}
-	if fl.NArg() != 0 {
-		return usageErrorf("unexpected arguments %q", fl.Args())
-	}
+	f := cmd.Flags()
+	f.StringVar(&o.configFile, "config", "", "configuration file (JSON or YAML); without it, the "+sidecar.EncfsEnv+" environment variable (base64 JSON of the Azure encfs sidecar) is used")
+	f.StringVar(&o.logLevel, "log-level", "", "debug, info, warn or error (overrides the config)")
+	f.StringVar(&o.logFormat, "log-format", "", "text or json (overrides the config)")
+	f.StringVar(&o.health, "health-address", "", "address for /healthz, /readyz and /metrics, or off (overrides the config)")
+	f.StringVar(&o.readyFile, "ready-file", "", "file created once every filesystem is mounted (overrides the config)")
+	f.StringVar(&o.attestation, "attestation", "", "evidence provider: auto, sev-guest, configfs-tsm, or simulated (simulated is for local testing only) (overrides the config)")
+	f.StringVar(&o.simDir, "simulated-dir", "", "directory holding the local stack's simulated signer (testing only, with --attestation simulated)")
+	f.StringVar(&o.simHostData, "simulated-host-data", "", "hex SHA-256 HOST_DATA the simulated reports carry (testing only, with --attestation simulated)")
+	f.StringVar(&o.caFile, "ca-file", "", "PEM file of extra trusted TLS roots, e.g. the local stack's CA (overrides the config)")
+	return cmd
+}
+
+func runSidecar(cmd *cobra.Command, o sidecarFlags) error {
 	var cfg *sidecar.Config
 	var err error
 	switch env := os.Getenv(sidecar.EncfsEnv); {
-	case *configFile != "":
-		cfg, err = sidecar.LoadFile(*configFile)
+	case o.configFile != "":
+		cfg, err = sidecar.LoadFile(o.configFile)
 	case env != "":
 		cfg, err = sidecar.ParseEncfsArgs(env)
 	default:
@@ -41,8 +59,8 @@ func runSidecar(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	for dst, v := range map[*string]string{&cfg.Log.Level: *logLevel, &cfg.Log.Format: *logFormat, &cfg.Health.Address: *health, &cfg.Health.ReadyFile: *readyFile,
-		&cfg.Attestation.Provider: *attestation, &cfg.Attestation.SimulatedDir: *simDir, &cfg.Attestation.SimulatedHostData: *simHostData, &cfg.Attestation.CAFile: *caFile} {
+	for dst, v := range map[*string]string{&cfg.Log.Level: o.logLevel, &cfg.Log.Format: o.logFormat, &cfg.Health.Address: o.health, &cfg.Health.ReadyFile: o.readyFile,
+		&cfg.Attestation.Provider: o.attestation, &cfg.Attestation.SimulatedDir: o.simDir, &cfg.Attestation.SimulatedHostData: o.simHostData, &cfg.Attestation.CAFile: o.caFile} {
 		if v != "" {
 			*dst = v
 		}
@@ -50,9 +68,9 @@ func runSidecar(ctx context.Context, args []string) error {
 	if err := cfg.Validate(); err != nil { // the overrides must pass the same checks
 		return usageErrorf("%v", err)
 	}
-	log, err := logging.New(os.Stderr, cfg.Log.Level, cfg.Log.Format)
+	log, err := logging.New(cmd.ErrOrStderr(), cfg.Log.Level, cfg.Log.Format)
 	if err != nil {
 		return usageErrorf("%v", err)
 	}
-	return sidecar.New(cfg, log, nil).Run(ctx)
+	return sidecar.New(cfg, log, nil).Run(cmd.Context())
 }
