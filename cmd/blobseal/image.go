@@ -228,6 +228,8 @@ func newImageCheckCmd() *cobra.Command {
 		Short: "Unlock an image, read every entry and print a manifest",
 		Long: "Unlocks IMAGE (a file or a blob URL), reads every entry and every byte, and prints one line\n" +
 			"per entry: TYPE PERM UID:GID SIZE SHA256|\"LINK TARGET\"|MAJOR,MINOR|- PATH.\n" +
+			"Holes are never read. A file with more than 8 GiB of holes gets a digest of its data ranges\n" +
+			"only (sparse-sha256:HEX over each range's offset, length and bytes), with a note on stderr.\n" +
 			"Exits 1 if anything is damaged or inconsistent.",
 		Args: positional("IMAGE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -251,6 +253,7 @@ type checkEntryJSON struct {
 	GID    uint32 `json:"gid"`
 	Size   uint64 `json:"size"`
 	Digest string `json:"digest"` // sha256 (files), target (symlinks), major,minor (devices), "-"
+	Note   string `json:"note,omitempty"`
 }
 
 func runImageCheck(cmd *cobra.Command, vf *volumeFlags, inf *integrityFlags, jsonOut bool, loc string) error {
@@ -278,15 +281,19 @@ func runImageCheck(cmd *cobra.Command, vf *volumeFlags, inf *integrityFlags, jso
 	out := bufio.NewWriterSize(cmd.OutOrStdout(), 64<<10)
 	var entries []checkEntryJSON
 	count := 0
+	var notes []string
 	problems := image.Check(ctx, img.FS, func(e image.ManifestEntry) {
 		count++
 		if !jsonOut {
 			fmt.Fprintln(out, e.String())
+			if e.Note != "" {
+				notes = append(notes, e.Path+": "+e.Note)
+			}
 			return
 		}
 		typ, _, _ := strings.Cut(e.String(), " ")
 		entries = append(entries, checkEntryJSON{Path: e.Path, Type: typ, Mode: fmt.Sprintf("%04o", e.Mode&0o7777),
-			UID: e.UID, GID: e.GID, Size: e.Size, Digest: e.Digest})
+			UID: e.UID, GID: e.GID, Size: e.Size, Digest: e.Digest, Note: e.Note})
 	})
 	if jsonOut {
 		msgs := make([]string, 0, len(problems))
@@ -305,6 +312,9 @@ func runImageCheck(cmd *cobra.Command, vf *volumeFlags, inf *integrityFlags, jso
 	}
 	if err := out.Flush(); err != nil {
 		return err
+	}
+	for _, n := range notes {
+		fmt.Fprintln(cmd.ErrOrStderr(), "note:", n)
 	}
 	for _, p := range problems {
 		fmt.Fprintln(cmd.ErrOrStderr(), "inconsistent:", p)
