@@ -27,6 +27,8 @@ for tool in cryptsetup:cryptsetup-bin veritysetup:cryptsetup-bin mkfs.ext4:e2fsp
 done
 # OpenSSL's XTS is reached from the xts tests through Debian's python3-cryptography.
 /usr/bin/python3 -c 'import cryptography' 2>/dev/null || need_apt+=(python3-cryptography)
+# keyrelease/hsm verifies a recorded Managed HSM response against the system DigiCert root.
+[ -f /etc/ssl/certs/DigiCert_Global_Root_G2.pem ] || need_apt+=(ca-certificates)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   for attempt in 1 2 3; do
