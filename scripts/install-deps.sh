@@ -21,7 +21,7 @@ as_root() {
 }
 
 need_apt=()
-for tool in cryptsetup:cryptsetup-bin veritysetup:cryptsetup-bin mkfs.ext4:e2fsprogs debugfs:e2fsprogs fusermount3:fuse3 rclone:rclone openssl:openssl; do
+for tool in cryptsetup:cryptsetup-bin veritysetup:cryptsetup-bin mkfs.ext4:e2fsprogs debugfs:e2fsprogs fusermount3:fuse3 rclone:rclone openssl:openssl curl:curl; do
   cmd=${tool%%:*} pkg=${tool#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || [ -x "/sbin/$cmd" ] || need_apt+=("$pkg")
 done
