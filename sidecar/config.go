@@ -323,6 +323,33 @@ func ParseEncfsArgs(b64 string) (*Config, error) {
 	return cfg, nil
 }
 
+// systemDirs may not be, or contain, a mount point: publishing there would
+// shadow the container's own system files.
+var systemDirs = []string{"/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sbin", "/sys", "/usr", "/var/run", "/run"}
+
+// checkMountPoint refuses relative paths, ".." segments (the path must mean
+// what it says before cleaning) and system locations.
+func checkMountPoint(mp string) error {
+	if mp == "" || !filepath.IsAbs(mp) {
+		return fmt.Errorf("mount_point %q must be an absolute path", mp)
+	}
+	for _, seg := range strings.Split(mp, "/") {
+		if seg == ".." {
+			return fmt.Errorf("mount_point %q must not contain \"..\"", mp)
+		}
+	}
+	clean := filepath.Clean(mp)
+	if clean == "/" {
+		return errors.New("mount_point must not be /")
+	}
+	for _, d := range systemDirs {
+		if clean == d || strings.HasPrefix(clean, d+"/") {
+			return fmt.Errorf("mount_point %s is inside the system directory %s; use a path in a shared volume such as /mnt/data", clean, d)
+		}
+	}
+	return nil
+}
+
 func withScheme(endpoint string) string {
 	if endpoint == "" || strings.Contains(endpoint, "://") {
 		return endpoint
@@ -381,8 +408,8 @@ func (c *Config) Validate() error {
 			bad("%s: name %q is used twice", where, f.Name)
 		}
 		names[f.Name] = true
-		if f.MountPoint == "" || !filepath.IsAbs(f.MountPoint) {
-			bad("%s: mount_point %q must be an absolute path", where, f.MountPoint)
+		if err := checkMountPoint(f.MountPoint); err != nil {
+			bad("%s: %v", where, err)
 		} else {
 			f.MountPoint = filepath.Clean(f.MountPoint)
 			if mounts[f.MountPoint] {

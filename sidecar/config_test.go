@@ -105,6 +105,16 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		"filesystems:\n  - mount_point: /m\n    source: /x\n    key: {release: {vault: https://v}}":                                          "attestation endpoint",
 		"attestation: {provider: simulated, simulated_host_data: zz}\nfilesystems:\n  - mount_point: /m\n    source: /x\n    key: {file: k}": "64 hex digits",
 	}
+	for mp, want := range map[string]string{
+		"/mnt/../etc/x": `must not contain ".."`,
+		"/":             "must not be /",
+		"/etc/blobseal": "inside the system directory /etc",
+		"/proc":         "inside the system directory /proc",
+		"/usr/local/d":  "inside the system directory /usr",
+		"mnt/data":      "must be an absolute path",
+	} {
+		cases["filesystems:\n  - mount_point: "+mp+"\n    source: /x\n    key: {file: k}"] = want
+	}
 	for in, want := range cases {
 		_, err := Parse([]byte(in))
 		if err == nil || !strings.Contains(err.Error(), want) {
