@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	blobfs "github.com/blobseal/blobseal/fs"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -21,6 +22,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/blobseal/blobseal/internal/secret"
+	"github.com/blobseal/blobseal/skr"
 )
 
 // Config is the sidecar's configuration (JSON or YAML; see
@@ -30,6 +32,9 @@ type Config struct {
 	Health      HealthConfig `yaml:"health" json:"health"`
 	Attestation Attestation  `yaml:"attestation" json:"attestation"`
 	Cache       CacheConfig  `yaml:"cache" json:"cache"`
+	// SKR serves the REST API of Azure's secure key release sidecar, so one
+	// blobseal sidecar replaces both Azure sidecars.
+	SKR SKRConfig `yaml:"skr" json:"skr"`
 	// OnFailure is "exit" (default: the sidecar exits non-zero when any
 	// filesystem cannot be mounted) or "retry" (keep retrying with backoff
 	// while the others serve).
@@ -69,6 +74,20 @@ type Attestation struct {
 	// SimulatedHostData is the HOST_DATA (hex SHA-256 of a CCE policy) the
 	// simulated reports carry.
 	SimulatedHostData string `yaml:"simulated_host_data" json:"simulated_host_data"`
+}
+
+// SKRConfig places the SKR-compatible API (package skr).
+type SKRConfig struct {
+	// Address is HOST:PORT; empty disables the API. The Azure sidecar's
+	// is localhost:8080 (skr.DefaultAddress); a non-loopback address is
+	// served with a warning.
+	Address string `yaml:"address" json:"address"`
+	// AllowedKeys, when set, limits /key/release to these keys: NAME or
+	// VAULTHOST/NAME.
+	AllowedKeys []string `yaml:"allowed_keys" json:"allowed_keys"`
+	// IdentityClientID picks the user-assigned managed identity used for
+	// requests without access_token.
+	IdentityClientID string `yaml:"identity_client_id" json:"identity_client_id"`
 }
 
 // CacheConfig bounds the read cache shared by all filesystems.
@@ -127,6 +146,8 @@ type Key struct {
 	File    string   `yaml:"file" json:"file"`
 	RawHex  string   `yaml:"raw_hex" json:"raw_hex"`
 	Release *Release `yaml:"release" json:"release"`
+
+	raw secret.Bytes // RawHex decoded by Validate; wiped by Wipe
 }
 
 // Release is secure key release: attest, get an MAA token, release the key
@@ -323,6 +344,17 @@ func ParseEncfsArgs(b64 string) (*Config, error) {
 	return cfg, nil
 }
 
+// Wipe clears the key bytes the configuration holds (decoded raw keys).
+// The Go strings they came from cannot be cleared; see docs/SECURITY.md.
+func (c *Config) Wipe() {
+	for _, f := range c.Filesystems {
+		if f != nil {
+			f.Key.raw.Wipe()
+			f.Key.raw = nil
+		}
+	}
+}
+
 // systemDirs may not be, or contain, a mount point: publishing there would
 // shadow the container's own system files.
 var systemDirs = []string{"/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sbin", "/sys", "/usr", "/var/run", "/run"}
@@ -390,7 +422,17 @@ func (c *Config) Validate() error {
 	default:
 		bad("attestation.provider is %q; use auto, sev-guest, configfs-tsm or simulated", c.Attestation.Provider)
 	}
-	if len(c.Filesystems) == 0 {
+	if a := c.SKR.Address; a != "" {
+		if _, port, err := net.SplitHostPort(a); err != nil || port == "" {
+			bad("skr.address %q must be HOST:PORT, e.g. %s", a, skr.DefaultAddress)
+		}
+	}
+	for _, k := range c.SKR.AllowedKeys {
+		if strings.TrimSpace(k) == "" || strings.Count(k, "/") > 1 {
+			bad("skr.allowed_keys entry %q must be NAME or VAULTHOST/NAME", k)
+		}
+	}
+	if len(c.Filesystems) == 0 && c.SKR.Address == "" {
 		bad("no filesystems configured: add at least one entry under filesystems (or azure_filesystems in %s)", EncfsEnv)
 	}
 	names := map[string]bool{}
@@ -469,8 +511,11 @@ func (c *Config) Validate() error {
 		}
 		if f.Key.RawHex != "" {
 			sources++
-			if _, err := hex.DecodeString(f.Key.RawHex); err != nil {
+			if b, err := hex.DecodeString(f.Key.RawHex); err != nil || len(b) == 0 {
 				bad("%s: raw_key is not hex", where)
+			} else {
+				f.Key.raw.Wipe()
+				f.Key.raw = secret.Bytes(b)
 			}
 		}
 		if r := f.Key.Release; r != nil {

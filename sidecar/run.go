@@ -34,8 +34,9 @@ type Sidecar struct {
 	healthAddr string
 	keyEnv     keyEnv
 
-	mu     sync.Mutex
-	states map[string]*fsState
+	mu      sync.Mutex
+	states  map[string]*fsState
+	skrAddr string
 }
 
 // fsState is one filesystem's published status, for /readyz.
@@ -74,7 +75,18 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	}
 	defer stopHealth()
 
+	defer s.cfg.Wipe()
+
 	var wg sync.WaitGroup
+	if s.cfg.SKR.Address != "" {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := s.runSKR(ctx); err != nil {
+				cancel(err)
+			}
+		}()
+	}
 	for _, f := range s.cfg.Filesystems {
 		wg.Add(1)
 		go func() {
