@@ -276,7 +276,15 @@ func (s *Server) Close() error {
 // Handler serves the MAA-compatible API.
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST "+maa.AttestPath, s.handleAttest)
+	// MAA routes the TEE type case-insensitively: the Azure sidecars post
+	// to /attest/SevSnpVM, blobseal to /attest/SevSnpVm.
+	mux.HandleFunc("POST /attest/{tee}", func(w http.ResponseWriter, r *http.Request) {
+		if !strings.EqualFold(r.PathValue("tee"), strings.TrimPrefix(maa.AttestPath, "/attest/")) {
+			s.fail(w, &apiError{http.StatusNotFound, "NotFound", "only SevSnpVm attestation is served here"})
+			return
+		}
+		s.handleAttest(w, r)
+	})
 	mux.HandleFunc("GET /certs", s.handleCerts)
 	mux.HandleFunc("GET /.well-known/openid-configuration", s.handleOpenID)
 	return mux
