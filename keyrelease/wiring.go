@@ -54,6 +54,9 @@ type EvidenceConfig struct {
 	// (local testing; only when named).
 	Provider     string
 	CertCacheURL string
+	// CertCache, when its URL is set, replaces CertCacheURL (the Azure
+	// sidecars' cache kinds: Azure cache, local THIM, AMD KDS).
+	CertCache evidence.CertCache
 	// SimulatedDir holds the local stack's simulated signer; SimulatedHostData
 	// is the HOST_DATA the simulated reports carry.
 	SimulatedDir      string
@@ -67,7 +70,7 @@ func NewEvidence(c EvidenceConfig) (evidence.Provider, error) {
 	if name == "" {
 		name = "auto"
 	}
-	opts := evidence.Options{CertCacheURL: c.CertCacheURL, Logger: c.Logger}
+	opts := evidence.Options{CertCacheURL: c.CertCacheURL, CertCache: c.CertCache, Logger: c.Logger}
 	if name == evidence.ProviderSimulated {
 		sim := &evidence.SimulatedConfig{HostData: c.SimulatedHostData}
 		if c.SimulatedDir != "" {

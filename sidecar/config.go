@@ -22,6 +22,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/blobseal/blobseal/internal/secret"
+	"github.com/blobseal/blobseal/keyrelease/evidence"
 	"github.com/blobseal/blobseal/skr"
 )
 
@@ -66,6 +67,10 @@ type Attestation struct {
 	// unless named here).
 	Provider     string `yaml:"provider" json:"provider"`
 	CertCacheURL string `yaml:"cert_cache_url" json:"cert_cache_url"`
+	// CertCacheKind is AzCache (default), LocalTHIM or AMD, as the Azure
+	// sidecars' certcache.endpoint_type; with AMD, cert_cache_url is the KDS
+	// base with the product path (https://kdsintf.amd.com/vcek/v1/Milan).
+	CertCacheKind string `yaml:"cert_cache_kind" json:"cert_cache_kind"`
 	// CAFile adds trusted TLS roots (the local stack's CA in tests and the demo).
 	CAFile string `yaml:"ca_file" json:"ca_file"`
 	// SimulatedDir holds the local stack's simulated signer (provider
@@ -74,6 +79,16 @@ type Attestation struct {
 	// SimulatedHostData is the HOST_DATA (hex SHA-256 of a CCE policy) the
 	// simulated reports carry.
 	SimulatedHostData string `yaml:"simulated_host_data" json:"simulated_host_data"`
+
+	certCache evidence.CertCache // from the legacy certcache object
+}
+
+// CertCache is the certificate cache the attestation uses.
+func (a Attestation) CertCache() evidence.CertCache {
+	if a.certCache.URL != "" {
+		return a.certCache
+	}
+	return evidence.CertCache{Kind: a.CertCacheKind, URL: a.CertCacheURL}
 }
 
 // SKRConfig places the SKR-compatible API (package skr).
@@ -302,8 +317,14 @@ func ParseEncfsArgs(b64 string) (*Config, error) {
 		return nil, fmt.Errorf("%s does not hold valid JSON: %v", EncfsEnv, err)
 	}
 	cfg := &Config{Attestation: Attestation{Provider: "auto"}}
-	if ep := lc.AzureInfo.CertCache.Endpoint; ep != "" {
-		cfg.Attestation.CertCacheURL = withScheme(ep)
+	if cc := lc.AzureInfo.CertCache; cc.Endpoint != "" {
+		// The URL the Azure sidecar builds for its endpoint_type.
+		c, err := evidence.LegacyCertCache(cc.EndpointType, cc.Endpoint, cc.TEEType, cc.APIVersion)
+		if err != nil {
+			return nil, fmt.Errorf("%s: azure_info: %w", EncfsEnv, err)
+		}
+		cfg.Attestation.certCache = c
+		cfg.Attestation.CertCacheURL, cfg.Attestation.CertCacheKind = c.URL, c.Kind
 	}
 	for i, lf := range lc.AzureFilesystems {
 		requireIntegrity := false
@@ -421,6 +442,11 @@ func (c *Config) Validate() error {
 		}
 	default:
 		bad("attestation.provider is %q; use auto, sev-guest, configfs-tsm or simulated", c.Attestation.Provider)
+	}
+	switch c.Attestation.CertCacheKind {
+	case "", evidence.CertCacheAzure, evidence.CertCacheTHIM, evidence.CertCacheAMD:
+	default:
+		bad("attestation.cert_cache_kind is %q; use AzCache, LocalTHIM or AMD", c.Attestation.CertCacheKind)
 	}
 	if a := c.SKR.Address; a != "" {
 		if _, port, err := net.SplitHostPort(a); err != nil || port == "" {

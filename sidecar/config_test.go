@@ -173,3 +173,35 @@ func FuzzParseEncfsArgs(f *testing.F) {
 		}
 	})
 }
+
+// The legacy certcache object maps to the URL the Azure sidecar builds for
+// each endpoint_type.
+func TestLegacyCertCacheEndpointTypes(t *testing.T) {
+	for typ, want := range map[string]string{
+		"LocalTHIM": "http://169.254.169.254/metadata/THIM/amd/certification",
+		"AzCache":   "https://169.254.169.254",
+	} {
+		js := `{"azure_info":{"certcache":{"endpoint":"169.254.169.254","endpoint_type":"` + typ + `","tee_type":"SevSnpVM","api_version":"api-version=2020-10-15-preview"}},
+		"azure_filesystems":[{"mount_point":"/mnt/a","azure_url":"https://a.blob.core.windows.net/c/i.img","raw_key":"00"}]}`
+		cfg, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte(js)))
+		if err != nil {
+			t.Fatalf("%s: %v", typ, err)
+		}
+		if cc := cfg.Attestation.CertCache(); cc.URL != want || cc.Kind != typ {
+			t.Errorf("%s: %+v, want %s", typ, cc, want)
+		}
+	}
+	js := `{"azure_info":{"certcache":{"endpoint":"kdsintf.amd.com","endpoint_type":"AMD","tee_type":"vcek/v1/Milan"}},
+		"azure_filesystems":[{"mount_point":"/mnt/a","azure_url":"https://a.blob.core.windows.net/c/i.img","raw_key":"00"}]}`
+	cfg, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte(js)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cc := cfg.Attestation.CertCache(); cc.URL != "https://kdsintf.amd.com/vcek/v1/Milan" || cc.Kind != "AMD" {
+		t.Errorf("AMD: %+v", cc)
+	}
+	bad := strings.Replace(js, `"AMD"`, `"Azure"`, 1)
+	if _, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte(bad))); err == nil || !strings.Contains(err.Error(), "AzCache, LocalTHIM or AMD") {
+		t.Errorf("unknown endpoint_type: %v", err)
+	}
+}

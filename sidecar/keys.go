@@ -90,7 +90,7 @@ func (s *Sidecar) keyEnvironment() (*keyEnv, error) {
 		return e, nil
 	}
 	a := s.cfg.Attestation
-	ec := keyrelease.EvidenceConfig{Provider: a.Provider, CertCacheURL: a.CertCacheURL, SimulatedDir: a.SimulatedDir, Logger: s.log}
+	ec := keyrelease.EvidenceConfig{Provider: a.Provider, CertCache: a.CertCache(), SimulatedDir: a.SimulatedDir, Logger: s.log}
 	if a.SimulatedHostData != "" {
 		b, _ := hex.DecodeString(a.SimulatedHostData) // validated
 		copy(ec.SimulatedHostData[:], b)

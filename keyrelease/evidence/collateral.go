@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/x509"
 	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -276,10 +275,10 @@ func resolveCertChain(ctx context.Context, opts Options, log *slog.Logger, chipI
 	if chain, ok := chainFromCertTable(table, reportedTCB); ok {
 		return chain, nil
 	}
-	if opts.CertCacheURL == "" {
+	if opts.certCache().URL == "" {
 		return nil, fmt.Errorf("no VCEK certificate chain for this report: %s; set --cert-cache-url (e.g. https://global.acccache.azure.net) to fetch it", why)
 	}
-	chain, err := fetchCertCache(ctx, opts, log, chipID, reportedTCB)
+	chain, err := fetchChain(ctx, opts, log, chipID, reportedTCB)
 	if err != nil {
 		return nil, fmt.Errorf("%s, and the certificate cache failed: %w", why, err)
 	}
@@ -316,16 +315,15 @@ func chainFromCertTable(table []byte, reportedTCB uint64) ([]byte, bool) {
 	return out, true
 }
 
-// CertCacheRequestURL is the URL fetched for a chip and TCB.
+// CertCacheRequestURL is the URL fetched for a chip and TCB from an Azure
+// cache base URL or a THIM URL.
 func CertCacheRequestURL(base string, chipID []byte, tcb uint64) string {
-	base = strings.TrimRight(base, "/")
-	if strings.Contains(base, "/metadata/THIM/") {
-		return base
-	}
-	return fmt.Sprintf("%s/SevSnpVM/certificates/%s/%s?api-version=%s", base, hex.EncodeToString(chipID), strconv.FormatUint(tcb, 16), CertCacheAPIVersion)
+	u, _ := CertCache{URL: base}.RequestURLs(chipID, tcb)
+	return u
 }
 
-func fetchCertCache(ctx context.Context, opts Options, log *slog.Logger, chipID []byte, tcb uint64) ([]byte, error) {
+// fetchCertCache GETs u with retries on 429, 5xx and network errors.
+func fetchCertCache(ctx context.Context, opts Options, log *slog.Logger, u string) ([]byte, error) {
 	hc := opts.HTTPClient
 	if hc == nil {
 		hc = &http.Client{Timeout: 30 * time.Second}
@@ -338,7 +336,6 @@ func fetchCertCache(ctx context.Context, opts Options, log *slog.Logger, chipID 
 	if backoff <= 0 {
 		backoff = 500 * time.Millisecond
 	}
-	u := CertCacheRequestURL(opts.CertCacheURL, chipID, tcb)
 	var lastErr error
 	for attempt := 0; attempt <= retries; attempt++ {
 		if attempt > 0 {
@@ -365,11 +362,7 @@ func fetchCertCache(ctx context.Context, opts Options, log *slog.Logger, chipID 
 		case status != http.StatusOK:
 			return nil, fmt.Errorf("GET %s: HTTP %d: %s (check --cert-cache-url)", u, status, truncate(string(body), 200))
 		}
-		chain, err := parseCacheResponse(body, tcb)
-		if err != nil {
-			return nil, fmt.Errorf("GET %s: %w", u, err)
-		}
-		return chain, nil
+		return body, nil
 	}
 	return nil, fmt.Errorf("gave up after %d attempts: %w", retries+1, lastErr)
 }
