@@ -28,6 +28,10 @@ func TestLegacyCertCacheURLs(t *testing.T) {
 			"https://global.acccache.azure.net/SevSnpVM/certificates/abcd/7300000000000403?api-version=" + CertCacheAPIVersion, ""},
 		{"LocalTHIM", "169.254.169.254", "", "",
 			"http://169.254.169.254/metadata/THIM/amd/certification", ""},
+		// SkrSideCarArgs of Microsoft's confidential AKS Kafka sample (a pod
+		// with runtimeClassName kata-cc-isolation): the endpoint carries the path.
+		{"LocalTHIM", "169.254.169.254/metadata/THIM/amd/certification", "", "",
+			"http://169.254.169.254/metadata/THIM/amd/certification", ""},
 		{"AMD", "kdsintf.amd.com", "vcek/v1/Milan", "",
 			"https://kdsintf.amd.com/vcek/v1/Milan/abcd?ucodeSPL=115&snpSPL=0&teeSPL=4&blSPL=3", "https://kdsintf.amd.com/vcek/v1/Milan/cert_chain"},
 	} {

@@ -88,10 +88,17 @@ type Collateral struct {
 	Source         string // "environment", the directory, or "" when none was found
 }
 
-// LoadCollateral reads the ACI collateral from the environment, else from
-// the security context directory (UVM_SECURITY_CONTEXT_DIR, else the first
-// security-context-* directory under rootDir). Absent collateral is not an
-// error; malformed collateral is.
+// KataSecurityContextDir is where confidential AKS (Kata) pods find the
+// UVM reference info: the node's path, mounted into the pod at the same
+// place.
+const KataSecurityContextDir = "/opt/confidential-containers/share/kata-containers"
+
+// LoadCollateral reads the collateral in the Azure sidecars' order: a
+// security context directory first (UVM_SECURITY_CONTEXT_DIR, else the
+// first security-context-* directory under rootDir as on ACI, else the Kata
+// directory under rootDir as on confidential AKS), then the UVM_*
+// environment variables. Absent collateral is not an error; malformed
+// collateral is.
 func LoadCollateral(lookupEnv func(string) (string, bool), rootDir string) (*Collateral, error) {
 	if lookupEnv == nil {
 		lookupEnv = os.LookupEnv
@@ -99,30 +106,12 @@ func LoadCollateral(lookupEnv func(string) (string, bool), rootDir string) (*Col
 	if rootDir == "" {
 		rootDir = "/"
 	}
+	source := "environment"
 	read := func(name string) (string, bool, error) {
 		v, ok := lookupEnv(name)
 		return v, ok && v != "", nil
 	}
-	source := "environment"
-	envSet := false
-	for _, name := range []string{EnvSecurityPolicy, EnvReferenceInfo, EnvHostAMDCertificate} {
-		if v, ok := lookupEnv(name); ok && v != "" {
-			envSet = true
-		}
-	}
-	if !envSet {
-		dir, ok := lookupEnv(EnvSecurityContextDir)
-		if !ok || dir == "" {
-			matches, _ := filepath.Glob(filepath.Join(rootDir, "security-context-*"))
-			sort.Strings(matches)
-			dir = ""
-			if len(matches) > 0 {
-				dir = matches[0]
-			}
-		}
-		if dir == "" {
-			return &Collateral{}, nil
-		}
+	if dir := securityContextDir(lookupEnv, rootDir); dir != "" {
 		source = dir
 		files := map[string]string{
 			EnvSecurityPolicy:     FileSecurityPolicy,
@@ -136,7 +125,7 @@ func LoadCollateral(lookupEnv func(string) (string, bool), rootDir string) (*Col
 				return "", false, nil
 			}
 			if err != nil {
-				return "", false, fmt.Errorf("read ACI collateral: %w", err)
+				return "", false, fmt.Errorf("read security context: %w", err)
 			}
 			return string(b), len(bytes.TrimSpace(b)) > 0, nil
 		}
@@ -170,6 +159,26 @@ func LoadCollateral(lookupEnv func(string) (string, bool), rootDir string) (*Col
 		}
 	}
 	return col, nil
+}
+
+// securityContextDir finds the directory holding the collateral files, ""
+// when there is none.
+func securityContextDir(lookupEnv func(string) (string, bool), rootDir string) string {
+	if dir, ok := lookupEnv(EnvSecurityContextDir); ok && dir != "" {
+		return dir
+	}
+	matches, _ := filepath.Glob(filepath.Join(rootDir, "security-context-*"))
+	sort.Strings(matches)
+	if len(matches) > 0 {
+		return matches[0]
+	}
+	kata := filepath.Join(rootDir, KataSecurityContextDir)
+	for _, f := range []string{FileReferenceInfo, FileSecurityPolicy, FileHostAMDCertificate} {
+		if _, err := os.Stat(filepath.Join(kata, f)); err == nil {
+			return kata
+		}
+	}
+	return ""
 }
 
 func readLimited(path string) ([]byte, error) {
