@@ -62,7 +62,7 @@ func TestOneSidecarForBoth(t *testing.T) {
 	}
 	mp := filepath.Join(dir, "mnt", "data")
 	cfgJSON, _ := json.Marshal(map[string]any{
-		"health": map[string]any{"address": "off"},
+		"health": map[string]any{"address": "127.0.0.1:0"},
 		"attestation": map[string]any{"provider": "simulated", "simulated_dir": dir, "ca_file": files.CAPEMFile,
 			"simulated_host_data": hex.EncodeToString(hostData[:])},
 		"skr": map[string]any{"address": "127.0.0.1:0", "allowed_keys": []string{"app-key"}},
@@ -149,6 +149,18 @@ func TestOneSidecarForBoth(t *testing.T) {
 	}
 	if code, m := post("/attest/raw", `{"runtime_data": "aGVsbG8="}`); code != 200 || len(m["report"].(string)) != 2*evidence.ReportSize {
 		t.Fatalf("attest/raw: %d %v", code, m)
+	}
+	// Per-endpoint counters reach the sidecar's Prometheus endpoint.
+	resp, err := http.Get("http://" + sc.HealthAddr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`blobseal_skr_requests_total{endpoint="POST /key/release"} 3`, `blobseal_skr_errors_total{endpoint="POST /key/release"} 2`, `blobseal_skr_requests_total{endpoint="POST /attest/raw"} 1`} {
+		if !strings.Contains(string(metrics), want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
 	}
 	if strings.Contains(logs.String(), st.Bearer.Reveal()) || strings.Contains(logs.String(), hex.EncodeToString(appKey)) {
 		t.Fatal("logs hold the bearer token or the released key")

@@ -18,6 +18,7 @@ import (
 	"github.com/blobseal/blobseal/fs"
 	"github.com/blobseal/blobseal/image"
 	"github.com/blobseal/blobseal/internal/secret"
+	"github.com/blobseal/blobseal/skr"
 )
 
 // KeySource obtains the key of one filesystem. The default is
@@ -37,6 +38,7 @@ type Sidecar struct {
 	mu      sync.Mutex
 	states  map[string]*fsState
 	skrAddr string
+	skrSrv  *skr.Server
 }
 
 // fsState is one filesystem's published status, for /readyz.

@@ -17,6 +17,9 @@ func (s *Sidecar) runSKR(ctx context.Context) error {
 	for attempt := 1; ; attempt++ {
 		srv, err := s.newSKRServer()
 		if err == nil {
+			s.mu.Lock()
+			s.skrSrv = srv
+			s.mu.Unlock()
 			err = srv.Serve(ctx, c.Address, func(addr string) {
 				s.mu.Lock()
 				s.skrAddr = addr
@@ -49,6 +52,15 @@ func (s *Sidecar) newSKRServer() (*skr.Server, error) {
 		Evidence: env.provider, Credential: cred, HTTPClient: env.client, TrustedRoots: env.roots,
 		AllowedKeys: s.cfg.SKR.AllowedKeys, Logger: s.log.With("component", "skr"),
 	})
+}
+
+func (s *Sidecar) skrMetrics() *skr.Metrics {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.skrSrv == nil {
+		return nil
+	}
+	return s.skrSrv.Metrics()
 }
 
 // SKRAddr is the address the SKR API listens on, once it does.
