@@ -166,7 +166,25 @@ func ReleaseRaw(ctx context.Context, cfg Config) (*hsm.ReleasedKey, error) {
 		}
 		return nil, err
 	}
-	start = time.Now()
+	return ReleaseWithToken(ctx, cfg, token, wrapping)
+}
+
+// ReleaseWithToken is the release step alone: it presents token (an MAA
+// token whose runtime keys hold wrapping's public key) to the vault and
+// unwraps the released key with wrapping. Evidence and MAAEndpoint of cfg
+// are not used. The caller wipes Material. Failures are *StageError.
+func ReleaseWithToken(ctx context.Context, cfg Config, token secret.Token, wrapping *rsa.PrivateKey) (*hsm.ReleasedKey, error) {
+	if token == "" || wrapping == nil {
+		return nil, &StageError{Stage: StageConfig, Err: errors.New("key release: an attestation token and its wrapping key are required")}
+	}
+	if cfg.VaultURL == "" || cfg.KeyName == "" || cfg.Credential == nil {
+		return nil, &StageError{Stage: StageConfig, Err: errors.New("key release: vault URL, key name and vault credential are required")}
+	}
+	if err := hsm.CheckAlgorithm(cfg.WrapAlg); err != nil {
+		return nil, &StageError{Stage: StageConfig, Err: fmt.Errorf("key release: %w", err)}
+	}
+	log := logger(cfg.Logger)
+	start := time.Now()
 	hc, err := hsm.New(cfg.VaultURL, cfg.Credential, hsm.Options{HTTPClient: cfg.HTTPClient, TrustedRoots: cfg.TrustedRoots, Logger: log})
 	if err != nil {
 		return nil, stageErr(StageConfig, "key release: %w", err)

@@ -17,6 +17,7 @@ import (
 	"github.com/blobseal/blobseal/keyrelease"
 	"github.com/blobseal/blobseal/keyrelease/evidence"
 	"github.com/blobseal/blobseal/keyrelease/hsm"
+	"github.com/blobseal/blobseal/keyrelease/maa"
 )
 
 func releaseConfig(st *Stack, ev evidence.Provider, key string) keyrelease.Config {
@@ -138,5 +139,53 @@ func TestStartOnGivenHost(t *testing.T) {
 			continue
 		}
 		conn.Close()
+	}
+}
+
+// Attest and ReleaseWithToken are the chain's two steps, usable apart: a
+// token obtained once releases the key; a token bound to another wrapping
+// key does not.
+func TestAttestThenReleaseWithToken(t *testing.T) {
+	hostData := sha256.Sum256([]byte("package policy\n# two steps\n"))
+	st, err := Start(Options{SignerDir: t.TempDir(), Simulated: evidence.SimulatedConfig{HostData: hostData}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	key := make(secret.Bytes, 32)
+	rand.Read(key)
+	if err := st.ImportOctKey(ctx, "two-steps", key, hostData); err != nil {
+		t.Fatal(err)
+	}
+	wrapping, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rd, err := maa.RuntimeData(&wrapping.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := releaseConfig(st, st.Simulated, "two-steps")
+	tok, err := keyrelease.Attest(ctx, keyrelease.AttestConfig{Evidence: st.Simulated, MAAEndpoint: st.MAAEndpoint, HTTPClient: st.HTTPClient()}, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rk, err := keyrelease.ReleaseWithToken(ctx, cfg, tok, wrapping)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(rk.Material, key) {
+		t.Fatal("released key differs")
+	}
+	rk.Material.Wipe()
+	other, _ := rsa.GenerateKey(rand.Reader, 2048)
+	if _, err := keyrelease.ReleaseWithToken(ctx, cfg, tok, other); err == nil {
+		t.Fatal("released with a wrapping key the token does not name")
+	}
+	var se *keyrelease.StageError
+	if _, err := keyrelease.ReleaseWithToken(ctx, cfg, "", wrapping); !errors.As(err, &se) || se.Stage != keyrelease.StageConfig {
+		t.Fatalf("no token: %v", err)
 	}
 }
