@@ -39,6 +39,7 @@ const DefaultAddress = "127.0.0.1:8080"
 const (
 	DefaultMaxBodyBytes   = 64 << 10
 	DefaultRequestTimeout = 2 * time.Minute
+	DefaultMaxInFlight    = 8
 )
 
 // Options configure a Server.
@@ -61,7 +62,11 @@ type Options struct {
 	// RequestTimeout bounds one request's attestation and release work
 	// (default 2 minutes).
 	RequestTimeout time.Duration
-	Logger         *slog.Logger
+	// MaxInFlight bounds the attestation and release requests served at
+	// once (each makes an SNP report and an RSA key); more are answered 429
+	// (default 8).
+	MaxInFlight int
+	Logger      *slog.Logger
 }
 
 // Server answers the SKR API.
@@ -70,6 +75,7 @@ type Server struct {
 	log     *slog.Logger
 	mux     *http.ServeMux
 	metrics *Metrics
+	slots   chan struct{} // MaxInFlight tokens
 }
 
 // Metrics counts requests per endpoint and status class.
@@ -122,12 +128,16 @@ func New(o Options) (*Server, error) {
 	if o.RequestTimeout <= 0 {
 		o.RequestTimeout = DefaultRequestTimeout
 	}
+	if o.MaxInFlight <= 0 {
+		o.MaxInFlight = DefaultMaxInFlight
+	}
 	for _, k := range o.AllowedKeys {
 		if strings.TrimSpace(k) == "" || strings.Count(k, "/") > 1 {
 			return nil, fmt.Errorf("skr: allowed key %q must be NAME or VAULTHOST/NAME", k)
 		}
 	}
-	s := &Server{o: o, log: o.Logger, mux: http.NewServeMux(), metrics: &Metrics{counts: map[string]*EndpointStats{}}}
+	s := &Server{o: o, log: o.Logger, mux: http.NewServeMux(), metrics: &Metrics{counts: map[string]*EndpointStats{}},
+		slots: make(chan struct{}, o.MaxInFlight)}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -184,7 +194,20 @@ func (s *Server) handle(pattern string, h func(*http.Request) (any, *apiError)) 
 		r.Body = http.MaxBytesReader(sw, r.Body, s.o.MaxBodyBytes)
 		ctx, cancel := context.WithTimeout(r.Context(), s.o.RequestTimeout)
 		defer cancel()
-		resp, aerr := h(r.WithContext(ctx))
+		var resp any
+		var aerr *apiError
+		if r.Method == http.MethodGet {
+			resp, aerr = h(r.WithContext(ctx))
+		} else {
+			select {
+			case s.slots <- struct{}{}:
+				resp, aerr = h(r.WithContext(ctx))
+				<-s.slots
+			default:
+				sw.Header().Set("Retry-After", "1")
+				aerr = &apiError{http.StatusTooManyRequests, fmt.Sprintf("%d attestation or release requests are already running; retry shortly", s.o.MaxInFlight)}
+			}
+		}
 		if aerr != nil {
 			writeError(sw, aerr.status, aerr.msg)
 			s.log.Warn("skr request failed", "endpoint", pattern, "status", aerr.status, "error", aerr.msg)

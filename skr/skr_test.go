@@ -322,3 +322,61 @@ func TestServeWithTheAzureClientScriptsCurl(t *testing.T) {
 		t.Fatalf("released key differs: %v", err)
 	}
 }
+
+// blockingEvidence holds Get until released, to fill the server's slots.
+type blockingEvidence struct {
+	evidence.Provider
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (b *blockingEvidence) Get(ctx context.Context, rd [64]byte) (*evidence.Evidence, error) {
+	b.entered <- struct{}{}
+	<-b.release
+	return b.Provider.Get(ctx, rd)
+}
+
+func TestInFlightLimit(t *testing.T) {
+	sim, err := evidence.NewSimulated(evidence.SimulatedConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	be := &blockingEvidence{Provider: sim, entered: make(chan struct{}, 2), release: make(chan struct{})}
+	srv, err := New(Options{Evidence: be, MaxInFlight: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := httptest.NewServer(srv.Handler())
+	t.Cleanup(hs.Close)
+	f := &fixture{url: hs.URL}
+	results := make(chan int, 2)
+	for i := 0; i < 2; i++ {
+		go func() {
+			resp, err := http.Post(hs.URL+"/attest/raw", "application/json", strings.NewReader(`{"runtime_data":"aGk="}`))
+			if err != nil {
+				results <- 0
+				return
+			}
+			resp.Body.Close()
+			results <- resp.StatusCode
+		}()
+	}
+	<-be.entered
+	<-be.entered
+	code, m := f.post(t, "/attest/raw", `{"runtime_data":"aGk="}`)
+	if code != http.StatusTooManyRequests || !strings.Contains(m["error"].(string), "already running") {
+		t.Fatalf("third request: %d %v", code, m)
+	}
+	// GET /status is never refused.
+	resp, err := http.Get(hs.URL + "/status")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("status while busy: %v %v", err, resp)
+	}
+	resp.Body.Close()
+	close(be.release)
+	for i := 0; i < 2; i++ {
+		if c := <-results; c != 200 {
+			t.Fatalf("blocked request ended with %d", c)
+		}
+	}
+}
