@@ -205,3 +205,29 @@ func TestLegacyCertCacheEndpointTypes(t *testing.T) {
 		t.Errorf("unknown endpoint_type: %v", err)
 	}
 }
+
+// Groups that ran both Azure sidecars keep both configurations: the SKR
+// sidecar's SkrSideCarArgs adds its identity and certificate cache.
+func TestEnableSKRWithSkrSideCarArgs(t *testing.T) {
+	js := `{"azure_filesystems":[{"mount_point":"/mnt/a","azure_url":"https://a.blob.core.windows.net/c/i.img","raw_key":"00"}]}`
+	cfg, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte(js)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := base64.StdEncoding.EncodeToString([]byte(`{"certcache":{"endpoint_type":"LocalTHIM","endpoint":"169.254.169.254/metadata/THIM/amd/certification"},"identity":{"client_id":"abc"}}`))
+	if err := cfg.EnableSKR("", args); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.SKR.Address != "127.0.0.1:8080" || cfg.SKR.IdentityClientID != "abc" || cfg.Attestation.CertCache().URL != "http://169.254.169.254/metadata/THIM/amd/certification" {
+		t.Fatalf("%+v %+v", cfg.SKR, cfg.Attestation.CertCache())
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.EnableSKR("8080", ""); err == nil || !strings.Contains(err.Error(), "HOST:PORT") {
+		t.Fatalf("bad address: %v", err)
+	}
+	if err := cfg.EnableSKR("", "%%"); err == nil || !strings.Contains(err.Error(), "not base64") {
+		t.Fatalf("bad args: %v", err)
+	}
+}
