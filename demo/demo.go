@@ -10,19 +10,23 @@ package demo
 import (
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/blobseal/blobseal/image"
 	"github.com/blobseal/blobseal/internal/secret"
+	"github.com/blobseal/blobseal/keyrelease"
 	"github.com/blobseal/blobseal/keyrelease/evidence"
 	"github.com/blobseal/blobseal/keyrelease/localstack"
 	"github.com/blobseal/blobseal/sidecar"
@@ -82,11 +86,10 @@ func Run(ctx context.Context, o Options) (err error) {
 
 	// 2. The local stack.
 	s.begin("start the local attestation and key services (TLS, simulated AMD SEV-SNP — for local use only)")
-	policyText, err := os.ReadFile(o.CCEPolicy)
+	hostData, err := keyrelease.HostDataFile(o.CCEPolicy)
 	if err != nil {
 		return s.fail(err)
 	}
-	hostData := sha256.Sum256(policyText)
 	st, err := localstack.Start(localstack.Options{SignerDir: dir, Simulated: evidence.SimulatedConfig{HostData: hostData}, Logger: o.Log})
 	if err != nil {
 		return s.fail(err)
@@ -119,6 +122,8 @@ func Run(ctx context.Context, o Options) (err error) {
 	mountPoint := filepath.Join(dir, "mnt", "demo")
 	cfg := &sidecar.Config{
 		Health: sidecar.HealthConfig{Address: "127.0.0.1:0"},
+		// The same sidecar serves the Azure SKR sidecar's API for the app.
+		SKR: sidecar.SKRConfig{Address: "127.0.0.1:0"},
 		Attestation: sidecar.Attestation{
 			Provider:          "simulated",
 			CAFile:            files.CAPEMFile,
@@ -170,6 +175,9 @@ func Run(ctx context.Context, o Options) (err error) {
 	fmt.Fprintf(o.Out, "\n--- %s ---\n%s\n", filepath.Join(mountPoint, "README.txt"), readme)
 	if addr := sc.HealthAddr(); addr != "" {
 		fmt.Fprintf(o.Out, "health: http://%s/readyz   metrics: http://%s/metrics\n", addr, addr)
+	}
+	if err := showSKR(ctx, o.Out, sc, st.MAAEndpoint); err != nil {
+		return err
 	}
 	if o.Exit {
 		fmt.Fprintf(o.Out, "stopping (--exit); total %s\n", time.Since(s.start).Round(time.Millisecond))
@@ -246,4 +254,33 @@ func printTree(w io.Writer, root string) error {
 		fmt.Fprintf(w, "  %s %8d  %s\n", info.Mode(), info.Size(), rel)
 		return nil
 	})
+}
+
+// showSKR asks the sidecar's SKR API for an attestation token, as an
+// application written for Azure's SKR sidecar would.
+func showSKR(ctx context.Context, out io.Writer, sc *sidecar.Sidecar, maaEndpoint string) error {
+	addr := ""
+	for deadline := time.Now().Add(30 * time.Second); addr == ""; addr = sc.SKRAddr() {
+		if time.Now().After(deadline) {
+			return errors.New("the SKR API did not start")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	body := `{"maa_endpoint": "` + strings.TrimPrefix(maaEndpoint, "https://") + `", "runtime_data": "` + base64.StdEncoding.EncodeToString([]byte(`{"app":"demo"}`)) + `"}`
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+"/attest/maa", strings.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("SKR API: %w", err)
+	}
+	defer resp.Body.Close()
+	var r struct{ Token, Error string }
+	if err := json.NewDecoder(resp.Body).Decode(&r); err != nil || resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("SKR API /attest/maa: HTTP %d %s %v", resp.StatusCode, r.Error, err)
+	}
+	fmt.Fprintf(out, "SKR API (Azure SKR sidecar compatible): http://%s  — POST /attest/maa returned a %d-byte token\n", addr, len(r.Token))
+	return nil
 }

@@ -26,7 +26,7 @@ func TestDemoRuns(t *testing.T) {
 		t.Fatal(err)
 	}
 	readme, _ := os.ReadFile("../examples/demo-data/README.txt")
-	for _, want := range []string{"Azurite on 127.0.0.1", "simulated AMD SEV-SNP", "config/app.yaml", "models/weights-sample.b64", string(readme)} {
+	for _, want := range []string{"Azurite on 127.0.0.1", "SKR API (Azure SKR sidecar compatible)", "simulated AMD SEV-SNP", "config/app.yaml", "models/weights-sample.b64", string(readme)} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("output lacks %q", want)
 		}

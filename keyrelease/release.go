@@ -11,6 +11,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -75,64 +76,140 @@ func (c *Config) check() error {
 	return nil
 }
 
-// Release runs the chain and returns the 32-byte secret. The caller wipes it.
-func Release(ctx context.Context, cfg Config) (secret.Bytes, error) {
-	if err := cfg.check(); err != nil {
-		return nil, err
-	}
-	log := cfg.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	total := time.Now()
-	step := func(name string, start time.Time, attrs ...any) {
-		log.Debug("key release step", append([]any{"step", name, "elapsed", time.Since(start)}, attrs...)...)
-	}
+// Stages of the chain, as StageError names them.
+const (
+	StageConfig   = "config"
+	StageEvidence = "evidence"
+	StageAttest   = "attestation"
+	StageRelease  = "release"
+	StageDerive   = "derive"
+)
 
+// StageError says which step of the chain failed, so a caller (the SKR API)
+// can answer with the right status without parsing messages.
+type StageError struct {
+	Stage string
+	Err   error
+}
+
+func (e *StageError) Error() string { return e.Err.Error() }
+func (e *StageError) Unwrap() error { return e.Err }
+
+func stageErr(stage string, format string, args ...any) error {
+	return &StageError{Stage: stage, Err: fmt.Errorf(format, args...)}
+}
+
+// AttestConfig is what one attestation needs.
+type AttestConfig struct {
+	Evidence    evidence.Provider
+	MAAEndpoint string // https URL, or a bare host as the Azure sidecars take it
+	Nonce       string
+	HTTPClient  *http.Client
+	Logger      *slog.Logger
+}
+
+// Attest gets fresh evidence whose REPORT_DATA is SHA-256(runtimeData) and
+// exchanges it at MAA for a token carrying runtimeData. Failures are
+// *StageError (StageEvidence or StageAttest).
+func Attest(ctx context.Context, c AttestConfig, runtimeData []byte) (secret.Token, error) {
+	if c.Evidence == nil || c.MAAEndpoint == "" {
+		return "", &StageError{Stage: StageConfig, Err: errors.New("attestation: evidence provider and attestation endpoint are required")}
+	}
+	log := logger(c.Logger)
+	start := time.Now()
+	ev, err := c.Evidence.Get(ctx, evidence.ReportData(runtimeData))
+	if err != nil {
+		return "", stageErr(StageEvidence, "attestation evidence (%s): %w", c.Evidence.Name(), err)
+	}
+	log.Debug("key release step", "step", "evidence", "elapsed", time.Since(start), "provider", c.Evidence.Name(), "report_bytes", len(ev.Report))
+	start = time.Now()
+	mc := maa.New(c.MAAEndpoint, maa.Options{HTTPClient: c.HTTPClient, Logger: log})
+	token, err := mc.AttestSevSnpVm(ctx, ev, runtimeData, c.Nonce)
+	if err != nil {
+		return "", stageErr(StageAttest, "attestation at %s: %w", mc.Endpoint(), err)
+	}
+	log.Debug("key release step", "step", "attestation token", "elapsed", time.Since(start), "endpoint", mc.Endpoint())
+	return token, nil
+}
+
+func logger(l *slog.Logger) *slog.Logger {
+	if l == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return l
+}
+
+// ReleaseRaw runs attestation and the HSM release and returns the released
+// key itself (oct bytes or PKCS#8), without deriving the filesystem secret:
+// the SKR API hands keys out as JWKs. The caller wipes Material. Failures
+// are *StageError.
+func ReleaseRaw(ctx context.Context, cfg Config) (*hsm.ReleasedKey, error) {
+	if err := cfg.check(); err != nil {
+		return nil, &StageError{Stage: StageConfig, Err: err}
+	}
+	log := logger(cfg.Logger)
 	start := time.Now()
 	wrapping, err := rsa.GenerateKey(rand.Reader, WrappingKeyBits)
 	if err != nil {
-		return nil, fmt.Errorf("key release: generate wrapping key: %w", err)
+		return nil, stageErr(StageConfig, "key release: generate wrapping key: %w", err)
 	}
 	runtimeData, err := maa.RuntimeData(&wrapping.PublicKey)
 	if err != nil {
-		return nil, fmt.Errorf("key release: runtime data: %w", err)
+		return nil, stageErr(StageConfig, "key release: runtime data: %w", err)
 	}
-	step("wrapping key", start, "bits", WrappingKeyBits)
-
-	start = time.Now()
-	ev, err := cfg.Evidence.Get(ctx, evidence.ReportData(runtimeData))
+	log.Debug("key release step", "step", "wrapping key", "elapsed", time.Since(start), "bits", WrappingKeyBits)
+	token, err := Attest(ctx, AttestConfig{Evidence: cfg.Evidence, MAAEndpoint: cfg.MAAEndpoint, Nonce: cfg.Nonce, HTTPClient: cfg.HTTPClient, Logger: log}, runtimeData)
 	if err != nil {
-		return nil, fmt.Errorf("key release: attestation evidence (%s): %w", cfg.Evidence.Name(), err)
+		var se *StageError
+		if errors.As(err, &se) {
+			se.Err = fmt.Errorf("key release: %w", se.Err)
+		}
+		return nil, err
 	}
-	step("evidence", start, "provider", cfg.Evidence.Name(), "report_bytes", len(ev.Report))
+	return ReleaseWithToken(ctx, cfg, token, wrapping)
+}
 
-	start = time.Now()
-	mc := maa.New(cfg.MAAEndpoint, maa.Options{HTTPClient: cfg.HTTPClient, Logger: log})
-	token, err := mc.AttestSevSnpVm(ctx, ev, runtimeData, cfg.Nonce)
-	if err != nil {
-		return nil, fmt.Errorf("key release: attestation at %s: %w", mc.Endpoint(), err)
+// ReleaseWithToken is the release step alone: it presents token (an MAA
+// token whose runtime keys hold wrapping's public key) to the vault and
+// unwraps the released key with wrapping. Evidence and MAAEndpoint of cfg
+// are not used. The caller wipes Material. Failures are *StageError.
+func ReleaseWithToken(ctx context.Context, cfg Config, token secret.Token, wrapping *rsa.PrivateKey) (*hsm.ReleasedKey, error) {
+	if token == "" || wrapping == nil {
+		return nil, &StageError{Stage: StageConfig, Err: errors.New("key release: an attestation token and its wrapping key are required")}
 	}
-	step("attestation token", start, "endpoint", mc.Endpoint())
-
-	start = time.Now()
+	if cfg.VaultURL == "" || cfg.KeyName == "" || cfg.Credential == nil {
+		return nil, &StageError{Stage: StageConfig, Err: errors.New("key release: vault URL, key name and vault credential are required")}
+	}
+	if err := hsm.CheckAlgorithm(cfg.WrapAlg); err != nil {
+		return nil, &StageError{Stage: StageConfig, Err: fmt.Errorf("key release: %w", err)}
+	}
+	log := logger(cfg.Logger)
+	start := time.Now()
 	hc, err := hsm.New(cfg.VaultURL, cfg.Credential, hsm.Options{HTTPClient: cfg.HTTPClient, TrustedRoots: cfg.TrustedRoots, Logger: log})
 	if err != nil {
-		return nil, fmt.Errorf("key release: %w", err)
+		return nil, stageErr(StageConfig, "key release: %w", err)
 	}
 	rk, err := hc.Release(ctx, cfg.KeyName, cfg.KeyVersion, token, wrapping, cfg.WrapAlg)
 	if err != nil {
-		return nil, fmt.Errorf("key release: %w", err)
+		return nil, stageErr(StageRelease, "key release: %w", err)
+	}
+	log.Debug("key release step", "step", "hsm release", "elapsed", time.Since(start), "kid", rk.KID, "kty", rk.Kty)
+	return rk, nil
+}
+
+// Release runs the chain and returns the 32-byte secret. The caller wipes it.
+// Failures are *StageError.
+func Release(ctx context.Context, cfg Config) (secret.Bytes, error) {
+	total := time.Now()
+	rk, err := ReleaseRaw(ctx, cfg)
+	if err != nil {
+		return nil, err
 	}
 	defer rk.Material.Wipe()
-	step("hsm release", start, "kid", rk.KID, "kty", rk.Kty)
-
-	start = time.Now()
 	out, err := hsm.DeriveSecret(rk, cfg.Salt, cfg.Label)
 	if err != nil {
-		return nil, fmt.Errorf("key release: %w", err)
+		return nil, stageErr(StageDerive, "key release: %w", err)
 	}
-	step("derive", start, "kty", rk.Kty)
-	log.Info("key released", "kid", rk.KID, "kty", rk.Kty, "total", time.Since(total))
+	logger(cfg.Logger).Info("key released", "kid", rk.KID, "kty", rk.Kty, "total", time.Since(total))
 	return out, nil
 }

@@ -392,6 +392,15 @@ func TestChainDenials(t *testing.T) {
 			if !errors.Is(err, c.is) {
 				t.Fatalf("error %q is not %v", err, c.is)
 			}
+			// Callers (the SKR API) learn the failed step without parsing text.
+			stage := keyrelease.StageRelease
+			if c.name == "unknown wrap algorithm" {
+				stage = keyrelease.StageConfig
+			}
+			var se *keyrelease.StageError
+			if !errors.As(err, &se) || se.Stage != stage {
+				t.Errorf("error %q is not a StageError of stage %q: %+v", err, stage, se)
+			}
 			for _, w := range c.words {
 				if !strings.Contains(err.Error(), w) {
 					t.Errorf("error %q does not mention %q", err, w)

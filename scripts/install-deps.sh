@@ -21,12 +21,14 @@ as_root() {
 }
 
 need_apt=()
-for tool in cryptsetup:cryptsetup-bin veritysetup:cryptsetup-bin mkfs.ext4:e2fsprogs debugfs:e2fsprogs fusermount3:fuse3 rclone:rclone openssl:openssl; do
+for tool in cryptsetup:cryptsetup-bin veritysetup:cryptsetup-bin mkfs.ext4:e2fsprogs debugfs:e2fsprogs fusermount3:fuse3 rclone:rclone openssl:openssl curl:curl; do
   cmd=${tool%%:*} pkg=${tool#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || [ -x "/sbin/$cmd" ] || need_apt+=("$pkg")
 done
 # OpenSSL's XTS is reached from the xts tests through Debian's python3-cryptography.
 /usr/bin/python3 -c 'import cryptography' 2>/dev/null || need_apt+=(python3-cryptography)
+# keyrelease/hsm verifies a recorded Managed HSM response against the system DigiCert root.
+[ -f /etc/ssl/certs/DigiCert_Global_Root_G2.pem ] || need_apt+=(ca-certificates)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   for attempt in 1 2 3; do

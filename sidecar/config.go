@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	blobfs "github.com/blobseal/blobseal/fs"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -21,6 +22,8 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/blobseal/blobseal/internal/secret"
+	"github.com/blobseal/blobseal/keyrelease/evidence"
+	"github.com/blobseal/blobseal/skr"
 )
 
 // Config is the sidecar's configuration (JSON or YAML; see
@@ -30,6 +33,9 @@ type Config struct {
 	Health      HealthConfig `yaml:"health" json:"health"`
 	Attestation Attestation  `yaml:"attestation" json:"attestation"`
 	Cache       CacheConfig  `yaml:"cache" json:"cache"`
+	// SKR serves the REST API of Azure's secure key release sidecar, so one
+	// blobseal sidecar replaces both Azure sidecars.
+	SKR SKRConfig `yaml:"skr" json:"skr"`
 	// OnFailure is "exit" (default: the sidecar exits non-zero when any
 	// filesystem cannot be mounted) or "retry" (keep retrying with backoff
 	// while the others serve).
@@ -61,6 +67,10 @@ type Attestation struct {
 	// unless named here).
 	Provider     string `yaml:"provider" json:"provider"`
 	CertCacheURL string `yaml:"cert_cache_url" json:"cert_cache_url"`
+	// CertCacheKind is AzCache (default), LocalTHIM or AMD, as the Azure
+	// sidecars' certcache.endpoint_type; with AMD, cert_cache_url is the KDS
+	// base with the product path (https://kdsintf.amd.com/vcek/v1/Milan).
+	CertCacheKind string `yaml:"cert_cache_kind" json:"cert_cache_kind"`
 	// CAFile adds trusted TLS roots (the local stack's CA in tests and the demo).
 	CAFile string `yaml:"ca_file" json:"ca_file"`
 	// SimulatedDir holds the local stack's simulated signer (provider
@@ -69,6 +79,30 @@ type Attestation struct {
 	// SimulatedHostData is the HOST_DATA (hex SHA-256 of a CCE policy) the
 	// simulated reports carry.
 	SimulatedHostData string `yaml:"simulated_host_data" json:"simulated_host_data"`
+
+	certCache evidence.CertCache // from the legacy certcache object
+}
+
+// CertCache is the certificate cache the attestation uses.
+func (a Attestation) CertCache() evidence.CertCache {
+	if a.certCache.URL != "" {
+		return a.certCache
+	}
+	return evidence.CertCache{Kind: a.CertCacheKind, URL: a.CertCacheURL}
+}
+
+// SKRConfig places the SKR-compatible API (package skr).
+type SKRConfig struct {
+	// Address is HOST:PORT; empty disables the API. The Azure sidecar's
+	// is localhost:8080 (skr.DefaultAddress); a non-loopback address is
+	// served with a warning.
+	Address string `yaml:"address" json:"address"`
+	// AllowedKeys, when set, limits /key/release to these keys: NAME or
+	// VAULTHOST/NAME.
+	AllowedKeys []string `yaml:"allowed_keys" json:"allowed_keys"`
+	// IdentityClientID picks the user-assigned managed identity used for
+	// requests without access_token.
+	IdentityClientID string `yaml:"identity_client_id" json:"identity_client_id"`
 }
 
 // CacheConfig bounds the read cache shared by all filesystems.
@@ -127,6 +161,8 @@ type Key struct {
 	File    string   `yaml:"file" json:"file"`
 	RawHex  string   `yaml:"raw_hex" json:"raw_hex"`
 	Release *Release `yaml:"release" json:"release"`
+
+	raw secret.Bytes // RawHex decoded by Validate; wiped by Wipe
 }
 
 // Release is secure key release: attest, get an MAA token, release the key
@@ -281,8 +317,14 @@ func ParseEncfsArgs(b64 string) (*Config, error) {
 		return nil, fmt.Errorf("%s does not hold valid JSON: %v", EncfsEnv, err)
 	}
 	cfg := &Config{Attestation: Attestation{Provider: "auto"}}
-	if ep := lc.AzureInfo.CertCache.Endpoint; ep != "" {
-		cfg.Attestation.CertCacheURL = withScheme(ep)
+	if cc := lc.AzureInfo.CertCache; cc.Endpoint != "" {
+		// The URL the Azure sidecar builds for its endpoint_type.
+		c, err := evidence.LegacyCertCache(cc.EndpointType, cc.Endpoint, cc.TEEType, cc.APIVersion)
+		if err != nil {
+			return nil, fmt.Errorf("%s: azure_info: %w", EncfsEnv, err)
+		}
+		cfg.Attestation.certCache = c
+		cfg.Attestation.CertCacheURL, cfg.Attestation.CertCacheKind = c.URL, c.Kind
 	}
 	for i, lf := range lc.AzureFilesystems {
 		requireIntegrity := false
@@ -321,6 +363,44 @@ func ParseEncfsArgs(b64 string) (*Config, error) {
 		return nil, fmt.Errorf("%s: %w", EncfsEnv, err)
 	}
 	return cfg, nil
+}
+
+// Wipe clears the key bytes the configuration holds (decoded raw keys).
+// The Go strings they came from cannot be cleared; see docs/SECURITY.md.
+func (c *Config) Wipe() {
+	for _, f := range c.Filesystems {
+		if f != nil {
+			f.Key.raw.Wipe()
+			f.Key.raw = nil
+		}
+	}
+}
+
+// systemDirs may not be, or contain, a mount point: publishing there would
+// shadow the container's own system files.
+var systemDirs = []string{"/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sbin", "/sys", "/usr", "/var/run", "/run"}
+
+// checkMountPoint refuses relative paths, ".." segments (the path must mean
+// what it says before cleaning) and system locations.
+func checkMountPoint(mp string) error {
+	if mp == "" || !filepath.IsAbs(mp) {
+		return fmt.Errorf("mount_point %q must be an absolute path", mp)
+	}
+	for _, seg := range strings.Split(mp, "/") {
+		if seg == ".." {
+			return fmt.Errorf("mount_point %q must not contain \"..\"", mp)
+		}
+	}
+	clean := filepath.Clean(mp)
+	if clean == "/" {
+		return errors.New("mount_point must not be /")
+	}
+	for _, d := range systemDirs {
+		if clean == d || strings.HasPrefix(clean, d+"/") {
+			return fmt.Errorf("mount_point %s is inside the system directory %s; use a path in a shared volume such as /mnt/data", clean, d)
+		}
+	}
+	return nil
 }
 
 func withScheme(endpoint string) string {
@@ -363,7 +443,22 @@ func (c *Config) Validate() error {
 	default:
 		bad("attestation.provider is %q; use auto, sev-guest, configfs-tsm or simulated", c.Attestation.Provider)
 	}
-	if len(c.Filesystems) == 0 {
+	switch c.Attestation.CertCacheKind {
+	case "", evidence.CertCacheAzure, evidence.CertCacheTHIM, evidence.CertCacheAMD:
+	default:
+		bad("attestation.cert_cache_kind is %q; use AzCache, LocalTHIM or AMD", c.Attestation.CertCacheKind)
+	}
+	if a := c.SKR.Address; a != "" {
+		if _, port, err := net.SplitHostPort(a); err != nil || port == "" {
+			bad("skr.address %q must be HOST:PORT, e.g. %s", a, skr.DefaultAddress)
+		}
+	}
+	for _, k := range c.SKR.AllowedKeys {
+		if strings.TrimSpace(k) == "" || strings.Count(k, "/") > 1 {
+			bad("skr.allowed_keys entry %q must be NAME or VAULTHOST/NAME", k)
+		}
+	}
+	if len(c.Filesystems) == 0 && c.SKR.Address == "" {
 		bad("no filesystems configured: add at least one entry under filesystems (or azure_filesystems in %s)", EncfsEnv)
 	}
 	names := map[string]bool{}
@@ -381,8 +476,8 @@ func (c *Config) Validate() error {
 			bad("%s: name %q is used twice", where, f.Name)
 		}
 		names[f.Name] = true
-		if f.MountPoint == "" || !filepath.IsAbs(f.MountPoint) {
-			bad("%s: mount_point %q must be an absolute path", where, f.MountPoint)
+		if err := checkMountPoint(f.MountPoint); err != nil {
+			bad("%s: %v", where, err)
 		} else {
 			f.MountPoint = filepath.Clean(f.MountPoint)
 			if mounts[f.MountPoint] {
@@ -442,8 +537,11 @@ func (c *Config) Validate() error {
 		}
 		if f.Key.RawHex != "" {
 			sources++
-			if _, err := hex.DecodeString(f.Key.RawHex); err != nil {
+			if b, err := hex.DecodeString(f.Key.RawHex); err != nil || len(b) == 0 {
 				bad("%s: raw_key is not hex", where)
+			} else {
+				f.Key.raw.Wipe()
+				f.Key.raw = secret.Bytes(b)
 			}
 		}
 		if r := f.Key.Release; r != nil {

@@ -105,6 +105,16 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		"filesystems:\n  - mount_point: /m\n    source: /x\n    key: {release: {vault: https://v}}":                                          "attestation endpoint",
 		"attestation: {provider: simulated, simulated_host_data: zz}\nfilesystems:\n  - mount_point: /m\n    source: /x\n    key: {file: k}": "64 hex digits",
 	}
+	for mp, want := range map[string]string{
+		"/mnt/../etc/x": `must not contain ".."`,
+		"/":             "must not be /",
+		"/etc/blobseal": "inside the system directory /etc",
+		"/proc":         "inside the system directory /proc",
+		"/usr/local/d":  "inside the system directory /usr",
+		"mnt/data":      "must be an absolute path",
+	} {
+		cases["filesystems:\n  - mount_point: "+mp+"\n    source: /x\n    key: {file: k}"] = want
+	}
 	for in, want := range cases {
 		_, err := Parse([]byte(in))
 		if err == nil || !strings.Contains(err.Error(), want) {
@@ -162,4 +172,62 @@ func FuzzParseEncfsArgs(f *testing.F) {
 			}
 		}
 	})
+}
+
+// The legacy certcache object maps to the URL the Azure sidecar builds for
+// each endpoint_type.
+func TestLegacyCertCacheEndpointTypes(t *testing.T) {
+	for typ, want := range map[string]string{
+		"LocalTHIM": "http://169.254.169.254/metadata/THIM/amd/certification",
+		"AzCache":   "https://169.254.169.254",
+	} {
+		js := `{"azure_info":{"certcache":{"endpoint":"169.254.169.254","endpoint_type":"` + typ + `","tee_type":"SevSnpVM","api_version":"api-version=2020-10-15-preview"}},
+		"azure_filesystems":[{"mount_point":"/mnt/a","azure_url":"https://a.blob.core.windows.net/c/i.img","raw_key":"00"}]}`
+		cfg, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte(js)))
+		if err != nil {
+			t.Fatalf("%s: %v", typ, err)
+		}
+		if cc := cfg.Attestation.CertCache(); cc.URL != want || cc.Kind != typ {
+			t.Errorf("%s: %+v, want %s", typ, cc, want)
+		}
+	}
+	js := `{"azure_info":{"certcache":{"endpoint":"kdsintf.amd.com","endpoint_type":"AMD","tee_type":"vcek/v1/Milan"}},
+		"azure_filesystems":[{"mount_point":"/mnt/a","azure_url":"https://a.blob.core.windows.net/c/i.img","raw_key":"00"}]}`
+	cfg, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte(js)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cc := cfg.Attestation.CertCache(); cc.URL != "https://kdsintf.amd.com/vcek/v1/Milan" || cc.Kind != "AMD" {
+		t.Errorf("AMD: %+v", cc)
+	}
+	bad := strings.Replace(js, `"AMD"`, `"Azure"`, 1)
+	if _, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte(bad))); err == nil || !strings.Contains(err.Error(), "AzCache, LocalTHIM or AMD") {
+		t.Errorf("unknown endpoint_type: %v", err)
+	}
+}
+
+// Groups that ran both Azure sidecars keep both configurations: the SKR
+// sidecar's SkrSideCarArgs adds its identity and certificate cache.
+func TestEnableSKRWithSkrSideCarArgs(t *testing.T) {
+	js := `{"azure_filesystems":[{"mount_point":"/mnt/a","azure_url":"https://a.blob.core.windows.net/c/i.img","raw_key":"00"}]}`
+	cfg, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte(js)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := base64.StdEncoding.EncodeToString([]byte(`{"certcache":{"endpoint_type":"LocalTHIM","endpoint":"169.254.169.254/metadata/THIM/amd/certification"},"identity":{"client_id":"abc"}}`))
+	if err := cfg.EnableSKR("", args); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.SKR.Address != "127.0.0.1:8080" || cfg.SKR.IdentityClientID != "abc" || cfg.Attestation.CertCache().URL != "http://169.254.169.254/metadata/THIM/amd/certification" {
+		t.Fatalf("%+v %+v", cfg.SKR, cfg.Attestation.CertCache())
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.EnableSKR("8080", ""); err == nil || !strings.Contains(err.Error(), "HOST:PORT") {
+		t.Fatalf("bad address: %v", err)
+	}
+	if err := cfg.EnableSKR("", "%%"); err == nil || !strings.Contains(err.Error(), "not base64") {
+		t.Fatalf("bad args: %v", err)
+	}
 }

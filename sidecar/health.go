@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/blobseal/blobseal/skr"
 	"net"
 	"net/http"
 	"time"
@@ -18,6 +19,9 @@ import (
 func (s *Sidecar) startHealth(ctx context.Context) (stop func(), err error) {
 	if s.cfg.Health.Address == "off" {
 		return func() {}, nil
+	}
+	if !skr.IsLoopback(s.cfg.Health.Address) {
+		s.log.Warn("health and metrics listen beyond loopback: other hosts can read filesystem state", "address", s.cfg.Health.Address)
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {

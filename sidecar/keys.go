@@ -2,7 +2,6 @@ package sidecar
 
 import (
 	"context"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
 	"fmt"
@@ -10,21 +9,21 @@ import (
 	"os"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
 
-	"github.com/blobseal/blobseal/blob"
 	"github.com/blobseal/blobseal/internal/secret"
 	"github.com/blobseal/blobseal/keyrelease"
 	"github.com/blobseal/blobseal/keyrelease/evidence"
-	"github.com/blobseal/blobseal/keyrelease/hsm"
 )
 
-// keyEnv is created once and shared by every filesystem's key release.
+// keyEnv is built once it succeeds and shared by every filesystem's key
+// release and the SKR API. A failed setup (a CA file not yet written, no
+// SEV-SNP device yet) is not remembered: the next attempt tries again, so
+// on_failure: retry covers it like any other failure.
 type keyEnv struct {
-	once     sync.Once
-	err      error
+	mu       sync.Mutex
+	ready    bool
 	provider evidence.Provider
 	client   *http.Client
 	roots    *x509.CertPool
@@ -40,33 +39,30 @@ func (s *Sidecar) obtainKey(ctx context.Context, f *Filesystem) (secret.Bytes, e
 			return nil, fmt.Errorf("read key file: %w", err)
 		}
 		return secret.Bytes(data), nil
-	case f.Key.RawHex != "":
+	case len(f.Key.raw) > 0:
 		s.log.Warn("using a raw key from the configuration: for testing only", "fs", f.Name)
-		b, err := hex.DecodeString(f.Key.RawHex)
-		if err != nil {
-			return nil, fmt.Errorf("raw_key is not hex")
-		}
-		return secret.Bytes(b), nil
+		return secret.Bytes(append([]byte(nil), f.Key.raw...)), nil
 	}
 	r := f.Key.Release
 	env, err := s.keyEnvironment()
 	if err != nil {
 		return nil, err
 	}
-	var cred azcore.TokenCredential
+	var bearer secret.Token
 	switch {
 	case r.BearerTokenFile != "":
 		tok, err := os.ReadFile(r.BearerTokenFile)
 		if err != nil {
 			return nil, fmt.Errorf("read vault bearer token file: %w", err)
 		}
-		cred = hsm.BearerToken(secret.Token(strings.TrimSpace(string(tok))))
+		bearer = secret.Token(strings.TrimSpace(string(tok)))
+		secret.Wipe(tok)
 	case r.BearerToken != "":
-		cred = hsm.BearerToken(r.BearerToken)
-	default:
-		if cred, err = blob.DefaultCredential(blob.CredentialOptions{ManagedIdentityClientID: f.IdentityClientID}); err != nil {
-			return nil, fmt.Errorf("vault identity: %w", err)
-		}
+		bearer = r.BearerToken
+	}
+	cred, err := keyrelease.NewCredential(keyrelease.CredentialOptions{Bearer: bearer, ManagedIdentityClientID: f.IdentityClientID})
+	if err != nil {
+		return nil, err
 	}
 	return keyrelease.Release(ctx, keyrelease.Config{
 		Evidence:     env.provider,
@@ -84,50 +80,35 @@ func (s *Sidecar) obtainKey(ctx context.Context, f *Filesystem) (secret.Bytes, e
 	})
 }
 
+// keyEnvironment builds the evidence provider and the HTTP client through
+// keyrelease, the one place that knows how.
 func (s *Sidecar) keyEnvironment() (*keyEnv, error) {
 	e := &s.keyEnv
-	e.once.Do(func() {
-		a := s.cfg.Attestation
-		opts := evidence.Options{CertCacheURL: a.CertCacheURL, Logger: s.log}
-		if a.Provider == "simulated" {
-			sim := &evidence.SimulatedConfig{}
-			if a.SimulatedHostData != "" {
-				b, _ := hex.DecodeString(a.SimulatedHostData) // validated
-				copy(sim.HostData[:], b)
-			}
-			if a.SimulatedDir != "" {
-				signer, err := evidence.ReadSimulatedSigner(a.SimulatedDir)
-				if err != nil {
-					e.err = fmt.Errorf("simulated attestation: %w", err)
-					return
-				}
-				sim.Signer = signer
-			}
-			opts.Simulated = sim
-		}
-		if e.provider, e.err = evidence.NewProvider(a.Provider, opts); e.err != nil {
-			return
-		}
-		if a.CAFile != "" {
-			pem, err := os.ReadFile(a.CAFile)
-			if err != nil {
-				e.err = fmt.Errorf("read attestation.ca_file: %w", err)
-				return
-			}
-			roots, err := x509.SystemCertPool()
-			if err != nil {
-				roots = x509.NewCertPool()
-			}
-			if !roots.AppendCertsFromPEM(pem) {
-				e.err = fmt.Errorf("attestation.ca_file %s holds no PEM certificate", a.CAFile)
-				return
-			}
-			e.roots = roots
-			e.client = &http.Client{
-				Timeout:   60 * time.Second,
-				Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}},
-			}
-		}
-	})
-	return e, e.err
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.ready {
+		return e, nil
+	}
+	a := s.cfg.Attestation
+	ec := keyrelease.EvidenceConfig{Provider: a.Provider, CertCache: a.CertCache(), SimulatedDir: a.SimulatedDir, Logger: s.log}
+	if a.SimulatedHostData != "" {
+		b, _ := hex.DecodeString(a.SimulatedHostData) // validated
+		copy(ec.SimulatedHostData[:], b)
+	}
+	provider, err := keyrelease.NewEvidence(ec)
+	if err != nil {
+		return nil, err
+	}
+	roots, err := keyrelease.TLSRoots(a.CAFile)
+	if err != nil {
+		return nil, fmt.Errorf("attestation.ca_file: %w", err)
+	}
+	e.provider, e.roots, e.client, e.ready = provider, roots, keyrelease.HTTPClient(roots), true
+	return e, nil
+}
+
+// vaultCredential is the sidecar's own identity for SKR API requests that
+// carry no access_token.
+func (s *Sidecar) vaultCredential() (azcore.TokenCredential, error) {
+	return keyrelease.NewCredential(keyrelease.CredentialOptions{ManagedIdentityClientID: s.cfg.SKR.IdentityClientID})
 }

@@ -74,12 +74,15 @@ var (
 	descVerified     = prometheus.NewDesc("blobseal_verified_blocks_total", "Data blocks verified against the verity tree (zero blocks included).", []string{"fs"}, nil)
 	descMismatches   = prometheus.NewDesc("blobseal_integrity_failures_total", "Blocks that did not match the verity tree, by kind (data or tree).", []string{"fs", "kind"}, nil)
 	descRefused      = prometheus.NewDesc("blobseal_integrity_read_errors_total", "Reads refused (EIO) because they touched blocks that failed verification.", []string{"fs"}, nil)
+	descSKRRequests  = prometheus.NewDesc("blobseal_skr_requests_total", "Requests to the SKR-compatible API, by endpoint.", []string{"endpoint"}, nil)
+	descSKRErrors    = prometheus.NewDesc("blobseal_skr_errors_total", "SKR API responses with status 400 or above, by endpoint.", []string{"endpoint"}, nil)
+	descSKRSeconds   = prometheus.NewDesc("blobseal_skr_request_seconds_total", "Time spent answering SKR API requests, by endpoint.", []string{"endpoint"}, nil)
 )
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descReady, descHits, descMisses, descBytesFetched, descRequests, descFetchErrors,
 		descInFlight, descEvictions, descMemory, descZero, descFetchLatency, descDecrypted, descDecryptSecs,
-		descIntegrity, descVerified, descMismatches, descRefused} {
+		descIntegrity, descVerified, descMismatches, descRefused, descSKRRequests, descSKRErrors, descSKRSeconds} {
 		ch <- d
 	}
 }
@@ -90,6 +93,13 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	gauge := func(d *prometheus.Desc, v float64, fs string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, fs)
+	}
+	if m := c.s.skrMetrics(); m != nil {
+		for ep, st := range m.Snapshot() {
+			ch <- prometheus.MustNewConstMetric(descSKRRequests, prometheus.CounterValue, float64(st.Requests), ep)
+			ch <- prometheus.MustNewConstMetric(descSKRErrors, prometheus.CounterValue, float64(st.Errors), ep)
+			ch <- prometheus.MustNewConstMetric(descSKRSeconds, prometheus.CounterValue, st.Total.Seconds(), ep)
+		}
 	}
 	for _, st := range c.s.snapshot() {
 		ready := 0.0

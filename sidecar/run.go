@@ -18,6 +18,7 @@ import (
 	"github.com/blobseal/blobseal/fs"
 	"github.com/blobseal/blobseal/image"
 	"github.com/blobseal/blobseal/internal/secret"
+	"github.com/blobseal/blobseal/skr"
 )
 
 // KeySource obtains the key of one filesystem. The default is
@@ -34,8 +35,10 @@ type Sidecar struct {
 	healthAddr string
 	keyEnv     keyEnv
 
-	mu     sync.Mutex
-	states map[string]*fsState
+	mu      sync.Mutex
+	states  map[string]*fsState
+	skrAddr string
+	skrSrv  *skr.Server
 }
 
 // fsState is one filesystem's published status, for /readyz.
@@ -74,7 +77,18 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	}
 	defer stopHealth()
 
+	defer s.cfg.Wipe()
+
 	var wg sync.WaitGroup
+	if s.cfg.SKR.Address != "" {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := s.runSKR(ctx); err != nil {
+				cancel(err)
+			}
+		}()
+	}
 	for _, f := range s.cfg.Filesystems {
 		wg.Add(1)
 		go func() {

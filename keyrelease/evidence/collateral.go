@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/x509"
 	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -89,10 +88,17 @@ type Collateral struct {
 	Source         string // "environment", the directory, or "" when none was found
 }
 
-// LoadCollateral reads the ACI collateral from the environment, else from
-// the security context directory (UVM_SECURITY_CONTEXT_DIR, else the first
-// security-context-* directory under rootDir). Absent collateral is not an
-// error; malformed collateral is.
+// KataSecurityContextDir is where confidential AKS (Kata) pods find the
+// UVM reference info: the node's path, mounted into the pod at the same
+// place.
+const KataSecurityContextDir = "/opt/confidential-containers/share/kata-containers"
+
+// LoadCollateral reads the collateral in the Azure sidecars' order: a
+// security context directory first (UVM_SECURITY_CONTEXT_DIR, else the
+// first security-context-* directory under rootDir as on ACI, else the Kata
+// directory under rootDir as on confidential AKS), then the UVM_*
+// environment variables. Absent collateral is not an error; malformed
+// collateral is.
 func LoadCollateral(lookupEnv func(string) (string, bool), rootDir string) (*Collateral, error) {
 	if lookupEnv == nil {
 		lookupEnv = os.LookupEnv
@@ -100,30 +106,12 @@ func LoadCollateral(lookupEnv func(string) (string, bool), rootDir string) (*Col
 	if rootDir == "" {
 		rootDir = "/"
 	}
+	source := "environment"
 	read := func(name string) (string, bool, error) {
 		v, ok := lookupEnv(name)
 		return v, ok && v != "", nil
 	}
-	source := "environment"
-	envSet := false
-	for _, name := range []string{EnvSecurityPolicy, EnvReferenceInfo, EnvHostAMDCertificate} {
-		if v, ok := lookupEnv(name); ok && v != "" {
-			envSet = true
-		}
-	}
-	if !envSet {
-		dir, ok := lookupEnv(EnvSecurityContextDir)
-		if !ok || dir == "" {
-			matches, _ := filepath.Glob(filepath.Join(rootDir, "security-context-*"))
-			sort.Strings(matches)
-			dir = ""
-			if len(matches) > 0 {
-				dir = matches[0]
-			}
-		}
-		if dir == "" {
-			return &Collateral{}, nil
-		}
+	if dir := securityContextDir(lookupEnv, rootDir); dir != "" {
 		source = dir
 		files := map[string]string{
 			EnvSecurityPolicy:     FileSecurityPolicy,
@@ -137,7 +125,7 @@ func LoadCollateral(lookupEnv func(string) (string, bool), rootDir string) (*Col
 				return "", false, nil
 			}
 			if err != nil {
-				return "", false, fmt.Errorf("read ACI collateral: %w", err)
+				return "", false, fmt.Errorf("read security context: %w", err)
 			}
 			return string(b), len(bytes.TrimSpace(b)) > 0, nil
 		}
@@ -171,6 +159,26 @@ func LoadCollateral(lookupEnv func(string) (string, bool), rootDir string) (*Col
 		}
 	}
 	return col, nil
+}
+
+// securityContextDir finds the directory holding the collateral files, ""
+// when there is none.
+func securityContextDir(lookupEnv func(string) (string, bool), rootDir string) string {
+	if dir, ok := lookupEnv(EnvSecurityContextDir); ok && dir != "" {
+		return dir
+	}
+	matches, _ := filepath.Glob(filepath.Join(rootDir, "security-context-*"))
+	sort.Strings(matches)
+	if len(matches) > 0 {
+		return matches[0]
+	}
+	kata := filepath.Join(rootDir, KataSecurityContextDir)
+	for _, f := range []string{FileReferenceInfo, FileSecurityPolicy, FileHostAMDCertificate} {
+		if _, err := os.Stat(filepath.Join(kata, f)); err == nil {
+			return kata
+		}
+	}
+	return ""
 }
 
 func readLimited(path string) ([]byte, error) {
@@ -276,10 +284,10 @@ func resolveCertChain(ctx context.Context, opts Options, log *slog.Logger, chipI
 	if chain, ok := chainFromCertTable(table, reportedTCB); ok {
 		return chain, nil
 	}
-	if opts.CertCacheURL == "" {
+	if opts.certCache().URL == "" {
 		return nil, fmt.Errorf("no VCEK certificate chain for this report: %s; set --cert-cache-url (e.g. https://global.acccache.azure.net) to fetch it", why)
 	}
-	chain, err := fetchCertCache(ctx, opts, log, chipID, reportedTCB)
+	chain, err := fetchChain(ctx, opts, log, chipID, reportedTCB)
 	if err != nil {
 		return nil, fmt.Errorf("%s, and the certificate cache failed: %w", why, err)
 	}
@@ -316,16 +324,15 @@ func chainFromCertTable(table []byte, reportedTCB uint64) ([]byte, bool) {
 	return out, true
 }
 
-// CertCacheRequestURL is the URL fetched for a chip and TCB.
+// CertCacheRequestURL is the URL fetched for a chip and TCB from an Azure
+// cache base URL or a THIM URL.
 func CertCacheRequestURL(base string, chipID []byte, tcb uint64) string {
-	base = strings.TrimRight(base, "/")
-	if strings.Contains(base, "/metadata/THIM/") {
-		return base
-	}
-	return fmt.Sprintf("%s/SevSnpVM/certificates/%s/%s?api-version=%s", base, hex.EncodeToString(chipID), strconv.FormatUint(tcb, 16), CertCacheAPIVersion)
+	u, _ := CertCache{URL: base}.RequestURLs(chipID, tcb)
+	return u
 }
 
-func fetchCertCache(ctx context.Context, opts Options, log *slog.Logger, chipID []byte, tcb uint64) ([]byte, error) {
+// fetchCertCache GETs u with retries on 429, 5xx and network errors.
+func fetchCertCache(ctx context.Context, opts Options, log *slog.Logger, u string) ([]byte, error) {
 	hc := opts.HTTPClient
 	if hc == nil {
 		hc = &http.Client{Timeout: 30 * time.Second}
@@ -338,7 +345,6 @@ func fetchCertCache(ctx context.Context, opts Options, log *slog.Logger, chipID 
 	if backoff <= 0 {
 		backoff = 500 * time.Millisecond
 	}
-	u := CertCacheRequestURL(opts.CertCacheURL, chipID, tcb)
 	var lastErr error
 	for attempt := 0; attempt <= retries; attempt++ {
 		if attempt > 0 {
@@ -365,11 +371,7 @@ func fetchCertCache(ctx context.Context, opts Options, log *slog.Logger, chipID 
 		case status != http.StatusOK:
 			return nil, fmt.Errorf("GET %s: HTTP %d: %s (check --cert-cache-url)", u, status, truncate(string(body), 200))
 		}
-		chain, err := parseCacheResponse(body, tcb)
-		if err != nil {
-			return nil, fmt.Errorf("GET %s: %w", u, err)
-		}
-		return chain, nil
+		return body, nil
 	}
 	return nil, fmt.Errorf("gave up after %d attempts: %w", retries+1, lastErr)
 }

@@ -73,6 +73,9 @@ type Options struct {
 	// /SevSnpVM/certificates/{chip_id}/{tcbm} is appended) or the full THIM
 	// URL http://169.254.169.254/metadata/THIM/amd/certification.
 	CertCacheURL string
+	// CertCache, when its URL is set, replaces CertCacheURL: any of the
+	// Azure sidecars' cache kinds (Azure cache, local THIM, AMD KDS).
+	CertCache CertCache
 	// HTTPClient is used for the certificate cache; nil means a client with
 	// a 30 s timeout.
 	HTTPClient *http.Client

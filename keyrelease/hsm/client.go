@@ -62,6 +62,9 @@ type Options struct {
 	// resource whose domain differs from the vault host. It is set
 	// automatically for loopback vaults (the local key service).
 	DisableChallengeResourceVerification bool
+	// Clock is the time release responses' certificates are checked at.
+	// Nil: time.Now.
+	Clock func() time.Time
 }
 
 // Client releases keys from one vault.
@@ -69,6 +72,7 @@ type Client struct {
 	vault *url.URL
 	kc    *azkeys.Client
 	roots *x509.CertPool
+	clock func() time.Time
 	log   *slog.Logger
 }
 
@@ -115,7 +119,11 @@ func New(vaultURL string, cred azcore.TokenCredential, opts Options) (*Client, e
 	if err != nil {
 		return nil, fmt.Errorf("key vault client: %w", err)
 	}
-	return &Client{vault: u, kc: kc, roots: opts.TrustedRoots, log: log}, nil
+	clock := opts.Clock
+	if clock == nil {
+		clock = time.Now
+	}
+	return &Client{vault: u, kc: kc, roots: opts.TrustedRoots, clock: clock, log: log}, nil
 }
 
 func isLoopback(host string) bool {
@@ -209,10 +217,29 @@ func signatureAlgs() []jose.SignatureAlgorithm {
 	return []jose.SignatureAlgorithm{jose.RS256, jose.RS384, jose.RS512, jose.PS256, jose.PS384, jose.PS512, jose.ES256, jose.ES384, jose.ES512}
 }
 
+// JWSOptions are what a release response is checked against.
+type JWSOptions struct {
+	Host  string         // the vault's host name the leaf certificate must be valid for
+	Roots *x509.CertPool // nil: system roots
+	// Now is when the certificate chain must be valid. Zero: the current
+	// time; a recorded response verifies at its recording time.
+	Now time.Time
+}
+
 // VerifyJWS checks a release response: its x5c chain must lead to roots (nil:
 // system roots) with a leaf valid for host, and the signature must verify with
 // the leaf's key. It returns the payload.
+//
+// Deprecated: use VerifyReleaseJWS, which takes the verification time.
 func VerifyJWS(compact, host string, roots *x509.CertPool) ([]byte, error) {
+	return VerifyReleaseJWS(compact, JWSOptions{Host: host, Roots: roots})
+}
+
+// VerifyReleaseJWS checks a release response: its x5c chain must lead to
+// o.Roots at o.Now with a leaf valid for o.Host, and the signature must
+// verify with the leaf's key. It returns the payload.
+func VerifyReleaseJWS(compact string, o JWSOptions) ([]byte, error) {
+	host, roots := o.Host, o.Roots
 	obj, err := jose.ParseSignedCompact(compact, signatureAlgs())
 	if err != nil {
 		return nil, fmt.Errorf("%w: not a compact JWS with an accepted algorithm: %v", ErrBadResponse, err)
@@ -222,9 +249,10 @@ func VerifyJWS(compact, host string, roots *x509.CertPool) ([]byte, error) {
 	}
 	hdr := obj.Signatures[0].Protected
 	chains, err := hdr.Certificates(x509.VerifyOptions{
-		DNSName:   host,
-		Roots:     roots,
-		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
+		DNSName:     host,
+		Roots:       roots,
+		CurrentTime: o.Now,
+		KeyUsages:   []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("%w: x5c certificate chain does not verify to the trusted roots for host %q: %v", ErrBadResponse, host, err)
@@ -238,7 +266,7 @@ func VerifyJWS(compact, host string, roots *x509.CertPool) ([]byte, error) {
 }
 
 func (c *Client) openResponse(compact, keyName, alg string, wrapping *rsa.PrivateKey) (*ReleasedKey, error) {
-	payload, err := VerifyJWS(compact, c.vault.Hostname(), c.roots)
+	payload, err := VerifyReleaseJWS(compact, JWSOptions{Host: c.vault.Hostname(), Roots: c.roots, Now: c.clock()})
 	if err != nil {
 		return nil, err
 	}

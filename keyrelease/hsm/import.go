@@ -34,8 +34,12 @@ type KeySpec struct {
 // PutKey imports (Oct or RSA set) or creates a key with an exportable flag
 // and release policy, returning the new key identifier (with version).
 func (c *Client) PutKey(ctx context.Context, name string, spec KeySpec) (string, error) {
-	if _, err := kpolicy.Parse(spec.Policy); err != nil {
+	pol, err := kpolicy.Parse(spec.Policy)
+	if err != nil {
 		return "", fmt.Errorf("key %q: %w", name, err)
+	}
+	for _, w := range pol.Warnings {
+		c.log.Warn("release policy accepted with a warning", "key", name, "warning", w)
 	}
 	ct := "application/json; charset=utf-8"
 	t := true

@@ -14,6 +14,7 @@ import (
 	"github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
 
+	"github.com/blobseal/blobseal/keyrelease/maa"
 	"github.com/blobseal/blobseal/keyrelease/policy"
 )
 
@@ -136,7 +137,12 @@ func (ik *issuerKeys) fetch(ctx context.Context, iss string) (jose.JSONWebKeySet
 	if err != nil || ju.Scheme != "https" || ju.Host != base.Host {
 		return set, fmt.Errorf("issuer %s: jwks_uri %q must be https on the issuer's host", iss, cfg.JWKSURI)
 	}
-	if err := ik.getJSON(ctx, ju.String(), &set); err != nil {
+	// Real MAA publishes x5c-only keys; parse them the way the client does.
+	var raw json.RawMessage
+	if err := ik.getJSON(ctx, ju.String(), &raw); err != nil {
+		return set, fmt.Errorf("issuer %s: signing keys: %v", iss, err)
+	}
+	if set, err = maa.ParseSigningKeys(raw); err != nil {
 		return set, fmt.Errorf("issuer %s: signing keys: %v", iss, err)
 	}
 	return set, nil

@@ -229,7 +229,7 @@ func TestReleaseChecks(t *testing.T) {
 	if st != 200 {
 		t.Fatalf("release: %d %s", st, errMsg(b))
 	}
-	payload, err := hsm.VerifyJWS(b["value"].(string), "127.0.0.1", e.ca.Pool())
+	payload, err := hsm.VerifyReleaseJWS(b["value"].(string), hsm.JWSOptions{Host: "127.0.0.1", Roots: e.ca.Pool()})
 	if err != nil {
 		t.Fatal(err)
 	}

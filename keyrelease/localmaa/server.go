@@ -276,7 +276,15 @@ func (s *Server) Close() error {
 // Handler serves the MAA-compatible API.
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST "+maa.AttestPath, s.handleAttest)
+	// MAA routes the TEE type case-insensitively: the Azure sidecars post
+	// to /attest/SevSnpVM, blobseal to /attest/SevSnpVm.
+	mux.HandleFunc("POST /attest/{tee}", func(w http.ResponseWriter, r *http.Request) {
+		if !strings.EqualFold(r.PathValue("tee"), strings.TrimPrefix(maa.AttestPath, "/attest/")) {
+			s.fail(w, &apiError{http.StatusNotFound, "NotFound", "only SevSnpVm attestation is served here"})
+			return
+		}
+		s.handleAttest(w, r)
+	})
 	mux.HandleFunc("GET /certs", s.handleCerts)
 	mux.HandleFunc("GET /.well-known/openid-configuration", s.handleOpenID)
 	return mux
@@ -296,8 +304,23 @@ func (s *Server) base(r *http.Request) string {
 	return scheme + "://" + r.Host
 }
 
+// handleCerts serves the keys in real MAA's shape: {x5c, kid, kty} with no
+// n/e, so clients tested against this server also work against Azure.
 func (s *Server) handleCerts(w http.ResponseWriter, _ *http.Request) {
-	writeJSON(w, http.StatusOK, s.SigningKeys())
+	type maaKey struct {
+		X5C []string `json:"x5c"`
+		Kid string   `json:"kid"`
+		Kty string   `json:"kty"`
+	}
+	var keys []maaKey
+	for _, k := range s.SigningKeys().Keys {
+		mk := maaKey{Kid: k.KeyID, Kty: "RSA"}
+		for _, c := range k.Certificates {
+			mk.X5C = append(mk.X5C, base64.StdEncoding.EncodeToString(c.Raw))
+		}
+		keys = append(keys, mk)
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"keys": keys})
 }
 
 func (s *Server) handleOpenID(w http.ResponseWriter, r *http.Request) {

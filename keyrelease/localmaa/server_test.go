@@ -14,6 +14,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -300,7 +301,11 @@ func TestPublishedKeysAndMetadata(t *testing.T) {
 	certs := get("/certs")
 	keys := certs["keys"].([]any)
 	k := keys[0].(map[string]any)
-	for _, f := range []string{"kid", "kty", "n", "e", "x5c"} {
+	// Real MAA's shape (keyrelease/maa/testdata): exactly x5c, kid, kty.
+	if len(k) != 3 {
+		t.Errorf("JWK fields %v, want exactly x5c, kid, kty", keysOf(k))
+	}
+	for _, f := range []string{"kid", "kty", "x5c"} {
 		if _, ok := k[f]; !ok {
 			t.Errorf("JWK lacks %s: %v", f, k)
 		}
@@ -535,4 +540,13 @@ func BenchmarkAttestAndVerify(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+func keysOf(m map[string]any) []string {
+	var ks []string
+	for k := range m {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	return ks
 }

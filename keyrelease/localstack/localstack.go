@@ -162,11 +162,11 @@ func (st *Stack) HTTPClient() *http.Client {
 // policy requires sevsnpvm attestation by this stack's MAA, not debuggable,
 // with the given host data.
 func (st *Stack) ImportOctKey(ctx context.Context, name string, key secret.Bytes, hostData [32]byte) error {
-	pol, err := policy.Build(st.MAAEndpoint, []policy.Claim{
-		{Name: "x-ms-attestation-type", Value: "sevsnpvm"},
-		{Name: "x-ms-sevsnpvm-hostdata", Value: hex.EncodeToString(hostData[:])},
-		{Name: "x-ms-sevsnpvm-is-debuggable", Value: false},
-	})
+	claims, err := policy.SevSnpVmClaims(policy.SevSnpVmOptions{HostData: hex.EncodeToString(hostData[:])})
+	if err != nil {
+		return err
+	}
+	pol, err := policy.Build(st.MAAEndpoint, claims)
 	if err != nil {
 		return err
 	}

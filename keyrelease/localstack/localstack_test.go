@@ -8,6 +8,8 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"errors"
+	"fmt"
+	"log/slog"
 	"os"
 	"strings"
 	"testing"
@@ -17,6 +19,7 @@ import (
 	"github.com/blobseal/blobseal/keyrelease"
 	"github.com/blobseal/blobseal/keyrelease/evidence"
 	"github.com/blobseal/blobseal/keyrelease/hsm"
+	"github.com/blobseal/blobseal/keyrelease/maa"
 )
 
 func releaseConfig(st *Stack, ev evidence.Provider, key string) keyrelease.Config {
@@ -138,5 +141,102 @@ func TestStartOnGivenHost(t *testing.T) {
 			continue
 		}
 		conn.Close()
+	}
+}
+
+// Attest and ReleaseWithToken are the chain's two steps, usable apart: a
+// token obtained once releases the key; a token bound to another wrapping
+// key does not.
+func TestAttestThenReleaseWithToken(t *testing.T) {
+	hostData := sha256.Sum256([]byte("package policy\n# two steps\n"))
+	st, err := Start(Options{SignerDir: t.TempDir(), Simulated: evidence.SimulatedConfig{HostData: hostData}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	key := make(secret.Bytes, 32)
+	rand.Read(key)
+	if err := st.ImportOctKey(ctx, "two-steps", key, hostData); err != nil {
+		t.Fatal(err)
+	}
+	wrapping, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rd, err := maa.RuntimeData(&wrapping.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := releaseConfig(st, st.Simulated, "two-steps")
+	tok, err := keyrelease.Attest(ctx, keyrelease.AttestConfig{Evidence: st.Simulated, MAAEndpoint: st.MAAEndpoint, HTTPClient: st.HTTPClient()}, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rk, err := keyrelease.ReleaseWithToken(ctx, cfg, tok, wrapping)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(rk.Material, key) {
+		t.Fatal("released key differs")
+	}
+	rk.Material.Wipe()
+	other, _ := rsa.GenerateKey(rand.Reader, 2048)
+	if _, err := keyrelease.ReleaseWithToken(ctx, cfg, tok, other); err == nil {
+		t.Fatal("released with a wrapping key the token does not name")
+	}
+	var se *keyrelease.StageError
+	if _, err := keyrelease.ReleaseWithToken(ctx, cfg, "", wrapping); !errors.As(err, &se) || se.Stage != keyrelease.StageConfig {
+		t.Fatalf("no token: %v", err)
+	}
+}
+
+// A key whose release policy is in the legacy form found on deployed keys
+// (version 0.2, authority without https://) is imported with a warning,
+// released to a matching VM, and a denial still names the differing claim.
+func TestLegacyPolicyFromTheField(t *testing.T) {
+	hostData := sha256.Sum256([]byte("package policy\n# legacy\n"))
+	st, err := Start(Options{SignerDir: t.TempDir(), Simulated: evidence.SimulatedConfig{HostData: hostData}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	legacy := fmt.Sprintf(`{"anyOf":[{"allOf":[{"claim":"x-ms-sevsnpvm-hostdata","equals":"%x"},{"claim":"x-ms-sevsnpvm-is-debuggable","equals":false}],"authority":"%s"}],"version":"0.2"}`,
+		hostData, strings.TrimPrefix(st.MAAEndpoint, "https://"))
+	var logs bytes.Buffer
+	client, err := hsm.New(st.VaultURL, hsm.BearerToken(st.Bearer), hsm.Options{HTTPClient: st.HTTPClient(), TrustedRoots: st.CAPool(),
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := make(secret.Bytes, 32)
+	rand.Read(key)
+	if _, err := client.PutKey(ctx, "legacy", hsm.KeySpec{Kty: "oct-HSM", Oct: key, Policy: []byte(legacy)}); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logs.String(), "legacy format") || !strings.Contains(logs.String(), "no scheme") {
+		t.Fatalf("import warnings missing: %s", logs.String())
+	}
+	got, err := keyrelease.Release(ctx, releaseConfig(st, st.Simulated, "legacy"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, key) {
+		t.Fatal("released secret differs")
+	}
+	signer, err := st.Simulated.SignerPEM()
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := evidence.NewSimulated(evidence.SimulatedConfig{HostData: sha256.Sum256([]byte("other")), Signer: signer})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = keyrelease.Release(ctx, releaseConfig(st, other, "legacy"))
+	if !errors.Is(err, hsm.ErrPolicy) || !strings.Contains(err.Error(), "x-ms-sevsnpvm-hostdata") {
+		t.Fatalf("denial: %v", err)
 	}
 }

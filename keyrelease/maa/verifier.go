@@ -351,9 +351,9 @@ func (v *Verifier) fetchKeys(ctx context.Context, iss string) (jose.JSONWebKeySe
 	if status != http.StatusOK {
 		return jose.JSONWebKeySet{}, fmt.Errorf("fetch signing keys %s: HTTP %d", jwksURI, status)
 	}
-	var set jose.JSONWebKeySet
-	if err := json.Unmarshal(body, &set); err != nil {
-		return jose.JSONWebKeySet{}, fmt.Errorf("signing keys at %s are not a JWK set: %w", jwksURI, err)
+	set, err := ParseSigningKeys(body)
+	if err != nil {
+		return jose.JSONWebKeySet{}, fmt.Errorf("signing keys at %s: %w", jwksURI, err)
 	}
 	v.log.Debug("fetched attestation signing keys", "issuer", iss, "keys", len(set.Keys))
 	return set, nil

@@ -5,6 +5,7 @@
 package maa
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
@@ -36,7 +37,28 @@ type SevSnpVmRequest struct {
 	RuntimeData               *RuntimeBlob `json:"runtimeData,omitempty"`
 	InitTimeData              *RuntimeBlob `json:"initTimeData,omitempty"`
 	DraftPolicyForAttestation string       `json:"draftPolicyForAttestation,omitempty"`
-	Nonce                     string       `json:"nonce,omitempty"`
+	// Nonce is a string from blobseal; the Azure sidecar sends a JSON
+	// number (a random uint64). Both are accepted; see NonceString.
+	Nonce json.RawMessage `json:"nonce,omitempty"`
+}
+
+// NonceString reads the nonce as text: a JSON string as is, a JSON number
+// in its decimal form.
+func (r *SevSnpVmRequest) NonceString() (string, error) {
+	if len(r.Nonce) == 0 || string(r.Nonce) == "null" {
+		return "", nil
+	}
+	var s string
+	if err := json.Unmarshal(r.Nonce, &s); err == nil {
+		return s, nil
+	}
+	var n json.Number
+	d := json.NewDecoder(bytes.NewReader(r.Nonce))
+	d.UseNumber()
+	if err := d.Decode(&n); err != nil || strings.ContainsAny(n.String(), ".eE-") || len(n.String()) > 20 {
+		return "", fmt.Errorf("\"nonce\" must be a string or an unsigned integer, got %s", truncate(string(r.Nonce), 40))
+	}
+	return n.String(), nil
 }
 
 // RuntimeBlob is runtimeData/initTimeData: base64url data and its type.
@@ -104,7 +126,14 @@ func EncodeSevSnpVmRequest(ev *evidence.Evidence, runtimeData []byte, nonce stri
 	if err != nil {
 		return nil, err
 	}
-	req := SevSnpVmRequest{Report: b64.EncodeToString(inner), Nonce: nonce}
+	req := SevSnpVmRequest{Report: b64.EncodeToString(inner)}
+	if nonce != "" {
+		n, err := json.Marshal(nonce)
+		if err != nil {
+			return nil, err
+		}
+		req.Nonce = n
+	}
 	if runtimeData != nil {
 		dataType := DataTypeBinary
 		if json.Valid(runtimeData) {
@@ -148,7 +177,11 @@ func DecodeSevSnpVmRequest(body []byte) (*DecodedSevSnpVmRequest, error) {
 	if err := json.Unmarshal(inner, &env); err != nil {
 		return nil, fmt.Errorf("decoded \"report\" is not JSON {SnpReport, VcekCertChain, Endorsements}: %w", err)
 	}
-	out := &DecodedSevSnpVmRequest{Nonce: req.Nonce, DraftPolicy: req.DraftPolicyForAttestation}
+	nonce, err := req.NonceString()
+	if err != nil {
+		return nil, err
+	}
+	out := &DecodedSevSnpVmRequest{Nonce: nonce, DraftPolicy: req.DraftPolicyForAttestation}
 	if out.Report, err = decodeB64URL(env.SnpReport); err != nil {
 		return nil, fmt.Errorf("\"SnpReport\" is not base64url: %w", err)
 	}

@@ -34,6 +34,10 @@ func operators() []string {
 type Policy struct {
 	Version     string
 	Authorities []Authority
+	// Warnings are forms Key Vault accepts but that are legacy or
+	// ambiguous (version 0.2, an authority without https://); Parse
+	// accepts them so denials of policies in the field can be explained.
+	Warnings []string
 }
 
 // Authority is one top-level branch: tokens issued by Authority whose claims
@@ -111,13 +115,20 @@ func Parse(data []byte) (*Policy, error) {
 					return nil, fmt.Errorf("release policy: anyOf[%d]: %w", i, err)
 				}
 				p.Authorities = append(p.Authorities, a)
+				if !strings.Contains(a.Authority, "://") {
+					p.Warnings = append(p.Warnings, fmt.Sprintf("authority %q has no scheme; it is compared as https://%s", a.Authority, a.Authority))
+				}
 			}
 		default:
 			return nil, fmt.Errorf("release policy: unknown field %q (allowed: version, anyOf)", k)
 		}
 	}
-	if !strings.HasPrefix(p.Version, "1.0.") {
-		return nil, fmt.Errorf("release policy: version %q is not supported (use \"1.0.0\")", p.Version)
+	switch {
+	case strings.HasPrefix(p.Version, "1.0."):
+	case p.Version == "0.2":
+		p.Warnings = append(p.Warnings, `release policy version "0.2" is the legacy format; Key Vault still accepts it, new policies should use "1.0.0"`)
+	default:
+		return nil, fmt.Errorf("release policy: version %q is not supported (use \"1.0.0\"; \"0.2\" is accepted as legacy)", p.Version)
 	}
 	if len(p.Authorities) == 0 {
 		return nil, errors.New("release policy: anyOf must list at least one authority")
@@ -168,8 +179,9 @@ func parseAuthority(raw json.RawMessage) (Authority, error) {
 	if a.Authority == "" {
 		return Authority{}, errors.New("authority URL is missing")
 	}
-	if u, err := url.Parse(a.Authority); err != nil || u.Host == "" {
-		return Authority{}, fmt.Errorf("authority %q is not an absolute URL", a.Authority)
+	// Policies in the field name the authority with or without https://.
+	if u, err := url.Parse(withScheme(a.Authority)); err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
+		return Authority{}, fmt.Errorf("authority %q is not an attestation service URL (https://HOST or HOST)", a.Authority)
 	}
 	if groups != 1 {
 		return Authority{}, fmt.Errorf("authority %q needs exactly one of allOf or anyOf", a.Authority)
@@ -405,8 +417,15 @@ func SameAuthority(a, b string) bool {
 	return normalizeAuthority(a) == normalizeAuthority(b)
 }
 
+func withScheme(s string) string {
+	if s != "" && !strings.Contains(s, "://") {
+		return "https://" + s
+	}
+	return s
+}
+
 func normalizeAuthority(s string) string {
-	u, err := url.Parse(strings.TrimSpace(s))
+	u, err := url.Parse(withScheme(strings.TrimSpace(s)))
 	if err != nil {
 		return s
 	}

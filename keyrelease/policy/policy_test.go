@@ -158,7 +158,7 @@ func TestParseErrorsNameTheProblem(t *testing.T) {
 		`{"version":"1.0.0","anyOf":[{"authority":"https://a","allOf":[{"claim":"x","equals":[1]}]}]}`:                                  "string, number or boolean",
 		`{"version":"1.0.0","anyOf":[{"authority":"https://a","allOf":[{"claim":"x","less":"y"}]}]}`:                                    "takes a number",
 		`{"version":"1.0.0","anyOf":[{"authority":"https://a","allOf":[{"claim":"x","equals":1}],"anyOf":[{"claim":"x","equals":1}]}]}`: "exactly one of allOf or anyOf",
-		`{"version":"1.0.0","anyOf":[{"authority":"not a url","allOf":[{"claim":"x","equals":1}]}]}`:                                    "not an absolute URL",
+		`{"version":"1.0.0","anyOf":[{"authority":"not a url","allOf":[{"claim":"x","equals":1}]}]}`:                                    "not an attestation service URL",
 	}
 	for in, want := range cases {
 		_, err := Parse([]byte(in))
