@@ -62,7 +62,7 @@ func (c *Config) check() error {
 		missing = append(missing, "vault URL (akv.endpoint / --vault)")
 	}
 	if c.KeyName == "" {
-		missing = append(missing, "key name (kid / --name)")
+		missing = append(missing, "key name (kid / --key-name)")
 	}
 	if c.Credential == nil {
 		missing = append(missing, "vault credential")
@@ -197,19 +197,34 @@ func ReleaseWithToken(ctx context.Context, cfg Config, token secret.Token, wrapp
 	return rk, nil
 }
 
-// Release runs the chain and returns the 32-byte secret. The caller wipes it.
-// Failures are *StageError.
-func Release(ctx context.Context, cfg Config) (secret.Bytes, error) {
+// Released is the outcome of a release: the 32-byte filesystem secret and
+// the vault key it came from.
+type Released struct {
+	Secret secret.Bytes // the caller wipes it
+	KID    string       // the key identifier the vault answered with
+	Kty    string       // oct-HSM, RSA-HSM, ...
+}
+
+// ReleaseKey runs the chain and returns the secret with the key's id and
+// type. Failures are *StageError.
+func ReleaseKey(ctx context.Context, cfg Config) (Released, error) {
 	total := time.Now()
 	rk, err := ReleaseRaw(ctx, cfg)
 	if err != nil {
-		return nil, err
+		return Released{}, err
 	}
 	defer rk.Material.Wipe()
 	out, err := hsm.DeriveSecret(rk, cfg.Salt, cfg.Label)
 	if err != nil {
-		return nil, stageErr(StageDerive, "key release: %w", err)
+		return Released{}, stageErr(StageDerive, "key release: %w", err)
 	}
 	logger(cfg.Logger).Info("key released", "kid", rk.KID, "kty", rk.Kty, "total", time.Since(total))
-	return out, nil
+	return Released{Secret: out, KID: rk.KID, Kty: rk.Kty}, nil
+}
+
+// Release runs the chain and returns the 32-byte secret. The caller wipes it.
+// Failures are *StageError.
+func Release(ctx context.Context, cfg Config) (secret.Bytes, error) {
+	r, err := ReleaseKey(ctx, cfg)
+	return r.Secret, err
 }

@@ -236,12 +236,16 @@ func TestChainOctHSM(t *testing.T) {
 	key := s.importOct("fs-key")
 	for _, alg := range hsm.Algorithms() {
 		t.Run(alg, func(t *testing.T) {
-			got, err := keyrelease.Release(context.Background(), s.config(s.sim, "fs-key", alg, hsm.BearerToken(s.bearer)))
+			got, err := keyrelease.ReleaseKey(context.Background(), s.config(s.sim, "fs-key", alg, hsm.BearerToken(s.bearer)))
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !bytes.Equal(got, key) {
+			if !bytes.Equal(got.Secret, key) {
 				t.Fatal("released secret differs from the imported key")
+			}
+			// The caller (key release --json) learns which key it got.
+			if !strings.Contains(got.KID, "/keys/fs-key/") || got.Kty != "oct-HSM" {
+				t.Fatalf("released key is %q (%s), want fs-key, oct-HSM", got.KID, got.Kty)
 			}
 		})
 	}

@@ -226,15 +226,6 @@ type JWSOptions struct {
 	Now time.Time
 }
 
-// VerifyJWS checks a release response: its x5c chain must lead to roots (nil:
-// system roots) with a leaf valid for host, and the signature must verify with
-// the leaf's key. It returns the payload.
-//
-// Deprecated: use VerifyReleaseJWS, which takes the verification time.
-func VerifyJWS(compact, host string, roots *x509.CertPool) ([]byte, error) {
-	return VerifyReleaseJWS(compact, JWSOptions{Host: host, Roots: roots})
-}
-
 // VerifyReleaseJWS checks a release response: its x5c chain must lead to
 // o.Roots at o.Now with a leaf valid for o.Host, and the signature must
 // verify with the leaf's key. It returns the payload.

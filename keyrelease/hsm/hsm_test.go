@@ -281,9 +281,9 @@ func TestVerifyJWSAndOpen(t *testing.T) {
 	payload := releaseJSON(t, wrapping, material, AlgRSAAESKeyWrap256, "oct-HSM", "https://"+hsmHost+"/keys/k/v1")
 	jws := pki.sign(t, payload, true)
 
-	got, err := VerifyJWS(jws, hsmHost, pki.pool())
+	got, err := VerifyReleaseJWS(jws, JWSOptions{Host: hsmHost, Roots: pki.pool()})
 	if err != nil || !bytes.Equal(got, payload) {
-		t.Fatalf("VerifyJWS: %v", err)
+		t.Fatalf("VerifyReleaseJWS: %v", err)
 	}
 	rk, err := parsePayload(got, "k", AlgRSAAESKeyWrap256, wrapping)
 	if err != nil || !bytes.Equal(rk.Material, material) || rk.Kty != "oct-HSM" || rk.Version() != "v1" {
@@ -302,7 +302,7 @@ func TestVerifyJWSAndOpen(t *testing.T) {
 		{"garbage", "a.b.c", hsmHost, pki.pool(), "compact JWS"},
 	}
 	for _, c := range bad {
-		if _, err := VerifyJWS(c.jws, c.host, c.roots); !errors.Is(err, ErrBadResponse) || !strings.Contains(err.Error(), c.want) {
+		if _, err := VerifyReleaseJWS(c.jws, JWSOptions{Host: c.host, Roots: c.roots}); !errors.Is(err, ErrBadResponse) || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: %v", c.name, err)
 		}
 	}
@@ -345,7 +345,7 @@ func FuzzVerifyJWS(f *testing.F) {
 	f.Add("...")
 	pool := pki.pool()
 	f.Fuzz(func(t *testing.T, s string) {
-		payload, err := VerifyJWS(s, hsmHost, pool)
+		payload, err := VerifyReleaseJWS(s, JWSOptions{Host: hsmHost, Roots: pool})
 		if err != nil {
 			if !errors.Is(err, ErrBadResponse) {
 				t.Fatalf("error not marked ErrBadResponse: %v", err)
