@@ -2,6 +2,8 @@ package keyrelease
 
 import (
 	"fmt"
+	"os"
+	"strings"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
 
@@ -34,4 +36,19 @@ func NewCredential(o CredentialOptions) (azcore.TokenCredential, error) {
 		return nil, fmt.Errorf("vault credential: %w", err)
 	}
 	return cred, nil
+}
+
+// ReadBearerFile reads a vault bearer token from path (a test or tooling
+// credential), wiping the file's bytes once the token is taken.
+func ReadBearerFile(path string) (secret.Token, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("vault bearer token file: %w", err)
+	}
+	tok := secret.Token(strings.TrimSpace(string(b)))
+	secret.Wipe(b)
+	if tok == "" {
+		return "", fmt.Errorf("vault bearer token file %s is empty", path)
+	}
+	return tok, nil
 }

@@ -61,7 +61,12 @@ type EvidenceConfig struct {
 	// is the HOST_DATA the simulated reports carry.
 	SimulatedDir      string
 	SimulatedHostData [32]byte
-	Logger            *slog.Logger
+	// SimulatedDebuggable makes the simulated reports claim a debuggable
+	// guest (to test that release policies refuse one).
+	SimulatedDebuggable bool
+	// HTTPClient fetches from the certificate cache (nil: the provider's).
+	HTTPClient *http.Client
+	Logger     *slog.Logger
 }
 
 // NewEvidence builds the evidence provider.
@@ -70,9 +75,9 @@ func NewEvidence(c EvidenceConfig) (evidence.Provider, error) {
 	if name == "" {
 		name = "auto"
 	}
-	opts := evidence.Options{CertCacheURL: c.CertCacheURL, CertCache: c.CertCache, Logger: c.Logger}
+	opts := evidence.Options{CertCacheURL: c.CertCacheURL, CertCache: c.CertCache, HTTPClient: c.HTTPClient, Logger: c.Logger}
 	if name == evidence.ProviderSimulated {
-		sim := &evidence.SimulatedConfig{HostData: c.SimulatedHostData}
+		sim := &evidence.SimulatedConfig{HostData: c.SimulatedHostData, Debuggable: c.SimulatedDebuggable}
 		if c.SimulatedDir != "" {
 			signer, err := evidence.ReadSimulatedSigner(c.SimulatedDir)
 			if err != nil {

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"strings"
 	"sync"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
@@ -51,12 +50,9 @@ func (s *Sidecar) obtainKey(ctx context.Context, f *Filesystem) (secret.Bytes, e
 	var bearer secret.Token
 	switch {
 	case r.BearerTokenFile != "":
-		tok, err := os.ReadFile(r.BearerTokenFile)
-		if err != nil {
-			return nil, fmt.Errorf("read vault bearer token file: %w", err)
+		if bearer, err = keyrelease.ReadBearerFile(r.BearerTokenFile); err != nil {
+			return nil, err
 		}
-		bearer = secret.Token(strings.TrimSpace(string(tok)))
-		secret.Wipe(tok)
 	case r.BearerToken != "":
 		bearer = r.BearerToken
 	}

@@ -4,21 +4,18 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
-	"os"
 	"sort"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/blobseal/blobseal/keyrelease"
 	"github.com/blobseal/blobseal/keyrelease/evidence"
 	"github.com/blobseal/blobseal/keyrelease/maa"
 )
@@ -72,33 +69,22 @@ func attest(ctx context.Context, o attestFlags, stdout, stderr io.Writer) error 
 
 	ctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
-	hc, err := httpClientWithCA(o.caFile)
+	roots, err := keyrelease.TLSRoots(o.caFile)
+	if err != nil {
+		return fmt.Errorf("--ca-file: %w", err)
+	}
+	hc := keyrelease.HTTPClient(roots)
+	ev, err := keyrelease.NewEvidence(keyrelease.EvidenceConfig{Provider: o.provider, CertCacheURL: o.certCache, HTTPClient: hc, SimulatedDir: o.simDir, Logger: log})
 	if err != nil {
 		return err
 	}
-	opts := evidence.Options{CertCacheURL: o.certCache, HTTPClient: hc, Logger: log}
-	if o.provider == evidence.ProviderSimulated && o.simDir != "" {
-		signer, err := evidence.ReadSimulatedSigner(o.simDir)
-		if err != nil {
-			return err
-		}
-		opts.Simulated = &evidence.SimulatedConfig{Signer: signer}
-	}
-	prov, err := evidence.NewProvider(o.provider, opts)
-	if err != nil {
-		return err
-	}
-	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	key, err := rsa.GenerateKey(rand.Reader, keyrelease.WrappingKeyBits)
 	if err != nil {
 		return fmt.Errorf("generate wrapping key: %w", err)
 	}
 	runtime, err := maa.RuntimeData(&key.PublicKey)
 	if err != nil {
 		return err
-	}
-	ev, err := prov.Get(ctx, evidence.ReportData(runtime))
-	if err != nil {
-		return fmt.Errorf("collect evidence (%s): %w", prov.Name(), err)
 	}
 	nonce := o.nonce
 	if nonce == "" {
@@ -108,12 +94,11 @@ func attest(ctx context.Context, o attestFlags, stdout, stderr io.Writer) error 
 		}
 		nonce = base64.RawURLEncoding.EncodeToString(b)
 	}
-	client := maa.New(o.endpoint, maa.Options{HTTPClient: hc, Logger: log, UserAgent: "blobseal/" + version})
-	tok, err := client.AttestSevSnpVm(ctx, ev, runtime, nonce)
+	tok, err := keyrelease.Attest(ctx, keyrelease.AttestConfig{Evidence: ev, MAAEndpoint: o.endpoint, Nonce: nonce, HTTPClient: hc, Logger: log}, runtime)
 	if err != nil {
 		return err
 	}
-	v, err := maa.NewVerifier(maa.VerifierOptions{AllowedIssuers: []string{client.Endpoint()}, HTTPClient: hc, Logger: log})
+	v, err := maa.NewVerifier(maa.VerifierOptions{AllowedIssuers: []string{o.endpoint}, HTTPClient: hc, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -163,24 +148,4 @@ func printClaims(w io.Writer, claims map[string]any, token string, withToken, as
 		}
 	}
 	return nil
-}
-
-// httpClientWithCA trusts the system roots plus those in caFile.
-func httpClientWithCA(caFile string) (*http.Client, error) {
-	tr := http.DefaultTransport.(*http.Transport).Clone()
-	if caFile != "" {
-		pem, err := os.ReadFile(caFile)
-		if err != nil {
-			return nil, fmt.Errorf("--ca-file: %w", err)
-		}
-		pool, err := x509.SystemCertPool()
-		if err != nil || pool == nil {
-			pool = x509.NewCertPool()
-		}
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("--ca-file %s holds no PEM certificate", caFile)
-		}
-		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
-	}
-	return &http.Client{Transport: tr, Timeout: time.Minute}, nil
 }

@@ -2,29 +2,21 @@ package main
 
 import (
 	"crypto/rsa"
-	"crypto/sha256"
-	"crypto/tls"
 	"crypto/x509"
-	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
 	"os"
-	"strconv"
-	"strings"
-	"time"
-	"unicode/utf8"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
-	"github.com/Azure/azure-sdk-for-go/sdk/azidentity"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
 	"github.com/blobseal/blobseal/internal/secret"
+	"github.com/blobseal/blobseal/keyrelease"
 	"github.com/blobseal/blobseal/keyrelease/hsm"
 	"github.com/blobseal/blobseal/keyrelease/policy"
 )
@@ -39,7 +31,7 @@ func (v *vaultFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&v.vault, "vault", "", "vault URL: https://NAME.managedhsm.azure.net, https://NAME.vault.azure.net or the local key service")
 	fs.StringVar(&v.name, "key-name", "", "key name")
 	deprecatedAlias(fs, "name", "key-name")
-	fs.StringVar(&v.bearerFile, "bearer-token-file", "", "file holding a bearer token for the vault (default: azidentity — managed identity, workload identity or Azure CLI)")
+	fs.StringVar(&v.bearerFile, "bearer-token-file", "", "file holding a bearer token for the vault (default: workload identity, managed identity, then the Azure CLI login)")
 	fs.StringVar(&v.caFile, "ca-file", "", "PEM file of extra CA roots for TLS and for the vault's signed responses (local stack)")
 	fs.StringVar(&v.devDir, "dev-dir", "", "the `DIR` of a running \"blobseal dev serve\": fills --vault, --ca-file, --bearer-token-file (and --maa-endpoint) from its stack.json")
 	fs.BoolVarP(&v.verbose, "verbose", "v", false, "debug logging (never prints keys or tokens)")
@@ -84,94 +76,17 @@ func (v *vaultFlags) logger(w io.Writer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
 }
 
-// roots returns the system pool plus --ca-file (nil pool: system only).
-func (v *vaultFlags) roots() (*x509.CertPool, error) {
-	if v.caFile == "" {
-		return nil, nil
-	}
-	pemData, err := os.ReadFile(v.caFile)
-	if err != nil {
-		return nil, fmt.Errorf("--ca-file: %w", err)
-	}
-	pool, err := x509.SystemCertPool()
-	if err != nil {
-		pool = x509.NewCertPool()
-	}
-	if !pool.AppendCertsFromPEM(pemData) {
-		return nil, fmt.Errorf("--ca-file %s holds no PEM certificate", v.caFile)
-	}
-	return pool, nil
-}
-
-func httpClientFor(roots *x509.CertPool) *http.Client {
-	tr := http.DefaultTransport.(*http.Transport).Clone()
-	if roots != nil {
-		tr.TLSClientConfig = &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
-	}
-	return &http.Client{Transport: tr, Timeout: 60 * time.Second}
-}
-
+// credential is the vault credential: --bearer-token-file, else blobseal's
+// identity chain with the Azure CLI login (this is workstation tooling).
 func (v *vaultFlags) credential() (azcore.TokenCredential, error) {
+	var bearer secret.Token
 	if v.bearerFile != "" {
-		b, err := os.ReadFile(v.bearerFile)
-		if err != nil {
+		var err error
+		if bearer, err = keyrelease.ReadBearerFile(v.bearerFile); err != nil {
 			return nil, fmt.Errorf("--bearer-token-file: %w", err)
 		}
-		tok := strings.TrimSpace(string(b))
-		secret.Wipe(b)
-		if tok == "" {
-			return nil, fmt.Errorf("--bearer-token-file %s is empty", v.bearerFile)
-		}
-		return hsm.BearerToken(secret.Token(tok)), nil
 	}
-	cred, err := azidentity.NewDefaultAzureCredential(nil)
-	if err != nil {
-		return nil, fmt.Errorf("no Azure credential (managed identity, workload identity, Azure CLI) and no --bearer-token-file: %w", err)
-	}
-	return cred, nil
-}
-
-// hostDataFromCCE computes HOST_DATA from a CCE policy file the way ACI
-// does: SHA-256 of the policy text. The file may hold the Rego text or the
-// base64 form `az confcom acipolicygen` prints (and ARM templates carry).
-func hostDataFromCCE(path string) ([32]byte, error) {
-	raw, err := os.ReadFile(path)
-	if err != nil {
-		return [32]byte{}, fmt.Errorf("CCE policy: %w", err)
-	}
-	text := raw
-	trimmed := strings.TrimSpace(string(raw))
-	if dec, err := base64.StdEncoding.DecodeString(trimmed); err == nil && len(dec) > 0 && utf8.Valid(dec) && !strings.ContainsAny(trimmed, " \n\t") {
-		text = dec
-	}
-	if len(text) == 0 {
-		return [32]byte{}, fmt.Errorf("CCE policy file %s is empty", path)
-	}
-	return sha256.Sum256(text), nil
-}
-
-func parseHostData(s string) (string, error) {
-	s = strings.ToLower(strings.TrimSpace(s))
-	b, err := hex.DecodeString(s)
-	if err != nil || len(b) != 32 {
-		return "", fmt.Errorf("--host-data must be 64 hex digits (the SHA-256 of the CCE policy), got %q", s)
-	}
-	return s, nil
-}
-
-// claimValue reads a --claim value: true/false and JSON numbers keep their
-// type (MAA emits them so); anything else is a string.
-func claimValue(s string) any {
-	switch s {
-	case "true":
-		return true
-	case "false":
-		return false
-	}
-	if f, err := strconv.ParseFloat(s, 64); err == nil && strings.Trim(s, "0123456789.-+eE") == "" {
-		return f
-	}
-	return s
+	return keyrelease.NewCredential(keyrelease.CredentialOptions{Bearer: bearer, AllowCLI: true})
 }
 
 func newKeyCmd() *cobra.Command {
@@ -211,8 +126,8 @@ func newKeyImportCmd() *cobra.Command {
 	f.BoolVar(&o.allowDebug, "allow-debug", false, "do not require x-ms-sevsnpvm-is-debuggable=false (NEVER for production keys)")
 	f.StringVar(&o.compliance, "compliance-status", "", "required x-ms-compliance-status, e.g. azure-compliant-uvm")
 	f.BoolVar(&o.immutable, "immutable", false, "make the release policy immutable")
-	f.BoolVar(&o.printPolicy, "print-policy", false, "print the release policy JSON")
-	f.StringArrayVar(&o.claims, "claim", nil, "extra required claim NAME=VALUE (repeatable)")
+	f.BoolVar(&o.printPolicy, "print-policy", false, "print the release policy JSON exactly as it would be sent, and import nothing")
+	f.StringArrayVar(&o.claims, "claim", nil, "extra required claim NAME=VALUE or NAME:TYPE=VALUE (TYPE string, bool or number; default: the claim's type in MAA tokens, so hex values stay strings) (repeatable)")
 	f.BoolVar(&o.json, "json", false, "print the key id and the release policy as one JSON object")
 	markRequired(cmd, "key-name")
 	cmd.MarkFlagsMutuallyExclusive("host-data", "cce-policy")
@@ -231,8 +146,10 @@ func runKeyImport(cmd *cobra.Command, o *keyImportFlags) error {
 	if o.authority == "" && st != nil {
 		o.authority = st.MAAEndpoint
 	}
-	if err := vf.check(); err != nil {
-		return err
+	if !o.printPolicy { // printing needs no vault
+		if err := vf.check(); err != nil {
+			return err
+		}
 	}
 	if o.authority == "" {
 		return usageErrorf("--authority is required (the attestation service URL the release policy trusts)")
@@ -242,30 +159,25 @@ func runKeyImport(cmd *cobra.Command, o *keyImportFlags) error {
 	}
 	hd := o.hostData
 	if o.ccePolicy != "" {
-		sum, err := hostDataFromCCE(o.ccePolicy)
+		sum, err := keyrelease.HostDataFile(o.ccePolicy)
 		if err != nil {
 			return err
 		}
 		hd = hex.EncodeToString(sum[:])
-	} else if hd, err = parseHostData(hd); err != nil {
-		return usageErrorf("%v", err)
+	} else if _, err := keyrelease.ParseHostData(hd); err != nil {
+		return usageErrorf("--host-data: %v", err)
 	}
-	list := []policy.Claim{
-		{Name: "x-ms-attestation-type", Value: "sevsnpvm"},
-		{Name: "x-ms-sevsnpvm-hostdata", Value: hd},
-	}
-	if !o.allowDebug {
-		list = append(list, policy.Claim{Name: "x-ms-sevsnpvm-is-debuggable", Value: false})
-	}
-	if o.compliance != "" {
-		list = append(list, policy.Claim{Name: "x-ms-compliance-status", Value: o.compliance})
-	}
+	var extra []policy.Claim
 	for _, c := range o.claims {
-		name, value, ok := strings.Cut(c, "=")
-		if !ok || name == "" {
-			return usageErrorf("--claim %q must be NAME=VALUE", c)
+		claim, err := policy.ParseClaim(c)
+		if err != nil {
+			return usageErrorf("--claim: %v", err)
 		}
-		list = append(list, policy.Claim{Name: name, Value: claimValue(value)})
+		extra = append(extra, claim)
+	}
+	list, err := policy.SevSnpVmClaims(policy.SevSnpVmOptions{HostData: hd, AllowDebug: o.allowDebug, ComplianceStatus: o.compliance, Extra: extra})
+	if err != nil {
+		return usageErrorf("%v", err)
 	}
 	pol, err := policy.Build(o.authority, list)
 	if err != nil {
@@ -275,6 +187,12 @@ func runKeyImport(cmd *cobra.Command, o *keyImportFlags) error {
 	if err != nil {
 		return err
 	}
+	out := cmd.OutOrStdout()
+	if o.printPolicy {
+		// Exactly the bytes the vault would get; nothing is imported.
+		_, err := fmt.Fprintln(out, string(polJSON))
+		return err
+	}
 	spec := hsm.KeySpec{Kty: o.kty, Policy: polJSON, Immutable: o.immutable}
 	if o.keyFile != "" {
 		if err := loadKeyFile(o.keyFile, &spec); err != nil {
@@ -282,15 +200,15 @@ func runKeyImport(cmd *cobra.Command, o *keyImportFlags) error {
 		}
 		defer secret.Wipe(spec.Oct)
 	}
-	roots, err := vf.roots()
+	roots, err := keyrelease.TLSRoots(vf.caFile)
 	if err != nil {
-		return err
+		return fmt.Errorf("--ca-file: %w", err)
 	}
 	cred, err := vf.credential()
 	if err != nil {
 		return err
 	}
-	client, err := hsm.New(vf.vault, cred, hsm.Options{HTTPClient: httpClientFor(roots), TrustedRoots: roots, Logger: vf.logger(cmd.ErrOrStderr())})
+	client, err := hsm.New(vf.vault, cred, hsm.Options{HTTPClient: keyrelease.HTTPClient(roots), TrustedRoots: roots, Logger: vf.logger(cmd.ErrOrStderr())})
 	if err != nil {
 		return err
 	}
@@ -298,7 +216,6 @@ func runKeyImport(cmd *cobra.Command, o *keyImportFlags) error {
 	if err != nil {
 		return err
 	}
-	out := cmd.OutOrStdout()
 	if o.json {
 		return printJSON(out, struct {
 			Kid    string          `json:"kid"`
@@ -306,11 +223,8 @@ func runKeyImport(cmd *cobra.Command, o *keyImportFlags) error {
 			Policy json.RawMessage `json:"release_policy"`
 		}{kid, o.kty, polJSON})
 	}
-	fmt.Fprintln(out, kid)
-	if o.printPolicy {
-		fmt.Fprintln(out, string(polJSON))
-	}
-	return nil
+	_, err = fmt.Fprintln(out, kid)
+	return err
 }
 
 func loadKeyFile(path string, spec *hsm.KeySpec) error {
@@ -383,7 +297,7 @@ func runKeyRelease(cmd *cobra.Command, rf *releaseFlags, out string, jsonOut boo
 	if err != nil {
 		return fmt.Errorf("--out: %w (the file must not exist yet)", err)
 	}
-	rel, err := rf.releaseKey(cmd.Context(), rf.vault.logger(cmd.ErrOrStderr()))
+	rel, err := rf.release(cmd.Context(), rf.vault.logger(cmd.ErrOrStderr()))
 	if err != nil {
 		f.Close()
 		os.Remove(out)
@@ -405,7 +319,7 @@ func runKeyRelease(cmd *cobra.Command, rf *releaseFlags, out string, jsonOut boo
 			Kty         string `json:"kty"`
 			SecretBytes int    `json:"secret_bytes"`
 			Out         string `json:"out"`
-		}{rel.Kid, rel.Kty, len(sec), out})
+		}{rel.KID, rel.Kty, len(sec), out})
 	}
 	fmt.Fprintf(cmd.ErrOrStderr(), "released %d-byte secret of key %q to %s\n", len(sec), rf.vault.name, out)
 	return nil

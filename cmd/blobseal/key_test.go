@@ -192,20 +192,79 @@ func TestKeyCommandUsage(t *testing.T) {
 	}
 }
 
-func TestHostDataFromCCE(t *testing.T) {
-	dir := t.TempDir()
-	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
-	os.WriteFile(a, []byte(testCCE), 0o600)
-	os.WriteFile(b, []byte(base64.StdEncoding.EncodeToString([]byte(testCCE))), 0o600)
-	ha, err := hostDataFromCCE(a)
-	if err != nil {
+// Hex claims made only of digits (familyId, imageId) must stay strings in
+// the release policy: as numbers (familyId 0100…00 became 1e+30) the
+// policy can never match the token. The round trip runs the real binary
+// against the local stack, whose simulated reports carry a zero familyId.
+func TestKeyImportDigitOnlyHexClaim(t *testing.T) {
+	const zeroFamily = "00000000000000000000000000000000"
+	const otherFamily = "01000000000000000000000000000000"
+	hostData := strings.Repeat("0", 64)
+
+	// --print-policy prints the policy and touches no vault (none is given).
+	stdout, stderr, code := blobseal(t, "key", "import", "--print-policy", "--key-name", "k", "--authority", "https://maa.example",
+		"--host-data", hostData, "--claim", "x-ms-sevsnpvm-familyId="+otherFamily, "--claim", "x-ms-sevsnpvm-guestsvn=2")
+	if code != 0 {
+		t.Fatalf("key import --print-policy: exit %d\n%s", code, stderr)
+	}
+	equals := map[string]any{}
+	var printed struct {
+		AnyOf []struct {
+			Authority string `json:"authority"`
+			AllOf     []struct {
+				Claim  string `json:"claim"`
+				Equals any    `json:"equals"`
+			} `json:"allOf"`
+		} `json:"anyOf"`
+	}
+	if err := json.Unmarshal([]byte(stdout), &printed); err != nil || len(printed.AnyOf) != 1 {
+		t.Fatalf("--print-policy output is not one policy: %v\n%s", err, stdout)
+	}
+	for _, c := range printed.AnyOf[0].AllOf {
+		equals[c.Claim] = c.Equals
+	}
+	if equals["x-ms-sevsnpvm-familyId"] != otherFamily || equals["x-ms-sevsnpvm-guestsvn"] != 2.0 ||
+		equals["x-ms-sevsnpvm-hostdata"] != hostData || equals["x-ms-sevsnpvm-is-debuggable"] != false {
+		t.Fatalf("claims in the printed policy: %v", equals)
+	}
+
+	dev := startDevStack(t)
+	work := t.TempDir()
+	imp := func(name, family string, extra ...string) string {
+		t.Helper()
+		args := append([]string{"key", "import", "--dev-dir", dev, "--key-name", name, "--host-data", hostData,
+			"--claim", "x-ms-sevsnpvm-familyId=" + family}, extra...)
+		stdout, stderr, code := blobseal(t, args...)
+		if code != 0 {
+			t.Fatalf("%v: exit %d\n%s", args, code, stderr)
+		}
+		return stdout
+	}
+	// What --print-policy prints is exactly what the import sends.
+	preview := imp("fam-key", zeroFamily, "--print-policy")
+	var sent struct {
+		Policy json.RawMessage `json:"release_policy"`
+	}
+	if err := json.Unmarshal([]byte(imp("fam-key", zeroFamily, "--json")), &sent); err != nil {
 		t.Fatal(err)
 	}
-	hb, err := hostDataFromCCE(b)
-	if err != nil || ha != hb {
-		t.Fatalf("text and base64 forms hash differently: %v", err)
+	var a, b bytes.Buffer
+	json.Compact(&a, []byte(preview))
+	json.Compact(&b, sent.Policy)
+	if a.String() != b.String() {
+		t.Fatalf("--print-policy printed\n%s\nbut the import sent\n%s", a.String(), b.String())
 	}
-	if _, err := hostDataFromCCE(filepath.Join(dir, "missing")); err == nil {
-		t.Error("missing file accepted")
+	release := func(name string) (string, int) {
+		out := filepath.Join(work, name)
+		_, stderr, code := blobseal(t, "key", "release", "--dev-dir", dev, "--key-name", name, "--attestation", "simulated",
+			"--simulated-host-data", hostData, "--out", out)
+		return stderr, code
+	}
+	if stderr, code := release("fam-key"); code != 0 {
+		t.Fatalf("a zero familyId claim does not match the zero familyId token: exit %d\n%s", code, stderr)
+	}
+	imp("other-fam-key", otherFamily)
+	if stderr, code := release("other-fam-key"); code != 1 || !strings.Contains(stderr, "x-ms-sevsnpvm-familyId") {
+		t.Fatalf("another familyId: exit %d, want 1 naming the claim\n%s", code, stderr)
 	}
 }

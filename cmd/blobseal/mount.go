@@ -19,6 +19,7 @@ import (
 	"github.com/blobseal/blobseal/fs"
 	"github.com/blobseal/blobseal/image"
 	"github.com/blobseal/blobseal/internal/secret"
+	"github.com/blobseal/blobseal/keyrelease"
 )
 
 // volumeFlags are the flags that say how to unlock an image.
@@ -241,7 +242,9 @@ func runMount(cmd *cobra.Command, o *mountFlags, location, mountpoint string) er
 
 	var key secret.Bytes
 	if release {
-		key, err = rf.release(ctx, logger)
+		var rel keyrelease.Released
+		rel, err = rf.release(ctx, logger)
+		key = rel.Secret
 	} else {
 		key, err = readImageKeyFile(vf.keyFile)
 	}

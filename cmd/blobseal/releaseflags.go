@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/hex"
 	"fmt"
 	"log/slog"
 	"path/filepath"
@@ -10,7 +9,6 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
-	"github.com/blobseal/blobseal/internal/secret"
 	"github.com/blobseal/blobseal/keyrelease"
 	"github.com/blobseal/blobseal/keyrelease/evidence"
 	"github.com/blobseal/blobseal/keyrelease/hsm"
@@ -43,7 +41,7 @@ func (r *releaseFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&r.salt, "salt", "", "RSA-HSM keys: HKDF salt (hex)")
 	f.StringVar(&r.label, "label", "", "RSA-HSM keys: HKDF label (default \"Symmetric Encryption Key\")")
 	f.StringVar(&r.wrapAlg, "wrap-alg", hsm.AlgCKMRSAAESKeyWrap, "key wrap: CKM_RSA_AES_KEY_WRAP, RSA_AES_KEY_WRAP_256 or RSA_AES_KEY_WRAP_384")
-	f.StringVar(&v.bearerFile, "bearer-token-file", "", "file holding a bearer token for the vault (default: azidentity)")
+	f.StringVar(&v.bearerFile, "bearer-token-file", "", "file holding a bearer token for the vault (default: workload identity, managed identity, then the Azure CLI login)")
 	f.StringVar(&v.caFile, "ca-file", "", "PEM file of extra CA roots for TLS and the vault's signed responses (local stack)")
 	f.StringVar(&r.simDir, "simulated-dir", "", "simulated only: directory holding the simulated signer (default with --dev-dir: the stack's)")
 	f.StringVar(&r.simHostData, "simulated-host-data", "", "simulated only: HOST_DATA to report, 64 hex digits")
@@ -98,109 +96,40 @@ func (r *releaseFlags) prepare() error {
 		return usageErrorf("--simulated-* flags need --attestation simulated")
 	}
 	if r.simHostData != "" {
-		if _, err := parseHostData(r.simHostData); err != nil {
+		if _, err := keyrelease.ParseHostData(r.simHostData); err != nil {
 			return usageErrorf("--simulated-host-data: %v", err)
 		}
 	}
 	return nil
 }
 
-// releasedKey is a released secret and the vault key it came from.
-type releasedKey struct {
-	Secret   secret.Bytes
-	Kid, Kty string
-}
-
 // release attests, fetches the MAA token and has the vault release the
 // key. The secret stays in memory; the caller wipes it.
-func (r *releaseFlags) release(ctx context.Context, log *slog.Logger) (secret.Bytes, error) {
-	k, err := r.releaseKey(ctx, log)
-	return k.Secret, err
-}
-
-// releaseKey is release that also reports the key's id and type.
-// keyrelease.Release returns only the secret and logs which key it was;
-// the log record is where the id and type are read from.
-func (r *releaseFlags) releaseKey(ctx context.Context, log *slog.Logger) (releasedKey, error) {
-	var k releasedKey
-	log = slog.New(&releasedKeyHandler{Handler: log.Handler(), key: &k})
-	sec, err := r.doRelease(ctx, log)
-	k.Secret = sec
-	return k, err
-}
-
-// releasedKeyHandler passes records on and notes kid and kty from the
-// "key released" record, whatever the log level.
-type releasedKeyHandler struct {
-	slog.Handler
-	key *releasedKey
-}
-
-var _ slog.Handler = (*releasedKeyHandler)(nil)
-
-func (h *releasedKeyHandler) Enabled(context.Context, slog.Level) bool { return true }
-
-func (h *releasedKeyHandler) Handle(ctx context.Context, rec slog.Record) error {
-	if rec.Message == "key released" {
-		rec.Attrs(func(a slog.Attr) bool {
-			switch a.Key {
-			case "kid":
-				h.key.Kid = a.Value.String()
-			case "kty":
-				h.key.Kty = a.Value.String()
-			}
-			return true
-		})
-	}
-	if !h.Handler.Enabled(ctx, rec.Level) {
-		return nil
-	}
-	return h.Handler.Handle(ctx, rec)
-}
-
-func (h *releasedKeyHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
-	return &releasedKeyHandler{Handler: h.Handler.WithAttrs(attrs), key: h.key}
-}
-
-func (h *releasedKeyHandler) WithGroup(name string) slog.Handler {
-	return &releasedKeyHandler{Handler: h.Handler.WithGroup(name), key: h.key}
-}
-
-func (r *releaseFlags) doRelease(ctx context.Context, log *slog.Logger) (secret.Bytes, error) {
-	roots, err := r.vault.roots()
+func (r *releaseFlags) release(ctx context.Context, log *slog.Logger) (keyrelease.Released, error) {
+	roots, err := keyrelease.TLSRoots(r.vault.caFile)
 	if err != nil {
-		return nil, err
+		return keyrelease.Released{}, fmt.Errorf("--ca-file: %w", err)
 	}
-	client := httpClientFor(roots)
-	evOpts := evidence.Options{Logger: log, CertCacheURL: r.certCache, HTTPClient: client}
-	if r.attestation == evidence.ProviderSimulated {
-		sc := &evidence.SimulatedConfig{Debuggable: r.simDebug}
-		if r.simHostData != "" {
-			h, _ := parseHostData(r.simHostData) // checked in prepare
-			b, _ := hex.DecodeString(h)
-			copy(sc.HostData[:], b)
+	client := keyrelease.HTTPClient(roots)
+	ev := keyrelease.EvidenceConfig{Provider: r.attestation, CertCacheURL: r.certCache, HTTPClient: client, Logger: log,
+		SimulatedDir: r.simDir, SimulatedDebuggable: r.simDebug}
+	switch {
+	case r.simHostData != "":
+		ev.SimulatedHostData, _ = keyrelease.ParseHostData(r.simHostData) // checked in prepare
+	case r.simCCE != "":
+		if ev.SimulatedHostData, err = keyrelease.HostDataFile(r.simCCE); err != nil {
+			return keyrelease.Released{}, fmt.Errorf("--simulated-cce-policy: %w", err)
 		}
-		if r.simCCE != "" {
-			if sc.HostData, err = hostDataFromCCE(r.simCCE); err != nil {
-				return nil, err
-			}
-		}
-		if r.simDir != "" {
-			if sc.Signer, err = evidence.ReadSimulatedSigner(r.simDir); err != nil {
-				return nil, fmt.Errorf("--simulated-dir: %w", err)
-			}
-		}
-		evOpts.Simulated = sc
 	}
-	provider, err := evidence.NewProvider(r.attestation, evOpts)
+	provider, err := keyrelease.NewEvidence(ev)
 	if err != nil {
-		return nil, err
+		return keyrelease.Released{}, err
 	}
 	cred, err := r.vault.credential()
 	if err != nil {
-		return nil, err
+		return keyrelease.Released{}, err
 	}
-	return keyrelease.Release(ctx, keyrelease.Config{
+	return keyrelease.ReleaseKey(ctx, keyrelease.Config{
 		Evidence: provider, MAAEndpoint: r.maaEndpoint,
 		VaultURL: r.vault.vault, KeyName: r.vault.name, KeyVersion: r.keyVersion,
 		Credential: cred, WrapAlg: r.wrapAlg, Salt: r.salt, Label: r.label,
