@@ -36,6 +36,7 @@ func newRootCmd() *cobra.Command {
 		newKeyCmd(),
 		newDevCmd(),
 		newSidecarCmd(),
+		newSkrCmd(),
 		newDemoCmd(),
 		newVersionCmd(),
 	)
