@@ -36,7 +36,7 @@ hostdata=$(sha256sum examples/demo-cce-policy.rego | cut -d' ' -f1)
 head -c 32 /dev/urandom >"$work/key"
 root=$("$bs" image create --json --from examples/demo-data --key-file "$work/key" "$work/demo.img" | sed -n 's/.*"root_hash": *"\([0-9a-f]*\)".*/\1/p')
 [[ -n $root ]] || { echo "image create printed no verity root hash"; exit 1; }
-"$bs" key import --dev-dir "$work/stack" --name bench-key --key-file "$work/key" --host-data "$hostdata" >/dev/null
+"$bs" key import --dev-dir "$work/stack" --key-name bench-key --key-file "$work/key" --host-data "$hostdata" >/dev/null
 rm -f "$work/key"
 for t in page block; do
 	"$bs" image upload --create-container --type "$t" "$work/demo.img" "http://127.0.0.1:$PORT/devstoreaccount1/bench/demo-$t.img" >/dev/null
