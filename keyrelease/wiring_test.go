@@ -100,3 +100,19 @@ func TestNewEvidenceSimulatedFromDir(t *testing.T) {
 		t.Fatal("simulated provider without a signer in the directory accepted")
 	}
 }
+
+func TestReadBearerFile(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "bearer")
+	os.WriteFile(good, []byte("  eyJ.token.sig\n"), 0o600)
+	if tok, err := keyrelease.ReadBearerFile(good); err != nil || tok.Reveal() != "eyJ.token.sig" {
+		t.Fatalf("ReadBearerFile: %v", err)
+	}
+	empty := filepath.Join(dir, "empty")
+	os.WriteFile(empty, []byte("\n"), 0o600)
+	for path, want := range map[string]string{empty: "is empty", filepath.Join(dir, "missing"): "no such file"} {
+		if _, err := keyrelease.ReadBearerFile(path); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want %q", path, err, want)
+		}
+	}
+}
