@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"crypto/rand"
 	"crypto/sha256"
@@ -15,9 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
-	"time"
 
 	"github.com/go-jose/go-jose/v4"
 
@@ -52,46 +49,12 @@ func TestSkrCommand(t *testing.T) {
 		keys[name] = key
 	}
 
-	cmd := exec.Command(binary, "skr", "--address", "127.0.0.1:0", "--allowed-key", "app-key", "--allowed-key", "elsewhere.example/other-key",
-		"--attestation", "simulated", "--simulated-dir", filepath.Dir(st.SimulatedSignerFile), "--ca-file", st.CAPEMFile)
 	// The Azure sidecar's own configuration (Microsoft's Kafka sample) is
 	// read as that sidecar reads it.
-	cmd.Env = append(os.Environ(), "SkrSideCarArgs="+kafkaSampleSkrArgs)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	lines := make(chan string, 4)
-	go func() {
-		s := bufio.NewScanner(stdout)
-		for s.Scan() {
-			lines <- s.Text()
-		}
-		close(lines)
-		done <- cmd.Wait()
-	}()
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			_ = cmd.Process.Kill()
-			<-done
-		}
-	})
-	var base string
-	select {
-	case line, ok := <-lines:
-		if !ok || !strings.HasPrefix(line, "serving the SKR API on http://") {
-			t.Fatalf("first line %q; stderr:\n%s", line, &stderr)
-		}
-		base = strings.TrimPrefix(line, "serving the SKR API on ")
-	case <-time.After(20 * time.Second):
-		t.Fatalf("blobseal skr did not start; stderr:\n%s", &stderr)
-	}
+	p := startLogged(t, []string{"SkrSideCarArgs=" + kafkaSampleSkrArgs}, "skr", "--address", "127.0.0.1:0",
+		"--allowed-key", "app-key", "--allowed-key", "elsewhere.example/other-key",
+		"--attestation", "simulated", "--simulated-dir", filepath.Dir(st.SimulatedSignerFile), "--ca-file", st.CAPEMFile)
+	base := "http://" + p.await(t, skrServing)[1]
 
 	call := func(method, path, body string) (int, map[string]string) {
 		t.Helper()
@@ -159,21 +122,11 @@ func TestSkrCommand(t *testing.T) {
 	if code, out = release("other-key"); code != http.StatusForbidden || !strings.Contains(out["error"], "allowed keys") {
 		t.Fatalf("POST /key/release other-key: %d %v, want 403", code, out)
 	}
-	if strings.Contains(stderr.String(), bearer.Reveal()) || strings.Contains(stderr.String(), token) {
+	if code := p.stop(t); code != 0 {
+		t.Fatalf("exit %d after SIGTERM; log:\n%s", code, p)
+	}
+	if log := p.String(); strings.Contains(log, bearer.Reveal()) || strings.Contains(log, token) {
 		t.Fatal("the log shows a credential")
-	}
-
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case err := <-done:
-		var exit *exec.ExitError
-		if errors.As(err, &exit) || err != nil {
-			t.Fatalf("after SIGTERM: %v; stderr:\n%s", err, &stderr)
-		}
-	case <-time.After(15 * time.Second):
-		t.Fatalf("blobseal skr ignored SIGTERM; stderr:\n%s", &stderr)
 	}
 }
 
