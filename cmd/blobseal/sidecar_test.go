@@ -29,7 +29,8 @@ type logProcess struct {
 	done chan error
 	mu   sync.Mutex
 	log  bytes.Buffer
-	seen chan string // log lines as they come
+	seen chan string  // log lines as they come
+	out  bytes.Buffer // stdout, complete once the process has exited
 }
 
 // startLogged runs the binary with env added to the environment (and the
@@ -40,6 +41,7 @@ func startLogged(t *testing.T, env []string, args ...string) *logProcess {
 	p := &logProcess{cmd: exec.Command(binary, args...), done: make(chan error, 1), seen: make(chan string, 256)}
 	p.cmd.Env = append(os.Environ(), "EncfsSideCarArgs=", "SkrSideCarArgs=")
 	p.cmd.Env = append(p.cmd.Env, env...)
+	p.cmd.Stdout = &p.out // exec copies into it; read only after Wait
 	stderr, err := p.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

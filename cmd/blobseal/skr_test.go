@@ -125,6 +125,10 @@ func TestSkrCommand(t *testing.T) {
 	if code := p.stop(t); code != 0 {
 		t.Fatalf("exit %d after SIGTERM; log:\n%s", code, p)
 	}
+	// stdout names the bound address, for scripts that ask for port 0.
+	if got := p.out.String(); got != "serving the SKR API on "+base+"\n" {
+		t.Fatalf("stdout %q", got)
+	}
 	if log := p.String(); strings.Contains(log, bearer.Reveal()) || strings.Contains(log, token) {
 		t.Fatal("the log shows a credential")
 	}
