@@ -58,7 +58,9 @@ type WriterAt interface {
 	WriteAt(ctx context.Context, p []byte, off int64) (int, error)
 }
 
-// ReaderAt adapts a Source to io.ReaderAt using a fixed context.
+// ReaderAt adapts a Source to io.ReaderAt using a fixed context. It also has
+// ReadAtContext, through which a caller with its own context (the
+// decrypting volume serving a FUSE read) reads with that one instead.
 func ReaderAt(ctx context.Context, s Source) io.ReaderAt {
 	return readerAt{ctx: ctx, s: s}
 }
@@ -69,3 +71,7 @@ type readerAt struct {
 }
 
 func (r readerAt) ReadAt(p []byte, off int64) (int, error) { return r.s.ReadAt(r.ctx, p, off) }
+
+func (r readerAt) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	return r.s.ReadAt(ctx, p, off)
+}

@@ -273,16 +273,17 @@ func (c *Cache) read(ctx context.Context, off, n, horizon int64, sink func(pos i
 // must not be written; holes come as zeros. It saves the copy ReadAt makes,
 // for a caller that transforms the bytes anyway (the decrypting volume
 // decrypts from here straight into the FUSE reply). Slices end at multiples
-// of BlockSize or at off+n. The range must lie within the source; reads
-// are retried and time out as for ReadAt, and fn's error ends the read.
-func (c *Cache) ReadFunc(off, n int64, fn func(b []byte) error) error {
+// of BlockSize or at off+n. The range must lie within the source; the read
+// honours ctx and Options.ReadDeadline as ReadAtContext does, and fn's
+// error ends the read.
+func (c *Cache) ReadFunc(ctx context.Context, off, n int64, fn func(b []byte) error) error {
 	if off < 0 || n < 0 || off > c.size || n > c.size-off {
 		return fmt.Errorf("blockcache: range [%d, %d) of %s lies outside its %d bytes", off, off+n, c.name, c.size)
 	}
 	if n == 0 {
 		return nil
 	}
-	_, err := c.readRange(context.Background(), off, n, func(_ int64, b []byte) error { return fn(b) })
+	_, err := c.readRange(ctx, off, n, func(_ int64, b []byte) error { return fn(b) })
 	return err
 }
 

@@ -303,7 +303,7 @@ type lendingDev struct {
 
 func (d *lendingDev) Size() int64 { return int64(len(d.data)) }
 
-func (d *lendingDev) ReadFunc(off, n int64, fn func([]byte) error) error {
+func (d *lendingDev) ReadFunc(_ context.Context, off, n int64, fn func([]byte) error) error {
 	d.lends++
 	for pos := off; pos < off+n; {
 		end := min((pos/int64(d.cut)+1)*int64(d.cut), off+n)
