@@ -5,7 +5,10 @@
 //   - ReadAt fills all of p from offset off or returns an error; a read that
 //     extends past Size returns the bytes up to Size and io.EOF, like io.ReaderAt.
 //   - ReadAt is safe for concurrent use and honours ctx (cancellation and
-//     deadline); transient failures are retried inside with backoff.
+//     deadline). A failed ReadAt may have filled a prefix of p and says how
+//     much (n), so a retry can resume there.
+//   - Retries are one decorator, RetrySource, which Open puts around every
+//     Azure source; the sources beneath make one try per call.
 //   - Size is fixed for the life of the Source.
 //   - String names the source for logs and never contains a credential
 //     (no SAS query, no key).

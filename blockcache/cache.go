@@ -166,8 +166,10 @@ func (c *Cache) ReadAt(p []byte, off int64) (int, error) {
 }
 
 // ReadAtContext reads len(p) bytes at off, like io.ReaderAt, honouring ctx
-// and Options.ReadDeadline. Failed fetches are retried with backoff until the
-// deadline; the error then names the source, the offset and the last cause.
+// and Options.ReadDeadline. A reader whose ctx ends stops waiting; the fetch
+// it waited for goes on for the other readers of the same blocks. A failed
+// fetch fails the read (the source retries, see blob.RetrySource); the error
+// names the source, the offset and the cause.
 func (c *Cache) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("blockcache: read of %s at negative offset %d", c.name, off)
@@ -206,8 +208,6 @@ func (c *Cache) ReadAtContext(ctx context.Context, p []byte, off int64) (int, er
 func (c *Cache) read(ctx context.Context, off, n, horizon int64, sink func(pos int64, b []byte) error) (int, error) {
 	end := off + n
 	pos := off
-	var lastErr error
-	backoff := 50 * time.Millisecond
 	for pos < end {
 		b := pos / c.bs
 		if c.holeBlock(b) {
@@ -221,31 +221,23 @@ func (c *Cache) read(ctx context.Context, off, n, horizon int64, sink func(pos i
 		}
 		e, err := c.acquire(ctx, b, max(end, horizon))
 		if err != nil {
-			return int(pos - off), c.readError(ctx, pos, err, lastErr)
+			return int(pos - off), c.readError(ctx, pos, err)
 		}
 		select {
 		case <-e.done:
 		case <-ctx.Done():
 			c.unpin(e)
-			return int(pos - off), c.readError(ctx, pos, ctx.Err(), lastErr)
+			return int(pos - off), c.readError(ctx, pos, ctx.Err())
 		}
 		if e.err != nil {
+			// The source's retry policy (blob.RetrySource) has given up;
+			// retrying here again would only multiply its budget. The
+			// failed extent has left the map, so a later read fetches anew.
 			c.unpin(e)
 			if errors.Is(e.err, ErrClosed) {
 				return int(pos - off), ErrClosed
 			}
-			lastErr = e.err
-			// The failed extent is gone from the map; the next pass fetches
-			// again after a pause, until the read deadline.
-			t := time.NewTimer(backoff)
-			select {
-			case <-t.C:
-			case <-ctx.Done():
-				t.Stop()
-				return int(pos - off), c.readError(ctx, pos, ctx.Err(), lastErr)
-			}
-			backoff = min(2*backoff, 2*time.Second)
-			continue
+			return int(pos - off), c.readError(ctx, pos, e.err)
 		}
 		stop := min(e.end(), end)
 		r, rejected := e.badIn(pos, stop)
@@ -299,14 +291,11 @@ func (c *Cache) readRange(ctx context.Context, off, n int64, sink func(pos int64
 	return c.read(ctx, off, n, horizon, sink)
 }
 
-// readError builds the error of a failed read: which source, where, and the
-// fetch error that kept it from completing.
-func (c *Cache) readError(ctx context.Context, pos int64, err, lastErr error) error {
+// readError builds the error of a failed read: which source, where, and
+// why (the fetch's error, or the reader's context ending).
+func (c *Cache) readError(ctx context.Context, pos int64, err error) error {
 	if errors.Is(err, ErrClosed) {
 		return ErrClosed
-	}
-	if lastErr != nil && ctx.Err() != nil {
-		return fmt.Errorf("blockcache: reading %s at offset %d: gave up (%w) after fetch errors: %w", c.name, pos, ctx.Err(), lastErr)
 	}
 	return fmt.Errorf("blockcache: reading %s at offset %d: %w", c.name, pos, err)
 }
