@@ -791,11 +791,13 @@ func (c *Cache) observe(off, n int64) (int64, error) {
 		maxWindow = 0
 	}
 	s, seq := c.streams.observe(off, n, min(initial, maxWindow), maxWindow)
-	end := off + n
 	if !seq || s.window == 0 {
 		c.mu.Unlock()
-		return end, nil
+		return off + n, nil
 	}
+	// Read ahead of the stream's furthest read, not of this one: pieces of
+	// a large read arrive out of order (see reorderPieces).
+	end := s.next
 	horizon := min(end+s.window, c.size)
 	// Read ahead in whole steps of the window (or MaxFetchSize once the
 	// window is larger), as soon as one step of the window is free: a
