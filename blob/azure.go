@@ -61,7 +61,7 @@ var (
 func openAzure(ctx context.Context, c *clients) (Source, error) {
 	props, err := c.blob.GetProperties(ctx, nil)
 	if err != nil {
-		return nil, describe(err, c.loc, "open")
+		return nil, describeAttempt(err, c.loc, "open")
 	}
 	if props.ContentLength == nil || props.BlobType == nil || props.ETag == nil {
 		return nil, fmt.Errorf("open %s: the storage service omitted size, type or ETag", c.loc.redacted())
@@ -92,7 +92,7 @@ func listPageRanges(ctx context.Context, c *clients) ([]Range, azcore.ETag, erro
 	for pager.More() {
 		page, err := pager.NextPage(ctx)
 		if err != nil {
-			return nil, "", describe(err, c.loc, "list page ranges of")
+			return nil, "", describeAttempt(err, c.loc, "list page ranges of")
 		}
 		if page.ETag != nil {
 			etag = *page.ETag
@@ -127,7 +127,7 @@ func (p *pageSource) loadRanges(ctx context.Context) error {
 		}
 		props, err := p.c.blob.GetProperties(ctx, nil)
 		if err != nil {
-			return describe(err, p.c.loc, "open")
+			return describeAttempt(err, p.c.loc, "open")
 		}
 		if props.ETag == nil || props.ContentLength == nil {
 			return fmt.Errorf("open %s: the storage service omitted size or ETag", p.c.loc.redacted())

@@ -37,8 +37,9 @@ type Options struct {
 
 	// RequestTimeout bounds one HTTP request including its body (default 60s).
 	RequestTimeout time.Duration
-	// MaxRetries is the number of consecutive failed attempts without
-	// progress before giving up (default 8). The context deadline always wins.
+	// MaxRetries is the number of consecutive failed tries without
+	// progress before RetrySource gives up (default 8). The context
+	// deadline (the block cache's read deadline) always wins.
 	MaxRetries int
 	// RetryDelay and MaxRetryDelay shape the exponential backoff with jitter
 	// (defaults 200ms and 10s).

@@ -177,11 +177,13 @@ func retryAfter(err error) time.Duration {
 	}
 	h := re.RawResponse.Header
 	var d time.Duration
+	// Counts are capped before they are scaled, so a huge one cannot
+	// overflow into a short wait.
 	if ms, err := strconv.ParseInt(h.Get("x-ms-retry-after-ms"), 10, 64); err == nil && ms > 0 {
-		d = time.Duration(ms) * time.Millisecond
+		d = time.Duration(min(ms, maxRetryAfter.Milliseconds())) * time.Millisecond
 	} else if v := h.Get("Retry-After"); v != "" {
 		if s, err := strconv.ParseInt(v, 10, 64); err == nil && s > 0 {
-			d = time.Duration(s) * time.Second
+			d = time.Duration(min(s, int64(maxRetryAfter/time.Second))) * time.Second
 		} else if t, err := http.ParseTime(v); err == nil {
 			d = time.Until(t)
 		}

@@ -140,6 +140,27 @@ func TestRetrySourceStatusCodes(t *testing.T) {
 		})
 	}
 
+	t.Run("open retries a throttled properties request", func(t *testing.T) {
+		srv := &statusServer{data: data}
+		var heads atomic.Int64
+		hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Method == http.MethodHead && heads.Add(1) <= 2 {
+				w.Header().Set("x-ms-error-code", "ServerBusy")
+				w.WriteHeader(http.StatusServiceUnavailable)
+				return
+			}
+			srv.ServeHTTP(w, r)
+		}))
+		t.Cleanup(hs.Close)
+		src, err := Open(testCtx(t), hs.URL+"/devstoreaccount1/c/b.img", Options{RetryDelay: 5 * time.Millisecond})
+		if err != nil {
+			t.Fatalf("open through two 503s: %v", err)
+		}
+		if src.Size() != int64(len(data)) || heads.Load() != 3 {
+			t.Errorf("size %d after %d HEAD requests; want %d after 3", src.Size(), heads.Load(), len(data))
+		}
+	})
+
 	t.Run("persistent 503 gives up after MaxRetries", func(t *testing.T) {
 		srv := &statusServer{data: data, status: 503, fail: 1 << 30}
 		hs := httptest.NewServer(srv)
@@ -186,6 +207,8 @@ func TestRetryAfter(t *testing.T) {
 		{http.Header{"Retry-After": {"2"}}, 2 * time.Second},
 		{http.Header{"X-Ms-Retry-After-Ms": {"150"}}, 150 * time.Millisecond},
 		{http.Header{"Retry-After": {"86400"}}, maxRetryAfter},
+		{http.Header{"Retry-After": {"9223372036854775807"}}, maxRetryAfter},
+		{http.Header{"X-Ms-Retry-After-Ms": {"9223372036854775807"}}, maxRetryAfter},
 		{http.Header{"Retry-After": {"-5"}}, 0},
 		{http.Header{"Retry-After": {"soon"}}, 0},
 		{http.Header{}, 0},

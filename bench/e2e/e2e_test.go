@@ -21,7 +21,7 @@ func TestHarnessQuick(t *testing.T) {
 	tools := testenv.RequireTools(t, "rclone", "fusermount3", "mkfs.ext4", "azurite-blob")
 	testenv.RequireFUSE(t)
 	testenv.RequireRoot(t) // drop_caches and FUSE mounts of other processes' servers
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
 	bin := filepath.Join(t.TempDir(), "blobseal")
@@ -56,7 +56,14 @@ func TestHarnessQuick(t *testing.T) {
 	byKey := map[string]measurement{}
 	for _, m := range rep.Details {
 		byKey[m.Key] = m
-		if m.Failed != "" {
+		switch {
+		case m.Failed == "":
+		case m.Key == "peers/par16/blobfuse2":
+			// blobfuse2's block cache answers EIO to 16 parallel readers
+			// (every run here so far): the peer's failure, which the
+			// report shows; the harness did its part.
+			t.Logf("peer failure, reported: %s: %s", m.Label, m.Failed)
+		default:
 			t.Errorf("%s failed: %s", m.Label, m.Failed)
 		}
 	}

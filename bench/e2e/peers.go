@@ -39,6 +39,14 @@ func (h *harness) setupBlobfuse2(ctx context.Context) error {
 	}
 	h.setupCmds = append(h.setupCmds, fmt.Sprintf("blob.Upload(%s, Type=block) → %d MiB plaintext for blobfuse2, %.1fs",
 		loc, r.Uploaded>>20, r.Elapsed.Seconds()))
+	// The README's configuration: 16 MiB blocks, 12 of them prefetched.
+	// blobfuse2 wants a prefetch of at least 11 and memory for prefetch+1
+	// blocks, so smaller caches (the CI run's) get smaller blocks.
+	const prefetch = 12
+	blockMiB := min(16, h.cfg.CacheMiB/(prefetch+1))
+	if blockMiB < 1 {
+		return fmt.Errorf("-cache-mib %d: blobfuse2 needs at least %d MiB (%d prefetched 1 MiB blocks and one more)", h.cfg.CacheMiB, prefetch+1, prefetch)
+	}
 	for _, c := range []struct {
 		path     *string
 		endpoint string
@@ -51,9 +59,9 @@ libfuse:
   attribute-expiration-sec: 120
   entry-expiration-sec: 120
 block_cache:
-  block-size-mb: 16
+  block-size-mb: %d
   mem-size-mb: %d
-  prefetch: 12
+  prefetch: %d
   parallelism: 16
 azstorage:
   type: block
@@ -63,11 +71,11 @@ azstorage:
   use-http: true
   mode: key
   container: %s
-`, h.cfg.CacheMiB, azuriteAcct, azuriteKey, strings.TrimSuffix(c.endpoint, "/"), plainContainer)
+`, blockMiB, h.cfg.CacheMiB, prefetch, azuriteAcct, azuriteKey, strings.TrimSuffix(c.endpoint, "/"), plainContainer)
 		if err := os.WriteFile(*c.path, []byte(conf), 0o600); err != nil {
 			return err
 		}
-		h.setupCmds = append(h.setupCmds, "blobfuse2 config "+*c.path+" (block_cache: 16 MiB blocks, mem "+fmt.Sprint(h.cfg.CacheMiB)+" MiB, prefetch 12, parallelism 16)")
+		h.setupCmds = append(h.setupCmds, "blobfuse2 config "+*c.path+fmt.Sprintf(" (block_cache: %d MiB blocks, mem %d MiB, prefetch %d, parallelism 16)", blockMiB, h.cfg.CacheMiB, prefetch))
 	}
 	return nil
 }
