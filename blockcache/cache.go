@@ -32,6 +32,11 @@ import (
 // ErrClosed is returned by reads on a closed cache.
 var ErrClosed = errors.New("blockcache: cache is closed")
 
+// errAbandoned ends a demand fetch that every reader waiting for it gave up
+// on (interrupted or past its deadline): nobody wants its bytes, and it
+// would hold a request slot. A reader that arrives just then fetches anew.
+var errAbandoned = errors.New("fetch abandoned: every reader waiting for it gave up")
+
 // extent is a run of consecutive blocks fetched together.
 type extent struct {
 	first   int64 // first block index
@@ -45,6 +50,15 @@ type extent struct {
 	buf  []byte        // the mapping, len == mem; data is buf[:length]
 	err  error
 	bad  []blob.Range // ranges the Verifier rejected; reads of them fail
+
+	// ctx bounds the fetch (FetchTimeout, Close); cancel also ends it when
+	// the last reader waiting for a demand fetch gives up.
+	ctx    context.Context
+	cancel context.CancelFunc
+	// waiters counts readers waiting for the fetch to end; abandoned is set
+	// when the last of them gave up first. Both guarded by Cache.mu.
+	waiters   int
+	abandoned bool
 
 	refs     int           // readers pinning the extent (and a queued disk write)
 	elem     *list.Element // position in the LRU list while ready and mapped
@@ -167,7 +181,8 @@ func (c *Cache) ReadAt(p []byte, off int64) (int, error) {
 
 // ReadAtContext reads len(p) bytes at off, like io.ReaderAt, honouring ctx
 // and Options.ReadDeadline. A reader whose ctx ends stops waiting; the fetch
-// it waited for goes on for the other readers of the same blocks. A failed
+// it waited for goes on while other readers wait for it, and is cancelled
+// when none is left (read-ahead excepted). A failed
 // fetch fails the read (the source retries, see blob.RetrySource); the error
 // names the source, the offset and the cause.
 func (c *Cache) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
@@ -225,9 +240,16 @@ func (c *Cache) read(ctx context.Context, off, n, horizon int64, sink func(pos i
 		}
 		select {
 		case <-e.done:
+			c.stopWaiting(e, false)
 		case <-ctx.Done():
+			c.stopWaiting(e, true)
 			c.unpin(e)
 			return int(pos - off), c.readError(ctx, pos, ctx.Err())
+		}
+		if errors.Is(e.err, errAbandoned) {
+			// Readers that left cancelled it as this one arrived: fetch anew.
+			c.unpin(e)
+			continue
 		}
 		if e.err != nil {
 			// The source's retry policy (blob.RetrySource) has given up;
@@ -328,6 +350,7 @@ func (c *Cache) acquire(ctx context.Context, b, end int64) (*extent, error) {
 		}
 		if e := c.blocks[b]; e != nil {
 			e.refs++
+			e.waiters++
 			if e.elem != nil {
 				c.lru.MoveToFront(e.elem)
 				c.st.hits.Add(1)
@@ -364,6 +387,7 @@ func (c *Cache) acquire(ctx context.Context, b, end int64) (*extent, error) {
 		}
 		e := c.newExtentLocked(b, n, false)
 		e.refs = 1
+		e.waiters = 1
 		c.st.misses.Add(uint64(n))
 		c.wg.Add(1)
 		c.mu.Unlock()
@@ -402,6 +426,7 @@ func (c *Cache) newExtentLocked(b, n int64, ahead bool) *extent {
 		ahead:  ahead,
 		done:   make(chan struct{}),
 	}
+	e.ctx, e.cancel = context.WithTimeout(c.ctx, c.o.FetchTimeout)
 	e.mem = roundToPage(e.length)
 	for i := b; i < b+n; i++ {
 		c.blocks[i] = e
@@ -484,6 +509,28 @@ func adoptBuffers(fresh, evicted []*extent) []*extent {
 	return evicted
 }
 
+// stopWaiting records that a reader no longer waits for e's fetch; gaveUp
+// says it left before the fetch ended. When the last waiter of a demand
+// fetch gives up, the fetch is cancelled: read-ahead is kept, since its
+// stream is likely to want it.
+func (c *Cache) stopWaiting(e *extent, gaveUp bool) {
+	c.mu.Lock()
+	e.waiters--
+	cancel := gaveUp && e.waiters == 0 && !e.ahead && e.elem == nil && e.err == nil && !e.detached
+	if cancel {
+		select {
+		case <-e.done: // ended meanwhile
+			cancel = false
+		default:
+			e.abandoned = true
+		}
+	}
+	c.mu.Unlock()
+	if cancel {
+		e.cancel()
+	}
+}
+
 // unpin drops a reader's reference; a detached extent is freed by its last
 // reader.
 func (c *Cache) unpin(e *extent) {
@@ -510,8 +557,8 @@ func (c *Cache) fetch(e *extent, haveSlot bool) {
 	if !haveSlot {
 		select {
 		case c.sem <- struct{}{}:
-		case <-c.ctx.Done():
-			c.finish(e, e.buf, ErrClosed)
+		case <-e.ctx.Done():
+			c.finish(e, e.buf, e.ctx.Err())
 			return
 		}
 	}
@@ -522,8 +569,7 @@ func (c *Cache) fetch(e *extent, haveSlot bool) {
 			c.st.mappedBytes.Add(uint64(e.mem))
 		}
 	}
-	ctx, cancel := context.WithTimeout(c.ctx, c.o.FetchTimeout)
-	defer cancel()
+	ctx := e.ctx
 	fromDisk := false
 	if err == nil {
 		fromDisk, err = c.fill(ctx, e, buf[:e.length], true)
@@ -690,14 +736,19 @@ func (c *Cache) get(ctx context.Context, p []byte, off int64) error {
 // it leaves the map so the next read fetches again.
 func (c *Cache) finish(e *extent, buf []byte, err error) {
 	c.st.inFlight.Add(-1)
+	defer e.cancel() // the fetch's timer
 	c.mu.Lock()
-	if err == nil && c.closed {
+	switch {
+	case c.closed && (err == nil || c.ctx.Err() != nil):
 		err = ErrClosed
+	case err != nil && e.abandoned:
+		err = fmt.Errorf("%w (%w)", errAbandoned, err)
+		c.st.abandoned.Add(1)
 	}
 	var free bool
 	e.buf = buf
 	if err != nil {
-		if !errors.Is(err, ErrClosed) {
+		if !errors.Is(err, ErrClosed) && !errors.Is(err, errAbandoned) {
 			c.st.fetchErrors.Add(1)
 		}
 		e.err = err
@@ -864,6 +915,7 @@ func (c *Cache) Stats() Stats {
 		Misses:          c.st.misses.Load(),
 		ReadAhead:       c.st.readAhead.Load(),
 		Requests:        c.st.requests.Load(),
+		Abandoned:       c.st.abandoned.Load(),
 		BytesFetched:    c.st.bytesFetched.Load(),
 		FetchErrors:     c.st.fetchErrors.Load(),
 		InFlight:        c.st.inFlight.Load(),

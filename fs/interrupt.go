@@ -13,8 +13,8 @@ var errInterrupted = errors.New("read interrupted")
 // the request's values but outlives its cancellation (an INTERRUPT from the
 // kernel) by the interrupt grace, so that a signal the reader handles and
 // goes on from does not fail the read (see DefaultInterruptGrace). Other
-// readers waiting for the same fetch are not affected either way: the cache
-// fetches independently of any one reader.
+// readers waiting for the same fetch keep waiting: the block cache cancels
+// a fetch only when every reader waiting for it has given up.
 func (v *volume) readContext(req context.Context) (context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithCancelCause(context.WithoutCancel(req))
 	grace := v.interruptGrace
