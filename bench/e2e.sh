@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# End-to-end benchmark: blobseal mount vs the raw SDK download and vs an
-# rclone crypt mount, all against one private Azurite, cold caches, with and
-# without 2 ms of injected latency each way. Prints a Markdown table
+# End-to-end benchmark: blobseal mount vs the raw SDK download, an rclone
+# crypt mount and blobfuse2 (Azure's FUSE driver), all against one private
+# Azurite, cold caches, on loopback and through a proxy that behaves like
+# Azure (50 MB/s per connection, 2 ms each way). Prints a Markdown table
 # (figure | blobseal | peer | ratio | goal | met?) and every measurement with
 # its exact command. Needs root (drop_caches, FUSE), azurite-blob, rclone,
 # fusermount3, mkfs.ext4.
@@ -53,5 +54,15 @@ done
 echo "azurite-blob pid $az_pid on 127.0.0.1:$port ($(azurite-blob --version 2>/dev/null || echo version unknown))" >&2
 echo "rclone: $(rclone version 2>/dev/null | head -1)" >&2
 
-"$tmp/e2e" -blobseal "$tmp/blobseal" -azurite "http://127.0.0.1:$port/devstoreaccount1" \
+# blobfuse2, Azure's FUSE driver, built as ../shared/peers/README.md says.
+peers=()
+bf2="${BLOBFUSE2:-$(pwd)/../shared/peers/blobfuse2}"
+if [ -x "$bf2" ]; then
+	peers=(-blobfuse2 "$bf2")
+	echo "blobfuse2: $("$bf2" --version --disable-version-check 2>/dev/null | head -1)" >&2
+else
+	echo "$0: no blobfuse2 at $bf2 (set BLOBFUSE2=PATH); its cases are left out" >&2
+fi
+
+"$tmp/e2e" "${peers[@]}" -blobseal "$tmp/blobseal" -azurite "http://127.0.0.1:$port/devstoreaccount1" \
 	-azurite-pid "$az_pid" -workdir "$tmp/work" "$@"

@@ -10,7 +10,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
@@ -32,8 +31,6 @@ type azureBase struct {
 	c    *clients
 	size int64
 	kind string // "page" or "block" (append blobs read as block)
-
-	retries atomic.Int64 // failed attempts that were retried (for tests and metrics)
 
 	mu       sync.Mutex
 	etag     azcore.ETag
@@ -64,7 +61,7 @@ var (
 func openAzure(ctx context.Context, c *clients) (Source, error) {
 	props, err := c.blob.GetProperties(ctx, nil)
 	if err != nil {
-		return nil, describe(err, c.loc, "open")
+		return nil, describeAttempt(err, c.loc, "open")
 	}
 	if props.ContentLength == nil || props.BlobType == nil || props.ETag == nil {
 		return nil, fmt.Errorf("open %s: the storage service omitted size, type or ETag", c.loc.redacted())
@@ -95,7 +92,7 @@ func listPageRanges(ctx context.Context, c *clients) ([]Range, azcore.ETag, erro
 	for pager.More() {
 		page, err := pager.NextPage(ctx)
 		if err != nil {
-			return nil, "", describe(err, c.loc, "list page ranges of")
+			return nil, "", describeAttempt(err, c.loc, "list page ranges of")
 		}
 		if page.ETag != nil {
 			etag = *page.ETag
@@ -130,7 +127,7 @@ func (p *pageSource) loadRanges(ctx context.Context) error {
 		}
 		props, err := p.c.blob.GetProperties(ctx, nil)
 		if err != nil {
-			return describe(err, p.c.loc, "open")
+			return describeAttempt(err, p.c.loc, "open")
 		}
 		if props.ETag == nil || props.ContentLength == nil {
 			return fmt.Errorf("open %s: the storage service omitted size or ETag", p.c.loc.redacted())
@@ -185,8 +182,8 @@ func (b blockSource) ReadAt(ctx context.Context, p []byte, off int64) (int, erro
 		return 0, err
 	}
 	if n > 0 {
-		if err := b.fetch(ctx, p[:n], off); err != nil {
-			return 0, err
+		if got, err := b.fetch(ctx, p[:n], off); err != nil {
+			return got, err
 		}
 	}
 	if n < int64(len(p)) {
@@ -205,16 +202,13 @@ func (p *pageSource) ReadAt(ctx context.Context, buf []byte, off int64) (int, er
 		ranges := p.ranges
 		p.mu.Unlock()
 		segs := planRead(ranges, off, n, minHole)
-		var data []segment
 		for _, s := range segs {
-			if s.data {
-				data = append(data, s)
-			} else {
+			if !s.data {
 				clear(buf[s.off-off : s.off-off+s.len])
 			}
 		}
-		if err := p.fetchSegments(ctx, buf, off, data); err != nil {
-			return 0, err
+		if got, err := p.fetchSegments(ctx, buf, off, segs); err != nil {
+			return got, err
 		}
 	}
 	if n < int64(len(buf)) {
@@ -227,15 +221,49 @@ func (p *pageSource) ReadAt(ctx context.Context, buf []byte, off int64) (int, er
 const segmentFanout = 4
 
 // fetchSegments fetches the data segments of one read, several at a time:
-// a fragmented image would otherwise pay one round trip per segment.
-func (p *pageSource) fetchSegments(ctx context.Context, buf []byte, off int64, data []segment) error {
-	switch len(data) {
-	case 0:
-		return nil
-	case 1:
-		s := data[0]
-		return p.fetch(ctx, buf[s.off-off:s.off-off+s.len], s.off)
+// a fragmented image would otherwise pay one round trip per segment. On
+// error it returns how many leading bytes of buf are complete (holes and
+// whole or partly fetched segments up to the first incomplete one), so a
+// retry can resume there.
+func (p *pageSource) fetchSegments(ctx context.Context, buf []byte, off int64, segs []segment) (int, error) {
+	var data []int // indexes of segs that hold data
+	for i, s := range segs {
+		if s.data {
+			data = append(data, i)
+		}
 	}
+	got := make([]int, len(segs))
+	for i, s := range segs {
+		if !s.data {
+			got[i] = int(s.len)
+		}
+	}
+	if len(segs) == 0 {
+		return 0, nil
+	}
+	var err error
+	if len(data) == 1 { // the common case: no goroutine
+		s := segs[data[0]]
+		got[data[0]], err = p.fetch(ctx, buf[s.off-off:s.off-off+s.len], s.off)
+	} else {
+		err = p.fetchParallel(ctx, buf, off, segs, data, got)
+	}
+	if err == nil {
+		return int(segs[len(segs)-1].off + segs[len(segs)-1].len - off), nil
+	}
+	prefix := 0
+	for i, s := range segs {
+		prefix = int(s.off-off) + got[i]
+		if int64(got[i]) < s.len {
+			break
+		}
+	}
+	return prefix, err
+}
+
+// fetchParallel fetches segs[data...] with up to segmentFanout requests at
+// a time, recording in got how many bytes of each arrived.
+func (p *pageSource) fetchParallel(ctx context.Context, buf []byte, off int64, segs []segment, data, got []int) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var (
@@ -249,12 +277,15 @@ func (p *pageSource) fetchSegments(ctx context.Context, buf []byte, off int64, d
 		go func() {
 			defer wg.Done()
 			for {
-				i := int(next.Add(1) - 1)
-				if i >= len(data) || ctx.Err() != nil {
+				k := int(next.Add(1) - 1)
+				if k >= len(data) || ctx.Err() != nil {
 					return
 				}
-				s := data[i]
-				if err := p.fetch(ctx, buf[s.off-off:s.off-off+s.len], s.off); err != nil {
+				i := data[k]
+				s := segs[i]
+				n, err := p.fetch(ctx, buf[s.off-off:s.off-off+s.len], s.off)
+				got[i] = n
+				if err != nil {
 					once.Do(func() { firstErr = err; cancel() })
 					return
 				}
@@ -307,10 +338,10 @@ func (p *pageSource) WriteAt(ctx context.Context, data []byte, off int64) (int, 
 }
 
 func putPages(ctx context.Context, c *clients, data []byte, off int64) (azcore.ETag, error) {
-	resp, err := c.page.UploadPages(ctx, streaming.NopCloser(bytes.NewReader(data)),
+	resp, err := c.page.UploadPages(policy.WithRetryOptions(ctx, policy.RetryOptions{MaxRetries: -1, TryTimeout: c.opts.RequestTimeout}), streaming.NopCloser(bytes.NewReader(data)),
 		azblobblob.HTTPRange{Offset: off, Count: int64(len(data))}, nil)
 	if err != nil {
-		return "", describe(err, c.loc, "write pages to")
+		return "", describeAttempt(err, c.loc, "write pages to")
 	}
 	if resp.ETag != nil {
 		return *resp.ETag, nil
@@ -323,55 +354,20 @@ func clearPages(ctx context.Context, c *clients, r Range) error {
 	return describe(err, c.loc, "clear pages of")
 }
 
-// noRetry makes azcore send exactly one try (bounded by the request
-// timeout); fetch runs its own loop so that request failures and body
-// failures (resets, stalls, truncation) share one budget and can resume.
+// tryContext makes azcore send exactly one try, bounded by the request
+// timeout (body included): RetrySource is the only retry policy.
 func (b *azureBase) tryContext(ctx context.Context) context.Context {
 	return policy.WithRetryOptions(ctx, policy.RetryOptions{MaxRetries: -1, TryTimeout: b.c.opts.RequestTimeout})
 }
 
-// fetch fills p with the bytes at off, retrying transient failures with
-// backoff and resuming after partial bodies. It gives up after MaxRetries
-// consecutive attempts without progress, or when ctx ends.
-func (b *azureBase) fetch(ctx context.Context, p []byte, off int64) error {
-	failures := 0
-	attempts := 0
-	var lastErr error
-	start := time.Now()
-	for len(p) > 0 {
-		attempts++
-		n, err := b.fetchOnce(ctx, p, off)
-		p, off = p[n:], off+int64(n)
-		if err == nil {
-			continue
-		}
-		lastErr = err
-		if ctxErr := ctx.Err(); ctxErr != nil {
-			return fmt.Errorf("read %s at %d: gave up after %d attempts in %s: %w (last error: %s)",
-				b.String(), off, attempts, time.Since(start).Round(time.Millisecond), ctxErr, describe(lastErr, b.c.loc, "read"))
-		}
-		if !retryable(err) {
-			return describe(err, b.c.loc, "read")
-		}
-		if n > 0 {
-			failures = 0 // progress: the connection works, keep going
-		}
-		failures++
-		if failures > b.c.opts.MaxRetries {
-			return fmt.Errorf("read %s at %d: gave up after %d attempts in %s: %w",
-				b.String(), off, attempts, time.Since(start).Round(time.Millisecond), describe(lastErr, b.c.loc, "read"))
-		}
-		b.retries.Add(1)
-		t := time.NewTimer(b.c.opts.backoff(failures))
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return fmt.Errorf("read %s at %d: gave up after %d attempts in %s: %w (last error: %s)",
-				b.String(), off, attempts, time.Since(start).Round(time.Millisecond), ctx.Err(), describe(lastErr, b.c.loc, "read"))
-		case <-t.C:
-		}
+// fetch fills p with the bytes at off in one try. It returns how many
+// leading bytes of p were filled, even on error, so a retry can resume.
+func (b *azureBase) fetch(ctx context.Context, p []byte, off int64) (int, error) {
+	n, err := b.fetchOnce(ctx, p, off)
+	if err != nil {
+		return n, describeAttempt(err, b.c.loc, "read")
 	}
-	return nil
+	return n, nil
 }
 
 // fetchOnce issues one ranged GET and streams the body straight into p.

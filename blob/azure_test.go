@@ -194,10 +194,10 @@ func TestAzuriteRestart(t *testing.T) {
 	for err := range errs {
 		t.Fatal(err)
 	}
-	if r := src.(blockSource).retries.Load(); r == 0 {
+	if r := src.(*RetrySource).Retries(); r == 0 {
 		t.Fatal("no retries recorded: the outage did not hit the readers")
 	}
-	t.Logf("retries during the outage: %d", src.(blockSource).retries.Load())
+	t.Logf("retries during the outage: %d", src.(*RetrySource).Retries())
 
 	// With the server down and a deadline, reads fail clearly in time.
 	s.az.Stop()

@@ -5,7 +5,10 @@
 //   - ReadAt fills all of p from offset off or returns an error; a read that
 //     extends past Size returns the bytes up to Size and io.EOF, like io.ReaderAt.
 //   - ReadAt is safe for concurrent use and honours ctx (cancellation and
-//     deadline); transient failures are retried inside with backoff.
+//     deadline). A failed ReadAt may have filled a prefix of p and says how
+//     much (n), so a retry can resume there.
+//   - Retries are one decorator, RetrySource, which Open puts around every
+//     Azure source; the sources beneath make one try per call.
 //   - Size is fixed for the life of the Source.
 //   - String names the source for logs and never contains a credential
 //     (no SAS query, no key).
@@ -58,7 +61,9 @@ type WriterAt interface {
 	WriteAt(ctx context.Context, p []byte, off int64) (int, error)
 }
 
-// ReaderAt adapts a Source to io.ReaderAt using a fixed context.
+// ReaderAt adapts a Source to io.ReaderAt using a fixed context. It also has
+// ReadAtContext, through which a caller with its own context (the
+// decrypting volume serving a FUSE read) reads with that one instead.
 func ReaderAt(ctx context.Context, s Source) io.ReaderAt {
 	return readerAt{ctx: ctx, s: s}
 }
@@ -69,3 +74,7 @@ type readerAt struct {
 }
 
 func (r readerAt) ReadAt(p []byte, off int64) (int, error) { return r.s.ReadAt(r.ctx, p, off) }
+
+func (r readerAt) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	return r.s.ReadAt(ctx, p, off)
+}

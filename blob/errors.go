@@ -78,6 +78,26 @@ func describe(err error, l location, op string) error {
 	return fmt.Errorf("%s %s: %s", op, where, errText(err))
 }
 
+// attemptError is a failed try described for people (describe) that keeps
+// its cause for the retry policy, which classifies it. Its text never
+// includes the cause's (which may hold a URL with a SAS).
+type attemptError struct {
+	described error
+	cause     error
+}
+
+func (e *attemptError) Error() string   { return e.described.Error() }
+func (e *attemptError) Unwrap() []error { return []error{e.described, e.cause} }
+
+// describeAttempt is describe for one try of an operation that RetrySource
+// may repeat.
+func describeAttempt(err error, l location, op string) error {
+	if err == nil {
+		return nil
+	}
+	return &attemptError{described: describe(err, l, op), cause: err}
+}
+
 // accessHint explains a 401/403 in terms of what to change.
 func accessHint(code bloberror.Code, l location) string {
 	if l.sas {

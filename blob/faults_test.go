@@ -90,13 +90,7 @@ func TestFaultInjection(t *testing.T) {
 		return src
 	}
 	retries := func(src Source) int64 {
-		switch v := src.(type) {
-		case blockSource:
-			return v.retries.Load()
-		case *pageSource:
-			return v.retries.Load()
-		}
-		return -1
+		return src.(interface{ Retries() int64 }).Retries()
 	}
 
 	recovering := []struct {

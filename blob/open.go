@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
@@ -36,8 +37,9 @@ type Options struct {
 
 	// RequestTimeout bounds one HTTP request including its body (default 60s).
 	RequestTimeout time.Duration
-	// MaxRetries is the number of consecutive failed attempts without
-	// progress before giving up (default 8). The context deadline always wins.
+	// MaxRetries is the number of consecutive failed tries without
+	// progress before RetrySource gives up (default 8). The context
+	// deadline (the block cache's read deadline) always wins.
 	MaxRetries int
 	// RetryDelay and MaxRetryDelay shape the exponential backoff with jitter
 	// (defaults 200ms and 10s).
@@ -111,7 +113,8 @@ func NewHTTPClient() *http.Client {
 // AZURE_STORAGE_KEY (for Azurite), else anonymous (public container).
 //
 // Azure sources detect page or block blob from the blob's properties; page
-// blobs also load their written-range map here.
+// blobs also load their written-range map here. They come wrapped in a
+// RetrySource, the one retry policy of reads (the SDK's retries are off).
 func Open(ctx context.Context, loc string, opts Options) (Source, error) {
 	l, err := parseLocation(loc)
 	if err != nil {
@@ -121,11 +124,20 @@ func Open(ctx context.Context, loc string, opts Options) (Source, error) {
 	if l.isFile() {
 		return openFile(l.path, opts.Writable)
 	}
-	c, err := newClients(l, opts)
+	c, err := newClients(l, opts, false)
 	if err != nil {
 		return nil, err
 	}
-	return openAzure(ctx, c)
+	var src Source
+	var retries atomic.Int64
+	err = retry(ctx, opts, &retries, "open "+l.redacted(), func(ctx context.Context) (bool, error) {
+		src, err = openAzure(ctx, c)
+		return false, err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return NewRetrySource(src, opts), nil
 }
 
 // clients bundles the azblob clients for one blob URL.
@@ -140,7 +152,9 @@ type clients struct {
 	ownedHTTP *http.Client // created here, so Close may drop its idle connections
 }
 
-func newClients(l location, opts Options) (*clients, error) {
+// newClients builds the clients for l. sdkRetries keeps azcore's own retry
+// policy (uploads, which are not Sources); sources use RetrySource instead.
+func newClients(l location, opts Options, sdkRetries bool) (*clients, error) {
 	hc := opts.HTTPClient
 	owned := hc == nil
 	if owned {
@@ -148,13 +162,16 @@ func newClients(l location, opts Options) (*clients, error) {
 	}
 	co := azcore.ClientOptions{
 		Transport: hc,
-		Retry: policy.RetryOptions{
+		Retry:     policy.RetryOptions{MaxRetries: -1, TryTimeout: opts.RequestTimeout},
+		Telemetry: policy.TelemetryOptions{ApplicationID: "blobseal"},
+	}
+	if sdkRetries {
+		co.Retry = policy.RetryOptions{
 			MaxRetries:    int32(opts.MaxRetries),
 			TryTimeout:    opts.RequestTimeout,
 			RetryDelay:    opts.RetryDelay,
 			MaxRetryDelay: opts.MaxRetryDelay,
-		},
-		Telemetry: policy.TelemetryOptions{ApplicationID: "blobseal"},
+		}
 	}
 	c := &clients{loc: l, opts: opts}
 	if owned {

@@ -90,7 +90,7 @@ func Upload(ctx context.Context, image, loc string, opts UploadOptions) (UploadR
 	defer img.Close()
 	res.Size = img.size
 	o := opts.Options.withDefaults()
-	c, err := newClients(l, o)
+	c, err := newClients(l, o, true)
 	if err != nil {
 		return res, err
 	}

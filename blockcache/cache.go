@@ -32,6 +32,11 @@ import (
 // ErrClosed is returned by reads on a closed cache.
 var ErrClosed = errors.New("blockcache: cache is closed")
 
+// errAbandoned ends a demand fetch that every reader waiting for it gave up
+// on (interrupted or past its deadline): nobody wants its bytes, and it
+// would hold a request slot. A reader that arrives just then fetches anew.
+var errAbandoned = errors.New("fetch abandoned: every reader waiting for it gave up")
+
 // extent is a run of consecutive blocks fetched together.
 type extent struct {
 	first   int64 // first block index
@@ -45,6 +50,15 @@ type extent struct {
 	buf  []byte        // the mapping, len == mem; data is buf[:length]
 	err  error
 	bad  []blob.Range // ranges the Verifier rejected; reads of them fail
+
+	// ctx bounds the fetch (FetchTimeout, Close); cancel also ends it when
+	// the last reader waiting for a demand fetch gives up.
+	ctx    context.Context
+	cancel context.CancelFunc
+	// waiters counts readers waiting for the fetch to end; abandoned is set
+	// when the last of them gave up first. Both guarded by Cache.mu.
+	waiters   int
+	abandoned bool
 
 	refs     int           // readers pinning the extent (and a queued disk write)
 	elem     *list.Element // position in the LRU list while ready and mapped
@@ -166,8 +180,11 @@ func (c *Cache) ReadAt(p []byte, off int64) (int, error) {
 }
 
 // ReadAtContext reads len(p) bytes at off, like io.ReaderAt, honouring ctx
-// and Options.ReadDeadline. Failed fetches are retried with backoff until the
-// deadline; the error then names the source, the offset and the last cause.
+// and Options.ReadDeadline. A reader whose ctx ends stops waiting; the fetch
+// it waited for goes on while other readers wait for it, and is cancelled
+// when none is left (read-ahead excepted). A failed
+// fetch fails the read (the source retries, see blob.RetrySource); the error
+// names the source, the offset and the cause.
 func (c *Cache) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("blockcache: read of %s at negative offset %d", c.name, off)
@@ -206,8 +223,6 @@ func (c *Cache) ReadAtContext(ctx context.Context, p []byte, off int64) (int, er
 func (c *Cache) read(ctx context.Context, off, n, horizon int64, sink func(pos int64, b []byte) error) (int, error) {
 	end := off + n
 	pos := off
-	var lastErr error
-	backoff := 50 * time.Millisecond
 	for pos < end {
 		b := pos / c.bs
 		if c.holeBlock(b) {
@@ -221,31 +236,30 @@ func (c *Cache) read(ctx context.Context, off, n, horizon int64, sink func(pos i
 		}
 		e, err := c.acquire(ctx, b, max(end, horizon))
 		if err != nil {
-			return int(pos - off), c.readError(ctx, pos, err, lastErr)
+			return int(pos - off), c.readError(ctx, pos, err)
 		}
 		select {
 		case <-e.done:
+			c.stopWaiting(e, false)
 		case <-ctx.Done():
+			c.stopWaiting(e, true)
 			c.unpin(e)
-			return int(pos - off), c.readError(ctx, pos, ctx.Err(), lastErr)
+			return int(pos - off), c.readError(ctx, pos, ctx.Err())
+		}
+		if errors.Is(e.err, errAbandoned) {
+			// Readers that left cancelled it as this one arrived: fetch anew.
+			c.unpin(e)
+			continue
 		}
 		if e.err != nil {
+			// The source's retry policy (blob.RetrySource) has given up;
+			// retrying here again would only multiply its budget. The
+			// failed extent has left the map, so a later read fetches anew.
 			c.unpin(e)
 			if errors.Is(e.err, ErrClosed) {
 				return int(pos - off), ErrClosed
 			}
-			lastErr = e.err
-			// The failed extent is gone from the map; the next pass fetches
-			// again after a pause, until the read deadline.
-			t := time.NewTimer(backoff)
-			select {
-			case <-t.C:
-			case <-ctx.Done():
-				t.Stop()
-				return int(pos - off), c.readError(ctx, pos, ctx.Err(), lastErr)
-			}
-			backoff = min(2*backoff, 2*time.Second)
-			continue
+			return int(pos - off), c.readError(ctx, pos, e.err)
 		}
 		stop := min(e.end(), end)
 		r, rejected := e.badIn(pos, stop)
@@ -273,16 +287,17 @@ func (c *Cache) read(ctx context.Context, off, n, horizon int64, sink func(pos i
 // must not be written; holes come as zeros. It saves the copy ReadAt makes,
 // for a caller that transforms the bytes anyway (the decrypting volume
 // decrypts from here straight into the FUSE reply). Slices end at multiples
-// of BlockSize or at off+n. The range must lie within the source; reads
-// are retried and time out as for ReadAt, and fn's error ends the read.
-func (c *Cache) ReadFunc(off, n int64, fn func(b []byte) error) error {
+// of BlockSize or at off+n. The range must lie within the source; the read
+// honours ctx and Options.ReadDeadline as ReadAtContext does, and fn's
+// error ends the read.
+func (c *Cache) ReadFunc(ctx context.Context, off, n int64, fn func(b []byte) error) error {
 	if off < 0 || n < 0 || off > c.size || n > c.size-off {
 		return fmt.Errorf("blockcache: range [%d, %d) of %s lies outside its %d bytes", off, off+n, c.name, c.size)
 	}
 	if n == 0 {
 		return nil
 	}
-	_, err := c.readRange(context.Background(), off, n, func(_ int64, b []byte) error { return fn(b) })
+	_, err := c.readRange(ctx, off, n, func(_ int64, b []byte) error { return fn(b) })
 	return err
 }
 
@@ -298,14 +313,11 @@ func (c *Cache) readRange(ctx context.Context, off, n int64, sink func(pos int64
 	return c.read(ctx, off, n, horizon, sink)
 }
 
-// readError builds the error of a failed read: which source, where, and the
-// fetch error that kept it from completing.
-func (c *Cache) readError(ctx context.Context, pos int64, err, lastErr error) error {
+// readError builds the error of a failed read: which source, where, and
+// why (the fetch's error, or the reader's context ending).
+func (c *Cache) readError(ctx context.Context, pos int64, err error) error {
 	if errors.Is(err, ErrClosed) {
 		return ErrClosed
-	}
-	if lastErr != nil && ctx.Err() != nil {
-		return fmt.Errorf("blockcache: reading %s at offset %d: gave up (%w) after fetch errors: %w", c.name, pos, ctx.Err(), lastErr)
 	}
 	return fmt.Errorf("blockcache: reading %s at offset %d: %w", c.name, pos, err)
 }
@@ -338,6 +350,7 @@ func (c *Cache) acquire(ctx context.Context, b, end int64) (*extent, error) {
 		}
 		if e := c.blocks[b]; e != nil {
 			e.refs++
+			e.waiters++
 			if e.elem != nil {
 				c.lru.MoveToFront(e.elem)
 				c.st.hits.Add(1)
@@ -374,6 +387,7 @@ func (c *Cache) acquire(ctx context.Context, b, end int64) (*extent, error) {
 		}
 		e := c.newExtentLocked(b, n, false)
 		e.refs = 1
+		e.waiters = 1
 		c.st.misses.Add(uint64(n))
 		c.wg.Add(1)
 		c.mu.Unlock()
@@ -412,6 +426,7 @@ func (c *Cache) newExtentLocked(b, n int64, ahead bool) *extent {
 		ahead:  ahead,
 		done:   make(chan struct{}),
 	}
+	e.ctx, e.cancel = context.WithTimeout(c.ctx, c.o.FetchTimeout)
 	e.mem = roundToPage(e.length)
 	for i := b; i < b+n; i++ {
 		c.blocks[i] = e
@@ -494,6 +509,28 @@ func adoptBuffers(fresh, evicted []*extent) []*extent {
 	return evicted
 }
 
+// stopWaiting records that a reader no longer waits for e's fetch; gaveUp
+// says it left before the fetch ended. When the last waiter of a demand
+// fetch gives up, the fetch is cancelled: read-ahead is kept, since its
+// stream is likely to want it.
+func (c *Cache) stopWaiting(e *extent, gaveUp bool) {
+	c.mu.Lock()
+	e.waiters--
+	cancel := gaveUp && e.waiters == 0 && !e.ahead && e.elem == nil && e.err == nil && !e.detached
+	if cancel {
+		select {
+		case <-e.done: // ended meanwhile
+			cancel = false
+		default:
+			e.abandoned = true
+		}
+	}
+	c.mu.Unlock()
+	if cancel {
+		e.cancel()
+	}
+}
+
 // unpin drops a reader's reference; a detached extent is freed by its last
 // reader.
 func (c *Cache) unpin(e *extent) {
@@ -520,8 +557,8 @@ func (c *Cache) fetch(e *extent, haveSlot bool) {
 	if !haveSlot {
 		select {
 		case c.sem <- struct{}{}:
-		case <-c.ctx.Done():
-			c.finish(e, e.buf, ErrClosed)
+		case <-e.ctx.Done():
+			c.finish(e, e.buf, e.ctx.Err())
 			return
 		}
 	}
@@ -532,8 +569,7 @@ func (c *Cache) fetch(e *extent, haveSlot bool) {
 			c.st.mappedBytes.Add(uint64(e.mem))
 		}
 	}
-	ctx, cancel := context.WithTimeout(c.ctx, c.o.FetchTimeout)
-	defer cancel()
+	ctx := e.ctx
 	fromDisk := false
 	if err == nil {
 		fromDisk, err = c.fill(ctx, e, buf[:e.length], true)
@@ -700,14 +736,19 @@ func (c *Cache) get(ctx context.Context, p []byte, off int64) error {
 // it leaves the map so the next read fetches again.
 func (c *Cache) finish(e *extent, buf []byte, err error) {
 	c.st.inFlight.Add(-1)
+	defer e.cancel() // the fetch's timer
 	c.mu.Lock()
-	if err == nil && c.closed {
+	switch {
+	case c.closed && (err == nil || c.ctx.Err() != nil):
 		err = ErrClosed
+	case err != nil && e.abandoned:
+		err = fmt.Errorf("%w (%w)", errAbandoned, err)
+		c.st.abandoned.Add(1)
 	}
 	var free bool
 	e.buf = buf
 	if err != nil {
-		if !errors.Is(err, ErrClosed) {
+		if !errors.Is(err, ErrClosed) && !errors.Is(err, errAbandoned) {
 			c.st.fetchErrors.Add(1)
 		}
 		e.err = err
@@ -801,11 +842,13 @@ func (c *Cache) observe(off, n int64) (int64, error) {
 		maxWindow = 0
 	}
 	s, seq := c.streams.observe(off, n, min(initial, maxWindow), maxWindow)
-	end := off + n
 	if !seq || s.window == 0 {
 		c.mu.Unlock()
-		return end, nil
+		return off + n, nil
 	}
+	// Read ahead of the stream's furthest read, not of this one: pieces of
+	// a large read arrive out of order (see reorderPieces).
+	end := s.next
 	horizon := min(end+s.window, c.size)
 	// Read ahead in whole steps of the window (or MaxFetchSize once the
 	// window is larger), as soon as one step of the window is free: a
@@ -872,6 +915,7 @@ func (c *Cache) Stats() Stats {
 		Misses:          c.st.misses.Load(),
 		ReadAhead:       c.st.readAhead.Load(),
 		Requests:        c.st.requests.Load(),
+		Abandoned:       c.st.abandoned.Load(),
 		BytesFetched:    c.st.bytesFetched.Load(),
 		FetchErrors:     c.st.fetchErrors.Load(),
 		InFlight:        c.st.inFlight.Load(),

@@ -319,34 +319,32 @@ func TestHolesCauseNoRequests(t *testing.T) {
 	}
 }
 
-// TestFailingSourceGivesUpThenRecovers: a read of an unavailable source fails
-// after ReadDeadline with an error naming the source; cached data stays
-// readable meanwhile, and reads succeed once the source heals.
+// TestFailingSourceGivesUpThenRecovers: the cache does not retry (the
+// source's RetrySource is the one retry policy): a read of an unavailable
+// source fails after one request with an error naming the source; cached
+// data stays readable meanwhile, and reads succeed once the source heals.
+// Behind a RetrySource the same read keeps trying until ReadDeadline.
 func TestFailingSourceGivesUpThenRecovers(t *testing.T) {
 	checkNoLeak(t)
 	ref := randomBytes(4, 2<<20)
 	src := newTestSource(ref, 64<<10)
-	c := newCache(t, src, Options{BlockSize: 64 << 10, MemoryBytes: 8 << 20, ReadDeadline: 400 * time.Millisecond, FetchTimeout: 100 * time.Millisecond})
+	c := newCache(t, src, Options{BlockSize: 64 << 10, MemoryBytes: 8 << 20, ReadDeadline: 400 * time.Millisecond})
 	if err := readExpect(c, ref, 0, 4096); err != nil {
 		t.Fatal(err)
 	}
 	src.failing.Store(true)
-	start := time.Now()
+	before := len(src.requests())
 	_, err := c.ReadAt(make([]byte, 4096), 1<<20)
-	took := time.Since(start)
 	if err == nil {
 		t.Fatal("read of a failing source succeeded")
-	}
-	if took < 400*time.Millisecond || took > 3*time.Second {
-		t.Errorf("failed after %v, want about the 400ms ReadDeadline", took)
 	}
 	for _, want := range []string{"test-source", "offset 1048576", "simulated storage outage"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %q", err, want)
 		}
 	}
-	if len(src.requests()) < 3 {
-		t.Errorf("only %d requests: the read did not retry", len(src.requests()))
+	if n := len(src.requests()) - before; n != 1 {
+		t.Errorf("%d requests for one failed read; the cache must not retry on its own", n)
 	}
 	if err := readExpect(c, ref, 100, 1000); err != nil {
 		t.Errorf("cached block unreadable during the outage: %v", err)
@@ -358,13 +356,45 @@ func TestFailingSourceGivesUpThenRecovers(t *testing.T) {
 	if err := readExpect(c, ref, 1<<20, 4096); err != nil {
 		t.Errorf("after the source healed: %v", err)
 	}
-	// A caller's own cancellation also ends the wait.
-	src.failing.Store(true)
-	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
-	defer cancel()
-	if _, err := c.ReadAtContext(ctx, make([]byte, 10), 1900000); !errors.Is(err, context.DeadlineExceeded) {
-		t.Errorf("cancelled read: err = %v, want context.DeadlineExceeded", err)
-	}
+
+	t.Run("behind a RetrySource", func(t *testing.T) {
+		src := newTestSource(ref, 64<<10)
+		retrying := blob.NewRetrySource(src, blob.Options{MaxRetries: 1000, RetryDelay: 20 * time.Millisecond, MaxRetryDelay: 50 * time.Millisecond})
+		c := newCache(t, retrying, Options{BlockSize: 64 << 10, MemoryBytes: 8 << 20, ReadDeadline: 400 * time.Millisecond})
+		src.failing.Store(true)
+		start := time.Now()
+		_, err := c.ReadAt(make([]byte, 4096), 1<<20)
+		took := time.Since(start)
+		if err == nil || !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "simulated storage outage") {
+			t.Fatalf("read of a failing source: err = %v, want the deadline and the last cause", err)
+		}
+		if took < 350*time.Millisecond || took > 2*time.Second {
+			t.Errorf("failed after %v, want about the 400ms ReadDeadline", took)
+		}
+		if n := len(src.requests()); n < 3 {
+			t.Errorf("only %d requests: the source did not retry", n)
+		}
+		// Healing within the deadline: the retries carry the read through.
+		time.AfterFunc(150*time.Millisecond, func() { src.failing.Store(false) })
+		if err := readExpect(c, ref, 1<<20, 4096); err != nil {
+			t.Errorf("read across a short outage: %v", err)
+		}
+	})
+
+	t.Run("the reader's context ends the wait", func(t *testing.T) {
+		src := newTestSource(ref, 64<<10)
+		src.latency = 2 * time.Second
+		c := newCache(t, src, Options{BlockSize: 64 << 10, MemoryBytes: 8 << 20})
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		defer cancel()
+		start := time.Now()
+		if _, err := c.ReadAtContext(ctx, make([]byte, 10), 1900000); !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("cancelled read: err = %v, want context.DeadlineExceeded", err)
+		}
+		if took := time.Since(start); took > time.Second {
+			t.Errorf("cancelled read returned after %v", took)
+		}
+	})
 }
 
 // TestMemoryBoundParallelStreams: 16 sequential readers over a cache much

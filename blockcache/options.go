@@ -34,10 +34,10 @@ const (
 	// eight fetches in flight. Several streams share the memory bound (see
 	// observe), and no stream reads ahead more than half of it.
 	DefaultMaxReadAhead = 128 << 20
-	// DefaultFetchTimeout bounds one fetch (one or a few ranged GETs).
-	DefaultFetchTimeout = time.Minute
-	// DefaultReadDeadline is how long a read keeps retrying failed fetches
-	// before it returns an error (which the mount reports as EIO).
+	// DefaultReadDeadline is how long a read waits for its fetches, retries
+	// by the source included, before it returns an error (which the mount
+	// reports as EIO). A fetch is bounded by about the same time (FetchTimeout's
+	// default), so one number configures how long storage may stall reads.
 	DefaultReadDeadline = 2 * time.Minute
 	// DefaultDiskBytes bounds the disk tier when DiskDir is set without a size.
 	DefaultDiskBytes = 1 << 30
@@ -62,10 +62,12 @@ type Options struct {
 	// MaxReadAhead is the largest read-ahead window of one sequential stream.
 	// Set it to -1 to disable read-ahead.
 	MaxReadAhead int64
-	// FetchTimeout bounds one fetch from the source.
+	// FetchTimeout bounds one fetch from the source, its retries included
+	// (default: 15/16 of ReadDeadline).
 	FetchTimeout time.Duration
-	// ReadDeadline bounds one ReadAt including retries; after it the read
-	// fails. The cache stays usable and later reads fetch again.
+	// ReadDeadline bounds one read, however long its fetches retry; after
+	// it the read fails. The cache stays usable and later reads fetch
+	// again. The mount's --read-timeout and the sidecar's read_timeout set it.
 	ReadDeadline time.Duration
 	// DiskDir enables the disk tier: ciphertext blocks under this directory,
 	// reused across restarts while the source's Version is unchanged.
@@ -121,11 +123,14 @@ func (o Options) normalize() (Options, error) {
 	if o.MaxReadAhead < 0 {
 		o.MaxReadAhead = 0
 	}
-	if o.FetchTimeout == 0 {
-		o.FetchTimeout = DefaultFetchTimeout
-	}
 	if o.ReadDeadline == 0 {
 		o.ReadDeadline = DefaultReadDeadline
+	}
+	if o.FetchTimeout == 0 {
+		// A little shorter than the read deadline: a reader that waited for
+		// a fetch from its start gets the fetch's error, which names the
+		// last cause, rather than a bare deadline.
+		o.FetchTimeout = o.ReadDeadline - o.ReadDeadline/16
 	}
 	if o.DiskDir != "" && o.DiskBytes == 0 {
 		o.DiskBytes = DefaultDiskBytes

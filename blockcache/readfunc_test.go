@@ -27,7 +27,7 @@ func TestReadFuncMatchesReadAt(t *testing.T) {
 		}
 		var got []byte
 		pos := off
-		err := c.ReadFunc(off, n, func(b []byte) error {
+		err := c.ReadFunc(t.Context(), off, n, func(b []byte) error {
 			if end := pos + int64(len(b)); end != off+n && end%bs != 0 {
 				t.Errorf("slice [%d, %d) ends neither at a block boundary nor at the end %d", pos, end, off+n)
 			}
@@ -44,11 +44,11 @@ func TestReadFuncMatchesReadAt(t *testing.T) {
 	}
 	stop := errors.New("stop")
 	calls := 0
-	if err := c.ReadFunc(0, size, func([]byte) error { calls++; return stop }); !errors.Is(err, stop) || calls != 1 {
+	if err := c.ReadFunc(t.Context(), 0, size, func([]byte) error { calls++; return stop }); !errors.Is(err, stop) || calls != 1 {
 		t.Errorf("fn's error: got %v after %d calls, want it after 1", err, calls)
 	}
 	for _, bad := range [][2]int64{{-1, 10}, {size - 5, 10}, {0, -1}, {size + 1, 0}} {
-		if err := c.ReadFunc(bad[0], bad[1], func([]byte) error { return nil }); err == nil {
+		if err := c.ReadFunc(t.Context(), bad[0], bad[1], func([]byte) error { return nil }); err == nil {
 			t.Errorf("ReadFunc(%d, %d) outside the source: no error", bad[0], bad[1])
 		}
 	}

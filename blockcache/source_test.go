@@ -11,6 +11,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -157,7 +158,7 @@ func (s *testSource) ReadAt(ctx context.Context, p []byte, off int64) (int, erro
 		return 0, err
 	}
 	if s.failing.Load() {
-		return 0, errors.New("simulated storage outage (HTTP 503)")
+		return 0, fmt.Errorf("simulated storage outage: %w", syscall.ECONNRESET)
 	}
 	if s.data != nil {
 		copy(want, s.data[off:])

@@ -15,7 +15,8 @@ type Stats struct {
 
 	Requests     uint64 // ranged reads sent to the source
 	BytesFetched uint64 // bytes received from the source
-	FetchErrors  uint64 // fetches that failed (each is retried until ReadDeadline)
+	FetchErrors  uint64 // fetches that failed (after the source's own retries)
+	Abandoned    uint64 // demand fetches cancelled because every reader waiting for them gave up
 	InFlight     int64  // fetches currently running or queued for a request slot
 	ZeroFilled   uint64 // bytes served as zeros from unwritten ranges, with no request
 
@@ -63,6 +64,7 @@ type Histogram struct {
 type counters struct {
 	hits, pendingHits, misses, readAhead         atomic.Uint64
 	requests, bytesFetched, fetchErrors          atomic.Uint64
+	abandoned                                    atomic.Uint64
 	inFlight, diskBytes                          atomic.Int64
 	zeroFilled, evictions, mappedBytes           atomic.Uint64
 	diskHits, diskWrites, diskCorrupt, diskEvict atomic.Uint64

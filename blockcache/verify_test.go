@@ -118,7 +118,7 @@ func TestVerifierRejectsTamperedBlocks(t *testing.T) {
 		}
 	}
 	// ReadFunc (the lending path the volume uses) is verified the same way.
-	err = c.ReadFunc(1<<20, 64<<10, func(b []byte) error { return nil })
+	err = c.ReadFunc(t.Context(), 1<<20, 64<<10, func(b []byte) error { return nil })
 	if !errors.Is(err, ErrIntegrity) {
 		t.Fatalf("ReadFunc over the bad block: %v", err)
 	}

@@ -4,6 +4,7 @@
 package crypto
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -19,9 +20,10 @@ import (
 // contiguous stored run and decrypts the whole batch at once.
 type Volume struct {
 	dev        io.ReaderAt
-	lender     Lender      // dev's lending capability; nil when it has none
-	devSize    int64       // bytes of the device
-	devW       io.WriterAt // nil when read-only
+	lender     Lender          // dev's lending capability; nil when it has none
+	ctxDev     ContextReaderAt // dev's interruptible read; nil when it has none
+	devSize    int64           // bytes of the device
+	devW       io.WriterAt     // nil when read-only
 	cipher     *xts.Cipher
 	offset     int64 // start of the data segment on the device
 	size       int64 // plaintext bytes
@@ -91,8 +93,9 @@ type volumeParams struct {
 // checks, or the volume uses its ReadAt; no fast path reaches around it.
 type Lender interface {
 	// ReadFunc calls fn with the bytes [off, off+n) in order, in slices
-	// valid only during the call, or returns an error.
-	ReadFunc(off, n int64, fn func(b []byte) error) error
+	// valid only during the call, or returns an error; it gives up when ctx
+	// ends.
+	ReadFunc(ctx context.Context, off, n int64, fn func(b []byte) error) error
 }
 
 func newVolume(dev io.ReaderAt, p volumeParams) (*Volume, error) {
@@ -114,6 +117,9 @@ func newVolume(dev io.ReaderAt, p volumeParams) (*Volume, error) {
 	}
 	if l, ok := dev.(Lender); ok {
 		v.lender = l
+	}
+	if r, ok := dev.(ContextReaderAt); ok {
+		v.ctxDev = r
 	}
 	if w, ok := dev.(io.WriterAt); ok {
 		v.devW = w
@@ -142,8 +148,22 @@ func (v *Volume) Close() error {
 	return nil
 }
 
+// ContextReaderAt is an optional capability of a volume's device: a read
+// that gives up when ctx ends (blockcache.Cache has it), so a reader that is
+// interrupted does not wait for storage. Devices without it are read with
+// ReadAt, which cannot be interrupted.
+type ContextReaderAt interface {
+	ReadAtContext(ctx context.Context, p []byte, off int64) (int, error)
+}
+
 // ReadAt reads plaintext. It returns io.EOF when the read reaches the end.
 func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
+	return v.ReadAtContext(context.Background(), p, off)
+}
+
+// ReadAtContext is ReadAt that gives up when ctx ends (when the device
+// can: see Lender and ContextReaderAt).
+func (v *Volume) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("read at negative offset %d", off)
 	}
@@ -163,7 +183,7 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 		buf = v.getBuf(int(span.Len()))
 		defer v.putBuf(buf)
 	}
-	if err := v.readSectors(buf, span.Start); err != nil {
+	if err := v.readSectors(ctx, buf, span.Start); err != nil {
 		return 0, err
 	}
 	if !aligned {
@@ -176,12 +196,12 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 }
 
 // readSectors fills buf (whole sectors) with the plaintext at start.
-func (v *Volume) readSectors(buf []byte, start int64) error {
+func (v *Volume) readSectors(ctx context.Context, buf []byte, start int64) error {
 	end := start + int64(len(buf))
 	if v.lender != nil && v.offset%int64(v.sectorSize) == 0 && v.offset+end <= v.devSize {
-		return v.decryptChunks(v.lender, buf, start)
+		return v.decryptChunks(ctx, v.lender, buf, start)
 	}
-	if err := v.readDevice(buf, v.offset+start); err != nil {
+	if err := v.readDevice(ctx, buf, v.offset+start); err != nil {
 		return err
 	}
 	return v.decrypt(buf, buf, start)
@@ -192,9 +212,9 @@ func (v *Volume) readSectors(buf []byte, start int64) error {
 // cache block size (a multiple of 4096, so of every sector size); bytes of a
 // chunk that splits a sector are copied into dst and decrypted there once the
 // sector is whole.
-func (v *Volume) decryptChunks(cr Lender, dst []byte, off int64) error {
+func (v *Volume) decryptChunks(ctx context.Context, cr Lender, dst []byte, off int64) error {
 	pos, pending := 0, -1 // pending: start of bytes copied but not yet decrypted
-	err := cr.ReadFunc(v.offset+off, int64(len(dst)), func(b []byte) error {
+	err := cr.ReadFunc(ctx, v.offset+off, int64(len(dst)), func(b []byte) error {
 		out := dst[pos : pos+len(b)]
 		if pending < 0 && len(b)%v.sectorSize == 0 {
 			pos += len(b)
@@ -222,8 +242,14 @@ func (v *Volume) decryptChunks(cr Lender, dst []byte, off int64) error {
 	return nil
 }
 
-func (v *Volume) readDevice(p []byte, devOff int64) error {
-	n, err := v.dev.ReadAt(p, devOff)
+func (v *Volume) readDevice(ctx context.Context, p []byte, devOff int64) error {
+	var n int
+	var err error
+	if v.ctxDev != nil {
+		n, err = v.ctxDev.ReadAtContext(ctx, p, devOff)
+	} else {
+		n, err = v.dev.ReadAt(p, devOff)
+	}
 	if n == len(p) {
 		return nil
 	}
@@ -302,12 +328,12 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	if span.Skip != 0 || span.Len() != n {
 		// Read-modify-write of the partial first and last sectors.
 		first := buf[:v.sectorSize]
-		if err := v.readSectors(first, span.Start); err != nil {
+		if err := v.readSectors(context.Background(), first, span.Start); err != nil {
 			return 0, err
 		}
 		if span.Len() > int64(v.sectorSize) {
 			last := buf[len(buf)-v.sectorSize:]
-			if err := v.readSectors(last, span.End-int64(v.sectorSize)); err != nil {
+			if err := v.readSectors(context.Background(), last, span.End-int64(v.sectorSize)); err != nil {
 				return 0, err
 			}
 		}

@@ -6,6 +6,7 @@ import (
 	"crypto/aes"
 	"crypto/rand"
 	"encoding/json"
+	"errors"
 	"io"
 	mrand "math/rand/v2"
 	"os"
@@ -303,8 +304,11 @@ type lendingDev struct {
 
 func (d *lendingDev) Size() int64 { return int64(len(d.data)) }
 
-func (d *lendingDev) ReadFunc(off, n int64, fn func([]byte) error) error {
+func (d *lendingDev) ReadFunc(ctx context.Context, off, n int64, fn func([]byte) error) error {
 	d.lends++
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	for pos := off; pos < off+n; {
 		end := min((pos/int64(d.cut)+1)*int64(d.cut), off+n)
 		if d.odd && end-pos > 100 {
@@ -349,5 +353,27 @@ func TestVolumeDecryptsLentChunks(t *testing.T) {
 		if dev.lends == 0 {
 			t.Errorf("cut %d: the volume never borrowed chunks", dev.cut)
 		}
+	}
+}
+
+// TestReadAtContextReachesTheDevice: the reader's context is the one the
+// device sees, so a cancelled FUSE read stops waiting for storage.
+func TestReadAtContextReachesTheDevice(t *testing.T) {
+	pt := randomBytes(1 << 20)
+	pass := []byte("context")
+	_, raw := createImageFile(t, pt, pass, FormatOptions{})
+	dev := &lendingDev{memDev: memDev{data: raw}, cut: 64 << 10}
+	vol, err := Open(dev, int64(len(raw)), pass, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 8192)
+	if _, err := vol.ReadAtContext(t.Context(), got, 4096); err != nil || !bytes.Equal(got, pt[4096:4096+8192]) {
+		t.Fatalf("ReadAtContext: %v (or wrong bytes)", err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if _, err := vol.ReadAtContext(ctx, got, 4096); !errors.Is(err, context.Canceled) {
+		t.Fatalf("ReadAtContext with a cancelled context: err = %v, want context.Canceled", err)
 	}
 }

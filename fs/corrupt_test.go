@@ -1,6 +1,7 @@
 package fs_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -15,8 +16,8 @@ import (
 	"github.com/blobseal/blobseal/internal/testenv"
 )
 
-// faultyTree injects failures into a real ext4 tree: ReadAt on one inode
-// reports corruption, ReadAt on another panics, and looking up one name
+// faultyTree injects failures into a real ext4 tree: reading one inode
+// reports corruption, reading another panics, and looking up one name
 // reports corruption.
 type faultyTree struct {
 	fs.Tree
@@ -26,14 +27,14 @@ type faultyTree struct {
 
 var _ fs.Tree = (*faultyTree)(nil)
 
-func (f *faultyTree) ReadAt(file *ext4.Inode, p []byte, off int64) (int, error) {
+func (f *faultyTree) ReadAtContext(ctx context.Context, file *ext4.Inode, p []byte, off int64) (int, error) {
 	switch file.Ino {
 	case f.corruptIno:
 		return 0, fmt.Errorf("inode %d: extent header: %w", file.Ino, ext4.ErrCorrupt)
 	case f.panicIno:
 		panic("reader bug on a damaged inode")
 	}
-	return f.Tree.ReadAt(file, p, off)
+	return f.Tree.ReadAtContext(ctx, file, p, off)
 }
 
 func (f *faultyTree) Lookup(dir *ext4.Inode, name string) (uint32, error) {

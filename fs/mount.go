@@ -31,6 +31,14 @@ const (
 	// DefaultUnmountGrace is how long Unmount retries a busy mount before
 	// detaching it lazily.
 	DefaultUnmountGrace = 5 * time.Second
+	// DefaultInterruptGrace is how long an interrupted read keeps waiting
+	// before it answers EINTR. The kernel interrupts a FUSE read for any
+	// signal its reader takes, including the Go runtime's preemption
+	// signal (SIGURG) and other handled, harmless ones; for a page fault
+	// of an mmap reader EINTR becomes SIGBUS, so an instant EINTR would
+	// kill readers that were never meant to stop. Half a second ends a
+	// Ctrl-C'd read quickly and lets a fetch in flight land meanwhile.
+	DefaultInterruptGrace = 500 * time.Millisecond
 	// readyTimeout bounds the readiness stat of a fresh mount.
 	readyTimeout = 30 * time.Second
 	// fuseSuperMagic is statfs(2)'s f_type of a FUSE mount.
@@ -53,6 +61,8 @@ type Options struct {
 	MaxRead int
 	// UnmountGrace overrides DefaultUnmountGrace.
 	UnmountGrace time.Duration
+	// InterruptGrace overrides DefaultInterruptGrace.
+	InterruptGrace time.Duration
 	// Debug logs every FUSE request and reply at debug level.
 	Debug bool
 	// DirectIO says which files are read without the kernel page cache
@@ -160,6 +170,9 @@ func Mount(ctx context.Context, mountpoint string, tree Tree, opts Options) (*Se
 	if opts.UnmountGrace <= 0 {
 		opts.UnmountGrace = DefaultUnmountGrace
 	}
+	if opts.InterruptGrace <= 0 {
+		opts.InterruptGrace = DefaultInterruptGrace
+	}
 	if opts.Source == "" {
 		opts.Source = "blobseal"
 	}
@@ -187,6 +200,8 @@ func Mount(ctx context.Context, mountpoint string, tree Tree, opts Options) (*Se
 		blockSize: tree.StatFS().BlockSize,
 		timeout:   opts.CacheTimeout,
 		observer:  opts.Observe,
+
+		interruptGrace: opts.InterruptGrace,
 	}
 
 	timeout := opts.CacheTimeout

@@ -27,7 +27,10 @@ type volume struct {
 	log       *slog.Logger
 	blockSize uint32
 	timeout   time.Duration
-	observer  func(op string, d time.Duration, errno syscall.Errno) // nil: off
+	// interruptGrace is how long a read the kernel interrupted keeps
+	// waiting for storage before it answers EINTR (see readContext).
+	interruptGrace time.Duration
+	observer       func(op string, d time.Duration, errno syscall.Errno) // nil: off
 	// directIO is one of directNone, directLarge or directAll, set once the
 	// kernel's capabilities are known (opens before that use the page cache).
 	directIO atomic.Int32
@@ -268,8 +271,13 @@ func (n *node) Read(ctx context.Context, f gofs.FileHandle, dest []byte, off int
 	if rest := n.ino.Size - uint64(off); uint64(len(dest)) > rest {
 		dest = dest[:rest]
 	}
-	got, err := n.vol.tree.ReadAt(n.ino, dest, off)
+	rctx, cancel := n.vol.readContext(ctx)
+	defer cancel()
+	got, err := n.vol.tree.ReadAtContext(rctx, n.ino, dest, off)
 	if err != nil && !(errors.Is(err, io.EOF) && got == len(dest)) {
+		if interrupted(ctx, rctx) {
+			return nil, syscall.EINTR // the reader is gone (or was signalled): not a failure to log
+		}
 		return nil, n.vol.fail("read", n.ino.Ino, err)
 	}
 	return fuse.ReadResultData(dest[:got]), 0

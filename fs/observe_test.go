@@ -43,18 +43,18 @@ func (r *recorder) snapshot() []observation {
 	return append([]observation(nil), r.obs...)
 }
 
-// panicOnSize makes ReadAt panic for files of one size, so a reader bug's
+// panicOnSize makes reads panic for files of one size, so a reader bug's
 // EIO can be observed.
 type panicOnSize struct {
 	fs.Tree
 	size uint64
 }
 
-func (p panicOnSize) ReadAt(file *ext4.Inode, b []byte, off int64) (int, error) {
+func (p panicOnSize) ReadAtContext(ctx context.Context, file *ext4.Inode, b []byte, off int64) (int, error) {
 	if file.Size == p.size {
 		panic("reader bug")
 	}
-	return p.Tree.ReadAt(file, b, off)
+	return p.Tree.ReadAtContext(ctx, file, b, off)
 }
 
 // TestObserveSeesEveryAnsweredOperation: each kind of request the kernel

@@ -7,6 +7,7 @@
 package fs
 
 import (
+	"context"
 	"errors"
 	"syscall"
 
@@ -19,7 +20,9 @@ type Tree interface {
 	Inode(ino uint32) (*ext4.Inode, error)
 	ReadDir(dir *ext4.Inode) ([]ext4.DirEntry, error)
 	Lookup(dir *ext4.Inode, name string) (uint32, error)
-	ReadAt(file *ext4.Inode, p []byte, off int64) (int, error)
+	// ReadAtContext reads file data; it gives up when ctx ends, which
+	// the FUSE layer arranges shortly after the kernel interrupts the read.
+	ReadAtContext(ctx context.Context, file *ext4.Inode, p []byte, off int64) (int, error)
 	Readlink(link *ext4.Inode) (string, error)
 	ListXattr(ino *ext4.Inode) ([]string, error)
 	GetXattr(ino *ext4.Inode, name string) ([]byte, error)

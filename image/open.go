@@ -36,7 +36,10 @@ type Spec struct {
 	Crypto crypto.OpenOptions
 	// Blob configures storage access (credentials, timeouts, retries).
 	Blob blob.Options
-	// Cache configures the block cache every source is read through.
+	// Cache configures the block cache every source is read through. Its
+	// ReadDeadline is the read timeout: how long a read may wait for
+	// storage, the source's retries included (blob.RetrySource), before
+	// it fails with EIO; an interrupted reader stops waiting sooner.
 	Cache blockcache.Options
 	// Integrity pins the image's verity tree.
 	Integrity Integrity

@@ -21,7 +21,7 @@ func TestHarnessQuick(t *testing.T) {
 	tools := testenv.RequireTools(t, "rclone", "fusermount3", "mkfs.ext4", "azurite-blob")
 	testenv.RequireFUSE(t)
 	testenv.RequireRoot(t) // drop_caches and FUSE mounts of other processes' servers
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
 	bin := filepath.Join(t.TempDir(), "blobseal")
@@ -31,8 +31,21 @@ func TestHarnessQuick(t *testing.T) {
 	}
 	az := testenv.StartAzurite(t)
 
+	// blobfuse2 is not packaged; the peers' README says how it was built.
+	// Its cases run when the binary is there (BLOBFUSE2 or ../shared/peers).
+	bf2 := os.Getenv("BLOBFUSE2")
+	if bf2 == "" {
+		if p, err := filepath.Abs("../../../shared/peers/blobfuse2"); err == nil {
+			if _, err := os.Stat(p); err == nil {
+				bf2 = p
+			}
+		}
+	}
+	if bf2 == "" {
+		t.Log("no blobfuse2 binary (set BLOBFUSE2): its cases are left out")
+	}
 	var log bytes.Buffer
-	cfg := config{Size: 32 << 20, Quick: true, Runs: 1, Blobseal: bin, Rclone: tools[0], Endpoint: az.Endpoint(),
+	cfg := config{Size: 32 << 20, Quick: true, Runs: 1, Blobseal: bin, Rclone: tools[0], Blobfuse2: bf2, BandwidthKBps: 50000, Endpoint: az.Endpoint(),
 		AzuritePID: az.PID(), CacheMiB: 64, RandomFor: time.Second, Latency: 2 * time.Millisecond,
 		WorkDir: t.TempDir(), Command: "test", Log: &log}
 	rep, err := run(ctx, cfg)
@@ -43,7 +56,14 @@ func TestHarnessQuick(t *testing.T) {
 	byKey := map[string]measurement{}
 	for _, m := range rep.Details {
 		byKey[m.Key] = m
-		if m.Failed != "" {
+		switch {
+		case m.Failed == "":
+		case m.Key == "peers/par16/blobfuse2":
+			// blobfuse2's block cache answers EIO to 16 parallel readers
+			// (every run here so far): the peer's failure, which the
+			// report shows; the harness did its part.
+			t.Logf("peer failure, reported: %s: %s", m.Label, m.Failed)
+		default:
 			t.Errorf("%s failed: %s", m.Label, m.Failed)
 		}
 	}
@@ -63,6 +83,21 @@ func TestHarnessQuick(t *testing.T) {
 		}
 		if m.AzuriteMainCPU <= 0 || m.AzuriteMainCPU > m.AzuriteCPU {
 			t.Errorf("%s: Azurite main thread CPU %v of %v in all", k, m.AzuriteMainCPU, m.AzuriteCPU)
+		}
+	}
+	peerKeys := []string{"peers/seq/blobseal", "peers/seq/rclone", "peers/raw", "azure/seq/blobseal", "azure/seq/rclone", "azure/raw",
+		"peers/mmap/blobseal", "peers/safetensors/blobseal"}
+	if bf2 != "" {
+		peerKeys = append(peerKeys, "peers/seq/blobfuse2", "azure/seq/blobfuse2", "peers/mmap/blobfuse2", "peers/safetensors/blobfuse2")
+	}
+	for _, k := range peerKeys {
+		m, ok := byKey[k]
+		if !ok && (bf2 != "" || !strings.Contains(k, "mmap") && !strings.Contains(k, "safetensors")) {
+			t.Errorf("no measurement %q", k)
+			continue
+		}
+		if ok && (m.Bytes < cfg.Size || m.Elapsed <= 0) {
+			t.Errorf("%s: %d bytes in %v", k, m.Bytes, m.Elapsed)
 		}
 	}
 	for _, k := range []string{"seq/blobseal/block", "seq/rclone", "par16/blobseal"} {

@@ -40,24 +40,29 @@ var crcTable = crc32.MakeTable(crc32.Castagnoli)
 // config is everything one run needs; main fills it from flags, the test
 // from internal/testenv.
 type config struct {
-	Size       int64           // bytes of the plaintext file
-	Quick      bool            // fewer raw-download variants, shorter random phases
-	Runs       int             // repetitions of raw and sequential cases; the median is reported
-	Blobseal   string          // path of the blobseal binary
-	Rclone     string          // path of rclone
-	Endpoint   string          // Azurite blob endpoint, http://127.0.0.1:PORT/devstoreaccount1
-	AzuritePID int             // Azurite's process, for its CPU time
-	CacheMiB   int64           // blobseal --cache-memory
-	RandomFor  time.Duration   // duration of each random-read phase
-	Latency    time.Duration   // injected each way by the proxy in phase h
-	WorkDir    string          // parent directory for data, images, mount points
-	Command    string          // the command line, for the report
-	Log        io.Writer       // progress lines
-	Only       map[string]bool // phases to run (nil: all)
+	Size       int64         // bytes of the plaintext file
+	Quick      bool          // fewer raw-download variants, shorter random phases
+	Runs       int           // repetitions of raw and sequential cases; the median is reported
+	Blobseal   string        // path of the blobseal binary
+	Rclone     string        // path of rclone
+	Blobfuse2  string        // path of blobfuse2 ("" leaves the peer out)
+	Endpoint   string        // Azurite blob endpoint, http://127.0.0.1:PORT/devstoreaccount1
+	AzuritePID int           // Azurite's process, for its CPU time
+	CacheMiB   int64         // blobseal --cache-memory
+	RandomFor  time.Duration // duration of each random-read phase
+	Latency    time.Duration // injected each way by the proxy in phase h
+	// BandwidthKBps caps each proxied connection, each way (toxiproxy's
+	// bandwidth toxic, KB/s): real Blob Storage limits a connection's
+	// throughput. 0 leaves it uncapped.
+	BandwidthKBps int64
+	WorkDir       string          // parent directory for data, images, mount points
+	Command       string          // the command line, for the report
+	Log           io.Writer       // progress lines
+	Only          map[string]bool // phases to run (nil: all)
 }
 
 // phases are the parts of a run -only can select.
-var phases = []string{"raw", "cache", "headline", "verity", "seq", "rand", "par", "sparse", "proxy", "rclone-late"}
+var phases = []string{"raw", "cache", "headline", "verity", "seq", "rand", "par", "sparse", "proxy", "peers", "azure", "rclone-late"}
 
 // want reports whether the phase is to run.
 func (c config) want(phase string) bool { return c.Only == nil || c.Only[phase] }
@@ -82,6 +87,13 @@ func (c config) validate() error {
 		return fmt.Errorf("-random-for %v: must be positive", c.RandomFor)
 	case c.Latency < 0:
 		return fmt.Errorf("-latency %v: must not be negative", c.Latency)
+	case c.BandwidthKBps < 0:
+		return fmt.Errorf("-bandwidth-kbps %d: must not be negative", c.BandwidthKBps)
+	}
+	if c.Blobfuse2 != "" {
+		if _, err := os.Stat(c.Blobfuse2); err != nil {
+			return fmt.Errorf("-blobfuse2: %w", err)
+		}
 	}
 	if _, err := os.Stat(c.Blobseal); err != nil {
 		return fmt.Errorf("-blobseal: %w", err)
@@ -113,6 +125,8 @@ type harness struct {
 	sparseRoot     string // of the sparse image
 	proxy          *toxiproxy.Proxy
 	proxyEnd       string // the Azurite endpoint through the latency proxy
+	bf2Conf        string // blobfuse2 configuration, straight to Azurite
+	bf2ProxyConf   string // and through the proxy
 	results        []measurement
 	warnings       []string
 	setupCmds      []string
@@ -192,6 +206,14 @@ func (h *harness) startProxy() error {
 			h.proxy.Stop()
 			return fmt.Errorf("toxiproxy latency toxic: %w", err)
 		}
+		if h.cfg.BandwidthKBps > 0 {
+			// The toxic is per connection: each gets its own rate.
+			js := fmt.Sprintf(`{"name":"bandwidth_%s","type":"bandwidth","stream":%q,"attributes":{"rate":%d}}`, dir, dir, h.cfg.BandwidthKBps)
+			if _, err := h.proxy.Toxics.AddToxicJson(strings.NewReader(js)); err != nil {
+				h.proxy.Stop()
+				return fmt.Errorf("toxiproxy bandwidth toxic: %w", err)
+			}
+		}
 	}
 	h.proxyEnd = "http://" + h.proxy.Listen + u.Path
 	return nil
@@ -242,6 +264,11 @@ func (h *harness) setup(ctx context.Context) error {
 	}
 	if err := h.setupRclone(ctx); err != nil {
 		return err
+	}
+	if h.cfg.Blobfuse2 != "" && (h.cfg.want("peers") || h.cfg.want("azure")) {
+		if err := h.setupBlobfuse2(ctx); err != nil {
+			return err
+		}
 	}
 	return h.setupSparse(ctx)
 }

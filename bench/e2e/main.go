@@ -45,6 +45,8 @@ func mainErr(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	quick := f.Bool("quick", false, "only 4 and 16 MiB × 16 raw variants and 2 s random phases (unless -random-for is given)")
 	bin := f.String("blobseal", "", "path of the blobseal binary (required)")
 	rclone := f.String("rclone", "", "path of rclone (default: found on PATH)")
+	blobfuse2 := f.String("blobfuse2", "", "path of blobfuse2 (Azure's FUSE driver; empty leaves the peer out)")
+	bandwidth := f.Int64("bandwidth-kbps", 50000, "per-connection bandwidth cap of the proxy, KB/s each way (0: none)")
 	endpoint := f.String("azurite", "", "Azurite blob endpoint, http://127.0.0.1:PORT/devstoreaccount1 (required)")
 	azPID := f.Int("azurite-pid", 0, "Azurite's process id, for its CPU time (required)")
 	runs := f.Int("runs", 3, "repetitions of each raw-download variant and sequential mount read; the median is reported (-quick: 1)")
@@ -90,7 +92,7 @@ func mainErr(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			onlySet[p] = true
 		}
 	}
-	cfg := config{Size: n, Quick: *quick, Runs: *runs, Blobseal: *bin, Rclone: *rclone, Endpoint: *endpoint, Only: onlySet,
+	cfg := config{Size: n, Quick: *quick, Runs: *runs, Blobseal: *bin, Rclone: *rclone, Blobfuse2: *blobfuse2, BandwidthKBps: *bandwidth, Endpoint: *endpoint, Only: onlySet,
 		AzuritePID: *azPID, CacheMiB: *cacheMiB, RandomFor: rf, Latency: *latency, WorkDir: *workDir,
 		Command: "go run ./bench/e2e " + strings.Join(args, " "), Log: stderr}
 	fmt.Fprintln(stderr, "e2e: load average at start:", loadavg())

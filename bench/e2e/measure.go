@@ -583,7 +583,7 @@ func (h *harness) measureAll(ctx context.Context) error {
 	// peer does not cost the other figures; the report and exit status
 	// show it.
 	// before, when set, runs ahead of every read of the case.
-	step := func(key, label string, start mountFn, budget time.Duration, read func(string) (measurement, error), before func() error) error {
+	var step stepFn = func(key, label string, start mountFn, budget time.Duration, read func(string) (measurement, error), before func() error) error {
 		runs := 1
 		if strings.HasPrefix(key, "seq/") || strings.HasPrefix(key, "proxy/seq/") {
 			runs = h.cfg.Runs // the headline ratios: median of several
@@ -749,6 +749,17 @@ func (h *harness) measureAll(ctx context.Context) error {
 			return err
 		}
 	}
+	// i. blobfuse2 side by side, on loopback and on Azure-like storage.
+	if h.cfg.want("peers") {
+		if err := h.measurePeers(ctx, step, best, false); err != nil {
+			return err
+		}
+	}
+	if h.cfg.want("azure") {
+		if err := h.measurePeers(ctx, step, best, true); err != nil {
+			return err
+		}
+	}
 	for _, s := range late {
 		if err := step(s.key, s.label, s.start, s.budget, s.read, nil); err != nil {
 			return err
@@ -756,6 +767,9 @@ func (h *harness) measureAll(ctx context.Context) error {
 	}
 	return nil
 }
+
+// stepFn measures one case through a fresh mount (see measureAll).
+type stepFn func(key, label string, start mountFn, budget time.Duration, read func(string) (measurement, error), before func() error) error
 
 // verifyImageFile reads the data file through the image's filesystem and
 // checks its CRC.

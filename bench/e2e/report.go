@@ -64,14 +64,15 @@ func (h *harness) report(total time.Duration) *report {
 		"date: " + time.Now().UTC().Format("2006-01-02 15:04 UTC"),
 		"machine: " + machine(),
 		"load average at end: " + loadavg(),
-		fmt.Sprintf("size: %d MiB, quick: %v, runs: %d (median), blobseal --cache-memory %d MiB, random phases %v, proxy latency %v each way, total %s",
-			h.cfg.Size>>20, h.cfg.Quick, h.cfg.Runs, h.cfg.CacheMiB, h.cfg.RandomFor, h.cfg.Latency, total.Round(time.Second)),
+		fmt.Sprintf("size: %d MiB, quick: %v, runs: %d (median), blobseal --cache-memory %d MiB, random phases %v, proxy latency %v each way, proxy bandwidth %d KB/s per connection each way (0: none), total %s",
+			h.cfg.Size>>20, h.cfg.Quick, h.cfg.Runs, h.cfg.CacheMiB, h.cfg.RandomFor, h.cfg.Latency, h.cfg.BandwidthKBps, total.Round(time.Second)),
+		"peers: " + h.peerVersions(),
 		"command: " + h.cfg.Command,
 	}
 	mbps := func(m measurement) string { return fmt.Sprintf("%.1f MB/s", m.MBps()) }
 	cpu := func(m measurement) string { return fmt.Sprintf("%.2f s/GiB", m.perGiB(m.ClientCPU)) }
 	az := func(m measurement) string { return fmt.Sprintf("%.2f s/GiB", m.perGiB(m.AzuriteCPU)) }
-	add := func(fig string, a, b measurement, va, vb func(measurement) string, ra, rb float64, g goal) {
+	var add addFn = func(fig string, a, b measurement, va, vb func(measurement) string, ra, rb float64, g goal) {
 		if a.Failed != "" || b.Failed != "" || a.Key == "" || b.Key == "" {
 			show := func(m measurement, v func(measurement) string) string {
 				if m.Failed != "" || m.Key == "" {
@@ -164,8 +165,12 @@ func (h *harness) report(total time.Duration) *report {
 	add(lbl+"  Azurite CPU per GiB, mount vs raw SDK", pB, pRaw, az, az, pB.perGiB(pB.AzuriteCPU), pRaw.perGiB(pRaw.AzuriteCPU), goal{})
 	pC := get("proxy/seq/blobseal/pagecache")
 	add(lbl+"  the same with --direct-io=off (page cache) vs rclone", pC, pR, mbps, mbps, pC.MBps(), pR.MBps(), goal{})
+	h.peerRows(add)
 	return r
 }
+
+// addFn adds one row: figure, ours, the peer's, and the goal for ours ÷ peer.
+type addFn func(fig string, a, b measurement, va, vb func(measurement) string, ra, rb float64, g goal)
 
 // write prints the report as Markdown.
 func (r *report) write(w io.Writer) error {

@@ -1,6 +1,7 @@
 package ext4
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -290,6 +291,15 @@ func (f *FS) walkIndirect(in *Inode, ptr uint64, level int, base, span, from, to
 // Holes and unwritten extents read as zeros; each physically contiguous run
 // is one ReadAt on the volume.
 func (f *FS) ReadAt(file *Inode, p []byte, off int64) (int, error) {
+	return f.ReadAtContext(context.Background(), file, p, off)
+}
+
+// ReadAtContext is ReadAt that gives up when ctx ends, when the volume
+// can (it implements ReadAtContext, as crypto.Volume does): the FUSE layer
+// passes the request's context so an interrupted reader is not kept
+// waiting for storage. Metadata (extent blocks) is read without ctx; it is
+// small and cached.
+func (f *FS) ReadAtContext(ctx context.Context, file *Inode, p []byte, off int64) (int, error) {
 	if err := checkInode(file); err != nil {
 		return 0, err
 	}
@@ -303,7 +313,7 @@ func (f *FS) ReadAt(file *Inode, p []byte, off int64) (int, error) {
 	if rem := file.Size - uint64(off); uint64(n) > rem {
 		n = int(rem)
 	}
-	if err := f.readData(file, p[:n], uint64(off)); err != nil {
+	if err := f.readData(ctx, file, p[:n], uint64(off)); err != nil {
 		return 0, err
 	}
 	if n < len(p) {
@@ -321,7 +331,7 @@ func checkInode(in *Inode) error {
 
 // readData fills p from byte offset off of in, which the caller has already
 // clamped to the file size.
-func (f *FS) readData(in *Inode, p []byte, off uint64) error {
+func (f *FS) readData(ctx context.Context, in *Inode, p []byte, off uint64) error {
 	if len(p) == 0 {
 		return nil
 	}
@@ -352,7 +362,7 @@ func (f *FS) readData(in *Inode, p []byte, off uint64) error {
 			continue
 		}
 		phys := r.pblk*bs + (s - rs)
-		if err := f.readFull(dst, int64(phys)); err != nil {
+		if err := f.readFullContext(ctx, dst, int64(phys)); err != nil {
 			return fmt.Errorf("ext4: inode %d: reading %d bytes at volume offset %d: %w", in.Ino, len(dst), phys, err)
 		}
 	}

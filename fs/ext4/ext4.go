@@ -9,6 +9,7 @@
 package ext4
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -316,7 +317,23 @@ func (f *FS) readBlock(blk uint64) ([]byte, error) {
 
 // readFull reads exactly len(p) bytes at off, treating a short read as an error.
 func (f *FS) readFull(p []byte, off int64) error {
-	n, err := f.r.ReadAt(p, off)
+	return f.readFullContext(context.Background(), p, off)
+}
+
+// contextReaderAt is the volume's optional interruptible read.
+type contextReaderAt interface {
+	ReadAtContext(ctx context.Context, p []byte, off int64) (int, error)
+}
+
+// readFullContext is readFull that gives up when ctx ends, if the volume can.
+func (f *FS) readFullContext(ctx context.Context, p []byte, off int64) error {
+	var n int
+	var err error
+	if r, ok := f.r.(contextReaderAt); ok {
+		n, err = r.ReadAtContext(ctx, p, off)
+	} else {
+		n, err = f.r.ReadAt(p, off)
+	}
 	if n == len(p) {
 		return nil
 	}

@@ -1,6 +1,9 @@
 package ext4
 
-import "fmt"
+import (
+	"context"
+	"fmt"
+)
 
 const maxSymlinkLen = 4096 // PATH_MAX
 
@@ -33,7 +36,7 @@ func (f *FS) Readlink(link *Inode) (string, error) {
 		return string(link.iblock()[:link.Size]), nil
 	}
 	buf := make([]byte, link.Size)
-	if err := f.readData(link, buf, 0); err != nil {
+	if err := f.readData(context.Background(), link, buf, 0); err != nil {
 		return "", err
 	}
 	return string(buf), nil

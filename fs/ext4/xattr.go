@@ -1,6 +1,7 @@
 package ext4
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -250,7 +251,7 @@ func (f *FS) eaInodeValue(owner *Inode, e xattrEntry) ([]byte, error) {
 		return nil, fmt.Errorf("ext4: inode %d: xattr %q value inode %d is not a matching EA inode: %w", owner.Ino, e.name, e.valueInum, ErrCorrupt)
 	}
 	v := make([]byte, e.valueSize)
-	if err := f.readData(vi, v, 0); err != nil {
+	if err := f.readData(context.Background(), vi, v, 0); err != nil {
 		return nil, fmt.Errorf("ext4: inode %d: xattr %q value: %w", owner.Ino, e.name, err)
 	}
 	return v, nil
