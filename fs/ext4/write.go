@@ -1,0 +1,226 @@
+package ext4
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Device is a writable volume: what the reader needs plus writes and a
+// durability barrier. *os.File is one; the page-blob volume will be another.
+type Device interface {
+	io.ReaderAt
+	io.WriterAt
+	// Sync returns once every completed WriteAt is durable.
+	Sync() error
+}
+
+var _ Device = (*os.File)(nil)
+
+// Features the writer keeps consistent. Anything else set in the superblock
+// makes OpenWritable refuse, naming the feature: writing without maintaining
+// it would leave a filesystem e2fsck rejects.
+const (
+	// has_journal is kept but not yet written to: the journal stays empty
+	// and clean (needs_recovery is refused). resize_inode, sparse_super2,
+	// stable_inodes and orphan_file are left untouched, which is valid.
+	writeCompat = compatHasJournal | compatExtAttr | 0x10 /* resize_inode */ | compatDirIndex |
+		compatSparseSuper2 | 0x800 /* stable_inodes */ | 0x1000 /* orphan_file */
+	writeIncompat = incompatFiletype | incompatExtents | incompat64bit | incompatFlexBG |
+		incompatCsumSeed | incompatLargeDir
+	writeRoCompat = roCompatSparseSuper | 0x2 /* large_file */ | roCompatHugeFile | roCompatGdtCsum |
+		0x20 /* dir_nlink */ | 0x40 /* extra_isize */ | roCompatMetadataCsum
+
+	roCompatLargeFile = 0x2
+)
+
+// featureNames names the features the writer refuses, for the error message.
+var featureNames = map[string]map[uint32]string{
+	"compat": {0x1: "dir_prealloc", 0x2: "imagic_inodes", 0x400: "fast_commit"},
+	"incompat": {incompatCompression: "compression", incompatRecover: "needs_recovery", incompatJournalDev: "journal_dev",
+		incompatMetaBG: "meta_bg", incompatMMP: "mmp", incompatEAInode: "ea_inode", incompatDirData: "dirdata",
+		incompatInlineData: "inline_data", incompatEncrypt: "encrypt", incompatCasefold: "casefold"},
+	"ro_compat": {0x80: "snapshot", 0x100: "quota", roCompatBigalloc: "bigalloc", 0x800: "replica", 0x1000: "read-only",
+		0x2000: "project", 0x4000: "shared_blocks", 0x8000: "verity", 0x10000: "orphan_present"},
+}
+
+// WritableFeatures lists, for documentation and error messages, the
+// features a filesystem may have for OpenWritable to accept it.
+const WritableFeatures = "has_journal (left empty), ext_attr, resize_inode, dir_index (indexes are dropped on change), " +
+	"sparse_super, sparse_super2, filetype, extent (required), 64bit, flex_bg, metadata_csum, metadata_csum_seed, " +
+	"gdt_csum/uninit_bg, large_dir, large_file, huge_file, dir_nlink, extra_isize, stable_inodes, orphan_file"
+
+// Writer changes an ext4 filesystem in place. Its methods are serialized by
+// one mutex; the reader returned by FS must not be used while a Writer
+// method runs (the FUSE layer serializes both through Writer).
+//
+// This milestone writes metadata in place, in an order that keeps each
+// operation's bitmap and counter updates together, but without the journal:
+// a crash mid-operation can leave an inconsistency for e2fsck to repair.
+type Writer struct {
+	mu   sync.Mutex
+	f    *FS
+	dev  Device
+	sb   []byte   // the primary superblock, 1024 bytes
+	gdt  [][]byte // descriptor blocks, by descriptor block number
+	gdtD map[uint32]bool
+	sbD  bool
+	now  func() time.Time // the clock for timestamps; tests pin it
+}
+
+// OpenWritable opens the ext4 filesystem on dev (size bytes) for writing.
+// It refuses, naming them, features the writer cannot maintain, and a
+// filesystem whose journal needs recovery or that is marked with errors.
+func OpenWritable(dev Device, size int64) (*Writer, error) {
+	if dev == nil {
+		return nil, errors.New("ext4: nil device")
+	}
+	f, err := Open(dev, size)
+	if err != nil {
+		return nil, err
+	}
+	sb := make([]byte, superblockSize)
+	if err := f.readFull(sb, superblockOffset); err != nil {
+		return nil, fmt.Errorf("ext4: reading superblock: %w", err)
+	}
+	if err := checkWritable(f, sb); err != nil {
+		return nil, err
+	}
+	w := &Writer{f: f, dev: dev, sb: sb, gdtD: map[uint32]bool{}, now: time.Now}
+	perBlock := f.blockSize / f.descSize
+	for nr := uint32(0); nr < (f.numGroups+perBlock-1)/perBlock; nr++ {
+		b := make([]byte, f.blockSize)
+		if err := f.readFull(b, int64(f.descBlock(nr))<<f.blockLog); err != nil {
+			return nil, fmt.Errorf("ext4: reading group descriptor block %d: %w", nr, err)
+		}
+		w.gdt = append(w.gdt, b)
+	}
+	for g := range f.groups {
+		if f.groups[g].csumErr != nil {
+			return nil, fmt.Errorf("ext4: refusing to write a damaged filesystem (run e2fsck -f on it): %w", f.groups[g].csumErr)
+		}
+	}
+	return w, nil
+}
+
+func checkWritable(f *FS, sb []byte) error {
+	le := binary.LittleEndian
+	var bad []string
+	for _, c := range []struct {
+		kind      string
+		have, ok  uint32
+		knownBits map[uint32]string
+	}{
+		{"compat", f.sb.featureCompat, writeCompat, featureNames["compat"]},
+		{"incompat", f.sb.featureIncompat, writeIncompat, featureNames["incompat"]},
+		{"ro_compat", f.sb.featureRoCompat, writeRoCompat, featureNames["ro_compat"]},
+	} {
+		for bit := uint32(1); bit != 0; bit <<= 1 {
+			if c.have&bit != 0 && c.ok&bit == 0 {
+				name, ok := c.knownBits[bit]
+				if !ok {
+					name = fmt.Sprintf("unknown %s feature %#x", c.kind, bit)
+				}
+				bad = append(bad, name)
+			}
+		}
+	}
+	if len(bad) > 0 {
+		return fmt.Errorf("ext4: cannot open read-write: the filesystem uses %s, which the writer does not maintain (it supports: %s): %w",
+			strings.Join(bad, ", "), WritableFeatures, ErrUnsupported)
+	}
+	if !f.incompat(incompatExtents) {
+		return fmt.Errorf("ext4: cannot open read-write: the filesystem lacks the extent feature (ext2/ext3 layout); the writer creates extent-mapped files only: %w", ErrUnsupported)
+	}
+	if f.blockSize > 32768 {
+		return fmt.Errorf("ext4: cannot open read-write: %d-byte blocks are not supported for writing: %w", f.blockSize, ErrUnsupported)
+	}
+	const stateValid, stateErrors = 0x1, 0x2
+	if st := le.Uint16(sb[0x3A:]); st&stateErrors != 0 || st&stateValid == 0 {
+		return fmt.Errorf("ext4: cannot open read-write: the filesystem is marked as having errors or was not cleanly unmounted (state %#x); run e2fsck -f on the image first: %w", st, ErrCorrupt)
+	}
+	return nil
+}
+
+// FS is the reader over the same volume; it sees every completed write.
+func (w *Writer) FS() *FS { return w.f }
+
+// Sync writes the superblock and descriptors and makes everything durable.
+func (w *Writer) Sync() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.flushMeta(); err != nil {
+		return err
+	}
+	return w.dev.Sync()
+}
+
+// Close syncs. The device stays open; its owner closes it.
+func (w *Writer) Close() error { return w.Sync() }
+
+// flushMeta writes changed group descriptor blocks and the superblock.
+func (w *Writer) flushMeta() error {
+	for nr := range w.gdtD {
+		if err := w.writeBlock(w.f.descBlock(nr), w.gdt[nr]); err != nil {
+			return err
+		}
+		delete(w.gdtD, nr)
+	}
+	if !w.sbD {
+		return nil
+	}
+	le := binary.LittleEndian
+	now := w.now().Unix()
+	le.PutUint32(w.sb[0x30:], uint32(now)) // s_wtime
+	w.sb[0x274] = byte(now >> 32)
+	if w.f.hasCsum() {
+		le.PutUint32(w.sb[0x3FC:], crc32cRaw(^uint32(0), w.sb[:0x3FC]))
+	}
+	if _, err := w.dev.WriteAt(w.sb, superblockOffset); err != nil {
+		return fmt.Errorf("ext4: writing superblock: %w", err)
+	}
+	w.f.blocks.remove(superblockOffset >> w.f.blockLog)
+	w.sbD = false
+	return nil
+}
+
+// block returns a private, modifiable copy of metadata block blk.
+func (w *Writer) block(blk uint64) ([]byte, error) {
+	b, err := w.f.readBlock(blk)
+	if err != nil {
+		return nil, err
+	}
+	return bytes.Clone(b), nil
+}
+
+// writeBlock writes a whole metadata block and refreshes the reader's cache.
+func (w *Writer) writeBlock(blk uint64, b []byte) error {
+	if _, err := w.dev.WriteAt(b, int64(blk)<<w.f.blockLog); err != nil {
+		return fmt.Errorf("ext4: writing block %d: %w", blk, err)
+	}
+	w.f.blocks.put(blk, bytes.Clone(b))
+	return nil
+}
+
+// errno wraps a syscall.Errno with what failed, so callers can both read
+// the message and map it with errors.Is / errors.As.
+func errno(e syscall.Errno, format string, args ...any) error {
+	return fmt.Errorf("ext4: "+format+": %w", append(args, e)...)
+}
+
+// remove drops k from the cache (a freed or rewritten block).
+func (c *lru[K, V]) remove(k K) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if e, ok := c.items[k]; ok {
+		c.order.Remove(e)
+		delete(c.items, k)
+	}
+}

@@ -1,0 +1,372 @@
+package ext4
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"strings"
+	"syscall"
+)
+
+// Directories are changed as linear directories. An htree-indexed directory
+// is first converted to a linear one, as e2fsck accepts: the index flag is
+// cleared, the root block's ".." entry absorbs the index, and interior index
+// blocks become empty entry blocks. (Rebuilding the index is later work;
+// e2fsck -D does it offline.)
+
+// checkName validates a new name the way the kernel's VFS does.
+func checkName(name string) error {
+	switch {
+	case name == "":
+		return errno(syscall.ENOENT, "empty name")
+	case len(name) > maxNameLen:
+		return errno(syscall.ENAMETOOLONG, "name of %d bytes (at most %d)", len(name), maxNameLen)
+	case strings.ContainsAny(name, "/\x00"):
+		return errno(syscall.EINVAL, "name %q contains '/' or NUL", name)
+	}
+	return nil
+}
+
+func direntSize(nameLen int) int { return (8 + nameLen + 3) &^ 3 }
+
+// dirRegion is the bytes of a directory block that hold entries.
+func (w *Writer) dirRegion() int {
+	if w.f.hasCsum() {
+		return int(w.f.blockSize) - dirTailSize
+	}
+	return int(w.f.blockSize)
+}
+
+// sealDirBlock writes the checksum tail of a linear directory block.
+func (w *Writer) sealDirBlock(dir wInode, b []byte) {
+	if !w.f.hasCsum() {
+		return
+	}
+	le := binary.LittleEndian
+	t := b[len(b)-dirTailSize:]
+	clear(t)
+	le.PutUint16(t[4:], dirTailSize)
+	t[7] = dirTailType
+	le.PutUint32(t[8:], crc32cRaw(dir.csumSeed, b[:len(b)-dirTailSize]))
+}
+
+func putDirent(b []byte, ino uint32, recLen int, name string, ft uint8) {
+	le := binary.LittleEndian
+	le.PutUint32(b, ino)
+	le.PutUint16(b[4:], uint16(recLen))
+	b[6] = byte(len(name))
+	b[7] = ft
+	copy(b[8:], name)
+}
+
+// fileType is the directory entry type code for an i_mode.
+func (w *Writer) fileType(mode uint16) uint8 {
+	if !w.f.incompat(incompatFiletype) {
+		return FtUnknown
+	}
+	switch mode & sIFMT {
+	case sIFREG:
+		return FtRegular
+	case sIFDIR:
+		return FtDir
+	case sIFCHR:
+		return FtChrdev
+	case sIFBLK:
+		return FtBlkdev
+	case sIFIFO:
+		return FtFIFO
+	case sIFSOCK:
+		return FtSock
+	case sIFLNK:
+		return FtSymlink
+	}
+	return FtUnknown
+}
+
+// dirBlock is one block of a directory being changed.
+type dirBlock struct {
+	lblk, pblk uint64
+	b          []byte
+}
+
+// dirBlocks loads every block of directory dir for change.
+func (w *Writer) dirBlocks(dir wInode, m *extentMap) ([]dirBlock, error) {
+	bs := uint64(w.f.blockSize)
+	n := (dir.Size + bs - 1) / bs
+	out := make([]dirBlock, 0, n)
+	for l := uint64(0); l < n; l++ {
+		i, ok := m.find(uint32(l))
+		if !ok || m.exts[i].unwritten {
+			return nil, fmt.Errorf("ext4: inode %d: directory has a hole at block %d: %w", dir.Ino, l, ErrCorrupt)
+		}
+		p := m.exts[i].pblk + l - uint64(m.exts[i].lblk)
+		b, err := w.block(p)
+		if err != nil {
+			return nil, fmt.Errorf("ext4: inode %d: directory block %d: %w", dir.Ino, l, err)
+		}
+		out = append(out, dirBlock{l, p, b})
+	}
+	return out, nil
+}
+
+// loadDir loads a directory for change, converting an indexed one to linear.
+func (w *Writer) loadDir(ino uint32) (wInode, *extentMap, []dirBlock, error) {
+	dir, err := w.loadInode(ino)
+	if err != nil {
+		return wInode{}, nil, nil, err
+	}
+	if !dir.IsDir() {
+		return wInode{}, nil, nil, errno(syscall.ENOTDIR, "inode %d", ino)
+	}
+	m, err := w.loadExtents(dir)
+	if err != nil {
+		return wInode{}, nil, nil, err
+	}
+	blocks, err := w.dirBlocks(dir, m)
+	if err != nil {
+		return wInode{}, nil, nil, err
+	}
+	if !dir.hasFlag(flagIndex) {
+		return dir, m, blocks, nil
+	}
+	le := binary.LittleEndian
+	region := w.dirRegion()
+	for i := range blocks {
+		b := blocks[i].b
+		switch {
+		case i == 0:
+			if le.Uint16(b[4:]) != 12 || b[8] != '.' || b[12+6] != 2 {
+				return wInode{}, nil, nil, fmt.Errorf("ext4: inode %d: htree root lacks its . and .. entries: %w", ino, ErrCorrupt)
+			}
+			le.PutUint16(b[12+4:], uint16(region-12))
+		case w.f.isDxNode(b):
+			clear(b)
+			putDirent(b, 0, region, "", 0)
+		default:
+			continue
+		}
+		w.sealDirBlock(dir, b)
+		if err := w.writeBlock(blocks[i].pblk, b); err != nil {
+			return wInode{}, nil, nil, err
+		}
+	}
+	dir.setFlags(dir.Flags &^ flagIndex)
+	if err := w.storeInode(dir); err != nil {
+		return wInode{}, nil, nil, err
+	}
+	return dir, m, blocks, nil
+}
+
+// direntAt is a located live entry.
+type direntAt struct {
+	blk     int // index into the directory's blocks
+	off     int
+	prevOff int // -1 when the entry is the block's first
+	ino     uint32
+	ft      uint8
+}
+
+// forEachDirent walks block b's entries (checked by the reader's parser
+// first), passing each one's offset and previous offset.
+func (w *Writer) forEachDirent(dir wInode, lblk uint64, b []byte, fn func(off, prev, rec int) bool) error {
+	region := b[:w.dirRegion()]
+	if err := parseDirEntries(region, w.f.incompat(incompatFiletype), w.f.sb.inodesCount, len(b),
+		func([]byte, uint32, uint8) bool { return true }); err != nil {
+		return fmt.Errorf("ext4: inode %d: directory block %d: %w", dir.Ino, lblk, err)
+	}
+	prev := -1
+	for off := 0; off < len(region); {
+		rec := decodeRecLen(binary.LittleEndian.Uint16(b[off+4:]), len(b))
+		if !fn(off, prev, rec) {
+			return nil
+		}
+		prev = off
+		off += rec
+	}
+	return nil
+}
+
+// findDirent locates name in the loaded directory blocks.
+func (w *Writer) findDirent(dir wInode, blocks []dirBlock, name string) (direntAt, error) {
+	le := binary.LittleEndian
+	var found *direntAt
+	for i, db := range blocks {
+		err := w.forEachDirent(dir, db.lblk, db.b, func(off, prev, rec int) bool {
+			ino := le.Uint32(db.b[off:])
+			nl := int(db.b[off+6])
+			if ino != 0 && string(db.b[off+8:off+8+nl]) == name {
+				found = &direntAt{blk: i, off: off, prevOff: prev, ino: ino, ft: db.b[off+7]}
+				return false
+			}
+			return true
+		})
+		if err != nil {
+			return direntAt{}, err
+		}
+		if found != nil {
+			return *found, nil
+		}
+	}
+	return direntAt{}, errno(syscall.ENOENT, "inode %d: %q", dir.Ino, name)
+}
+
+// addEntry inserts name → ino into directory dirIno (which must not hold
+// name), in the first block with room or a new block, and stores it.
+func (w *Writer) addEntry(dirIno uint32, name string, ino uint32, ft uint8) error {
+	dir, m, blocks, err := w.loadDir(dirIno)
+	if err != nil {
+		return err
+	}
+	le := binary.LittleEndian
+	need := direntSize(len(name))
+	for _, db := range blocks {
+		done := false
+		err := w.forEachDirent(dir, db.lblk, db.b, func(off, _, rec int) bool {
+			used := 0
+			if le.Uint32(db.b[off:]) != 0 {
+				used = direntSize(int(db.b[off+6]))
+			}
+			if rec-used < need {
+				return true
+			}
+			if used > 0 {
+				le.PutUint16(db.b[off+4:], uint16(used))
+				off += used
+			}
+			putDirent(db.b[off:], ino, rec-used, name, ft)
+			done = true
+			return false
+		})
+		if err != nil {
+			return err
+		}
+		if done {
+			w.sealDirBlock(dir, db.b)
+			if err := w.writeBlock(db.pblk, db.b); err != nil {
+				return err
+			}
+			w.touch(dir, true)
+			return w.storeInode(dir)
+		}
+	}
+	// No room: append a block.
+	lblk := uint32(len(blocks))
+	goal := m.goalFor(lblk)
+	if goal == 0 {
+		goal = w.inodeGoal(dir.Ino)
+	}
+	pblk, _, err := w.allocBlocks(goal, 1)
+	if err != nil {
+		return err
+	}
+	b := make([]byte, w.f.blockSize)
+	putDirent(b, ino, w.dirRegion(), name, ft)
+	w.sealDirBlock(dir, b)
+	if err := w.writeBlock(pblk, b); err != nil {
+		return err
+	}
+	m.insert(extent{lblk: lblk, len: 1, pblk: pblk})
+	dir.setSize(uint64(lblk+1) * uint64(w.f.blockSize))
+	w.touch(dir, true)
+	return w.storeExtents(dir, m)
+}
+
+// removeEntry deletes name from directory dirIno, merging its space into
+// the previous entry, and returns the inode it named.
+func (w *Writer) removeEntry(dirIno uint32, name string) (uint32, error) {
+	dir, _, blocks, err := w.loadDir(dirIno)
+	if err != nil {
+		return 0, err
+	}
+	at, err := w.findDirent(dir, blocks, name)
+	if err != nil {
+		return 0, err
+	}
+	le := binary.LittleEndian
+	b := blocks[at.blk].b
+	if at.prevOff >= 0 {
+		rec := decodeRecLen(le.Uint16(b[at.off+4:]), len(b))
+		prevRec := decodeRecLen(le.Uint16(b[at.prevOff+4:]), len(b))
+		le.PutUint16(b[at.prevOff+4:], uint16(prevRec+rec))
+	} else {
+		le.PutUint32(b[at.off:], 0)
+	}
+	w.sealDirBlock(dir, b)
+	if err := w.writeBlock(blocks[at.blk].pblk, b); err != nil {
+		return 0, err
+	}
+	w.touch(dir, true)
+	return at.ino, w.storeInode(dir)
+}
+
+// replaceEntry points the existing entry name in dirIno at ino.
+func (w *Writer) replaceEntry(dirIno uint32, name string, ino uint32, ft uint8) error {
+	dir, _, blocks, err := w.loadDir(dirIno)
+	if err != nil {
+		return err
+	}
+	at, err := w.findDirent(dir, blocks, name)
+	if err != nil {
+		return err
+	}
+	b := blocks[at.blk].b
+	binary.LittleEndian.PutUint32(b[at.off:], ino)
+	b[at.off+7] = ft
+	w.sealDirBlock(dir, b)
+	if err := w.writeBlock(blocks[at.blk].pblk, b); err != nil {
+		return err
+	}
+	w.touch(dir, true)
+	return w.storeInode(dir)
+}
+
+// lookup finds name in directory dirIno through the reader (hash index
+// included), mapping "not found" to ENOENT.
+func (w *Writer) lookup(dirIno uint32, name string) (uint32, error) {
+	dir, err := w.f.Inode(dirIno)
+	if err != nil {
+		return 0, err
+	}
+	if !dir.IsDir() {
+		return 0, errno(syscall.ENOTDIR, "inode %d", dirIno)
+	}
+	ino, err := w.f.Lookup(dir, name)
+	if errors.Is(err, ErrNotFound) {
+		return 0, fmt.Errorf("%w: %w", err, syscall.ENOENT)
+	}
+	return ino, err
+}
+
+// newDirBlock is the first block of a new directory: "." and "..".
+func (w *Writer) newDirBlock(dir wInode, parent uint32) []byte {
+	b := make([]byte, w.f.blockSize)
+	putDirent(b, dir.Ino, 12, ".", w.fileType(sIFDIR))
+	putDirent(b[12:], parent, w.dirRegion()-12, "..", w.fileType(sIFDIR))
+	w.sealDirBlock(dir, b)
+	return b
+}
+
+// setDotDot points directory ino's ".." at parent.
+func (w *Writer) setDotDot(ino, parent uint32) error {
+	dir, _, blocks, err := w.loadDir(ino)
+	if err != nil {
+		return err
+	}
+	b := blocks[0].b
+	if b[12+6] != 2 || b[12+8] != '.' || b[12+9] != '.' {
+		return fmt.Errorf("ext4: inode %d: directory's second entry is not \"..\": %w", ino, ErrCorrupt)
+	}
+	binary.LittleEndian.PutUint32(b[12:], parent)
+	w.sealDirBlock(dir, b)
+	return w.writeBlock(blocks[0].pblk, b)
+}
+
+// isEmptyDir reports whether directory ino holds only "." and "..".
+func (w *Writer) isEmptyDir(ino uint32) (bool, error) {
+	in, err := w.f.Inode(ino)
+	if err != nil {
+		return false, err
+	}
+	ents, err := w.f.ReadDir(in)
+	return len(ents) == 0, err
+}

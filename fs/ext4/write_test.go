@@ -1,0 +1,288 @@
+package ext4
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/blobseal/blobseal/internal/testenv"
+)
+
+// TestOpenWritableRefusesFeatures: a filesystem with a feature the writer
+// does not maintain is refused with the feature's name; the reader still
+// opens it.
+func TestOpenWritableRefusesFeatures(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		name string
+	}{
+		{[]string{"-O", "inline_data"}, "inline_data"},
+		{[]string{"-O", "quota"}, "quota"},
+		{[]string{"-O", "bigalloc", "-C", "16384"}, "bigalloc"},
+		{[]string{"-O", "^extent,^64bit,^flex_bg,^metadata_csum,^huge_file,^dir_nlink,^extra_isize"}, "extent"},
+		{[]string{"-O", "encrypt"}, "encrypt"},
+		{[]string{"-O", "project"}, "project"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			img := mkfs(t, nil, "", 32, c.args...)
+			fh, err := os.OpenFile(img, os.O_RDWR, 0)
+			must(t, err)
+			defer fh.Close()
+			st, err := fh.Stat()
+			must(t, err)
+			_, err = OpenWritable(fh, st.Size())
+			if err == nil || !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), c.name) {
+				t.Fatalf("OpenWritable: %v, want ErrUnsupported naming %q", err, c.name)
+			}
+			if _, err := Open(fh, st.Size()); err != nil && c.name != "encrypt" {
+				t.Errorf("the reader should still open it: %v", err)
+			}
+		})
+	}
+}
+
+// writeVariants are mke2fs configurations the writer must keep e2fsck-clean.
+var writeVariants = []struct {
+	name    string
+	args    []string
+	timeRes time.Duration // 128-byte inodes store whole seconds
+}{
+	{"default-1k", nil, time.Nanosecond}, // mke2fs's defaults for a small image: 1 KiB blocks, metadata_csum, 64bit, flex_bg
+	{"4k", []string{"-b", "4096"}, time.Nanosecond},
+	{"gdt_csum", []string{"-O", "^metadata_csum,uninit_bg"}, time.Nanosecond},
+	{"no-flex-no-64bit", []string{"-O", "^flex_bg,^64bit", "-b", "4096"}, time.Nanosecond},
+	{"inode128-nojournal", []string{"-I", "128", "-O", "^has_journal"}, time.Second},
+}
+
+// TestWriterScript applies a fixed workload touching every operation to
+// images of each variant and to a reference directory; e2fsck -fn must
+// find no error and the kernel's mount must show the reference tree.
+func TestWriterScript(t *testing.T) {
+	testenv.RequireRoot(t)
+	for _, v := range writeVariants {
+		t.Run(v.name, func(t *testing.T) {
+			img := mkfs(t, nil, "", 64, v.args...)
+			ref := t.TempDir()
+			must(t, os.Mkdir(ref+"/lost+found", 0o700))
+			w := openWritable(t, img)
+			both := func(what string, op func(o treeOps) error) {
+				t.Helper()
+				if err := op(hostOps{ref}); err != nil {
+					t.Fatalf("%s on the reference: %v", what, err)
+				}
+				if err := op(writerOps{w}); err != nil {
+					t.Fatalf("%s through the writer: %v", what, err)
+				}
+			}
+			times := script(t, both)
+			must(t, w.Sync())
+			e2fsckClean(t, img)
+			mnt := mountRO(t, img)
+			compareTrees(t, ref, mnt)
+			for p, want := range times {
+				var st unix.Stat_t
+				must(t, unix.Lstat(filepath.Join(mnt, p), &st))
+				at, mt := time.Unix(st.Atim.Unix()), time.Unix(st.Mtim.Unix())
+				if !at.Equal(want[0].Truncate(v.timeRes)) || !mt.Equal(want[1].Truncate(v.timeRes)) {
+					t.Errorf("%s: atime/mtime %v/%v, want %v/%v", p, at, mt, want[0], want[1])
+				}
+			}
+			f, _ := openImage(t, img)
+			compareWithKernel(t, f, img)
+		})
+	}
+}
+
+// script is the fixed workload; op applies one step to both trees. It
+// returns the atimes and mtimes it set last.
+func script(t *testing.T, op func(string, func(treeOps) error)) map[string][2]time.Time {
+	big := fill(1, 300_000)
+	op("mkdir", func(o treeOps) error { return o.mkdir("a", 0o755) })
+	op("mkdir nested", func(o treeOps) error { return o.mkdir("a/b", 0o700) })
+	op("create", func(o treeOps) error { return o.create("a/small", 0o644) })
+	op("write small", func(o treeOps) error { return o.writeAt("a/small", []byte("hello, ext4\n"), 0) })
+	op("create big", func(o treeOps) error { return o.create("big", 0o600) })
+	op("write big", func(o treeOps) error { return o.writeAt("big", big, 0) })
+	op("overwrite inside", func(o treeOps) error { return o.writeAt("big", fill(2, 5000), 70_001) })
+	op("append", func(o treeOps) error { return o.writeAt("big", fill(3, 3000), 300_000) })
+	// Every other block written: hundreds of extents, a tree of depth 1 or 2.
+	op("create sparse", func(o treeOps) error { return o.create("sparse", 0o644) })
+	for i := int64(0); i < 400; i++ {
+		op("sparse write", func(o treeOps) error { return o.writeAt("sparse", fill(uint64(i), 100), i*8192+17) })
+	}
+	op("truncate shrink", func(o treeOps) error { return o.truncate("sparse", 1_000_003) })
+	op("truncate extend", func(o treeOps) error { return o.truncate("a/small", 10_000) })
+	op("write past EOF", func(o treeOps) error { return o.writeAt("a/small", []byte("tail"), 20_000) })
+	op("truncate shrink mid-block", func(o treeOps) error { return o.truncate("big", 123_457) })
+	op("truncate extend again", func(o treeOps) error { return o.truncate("big", 200_000) })
+	op("hard link", func(o treeOps) error { return o.link("a/small", "a/b/small-link") })
+	op("fast symlink", func(o treeOps) error { return o.symlink("a/small", "fast") })
+	op("slow symlink", func(o treeOps) error { return o.symlink(strings.Repeat("long/", 40)+"end", "a/slow") })
+	op("fifo", func(o treeOps) error { return o.mkfifo("fifo", 0o640) })
+	for i := 0; i < 120; i++ { // enough entries to span directory blocks
+		op("many", func(o treeOps) error { return o.create(fmt.Sprintf("a/entry-%03d-with-a-longer-name", i), 0o644) })
+	}
+	for i := 0; i < 120; i += 3 {
+		op("unlink", func(o treeOps) error { return o.unlink(fmt.Sprintf("a/entry-%03d-with-a-longer-name", i)) })
+	}
+	op("rename in dir", func(o treeOps) error { return o.rename("a/entry-001-with-a-longer-name", "a/renamed") })
+	op("rename across", func(o treeOps) error { return o.rename("a/entry-002-with-a-longer-name", "a/b/moved") })
+	op("rename over", func(o treeOps) error { return o.rename("a/entry-004-with-a-longer-name", "a/renamed") })
+	op("mkdir c", func(o treeOps) error { return o.mkdir("c", 0o755) })
+	op("mkdir c/d", func(o treeOps) error { return o.mkdir("c/d", 0o755) })
+	op("rename dir across", func(o treeOps) error { return o.rename("c/d", "a/b/d") })
+	op("mkdir e", func(o treeOps) error { return o.mkdir("e", 0o755) })
+	op("rename dir over empty dir", func(o treeOps) error { return o.rename("a/b/d", "e") })
+	op("rmdir", func(o treeOps) error { return o.rmdir("c") })
+	op("unlink big", func(o treeOps) error { return o.unlink("big") })
+	op("unlink linked", func(o treeOps) error { return o.unlink("a/small") })
+	op("chmod", func(o treeOps) error { return o.chmod("a/b/small-link", 0o4751) })
+	op("chown", func(o treeOps) error { return o.chown("a/b/small-link", 1234, 70000) })
+	op("chown dir", func(o treeOps) error { return o.chown("a/b", 5, 6) })
+	// Times last, children before parents, so no later change moves them.
+	times := map[string][2]time.Time{}
+	for i, p := range []string{"a/b/small-link", "a/b/moved", "a/b", "a/renamed", "a/slow", "sparse", "fifo", "e", "a", "lost+found", "."} {
+		at := time.Unix(1_700_000_000+int64(i)*1000, int64(i)*111_111_111+7)
+		mt := time.Unix(1_600_000_000-int64(i)*77, int64(i)*3+999_000_000)
+		op("utimes "+p, func(o treeOps) error { return o.utimes(p, at, mt) })
+		times[p] = [2]time.Time{at, mt}
+	}
+	return times
+}
+
+// TestWriterRandom runs a random operation sequence (seed printed) on the
+// image and a reference directory, comparing errnos step by step and the
+// trees after each batch through e2fsck and the kernel's mount.
+func TestWriterRandom(t *testing.T) {
+	testenv.RequireRoot(t)
+	seed := uint64(time.Now().UnixNano())
+	if s := os.Getenv("EXT4_WRITE_SEED"); s != "" {
+		fmt.Sscan(s, &seed)
+	}
+	t.Logf("seed %d (rerun with EXT4_WRITE_SEED=%d)", seed, seed)
+	r := rand.New(rand.NewPCG(seed, 0))
+	img := mkfs(t, nil, "", 64)
+	ref := t.TempDir()
+	must(t, os.Mkdir(ref+"/lost+found", 0o700))
+	w := openWritable(t, img)
+	dirs := []string{"", "d0", "d1", "d0/d2", "d1/d3"}
+	pick := func() string {
+		return strings.TrimPrefix(dirs[r.IntN(len(dirs))]+"/"+[]string{"f0", "f1", "f2", "f3", "d0", "d1", "d2", "d3", "l0"}[r.IntN(9)], "/")
+	}
+	succeeded := 0
+	for batch := 0; batch < 4; batch++ {
+		for step := 0; step < 150; step++ {
+			p, q := pick(), pick()
+			var op func(treeOps) error
+			desc := ""
+			switch k := r.IntN(12); k {
+			case 0, 1:
+				data := fill(r.Uint64(), r.IntN(40_000)+1)
+				off := int64(r.IntN(300_000))
+				desc = fmt.Sprintf("write %d@%d %s", len(data), off, p)
+				op = func(o treeOps) error { return o.writeAt(p, data, off) }
+			case 2:
+				desc = "create " + p
+				op = func(o treeOps) error { return o.create(p, 0o644) }
+			case 3:
+				size := int64(r.IntN(350_000))
+				desc = fmt.Sprintf("truncate %s %d", p, size)
+				op = func(o treeOps) error { return o.truncate(p, size) }
+			case 4:
+				desc = "mkdir " + p
+				op = func(o treeOps) error { return o.mkdir(p, 0o755) }
+			case 5:
+				desc = "unlink " + p
+				op = func(o treeOps) error { return o.unlink(p) }
+			case 6:
+				desc = "rmdir " + p
+				op = func(o treeOps) error { return o.rmdir(p) }
+			case 7, 8:
+				desc = "rename " + p + " " + q
+				op = func(o treeOps) error { return o.rename(p, q) }
+			case 9:
+				desc = "link " + p + " " + q
+				op = func(o treeOps) error { return o.link(p, q) }
+			case 10:
+				target := strings.Repeat("t", r.IntN(120)+1)
+				desc = "symlink " + p
+				op = func(o treeOps) error { return o.symlink(target, p) }
+			case 11:
+				mode := uint32(r.IntN(0o1000))
+				desc = fmt.Sprintf("chmod %s %#o", p, mode)
+				op = func(o treeOps) error { return o.chmod(p, mode) }
+			}
+			want := errnoOf(op(hostOps{ref}))
+			got := op(writerOps{w})
+			if errnoOf(got) != want {
+				t.Fatalf("seed %d batch %d step %d: %s: writer %v, reference errno %v", seed, batch, step, desc, got, want)
+			}
+			if got == nil {
+				succeeded++
+			}
+		}
+		t.Logf("batch %d: %d of %d operations so far succeeded on both", batch, succeeded, 150*(batch+1))
+		must(t, w.Sync())
+		e2fsckClean(t, img)
+		compareTrees(t, ref, mountCopy(t, img))
+		if t.Failed() {
+			t.Fatalf("seed %d: trees differ after batch %d", seed, batch)
+		}
+	}
+}
+
+// errnoOf extracts the errno of an operation's error (0 for success, -1
+// for an error that carries none).
+func errnoOf(err error) syscall.Errno {
+	if err == nil {
+		return 0
+	}
+	var e syscall.Errno
+	if errors.As(err, &e) {
+		return e
+	}
+	return ^syscall.Errno(0)
+}
+
+// TestWriterENOSPC fills a small filesystem until writes fail with ENOSPC,
+// checks it stays e2fsck-clean, then frees space and writes again.
+func TestWriterENOSPC(t *testing.T) {
+	img := mkfs(t, nil, "", 4)
+	w := openWritable(t, img)
+	o := writerOps{w}
+	chunk := fill(9, 64<<10)
+	var err error
+	var files int
+	for i := 0; err == nil && i < 1000; i++ {
+		name := fmt.Sprintf("f%d", i)
+		if err = o.create(name, 0o644); err != nil {
+			break
+		}
+		files++
+		for off := int64(0); err == nil && off < 1<<20; off += int64(len(chunk)) {
+			err = o.writeAt(name, chunk, off)
+		}
+	}
+	if !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("filling the filesystem ended with %v, want ENOSPC", err)
+	}
+	must(t, w.Sync())
+	e2fsckClean(t, img)
+	if st := w.FS().StatFS(); st.FreeBlocks != 0 && st.FreeInodes != 0 {
+		t.Errorf("ENOSPC with %d blocks and %d inodes free", st.FreeBlocks, st.FreeInodes)
+	}
+	must(t, o.unlink("f0"))
+	must(t, o.create("again", 0o644))
+	must(t, o.writeAt("again", chunk[:5000], 0))
+	must(t, w.Sync())
+	e2fsckClean(t, img)
+	t.Logf("%d files before ENOSPC", files)
+}
