@@ -420,6 +420,15 @@ func (w *Writer) Rename(olddir uint32, oldname string, newdir uint32, newname st
 		if err != nil {
 			return err
 		}
+		if dstIn.IsDir() {
+			// A target that contains the source is never empty (the
+			// kernel's rename trap check).
+			if err := w.checkNotAncestor(dst, olddir); isErrno(err, syscall.EINVAL) {
+				return errno(syscall.ENOTEMPTY, "rename %q over %q, a directory above it", oldname, newname)
+			} else if err != nil {
+				return err
+			}
+		}
 		switch {
 		case srcDir && !dstIn.IsDir():
 			return errno(syscall.ENOTDIR, "rename directory %q over non-directory %q", oldname, newname)

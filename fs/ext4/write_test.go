@@ -173,49 +173,90 @@ func TestWriterRandom(t *testing.T) {
 	ref := t.TempDir()
 	must(t, os.Mkdir(ref+"/lost+found", 0o700))
 	w := openWritable(t, img)
-	dirs := []string{"", "d0", "d1", "d0/d2", "d1/d3"}
-	pick := func() string {
-		return strings.TrimPrefix(dirs[r.IntN(len(dirs))]+"/"+[]string{"f0", "f1", "f2", "f3", "d0", "d1", "d2", "d3", "l0"}[r.IntN(9)], "/")
+	// Paths are drawn mostly from what exists in the reference, so most
+	// operations succeed; one in eight is arbitrary, for the error paths.
+	leaves := []string{"f0", "f1", "f2", "f3", "d0", "d1", "d2", "d3", "l0"}
+	arbitrary := func() string {
+		p := ""
+		for n := r.IntN(3) + 1; n > 0; n-- {
+			p += "/" + leaves[r.IntN(len(leaves))]
+		}
+		return p[1:]
+	}
+	existing := func(kind uint32) []string {
+		var out []string
+		must(t, filepath.Walk(ref, func(hp string, fi os.FileInfo, err error) error {
+			must(t, err)
+			rel, _ := filepath.Rel(ref, hp)
+			if rel != "lost+found" && (kind == 0 || uint32(fi.Mode().Type()) == kind) {
+				out = append(out, rel)
+			}
+			return nil
+		}))
+		return out
+	}
+	choose := func(kind uint32) string {
+		if c := existing(kind); len(c) > 1 && r.IntN(8) != 0 {
+			return c[1+r.IntN(len(c)-1)] // c[0] is ".", the reference's root itself
+		}
+		return arbitrary()
+	}
+	newName := func() string {
+		if r.IntN(8) == 0 {
+			return arbitrary()
+		}
+		dirs := existing(uint32(os.ModeDir))
+		d := dirs[r.IntN(len(dirs))]
+		return strings.TrimPrefix(d+"/"+leaves[r.IntN(len(leaves))], "./")
 	}
 	succeeded := 0
 	for batch := 0; batch < 4; batch++ {
 		for step := 0; step < 150; step++ {
-			p, q := pick(), pick()
 			var op func(treeOps) error
 			desc := ""
 			switch k := r.IntN(12); k {
 			case 0, 1:
+				p := choose(0)
 				data := fill(r.Uint64(), r.IntN(40_000)+1)
 				off := int64(r.IntN(300_000))
 				desc = fmt.Sprintf("write %d@%d %s", len(data), off, p)
 				op = func(o treeOps) error { return o.writeAt(p, data, off) }
 			case 2:
+				p := newName()
 				desc = "create " + p
 				op = func(o treeOps) error { return o.create(p, 0o644) }
 			case 3:
+				p := choose(0)
 				size := int64(r.IntN(350_000))
 				desc = fmt.Sprintf("truncate %s %d", p, size)
 				op = func(o treeOps) error { return o.truncate(p, size) }
 			case 4:
+				p := newName()
 				desc = "mkdir " + p
 				op = func(o treeOps) error { return o.mkdir(p, 0o755) }
 			case 5:
+				p := choose(0)
 				desc = "unlink " + p
 				op = func(o treeOps) error { return o.unlink(p) }
 			case 6:
+				p := choose(uint32(os.ModeDir))
 				desc = "rmdir " + p
 				op = func(o treeOps) error { return o.rmdir(p) }
 			case 7, 8:
+				p, q := choose(0), newName()
 				desc = "rename " + p + " " + q
 				op = func(o treeOps) error { return o.rename(p, q) }
 			case 9:
+				p, q := choose(0), newName()
 				desc = "link " + p + " " + q
 				op = func(o treeOps) error { return o.link(p, q) }
 			case 10:
+				p := newName()
 				target := strings.Repeat("t", r.IntN(120)+1)
 				desc = "symlink " + p
 				op = func(o treeOps) error { return o.symlink(target, p) }
 			case 11:
+				p := choose(0)
 				mode := uint32(r.IntN(0o1000))
 				desc = fmt.Sprintf("chmod %s %#o", p, mode)
 				op = func(o treeOps) error { return o.chmod(p, mode) }
