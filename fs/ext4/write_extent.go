@@ -32,7 +32,9 @@ type extentMap struct {
 // files are refused: the writer only creates and changes extent files.
 func (w *Writer) loadExtents(in wInode) (*extentMap, error) {
 	if !in.hasFlag(flagExtents) {
-		if in.IsSymlink() && w.f.isFastSymlink(in.Inode) {
+		// Devices, FIFOs, sockets and fast symlinks map no blocks; i_block
+		// holds their device number or target.
+		if t := in.Mode & sIFMT; t != sIFREG && t != sIFDIR && t != sIFLNK || in.IsSymlink() && w.f.isFastSymlink(in.Inode) {
 			return &extentMap{}, nil
 		}
 		return nil, fmt.Errorf("ext4: inode %d uses an indirect block map, which the writer does not change (only extent-mapped files): %w", in.Ino, ErrUnsupported)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -326,4 +327,71 @@ func TestWriterENOSPC(t *testing.T) {
 	must(t, w.Sync())
 	e2fsckClean(t, img)
 	t.Logf("%d files before ENOSPC", files)
+}
+
+// TestWriterOnMke2fsTree changes a tree that mke2fs -d built (xattr blocks,
+// ACLs, hard links, devices, a directory e2fsck -D indexed) and checks the
+// result against the same changes made to the source directory.
+func TestWriterOnMke2fsTree(t *testing.T) {
+	tools := testenv.RequireTools(t, "e2fsck")
+	src := makeTree(t, t.TempDir(), treeOptions{})
+	must(t, os.Mkdir(filepath.Join(src, "big"), 0o755))
+	bigName := func(i int) string { return fmt.Sprintf("big/file-with-a-long-name-%04d", i) }
+	for i := 0; i < 1500; i++ {
+		writeFile(t, filepath.Join(src, bigName(i)), nil, 0o644)
+	}
+	img := mkfs(t, nil, src, 64)
+	// The image's root is mke2fs's (0755, with lost+found); make the
+	// reference's match.
+	must(t, os.Chmod(src, 0o755))
+	must(t, os.Mkdir(filepath.Join(src, "lost+found"), 0o700))
+	// e2fsck -D indexes the large directory; exit status 1 means "fixed".
+	if out, err := exec.Command(tools[0], "-fyD", img).CombinedOutput(); err != nil {
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+			t.Fatalf("e2fsck -fyD: %v\n%s", err, out)
+		}
+	}
+	f, _ := openImage(t, img)
+	if in, err := lookupPath(f, "/big"); err != nil || !in.hasFlag(flagIndex) {
+		t.Fatalf("/big is not an indexed directory after e2fsck -D (%v); the test needs one", err)
+	}
+	w := openWritable(t, img)
+	step := func(what string, op func(o treeOps) error) {
+		t.Helper()
+		if err := op(hostOps{src}); err != nil {
+			t.Fatalf("%s on the reference: %v", what, err)
+		}
+		if err := op(writerOps{w}); err != nil {
+			t.Fatalf("%s through the writer: %v", what, err)
+		}
+	}
+	for i := 0; i < 40; i++ {
+		step("create in indexed dir", func(o treeOps) error { return o.create(fmt.Sprintf("big/new-%d", i), 0o600) })
+	}
+	for i := 0; i < 1500; i += 7 {
+		step("unlink in indexed dir", func(o treeOps) error { return o.unlink(bigName(i)) })
+	}
+	step("rename out of indexed dir", func(o treeOps) error { return o.rename(bigName(9), "sub/moved") })
+	step("write into file with xattr block", func(o treeOps) error { return o.writeAt("sizes/f0000001", fill(5, 9000), 100) })
+	step("unlink file with xattr block", func(o treeOps) error { return o.unlink("sizes/f0000001") })
+	step("unlink file with ACL", func(o treeOps) error { return o.unlink("sizes/f0000059") })
+	step("truncate sparse", func(o treeOps) error { return o.truncate("sparse", 1<<20+100) })
+	step("unlink one of three links", func(o treeOps) error { return o.unlink("small.txt") })
+	step("unlink device", func(o treeOps) error { return o.unlink("blk-big") })
+	ents, err := os.ReadDir(filepath.Join(src, "medium"))
+	must(t, err)
+	for _, e := range ents {
+		step("rm -r medium", func(o treeOps) error { return o.unlink("medium/" + e.Name()) })
+	}
+	step("rmdir medium", func(o treeOps) error { return o.rmdir("medium") })
+	step("rename deep dir", func(o treeOps) error { return o.rename("d00/d01/d02", "tiny/d02") })
+	step("overwrite big file", func(o treeOps) error { return o.writeAt("sizes/f0300000", fill(6, 500_000), 1000) })
+	must(t, w.Sync())
+	e2fsckClean(t, img)
+	compareTrees(t, src, mountCopy(t, img))
+	f, _ = openImage(t, img)
+	if in, err := lookupPath(f, "/big"); err != nil || in.hasFlag(flagIndex) {
+		t.Errorf("/big: %v; want it converted to a linear directory (index flag cleared)", err)
+	}
 }
