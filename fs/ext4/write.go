@@ -57,15 +57,15 @@ const WritableFeatures = "has_journal (left empty), ext_attr, resize_inode, dir_
 	"sparse_super, sparse_super2, filetype, extent (required), 64bit, flex_bg, metadata_csum, metadata_csum_seed, " +
 	"gdt_csum/uninit_bg, large_dir, large_file, huge_file, dir_nlink, extra_isize, stable_inodes, orphan_file"
 
-// Writer changes an ext4 filesystem in place. Its methods are serialized by
-// one mutex; the reader returned by FS must not be used while a Writer
-// method runs (the FUSE layer serializes both through Writer).
+// Writer changes an ext4 filesystem in place. Its changing methods are
+// serialized; reads go through View, which runs alongside other reads but
+// never alongside a change (the reader's group table and caches change).
 //
 // This milestone writes metadata in place, in an order that keeps each
 // operation's bitmap and counter updates together, but without the journal:
 // a crash mid-operation can leave an inconsistency for e2fsck to repair.
 type Writer struct {
-	mu   sync.Mutex
+	mu   sync.RWMutex
 	f    *FS
 	dev  Device
 	sb   []byte   // the primary superblock, 1024 bytes
@@ -150,7 +150,15 @@ func checkWritable(f *FS, sb []byte) error {
 }
 
 // FS is the reader over the same volume; it sees every completed write.
+// Use it directly only while no Writer method runs; otherwise use View.
 func (w *Writer) FS() *FS { return w.f }
+
+// View runs fn with the reader while no change is in progress.
+func (w *Writer) View(fn func(f *FS) error) error {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	return fn(w.f)
+}
 
 // Sync writes the superblock and descriptors and makes everything durable.
 func (w *Writer) Sync() error {
