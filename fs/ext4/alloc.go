@@ -61,15 +61,21 @@ func (w *Writer) setBitmapCsum(g uint32, bitmap []byte, inodes bool) {
 	w.put16x2(d, lo, hi, crc32cRaw(w.f.csumSeed, bitmap[:n]))
 }
 
+// sbFreeBlocks is the superblock's free block count.
+func (w *Writer) sbFreeBlocks() uint64 {
+	le := binary.LittleEndian
+	v := uint64(le.Uint32(w.sb[0xC:]))
+	if w.f.incompat(incompat64bit) {
+		v |= uint64(le.Uint32(w.sb[0x158:])) << 32
+	}
+	return v
+}
+
 // addSBFree adjusts the superblock's free block and inode counters.
 func (w *Writer) addSBFree(blocks, inodes int64) {
 	le := binary.LittleEndian
 	if blocks != 0 {
-		v := uint64(le.Uint32(w.sb[0xC:]))
-		if w.f.incompat(incompat64bit) {
-			v |= uint64(le.Uint32(w.sb[0x158:])) << 32
-		}
-		v = uint64(int64(v) + blocks)
+		v := uint64(int64(w.sbFreeBlocks()) + blocks)
 		le.PutUint32(w.sb[0xC:], uint32(v))
 		if w.f.incompat(incompat64bit) {
 			le.PutUint32(w.sb[0x158:], uint32(v>>32))

@@ -73,7 +73,13 @@ type Writer struct {
 	gdtD map[uint32]bool
 	sbD  bool
 	now  func() time.Time // the clock for timestamps; tests pin it
+
+	replayed int // journal transactions replayed at open
 }
+
+// ReplayedTransactions is the number of journal transactions that
+// OpenWritable replayed because the filesystem needed recovery.
+func (w *Writer) ReplayedTransactions() int { return w.replayed }
 
 // OpenWritable opens the ext4 filesystem on dev (size bytes) for writing.
 // It refuses, naming them, features the writer cannot maintain, and a
@@ -81,6 +87,10 @@ type Writer struct {
 func OpenWritable(dev Device, size int64) (*Writer, error) {
 	if dev == nil {
 		return nil, errors.New("ext4: nil device")
+	}
+	replayed, err := recoverJournal(dev, size)
+	if err != nil {
+		return nil, err
 	}
 	f, err := Open(dev, size)
 	if err != nil {
@@ -93,7 +103,7 @@ func OpenWritable(dev Device, size int64) (*Writer, error) {
 	if err := checkWritable(f, sb); err != nil {
 		return nil, err
 	}
-	w := &Writer{f: f, dev: dev, sb: sb, gdtD: map[uint32]bool{}, now: time.Now}
+	w := &Writer{f: f, dev: dev, sb: sb, gdtD: map[uint32]bool{}, now: time.Now, replayed: replayed}
 	perBlock := f.blockSize / f.descSize
 	for nr := uint32(0); nr < (f.numGroups+perBlock-1)/perBlock; nr++ {
 		b := make([]byte, f.blockSize)
@@ -102,11 +112,18 @@ func OpenWritable(dev Device, size int64) (*Writer, error) {
 		}
 		w.gdt = append(w.gdt, b)
 	}
+	var freeBlocks, freeInodes uint64
 	for g := range f.groups {
 		if f.groups[g].csumErr != nil {
 			return nil, fmt.Errorf("ext4: refusing to write a damaged filesystem (run e2fsck -f on it): %w", f.groups[g].csumErr)
 		}
+		freeBlocks += uint64(f.groups[g].freeBlocks)
+		freeInodes += uint64(f.groups[g].freeInodes)
 	}
+	// The kernel keeps the superblock's totals only approximately; start
+	// from the descriptors' exact counts, as it does at mount.
+	le := binary.LittleEndian
+	w.addSBFree(int64(freeBlocks)-int64(w.sbFreeBlocks()), int64(freeInodes)-int64(le.Uint32(sb[0x10:])))
 	return w, nil
 }
 
