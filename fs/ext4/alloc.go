@@ -155,6 +155,18 @@ func (w *Writer) storeBlockBitmap(g uint32, b []byte) error {
 // or after goal (wrapping around the filesystem), and returns its start and
 // length. It fails with ENOSPC when no block is free.
 func (w *Writer) allocBlocks(goal uint64, want uint32) (uint64, uint32, error) {
+	start, n, err := w.allocFree(goal, want)
+	if isErrno(err, syscall.ENOSPC) && len(w.pendingFree) > 0 {
+		// Blocks freed in the open transaction become usable once it commits.
+		if err := w.commit(); err != nil {
+			return 0, 0, err
+		}
+		return w.allocFree(goal, want)
+	}
+	return start, n, err
+}
+
+func (w *Writer) allocFree(goal uint64, want uint32) (uint64, uint32, error) {
 	f := w.f
 	if goal < uint64(f.sb.firstDataBlock) || goal >= f.sb.blocksCount {
 		goal = uint64(f.sb.firstDataBlock)
@@ -174,12 +186,14 @@ func (w *Writer) allocBlocks(goal uint64, want uint32) (uint64, uint32, error) {
 			return 0, 0, err
 		}
 		n := f.groupBlocks(g)
+		base := f.groupFirstBlock(g)
+		free := func(i uint32) bool { return !bitSet(b, i) && !w.pendingFree[base+uint64(i)] }
 		for s := start; s < n; s++ {
-			if bitSet(b, s) {
+			if !free(s) {
 				continue
 			}
 			e := s
-			for e < n && e-s < want && !bitSet(b, e) {
+			for e < n && e-s < want && free(e) {
 				setBit(b, e)
 				e++
 			}
@@ -190,7 +204,9 @@ func (w *Writer) allocBlocks(goal uint64, want uint32) (uint64, uint32, error) {
 			w.addSBFree(-int64(e-s), 0)
 			first := f.groupFirstBlock(g) + uint64(s)
 			for i := uint64(0); i < uint64(e-s); i++ {
-				f.blocks.remove(first + i) // was metadata once, perhaps; now it is not
+				// Perhaps metadata once (even in this transaction); not now.
+				f.blocks.remove(first + i)
+				delete(w.dirty, first+i)
 			}
 			return first, e - s, nil
 		}
@@ -218,6 +234,9 @@ func (w *Writer) freeBlocks(blk, count uint64) error {
 				return fmt.Errorf("ext4: freeing block %d, which is already free: %w", blk+i, ErrCorrupt)
 			}
 			clearBit(b, bit)
+			if w.jw != nil {
+				w.pendingFree[blk+i] = true
+			}
 		}
 		if err := w.storeBlockBitmap(g, b); err != nil {
 			return err

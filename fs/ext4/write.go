@@ -75,6 +75,10 @@ type Writer struct {
 	now  func() time.Time // the clock for timestamps; tests pin it
 
 	replayed int // journal transactions replayed at open
+
+	jw          *journalWriter    // nil without a journal: writes go home directly
+	dirty       map[uint64][]byte // the open transaction's metadata blocks
+	pendingFree map[uint64]bool   // blocks freed in it, not reusable before it commits
 }
 
 // ReplayedTransactions is the number of journal transactions that
@@ -92,10 +96,13 @@ func OpenWritable(dev Device, size int64) (*Writer, error) {
 	if err != nil {
 		return nil, err
 	}
-	f, err := Open(dev, size)
+	// The reader sees the volume through the open transaction.
+	ov := &dirtyOverlay{dev: dev, dirty: map[uint64][]byte{}}
+	f, err := Open(ov, size)
 	if err != nil {
 		return nil, err
 	}
+	ov.blockLog = f.blockLog
 	sb := make([]byte, superblockSize)
 	if err := f.readFull(sb, superblockOffset); err != nil {
 		return nil, fmt.Errorf("ext4: reading superblock: %w", err)
@@ -103,7 +110,13 @@ func OpenWritable(dev Device, size int64) (*Writer, error) {
 	if err := checkWritable(f, sb); err != nil {
 		return nil, err
 	}
-	w := &Writer{f: f, dev: dev, sb: sb, gdtD: map[uint32]bool{}, now: time.Now, replayed: replayed}
+	w := &Writer{f: f, dev: dev, sb: sb, gdtD: map[uint32]bool{}, now: time.Now, replayed: replayed,
+		dirty: ov.dirty, pendingFree: map[uint64]bool{}}
+	if f.compat(compatHasJournal) && f.sb.journalInum != 0 {
+		if err := w.openJournal(); err != nil {
+			return nil, err
+		}
+	}
 	perBlock := f.blockSize / f.descSize
 	for nr := uint32(0); nr < (f.numGroups+perBlock-1)/perBlock; nr++ {
 		b := make([]byte, f.blockSize)
@@ -177,14 +190,27 @@ func (w *Writer) View(fn func(f *FS) error) error {
 	return fn(w.f)
 }
 
-// Sync writes the superblock and descriptors and makes everything durable.
+// Sync commits the open transaction and makes everything durable; when it
+// returns, a crash loses nothing written before it (fsync, syncfs).
 func (w *Writer) Sync() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if err := w.flushMeta(); err != nil {
+	if err := w.commit(); err != nil {
 		return err
 	}
 	return w.dev.Sync()
+}
+
+// endOp ends an operation: its descriptor and superblock changes join the
+// transaction, which commits once it holds a quarter of the journal.
+func (w *Writer) endOp() error {
+	if err := w.flushMeta(); err != nil {
+		return err
+	}
+	if w.jw != nil && len(w.dirty) >= w.jw.limit {
+		return w.commit()
+	}
+	return nil
 }
 
 // Close syncs. The device stays open; its owner closes it.
@@ -208,11 +234,20 @@ func (w *Writer) flushMeta() error {
 	if w.f.hasCsum() {
 		le.PutUint32(w.sb[0x3FC:], crc32cRaw(^uint32(0), w.sb[:0x3FC]))
 	}
+	w.sbD = false
+	if w.jw != nil {
+		blk := uint64(superblockOffset >> w.f.blockLog)
+		b, err := w.block(blk)
+		if err != nil {
+			return err
+		}
+		copy(b[superblockOffset-int(blk<<w.f.blockLog):], w.sb)
+		return w.writeBlock(blk, b)
+	}
 	if _, err := w.dev.WriteAt(w.sb, superblockOffset); err != nil {
 		return fmt.Errorf("ext4: writing superblock: %w", err)
 	}
 	w.f.blocks.remove(superblockOffset >> w.f.blockLog)
-	w.sbD = false
 	return nil
 }
 
@@ -225,8 +260,14 @@ func (w *Writer) block(blk uint64) ([]byte, error) {
 	return bytes.Clone(b), nil
 }
 
-// writeBlock writes a whole metadata block and refreshes the reader's cache.
+// writeBlock writes a whole metadata block, into the open transaction when
+// there is a journal, and refreshes the reader's cache.
 func (w *Writer) writeBlock(blk uint64, b []byte) error {
+	if w.jw != nil {
+		w.dirty[blk] = bytes.Clone(b)
+		w.f.blocks.put(blk, bytes.Clone(b))
+		return nil
+	}
 	if _, err := w.dev.WriteAt(b, int64(blk)<<w.f.blockLog); err != nil {
 		return fmt.Errorf("ext4: writing block %d: %w", blk, err)
 	}

@@ -48,7 +48,7 @@ func (w *Writer) WriteAt(ino uint32, p []byte, off int64) (int, error) {
 	if err := w.storeExtents(in, m); err != nil {
 		return 0, err
 	}
-	if err := w.flushMeta(); err != nil {
+	if err := w.endOp(); err != nil {
 		return 0, err
 	}
 	return n, werr
@@ -80,7 +80,7 @@ func (w *Writer) Truncate(ino uint32, size uint64) error {
 	if err := w.storeExtents(in, m); err != nil {
 		return err
 	}
-	return w.flushMeta()
+	return w.endOp()
 }
 
 func (w *Writer) truncate(in wInode, m *extentMap, size uint64) error {

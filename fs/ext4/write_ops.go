@@ -75,7 +75,7 @@ func (w *Writer) Mkdir(dir uint32, name string, perm uint32, uid, gid uint32) (*
 	if err := w.addLinks(dir, 1); err != nil {
 		return nil, err
 	}
-	return in, w.flushMeta()
+	return in, w.endOp()
 }
 
 // Symlink makes a symbolic link: a fast one (target in i_block) below 60
@@ -141,14 +141,14 @@ func (w *Writer) create(dir uint32, name string, mode uint16, uid, gid uint32, f
 			rerr = w.freeInode(ino, isDir)
 		}
 		if rerr == nil {
-			rerr = w.flushMeta()
+			rerr = w.endOp()
 		}
 		if rerr != nil {
 			err = fmt.Errorf("%w (and releasing inode %d failed: %v)", err, ino, rerr)
 		}
 		return nil, err
 	}
-	if err := w.flushMeta(); err != nil {
+	if err := w.endOp(); err != nil {
 		return nil, err
 	}
 	return w.f.Inode(ino)
@@ -190,7 +190,7 @@ func (w *Writer) Link(ino, dir uint32, name string) error {
 	if err := w.storeInode(in); err != nil {
 		return err
 	}
-	return w.flushMeta()
+	return w.endOp()
 }
 
 // Unlink removes name, a non-directory, from dir; the inode and its blocks
@@ -219,7 +219,7 @@ func (w *Writer) Unlink(dir uint32, name string) error {
 	if err := w.dropLink(ino); err != nil {
 		return err
 	}
-	return w.flushMeta()
+	return w.endOp()
 }
 
 // dropLink removes one link of a non-directory, releasing it at zero.
@@ -262,7 +262,7 @@ func (w *Writer) Rmdir(dir uint32, name string) error {
 	if err := w.addLinks(dir, -1); err != nil {
 		return err
 	}
-	return w.flushMeta()
+	return w.endOp()
 }
 
 func (w *Writer) checkRemovableDir(ino uint32, name string) error {
@@ -477,7 +477,7 @@ func (w *Writer) Rename(olddir uint32, oldname string, newdir uint32, newname st
 	if err := w.storeInode(in); err != nil {
 		return err
 	}
-	return w.flushMeta()
+	return w.endOp()
 }
 
 // checkNotAncestor refuses moving directory src into itself or below it.
@@ -549,7 +549,7 @@ func (w *Writer) Setattr(ino uint32, a SetAttr) (*Inode, error) {
 	if err := w.storeInode(in); err != nil {
 		return nil, err
 	}
-	if err := w.flushMeta(); err != nil {
+	if err := w.endOp(); err != nil {
 		return nil, err
 	}
 	return w.f.Inode(ino)

@@ -1,0 +1,311 @@
+package ext4
+
+import (
+	"encoding/binary"
+	"fmt"
+	"io"
+	"slices"
+)
+
+// With has_journal the writer works like jbd2 in ordered mode: changed
+// metadata blocks collect in memory (the open transaction) while file data
+// goes straight to its blocks; a commit writes the data barrier, then the
+// transaction to the log (descriptor blocks with the journal's tag format
+// and checksums, the block copies, a commit block), then checkpoints the
+// blocks home and empties the log. A crash before the commit block is
+// durable loses the transaction whole; after it, recovery (ours or the
+// kernel's) replays it. Blocks freed in the open transaction are not reused
+// before it commits, so a crash never finds committed metadata overwritten
+// by new data.
+
+// dirtyOverlay shows the reader the open transaction's blocks over the
+// device, so lookups see what the writer has changed but not yet committed.
+type dirtyOverlay struct {
+	dev      io.ReaderAt
+	blockLog uint32 // 0 until the superblock is known
+	dirty    map[uint64][]byte
+}
+
+func (o *dirtyOverlay) ReadAt(p []byte, off int64) (int, error) {
+	n, err := o.dev.ReadAt(p, off)
+	if len(o.dirty) == 0 || o.blockLog == 0 {
+		return n, err
+	}
+	bs := int64(1) << o.blockLog
+	for blk := off >> o.blockLog; blk<<o.blockLog < off+int64(n); blk++ {
+		b, ok := o.dirty[uint64(blk)]
+		if !ok {
+			continue
+		}
+		s, e := max(off, blk<<o.blockLog), min(off+int64(n), (blk+1)*bs)
+		copy(p[s-off:e-off], b[s-blk<<o.blockLog:e-blk<<o.blockLog])
+	}
+	return n, err
+}
+
+// journalWriter is the log the writer commits to.
+type journalWriter struct {
+	j     *journalSuper
+	raw   []byte // the journal superblock as on disk
+	runs  []run  // the journal inode's blocks
+	seq   uint32 // the next transaction's id
+	limit int    // commit once this many blocks are dirty
+}
+
+// logBlock maps log block i to its volume block.
+func (jw *journalWriter) logBlock(i uint32) (uint64, error) {
+	for _, r := range jw.runs {
+		if uint64(i) >= r.lblk && uint64(i) < r.lblk+r.count && !r.zero {
+			return r.pblk + uint64(i) - r.lblk, nil
+		}
+	}
+	return 0, fmt.Errorf("ext4: journal block %d is a hole: %w", i, ErrCorrupt)
+}
+
+// openJournal prepares the (already recovered, empty) internal journal.
+func (w *Writer) openJournal() error {
+	f := w.f
+	jin, err := f.Inode(f.sb.journalInum)
+	if err != nil {
+		return fmt.Errorf("ext4: journal inode: %w", err)
+	}
+	n := jin.Size >> f.blockLog
+	if n < 2 || n > 1<<32-1 {
+		return fmt.Errorf("ext4: journal inode of %d bytes is not a journal: %w", jin.Size, ErrCorrupt)
+	}
+	runs, err := f.mapBlocks(jin, 0, n)
+	if err != nil {
+		return fmt.Errorf("ext4: mapping the journal: %w", err)
+	}
+	jw := &journalWriter{runs: runs}
+	p0, err := jw.logBlock(0)
+	if err != nil {
+		return err
+	}
+	jw.raw = make([]byte, f.blockSize)
+	if err := f.readFull(jw.raw, int64(p0)<<f.blockLog); err != nil {
+		return fmt.Errorf("ext4: reading the journal superblock: %w", err)
+	}
+	if jw.j, err = parseJournalSuper(jw.raw, f.blockSize, uint32(n)); err != nil {
+		return err
+	}
+	if jw.j.start != 0 {
+		return fmt.Errorf("ext4: the journal holds transactions but the filesystem is not marked for recovery; run e2fsck -f on the image: %w", ErrCorrupt)
+	}
+	jw.seq = jw.j.sequence
+	jw.limit = int(jw.j.maxLen-jw.j.first) / 4
+	w.jw = jw
+	return nil
+}
+
+// tagsPerDescriptor is how many blocks one descriptor block can describe
+// (the first tag carries the 16-byte journal UUID).
+func (jw *journalWriter) tagsPerDescriptor() int {
+	room := int(jw.j.blockSize) - 12 - 16
+	if jw.j.csum() {
+		room -= 4
+	}
+	return room / jw.j.tagBytes()
+}
+
+// commit makes the open transaction durable and checkpoints it. Without a
+// journal it only flushes.
+func (w *Writer) commit() error {
+	if err := w.flushMeta(); err != nil {
+		return err
+	}
+	if w.jw == nil || len(w.dirty) == 0 {
+		return nil
+	}
+	blks := make([]uint64, 0, len(w.dirty))
+	for b := range w.dirty {
+		blks = append(blks, b)
+	}
+	slices.Sort(blks)
+	// A transaction must fit the log with its descriptors and commit block.
+	per := w.jw.tagsPerDescriptor()
+	room := int(w.jw.j.maxLen-w.jw.j.first) - 1
+	chunk := room * per / (per + 1)
+	for len(blks) > 0 {
+		n := min(chunk, len(blks))
+		if err := w.writeTransaction(blks[:n]); err != nil {
+			return err
+		}
+		blks = blks[n:]
+	}
+	clear(w.dirty)
+	clear(w.pendingFree)
+	return nil
+}
+
+// writeTransaction logs, commits and checkpoints the dirty blocks blks.
+func (w *Writer) writeTransaction(blks []uint64) error {
+	f, jw, j := w.f, w.jw, w.jw.j
+	bs := int(f.blockSize)
+	// The filesystem is marked as needing recovery while the log is used:
+	// on disk now, and in a logged or checkpointed superblock copy, so no
+	// crash during the checkpoint finds the flag gone too early.
+	if err := w.setRecoverFlag(true); err != nil {
+		return err
+	}
+	sbBlk := uint64(superblockOffset >> f.blockLog)
+	if b, ok := w.dirty[sbBlk]; ok {
+		sb := b[superblockOffset-int(sbBlk<<f.blockLog):][:superblockSize]
+		le := binary.LittleEndian
+		le.PutUint32(sb[0x60:], le.Uint32(sb[0x60:])|incompatRecover)
+		if f.hasCsum() {
+			le.PutUint32(sb[0x3FC:], crc32cRaw(^uint32(0), sb[:0x3FC]))
+		}
+	}
+	pos := j.first
+	writeLog := func(b []byte) error {
+		p, err := jw.logBlock(pos)
+		if err != nil {
+			return err
+		}
+		if _, err := w.dev.WriteAt(b, int64(p)<<f.blockLog); err != nil {
+			return fmt.Errorf("ext4: writing journal block %d: %w", pos, err)
+		}
+		pos++
+		return nil
+	}
+	header := func(typ uint32) []byte {
+		b := make([]byte, bs)
+		be.PutUint32(b, jbd2Magic)
+		be.PutUint32(b[4:], typ)
+		be.PutUint32(b[8:], jw.seq)
+		return b
+	}
+	per := jw.tagsPerDescriptor()
+	tb := j.tagBytes()
+	for s := 0; s < len(blks); s += per {
+		group := blks[s:min(s+per, len(blks))]
+		desc := header(jBlockDescriptor)
+		copies := make([][]byte, len(group))
+		off := 12
+		for i, blk := range group {
+			data := append([]byte(nil), w.dirty[blk]...)
+			var flags uint32
+			if be.Uint32(data) == jbd2Magic {
+				flags |= jTagEscape
+				be.PutUint32(data, 0)
+			}
+			if i > 0 {
+				flags |= jTagSameUUID
+			}
+			if i == len(group)-1 {
+				flags |= jTagLast
+			}
+			t := desc[off:]
+			be.PutUint32(t, uint32(blk))
+			var csum uint32
+			if j.csum() {
+				var sq [4]byte
+				be.PutUint32(sq[:], jw.seq)
+				csum = crc32cRaw(crc32cRaw(j.csumSeed, sq[:]), data)
+			}
+			if j.incompat&jIncompatCsumV3 != 0 {
+				be.PutUint32(t[4:], flags)
+				be.PutUint32(t[8:], uint32(blk>>32))
+				be.PutUint32(t[12:], csum)
+			} else {
+				be.PutUint16(t[4:], uint16(csum))
+				be.PutUint16(t[6:], uint16(flags))
+				if j.incompat&jIncompat64bit != 0 {
+					be.PutUint32(t[8:], uint32(blk>>32))
+				}
+			}
+			off += tb
+			if i == 0 {
+				copy(desc[off:], j.uuid[:])
+				off += 16
+			}
+			copies[i] = data
+		}
+		if j.csum() {
+			be.PutUint32(desc[bs-4:], j.blockCsum(desc, bs-4))
+		}
+		if err := writeLog(desc); err != nil {
+			return err
+		}
+		for _, c := range copies {
+			if err := writeLog(c); err != nil {
+				return err
+			}
+		}
+	}
+	// The log start in the journal superblock, then a barrier: data,
+	// descriptors and copies are durable before the commit block is.
+	if err := w.writeJournalSuper(j.first, jw.seq); err != nil {
+		return err
+	}
+	if err := w.dev.Sync(); err != nil {
+		return fmt.Errorf("ext4: journal barrier: %w", err)
+	}
+	commit := header(jBlockCommit)
+	now := w.now()
+	be.PutUint64(commit[0x30:], uint64(now.Unix()))
+	be.PutUint32(commit[0x38:], uint32(now.Nanosecond()))
+	if j.csum() {
+		be.PutUint32(commit[0x10:], j.blockCsum(commit, 0x10))
+	}
+	if err := writeLog(commit); err != nil {
+		return err
+	}
+	if err := w.dev.Sync(); err != nil {
+		return fmt.Errorf("ext4: committing transaction %d: %w", jw.seq, err)
+	}
+	// Checkpoint: the blocks go home, then the log is emptied.
+	for _, blk := range blks {
+		if _, err := w.dev.WriteAt(w.dirty[blk], int64(blk)<<f.blockLog); err != nil {
+			return fmt.Errorf("ext4: checkpointing block %d: %w", blk, err)
+		}
+	}
+	if err := w.dev.Sync(); err != nil {
+		return fmt.Errorf("ext4: checkpoint: %w", err)
+	}
+	jw.seq++
+	if err := w.writeJournalSuper(0, jw.seq); err != nil {
+		return err
+	}
+	return w.setRecoverFlag(false)
+}
+
+func (w *Writer) writeJournalSuper(start, seq uint32) error {
+	jw := w.jw
+	be.PutUint32(jw.raw[0x18:], seq)
+	be.PutUint32(jw.raw[0x1C:], start)
+	if jw.j.csum() {
+		be.PutUint32(jw.raw[0xFC:], journalSuperCsum(jw.raw))
+	}
+	p0, err := jw.logBlock(0)
+	if err != nil {
+		return err
+	}
+	if _, err := w.dev.WriteAt(jw.raw, int64(p0)<<w.f.blockLog); err != nil {
+		return fmt.Errorf("ext4: writing the journal superblock: %w", err)
+	}
+	return nil
+}
+
+// setRecoverFlag sets or clears needs_recovery in the superblock on disk
+// (not in the transaction: it describes the log, as the kernel's does).
+func (w *Writer) setRecoverFlag(on bool) error {
+	le := binary.LittleEndian
+	sb := make([]byte, superblockSize)
+	if _, err := w.dev.ReadAt(sb, superblockOffset); err != nil {
+		return fmt.Errorf("ext4: reading superblock: %w", err)
+	}
+	v := le.Uint32(sb[0x60:]) &^ incompatRecover
+	if on {
+		v |= incompatRecover
+	}
+	le.PutUint32(sb[0x60:], v)
+	if w.f.hasCsum() {
+		le.PutUint32(sb[0x3FC:], crc32cRaw(^uint32(0), sb[:0x3FC]))
+	}
+	if _, err := w.dev.WriteAt(sb, superblockOffset); err != nil {
+		return fmt.Errorf("ext4: writing superblock: %w", err)
+	}
+	return nil
+}
