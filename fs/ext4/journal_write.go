@@ -89,6 +89,9 @@ func (w *Writer) openJournal() error {
 	if jw.j, err = parseJournalSuper(jw.raw, f.blockSize, uint32(n)); err != nil {
 		return err
 	}
+	if jw.j.errno != 0 {
+		return fmt.Errorf("ext4: the journal records error %d from the kernel; run e2fsck -f on the image: %w", jw.j.errno, ErrCorrupt)
+	}
 	if jw.j.start != 0 {
 		return fmt.Errorf("ext4: the journal holds transactions but the filesystem is not marked for recovery; run e2fsck -f on the image: %w", ErrCorrupt)
 	}

@@ -169,6 +169,9 @@ func checkWritable(f *FS, sb []byte) error {
 	if !f.incompat(incompatExtents) {
 		return fmt.Errorf("ext4: cannot open read-write: the filesystem lacks the extent feature (ext2/ext3 layout); the writer creates extent-mapped files only: %w", ErrUnsupported)
 	}
+	if f.compat(compatHasJournal) && f.sb.journalInum == 0 {
+		return fmt.Errorf("ext4: cannot open read-write: the journal is on an external device, which the writer does not use: %w", ErrUnsupported)
+	}
 	if f.blockSize > 32768 {
 		return fmt.Errorf("ext4: cannot open read-write: %d-byte blocks are not supported for writing: %w", f.blockSize, ErrUnsupported)
 	}
