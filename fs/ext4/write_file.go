@@ -203,3 +203,65 @@ func (w *Writer) writeData(in wInode, m *extentMap, p []byte, off uint64) (int, 
 func (w *Writer) inodeGoal(ino uint32) uint64 {
 	return w.f.groupFirstBlock((ino - 1) / w.f.sb.inodesPerGroup)
 }
+
+// Fallocate reserves blocks for the holes in [off, off+length) of regular
+// file ino as unwritten extents, which read as zeros (fallocate(2) mode 0,
+// or FALLOC_FL_KEEP_SIZE with keepSize). Blocks already mapped stay.
+func (w *Writer) Fallocate(ino uint32, off, length uint64, keepSize bool) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	in, err := w.loadInode(ino)
+	if err != nil {
+		return err
+	}
+	if err := w.checkRegular(in, "fallocate"); err != nil {
+		return err
+	}
+	if length == 0 {
+		return errno(syscall.EINVAL, "fallocate of inode %d: zero length", ino)
+	}
+	end := off + length
+	if end < off || end > w.maxFileSize() {
+		return errno(syscall.EFBIG, "fallocate of inode %d: range ends past the largest file (%d bytes)", ino, w.maxFileSize())
+	}
+	m, err := w.loadExtents(in)
+	if err != nil {
+		return err
+	}
+	bs := uint64(w.f.blockSize)
+	last := (end + bs - 1) / bs
+	var allocErr error
+	for l := off / bs; l < last; {
+		i, found := m.find(uint32(l))
+		if found {
+			l = uint64(m.exts[i].lblk) + uint64(m.exts[i].len)
+			continue
+		}
+		next := last
+		if i < len(m.exts) {
+			next = min(next, uint64(m.exts[i].lblk))
+		}
+		goal := m.goalFor(uint32(l))
+		if goal == 0 {
+			goal = w.inodeGoal(in.Ino)
+		}
+		pblk, n, err := w.allocBlocks(goal, uint32(min(next-l, maxUnwrittenExtent)))
+		if err != nil {
+			allocErr = err // keep what was reserved, as the kernel does
+			break
+		}
+		m.insert(extent{lblk: uint32(l), len: n, pblk: pblk, unwritten: true})
+		l += uint64(n)
+	}
+	if allocErr == nil && !keepSize && end > in.Size {
+		w.setSize(in, end)
+	}
+	w.touch(in, true)
+	if err := w.storeExtents(in, m); err != nil {
+		return err
+	}
+	if err := w.endOp(); err != nil {
+		return err
+	}
+	return allocErr
+}

@@ -60,6 +60,7 @@ type treeOps interface {
 	create(p string, perm uint32) error
 	writeAt(p string, data []byte, off int64) error
 	truncate(p string, size int64) error
+	fallocate(p string, off, length int64, keepSize bool) error
 	unlink(p string) error
 	rmdir(p string) error
 	rename(from, to string) error
@@ -103,11 +104,24 @@ func (h hostOps) writeAt(p string, data []byte, off int64) error {
 }
 
 func (h hostOps) truncate(p string, size int64) error { return unix.Truncate(h.j(p), size) }
-func (h hostOps) unlink(p string) error               { return unix.Unlink(h.j(p)) }
-func (h hostOps) rmdir(p string) error                { return unix.Rmdir(h.j(p)) }
-func (h hostOps) rename(a, b string) error            { return unix.Rename(h.j(a), h.j(b)) }
-func (h hostOps) link(a, b string) error              { return unix.Link(h.j(a), h.j(b)) }
-func (h hostOps) symlink(target, p string) error      { return unix.Symlink(target, h.j(p)) }
+
+func (h hostOps) fallocate(p string, off, length int64, keepSize bool) error {
+	fd, err := unix.Open(h.j(p), unix.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	mode := uint32(0)
+	if keepSize {
+		mode = unix.FALLOC_FL_KEEP_SIZE
+	}
+	return unix.Fallocate(fd, mode, off, length)
+}
+func (h hostOps) unlink(p string) error          { return unix.Unlink(h.j(p)) }
+func (h hostOps) rmdir(p string) error           { return unix.Rmdir(h.j(p)) }
+func (h hostOps) rename(a, b string) error       { return unix.Rename(h.j(a), h.j(b)) }
+func (h hostOps) link(a, b string) error         { return unix.Link(h.j(a), h.j(b)) }
+func (h hostOps) symlink(target, p string) error { return unix.Symlink(target, h.j(p)) }
 func (h hostOps) mkfifo(p string, perm uint32) error {
 	if err := unix.Mkfifo(h.j(p), perm); err != nil {
 		return err
@@ -216,6 +230,14 @@ func (o writerOps) truncate(p string, size int64) error {
 	ino, err := o.follow(p)
 	if err == nil {
 		err = o.w.Truncate(ino, uint64(size))
+	}
+	return err
+}
+
+func (o writerOps) fallocate(p string, off, length int64, keepSize bool) error {
+	ino, err := o.follow(p)
+	if err == nil {
+		err = o.w.Fallocate(ino, uint64(off), uint64(length), keepSize)
 	}
 	return err
 }

@@ -126,6 +126,11 @@ func script(t *testing.T, op func(string, func(treeOps) error)) map[string][2]ti
 	op("write past EOF", func(o treeOps) error { return o.writeAt("a/small", []byte("tail"), 20_000) })
 	op("truncate shrink mid-block", func(o treeOps) error { return o.truncate("big", 123_457) })
 	op("truncate extend again", func(o treeOps) error { return o.truncate("big", 200_000) })
+	op("create prealloc", func(o treeOps) error { return o.create("prealloc", 0o644) })
+	op("fallocate", func(o treeOps) error { return o.fallocate("prealloc", 5000, 70_000, false) })
+	op("fallocate keep size", func(o treeOps) error { return o.fallocate("prealloc", 100_000, 30_000, true) })
+	op("write into unwritten", func(o treeOps) error { return o.writeAt("prealloc", fill(8, 10_000), 20_001) })
+	op("fallocate over data", func(o treeOps) error { return o.fallocate("a/small", 0, 50_000, false) })
 	op("hard link", func(o treeOps) error { return o.link("a/small", "a/b/small-link") })
 	op("fast symlink", func(o treeOps) error { return o.symlink("a/small", "fast") })
 	op("slow symlink", func(o treeOps) error { return o.symlink(strings.Repeat("long/", 40)+"end", "a/slow") })
@@ -152,7 +157,7 @@ func script(t *testing.T, op func(string, func(treeOps) error)) map[string][2]ti
 	op("chown dir", func(o treeOps) error { return o.chown("a/b", 5, 6) })
 	// Times last, children before parents, so no later change moves them.
 	times := map[string][2]time.Time{}
-	for i, p := range []string{"a/b/small-link", "a/b/moved", "a/b", "a/renamed", "a/slow", "sparse", "fifo", "e", "a", "lost+found", "."} {
+	for i, p := range []string{"a/b/small-link", "a/b/moved", "a/b", "a/renamed", "a/slow", "sparse", "prealloc", "fifo", "e", "a", "lost+found", "."} {
 		at := time.Unix(1_700_000_000+int64(i)*1000, int64(i)*111_111_111+7)
 		mt := time.Unix(1_600_000_000-int64(i)*77, int64(i)*3+999_000_000)
 		op("utimes "+p, func(o treeOps) error { return o.utimes(p, at, mt) })
@@ -217,7 +222,7 @@ func TestWriterRandom(t *testing.T) {
 		for step := 0; step < 150; step++ {
 			var op func(treeOps) error
 			desc := ""
-			switch k := r.IntN(12); k {
+			switch k := r.IntN(13); k {
 			case 0, 1:
 				p := choose(0)
 				data := fill(r.Uint64(), r.IntN(40_000)+1)
@@ -258,6 +263,11 @@ func TestWriterRandom(t *testing.T) {
 				target := strings.Repeat("t", r.IntN(120)+1)
 				desc = "symlink " + p
 				op = func(o treeOps) error { return o.symlink(target, p) }
+			case 12:
+				p := choose(0)
+				off, length, keep := int64(r.IntN(300_000)), int64(r.IntN(100_000)+1), r.IntN(2) == 0
+				desc = fmt.Sprintf("fallocate %s %d+%d keep=%v", p, off, length, keep)
+				op = func(o treeOps) error { return o.fallocate(p, off, length, keep) }
 			case 11:
 				p := choose(0)
 				mode := uint32(r.IntN(0o1000))
