@@ -63,7 +63,7 @@ type treeOps interface {
 	fallocate(p string, off, length int64, keepSize bool) error
 	unlink(p string) error
 	rmdir(p string) error
-	rename(from, to string) error
+	rename(from, to string, flags uint32) error
 	link(from, to string) error
 	symlink(target, p string) error
 	mkfifo(p string, perm uint32) error
@@ -117,9 +117,11 @@ func (h hostOps) fallocate(p string, off, length int64, keepSize bool) error {
 	}
 	return unix.Fallocate(fd, mode, off, length)
 }
-func (h hostOps) unlink(p string) error          { return unix.Unlink(h.j(p)) }
-func (h hostOps) rmdir(p string) error           { return unix.Rmdir(h.j(p)) }
-func (h hostOps) rename(a, b string) error       { return unix.Rename(h.j(a), h.j(b)) }
+func (h hostOps) unlink(p string) error { return unix.Unlink(h.j(p)) }
+func (h hostOps) rmdir(p string) error  { return unix.Rmdir(h.j(p)) }
+func (h hostOps) rename(a, b string, flags uint32) error {
+	return unix.Renameat2(unix.AT_FDCWD, h.j(a), unix.AT_FDCWD, h.j(b), uint(flags))
+}
 func (h hostOps) link(a, b string) error         { return unix.Link(h.j(a), h.j(b)) }
 func (h hostOps) symlink(target, p string) error { return unix.Symlink(target, h.j(p)) }
 func (h hostOps) mkfifo(p string, perm uint32) error {
@@ -258,7 +260,7 @@ func (o writerOps) rmdir(p string) error {
 	return err
 }
 
-func (o writerOps) rename(a, b string) error {
+func (o writerOps) rename(a, b string, flags uint32) error {
 	da, na, err := o.parent(a)
 	if err != nil {
 		return err
@@ -267,7 +269,7 @@ func (o writerOps) rename(a, b string) error {
 	if err != nil {
 		return err
 	}
-	return o.w.Rename(da, na, db, nb)
+	return o.w.Rename(da, na, db, nb, flags)
 }
 
 func (o writerOps) link(a, b string) error {

@@ -379,13 +379,22 @@ func (w *Writer) dropXattrBlock(in wInode) error {
 	return w.freeBlocks(blk, 1)
 }
 
+// Flags of Rename, with the values of renameat2(2).
+const (
+	RenameNoReplace = 1 // fail with EEXIST if newname exists
+	RenameExchange  = 2 // swap the two names, which must both exist
+)
+
 // Rename moves oldname in olddir to newname in newdir, replacing a target
 // as rename(2) does (a non-directory by a non-directory, an empty directory
-// by a directory).
-func (w *Writer) Rename(olddir uint32, oldname string, newdir uint32, newname string) error {
+// by a directory), or as renameat2(2) does with flags.
+func (w *Writer) Rename(olddir uint32, oldname string, newdir uint32, newname string, flags uint32) error {
+	if flags&^(RenameNoReplace|RenameExchange) != 0 || flags == RenameNoReplace|RenameExchange {
+		return errno(syscall.EINVAL, "rename flags %#x", flags)
+	}
 	for _, n := range []string{oldname, newname} {
 		if n == "." || n == ".." {
-			return errno(syscall.EINVAL, "rename of %q", n)
+			return errno(syscall.EBUSY, "rename of %q", n)
 		}
 	}
 	if err := checkName(newname); err != nil {
@@ -405,6 +414,14 @@ func (w *Writer) Rename(olddir uint32, oldname string, newdir uint32, newname st
 	dst, err := w.lookup(newdir, newname)
 	if err != nil && !isErrno(err, syscall.ENOENT) {
 		return err
+	}
+	switch {
+	case flags == RenameNoReplace && dst != 0:
+		return errno(syscall.EEXIST, "rename to %q, which exists", newname)
+	case flags == RenameExchange && dst == 0:
+		return errno(syscall.ENOENT, "exchange with %q, which does not exist", newname)
+	case flags == RenameExchange:
+		return w.exchange(olddir, oldname, src, newdir, newname, dst)
 	}
 	if dst == src {
 		return nil // the same file: rename(2) does nothing
@@ -476,6 +493,68 @@ func (w *Writer) Rename(olddir uint32, oldname string, newdir uint32, newname st
 	w.touch(in, false)
 	if err := w.storeInode(in); err != nil {
 		return err
+	}
+	return w.endOp()
+}
+
+// exchange swaps two existing names (RENAME_EXCHANGE), fixing ".." and
+// the parents' link counts when directories change parent.
+func (w *Writer) exchange(olddir uint32, oldname string, a, newdir uint32, newname string, b uint32) error {
+	if a == b {
+		return nil
+	}
+	aIn, err := w.f.Inode(a)
+	if err != nil {
+		return err
+	}
+	bIn, err := w.f.Inode(b)
+	if err != nil {
+		return err
+	}
+	if aIn.IsDir() {
+		if err := w.checkNotAncestor(a, newdir); err != nil {
+			return err
+		}
+	}
+	if bIn.IsDir() {
+		if err := w.checkNotAncestor(b, olddir); err != nil {
+			return err
+		}
+	}
+	if err := w.replaceEntry(olddir, oldname, b, w.fileType(bIn.Mode)); err != nil {
+		return err
+	}
+	if err := w.replaceEntry(newdir, newname, a, w.fileType(aIn.Mode)); err != nil {
+		return err
+	}
+	if olddir != newdir {
+		for _, m := range []struct {
+			in       *Inode
+			from, to uint32
+		}{{aIn, olddir, newdir}, {bIn, newdir, olddir}} {
+			if !m.in.IsDir() {
+				continue
+			}
+			if err := w.setDotDot(m.in.Ino, m.to); err != nil {
+				return err
+			}
+			if err := w.addLinks(m.from, -1); err != nil {
+				return err
+			}
+			if err := w.addLinks(m.to, 1); err != nil {
+				return err
+			}
+		}
+	}
+	for _, ino := range []uint32{a, b} {
+		in, err := w.loadInode(ino)
+		if err != nil {
+			return err
+		}
+		w.touch(in, false)
+		if err := w.storeInode(in); err != nil {
+			return err
+		}
 	}
 	return w.endOp()
 }

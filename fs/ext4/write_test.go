@@ -141,14 +141,18 @@ func script(t *testing.T, op func(string, func(treeOps) error)) map[string][2]ti
 	for i := 0; i < 120; i += 3 {
 		op("unlink", func(o treeOps) error { return o.unlink(fmt.Sprintf("a/entry-%03d-with-a-longer-name", i)) })
 	}
-	op("rename in dir", func(o treeOps) error { return o.rename("a/entry-001-with-a-longer-name", "a/renamed") })
-	op("rename across", func(o treeOps) error { return o.rename("a/entry-002-with-a-longer-name", "a/b/moved") })
-	op("rename over", func(o treeOps) error { return o.rename("a/entry-004-with-a-longer-name", "a/renamed") })
+	op("rename in dir", func(o treeOps) error { return o.rename("a/entry-001-with-a-longer-name", "a/renamed", 0) })
+	op("rename across", func(o treeOps) error { return o.rename("a/entry-002-with-a-longer-name", "a/b/moved", 0) })
+	op("rename over", func(o treeOps) error { return o.rename("a/entry-004-with-a-longer-name", "a/renamed", 0) })
 	op("mkdir c", func(o treeOps) error { return o.mkdir("c", 0o755) })
 	op("mkdir c/d", func(o treeOps) error { return o.mkdir("c/d", 0o755) })
-	op("rename dir across", func(o treeOps) error { return o.rename("c/d", "a/b/d") })
+	op("rename dir across", func(o treeOps) error { return o.rename("c/d", "a/b/d", 0) })
 	op("mkdir e", func(o treeOps) error { return o.mkdir("e", 0o755) })
-	op("rename dir over empty dir", func(o treeOps) error { return o.rename("a/b/d", "e") })
+	op("rename dir over empty dir", func(o treeOps) error { return o.rename("a/b/d", "e", 0) })
+	op("rename noreplace", func(o treeOps) error { return o.rename("a/renamed", "a/noreplace", RenameNoReplace) })
+	op("exchange file and dir across dirs", func(o treeOps) error { return o.rename("a/noreplace", "c", RenameExchange) })
+	op("exchange back", func(o treeOps) error { return o.rename("c", "a/noreplace", RenameExchange) })
+	op("rename back", func(o treeOps) error { return o.rename("a/noreplace", "a/renamed", 0) })
 	op("rmdir", func(o treeOps) error { return o.rmdir("c") })
 	op("unlink big", func(o treeOps) error { return o.unlink("big") })
 	op("unlink linked", func(o treeOps) error { return o.unlink("a/small") })
@@ -252,8 +256,9 @@ func TestWriterRandom(t *testing.T) {
 				op = func(o treeOps) error { return o.rmdir(p) }
 			case 7, 8:
 				p, q := choose(0), newName()
-				desc = "rename " + p + " " + q
-				op = func(o treeOps) error { return o.rename(p, q) }
+				flags := []uint32{0, 0, RenameNoReplace, RenameExchange}[r.IntN(4)]
+				desc = fmt.Sprintf("rename %s %s flags %d", p, q, flags)
+				op = func(o treeOps) error { return o.rename(p, q, flags) }
 			case 9:
 				p, q := choose(0), newName()
 				desc = "link " + p + " " + q
@@ -384,7 +389,7 @@ func TestWriterOnMke2fsTree(t *testing.T) {
 	for i := 0; i < 1500; i += 7 {
 		step("unlink in indexed dir", func(o treeOps) error { return o.unlink(bigName(i)) })
 	}
-	step("rename out of indexed dir", func(o treeOps) error { return o.rename(bigName(9), "sub/moved") })
+	step("rename out of indexed dir", func(o treeOps) error { return o.rename(bigName(9), "sub/moved", 0) })
 	step("write into file with xattr block", func(o treeOps) error { return o.writeAt("sizes/f0000001", fill(5, 9000), 100) })
 	step("unlink file with xattr block", func(o treeOps) error { return o.unlink("sizes/f0000001") })
 	step("unlink file with ACL", func(o treeOps) error { return o.unlink("sizes/f0000059") })
@@ -397,7 +402,7 @@ func TestWriterOnMke2fsTree(t *testing.T) {
 		step("rm -r medium", func(o treeOps) error { return o.unlink("medium/" + e.Name()) })
 	}
 	step("rmdir medium", func(o treeOps) error { return o.rmdir("medium") })
-	step("rename deep dir", func(o treeOps) error { return o.rename("d00/d01/d02", "tiny/d02") })
+	step("rename deep dir", func(o treeOps) error { return o.rename("d00/d01/d02", "tiny/d02", 0) })
 	step("overwrite big file", func(o treeOps) error { return o.writeAt("sizes/f0300000", fill(6, 500_000), 1000) })
 	must(t, w.Sync())
 	e2fsckClean(t, img)
