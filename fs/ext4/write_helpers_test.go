@@ -70,6 +70,8 @@ type treeOps interface {
 	chmod(p string, perm uint32) error
 	chown(p string, uid, gid uint32) error
 	utimes(p string, atime, mtime time.Time) error
+	setxattr(p, name string, value []byte, flags int) error
+	removexattr(p, name string) error
 }
 
 // hostOps applies operations to a directory on the host's filesystem.
@@ -137,6 +139,11 @@ func (h hostOps) chown(p string, uid, gid uint32) error {
 func (h hostOps) utimes(p string, a, m time.Time) error {
 	return unix.UtimesNanoAt(unix.AT_FDCWD, h.j(p), []unix.Timespec{unix.NsecToTimespec(a.UnixNano()), unix.NsecToTimespec(m.UnixNano())}, unix.AT_SYMLINK_NOFOLLOW)
 }
+
+func (h hostOps) setxattr(p, name string, v []byte, flags int) error {
+	return unix.Lsetxattr(h.j(p), name, v, flags)
+}
+func (h hostOps) removexattr(p, name string) error { return unix.Lremovexattr(h.j(p), name) }
 
 // writerOps applies operations through the Writer, resolving paths with
 // the reader's lookups.
@@ -321,9 +328,26 @@ func (o writerOps) utimes(p string, a, m time.Time) error {
 	return o.setattr(p, SetAttr{Atime: &a, Mtime: &m})
 }
 
+func (o writerOps) setxattr(p, name string, v []byte, flags int) error {
+	ino, err := o.ino(p)
+	if err == nil {
+		err = o.w.SetXattr(ino, name, v, flags)
+	}
+	return err
+}
+
+func (o writerOps) removexattr(p, name string) error {
+	ino, err := o.ino(p)
+	if err == nil {
+		err = o.w.RemoveXattr(ino, name)
+	}
+	return err
+}
+
 // compareTrees checks that got (the kernel's mount of the image) holds
 // exactly the tree of want (the reference directory): names, types,
-// permissions, owners, link counts, sizes, contents and link targets.
+// permissions, owners, link counts, sizes, contents, link targets and
+// extended attributes.
 // (Times are checked by the callers that set them.)
 func compareTrees(t *testing.T, want, got string) {
 	t.Helper()
@@ -343,6 +367,9 @@ func compareTrees(t *testing.T, want, got string) {
 		n++
 		if ws.Mode != gs.Mode || ws.Uid != gs.Uid || ws.Gid != gs.Gid || ws.Nlink != gs.Nlink {
 			t.Errorf("%s: mode/uid/gid/nlink %#o/%d/%d/%d, want %#o/%d/%d/%d", rel, gs.Mode, gs.Uid, gs.Gid, gs.Nlink, ws.Mode, ws.Uid, ws.Gid, ws.Nlink)
+		}
+		if wx, gx := hostXattrs(t, wp), hostXattrs(t, gp); !equalMaps(wx, gx) {
+			t.Errorf("%s: xattrs %q, want %q", rel, gx, wx)
 		}
 		switch ws.Mode & unix.S_IFMT {
 		case unix.S_IFREG:

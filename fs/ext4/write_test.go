@@ -156,6 +156,22 @@ func script(t *testing.T, op func(string, func(treeOps) error)) map[string][2]ti
 	op("rmdir", func(o treeOps) error { return o.rmdir("c") })
 	op("unlink big", func(o treeOps) error { return o.unlink("big") })
 	op("unlink linked", func(o treeOps) error { return o.unlink("a/small") })
+	op("xattr small", func(o treeOps) error { return o.setxattr("a/renamed", "user.small", []byte("v"), 0) })
+	op("xattr empty", func(o treeOps) error { return o.setxattr("a/renamed", "user.empty", nil, XattrCreate) })
+	op("xattr to block", func(o treeOps) error { return o.setxattr("a/renamed", "user.big", fill(4, 700), 0) })
+	op("xattr trusted", func(o treeOps) error { return o.setxattr("a/renamed", "trusted.t", []byte{0, 1, 2}, 0) })
+	op("xattr security", func(o treeOps) error { return o.setxattr("a/renamed", "security.s", []byte("label"), 0) })
+	op("xattr replace", func(o treeOps) error {
+		return o.setxattr("a/renamed", "user.small", []byte("longer value"), XattrReplace)
+	})
+	op("xattr on dir", func(o treeOps) error { return o.setxattr("a/b", "user.dir", []byte("d"), 0) })
+	acl := linuxACL([3]uint32{aclUserObj, 7, 0xFFFFFFFF}, [3]uint32{aclUser, 5, 1000},
+		[3]uint32{aclGroupObj, 5, 0xFFFFFFFF}, [3]uint32{aclMask, 5, 0xFFFFFFFF}, [3]uint32{aclOther, 1, 0xFFFFFFFF})
+	op("default ACL", func(o treeOps) error { return o.setxattr("a", "system.posix_acl_default", acl, 0) })
+	op("xattrs spill", func(o treeOps) error { return o.setxattr("sparse", "user.one", fill(5, 90), 0) })
+	op("xattrs spill 2", func(o treeOps) error { return o.setxattr("sparse", "user.two", fill(6, 90), 0) })
+	op("xattr remove", func(o treeOps) error { return o.removexattr("sparse", "user.one") })
+	op("xattr remove block", func(o treeOps) error { return o.removexattr("a/renamed", "user.big") })
 	op("chmod", func(o treeOps) error { return o.chmod("a/b/small-link", 0o4751) })
 	op("chown", func(o treeOps) error { return o.chown("a/b/small-link", 1234, 70000) })
 	op("chown dir", func(o treeOps) error { return o.chown("a/b", 5, 6) })
@@ -226,7 +242,16 @@ func TestWriterRandom(t *testing.T) {
 		for step := 0; step < 150; step++ {
 			var op func(treeOps) error
 			desc := ""
-			switch k := r.IntN(13); k {
+			switch k := r.IntN(15); k {
+			case 13:
+				p, name := choose(0), []string{"user.a", "user.b", "user.c", "trusted.d"}[r.IntN(4)]
+				value, flags := fill(r.Uint64(), r.IntN(300)), r.IntN(3)
+				desc = fmt.Sprintf("setxattr %s %s %d bytes flags %d", p, name, len(value), flags)
+				op = func(o treeOps) error { return o.setxattr(p, name, value, flags) }
+			case 14:
+				p, name := choose(0), []string{"user.a", "user.b", "user.c", "trusted.d"}[r.IntN(4)]
+				desc = "removexattr " + p + " " + name
+				op = func(o treeOps) error { return o.removexattr(p, name) }
 			case 0, 1:
 				p := choose(0)
 				data := fill(r.Uint64(), r.IntN(40_000)+1)
