@@ -79,6 +79,7 @@ type Writer struct {
 	jw          *journalWriter    // nil without a journal: writes go home directly
 	dirty       map[uint64][]byte // the open transaction's metadata blocks
 	pendingFree map[uint64]bool   // blocks freed in it, not reusable before it commits
+	holds       map[uint32]int    // open handles per inode (Hold, Release)
 }
 
 // ReplayedTransactions is the number of journal transactions that
@@ -88,7 +89,7 @@ func (w *Writer) ReplayedTransactions() int { return w.replayed }
 // OpenWritable opens the ext4 filesystem on dev (size bytes) for writing.
 // It refuses, naming them, features the writer cannot maintain, and a
 // filesystem whose journal needs recovery or that is marked with errors.
-func OpenWritable(dev Device, size int64) (*Writer, error) {
+func OpenWritable(dev Device, size int64) (w *Writer, err error) {
 	if dev == nil {
 		return nil, errors.New("ext4: nil device")
 	}
@@ -110,13 +111,21 @@ func OpenWritable(dev Device, size int64) (*Writer, error) {
 	if err := checkWritable(f, sb); err != nil {
 		return nil, err
 	}
-	w := &Writer{f: f, dev: dev, sb: sb, gdtD: map[uint32]bool{}, now: time.Now, replayed: replayed,
-		dirty: ov.dirty, pendingFree: map[uint64]bool{}}
+	w = &Writer{f: f, dev: dev, sb: sb, gdtD: map[uint32]bool{}, now: time.Now, replayed: replayed,
+		dirty: ov.dirty, pendingFree: map[uint64]bool{}, holds: map[uint32]int{}}
 	if f.compat(compatHasJournal) && f.sb.journalInum != 0 {
 		if err := w.openJournal(); err != nil {
 			return nil, err
 		}
 	}
+	defer func() {
+		if err == nil && binary.LittleEndian.Uint32(w.sb[sbLastOrphan:]) != 0 {
+			err = w.processOrphans()
+		}
+		if err != nil {
+			w = nil
+		}
+	}()
 	perBlock := f.blockSize / f.descSize
 	for nr := uint32(0); nr < (f.numGroups+perBlock-1)/perBlock; nr++ {
 		b := make([]byte, f.blockSize)

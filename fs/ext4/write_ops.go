@@ -229,7 +229,7 @@ func (w *Writer) dropLink(ino uint32) error {
 		return err
 	}
 	if in.Links <= 1 {
-		return w.release(ino, false)
+		return w.lastLinkGone(ino, false)
 	}
 	in.setLinks(in.Links - 1)
 	w.touch(in, false)
@@ -256,7 +256,7 @@ func (w *Writer) Rmdir(dir uint32, name string) error {
 	if _, err := w.removeEntry(dir, name); err != nil {
 		return err
 	}
-	if err := w.release(ino, true); err != nil {
+	if err := w.lastLinkGone(ino, true); err != nil {
 		return err
 	}
 	if err := w.addLinks(dir, -1); err != nil {
@@ -460,7 +460,7 @@ func (w *Writer) Rename(olddir uint32, oldname string, newdir uint32, newname st
 			return err
 		}
 		if dstIn.IsDir() {
-			if err := w.release(dst, true); err != nil {
+			if err := w.lastLinkGone(dst, true); err != nil {
 				return err
 			}
 			if err := w.addLinks(newdir, -1); err != nil {
