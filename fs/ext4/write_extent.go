@@ -173,16 +173,21 @@ func (m *extentMap) goalFor(lblk uint32) uint64 {
 
 // storeExtents rebuilds in's extent tree from m with full nodes of minimal
 // depth, frees the old tree blocks, sets i_blocks and stores the inode.
-func (w *Writer) storeExtents(in wInode, m *extentMap) error {
+func (w *Writer) storeExtents(in wInode, m *extentMap) (retErr error) {
 	f := w.f
 	le := binary.LittleEndian
-	for _, b := range m.treeBlks {
-		f.blocks.remove(b)
-		if err := w.freeBlocks(b, 1); err != nil {
-			return err
-		}
-	}
+	// The old tree's blocks are rewritten in place as far as they go; only
+	// a tree that grows takes new blocks, and one that shrinks frees some.
+	reuse := m.treeBlks
 	m.treeBlks = nil
+	defer func() {
+		for _, b := range reuse {
+			f.blocks.remove(b)
+			if err := w.freeBlocks(b, 1); err != nil && retErr == nil {
+				retErr = err
+			}
+		}
+	}()
 	perBlock := int((f.blockSize - 12) / 12)
 	// Level 0 holds the leaf entries; each level above indexes the one below
 	// until at most 4 entries remain for the root in i_block.
@@ -215,9 +220,14 @@ func (w *Writer) storeExtents(in wInode, m *extentMap) error {
 		var next []entry
 		for s := 0; s < len(cur); s += perBlock {
 			chunk := cur[s:min(s+perBlock, len(cur))]
-			blk, _, err := w.allocBlocks(goal, 1)
-			if err != nil {
-				return err
+			var blk uint64
+			if len(reuse) > 0 {
+				blk, reuse = reuse[0], reuse[1:]
+			} else {
+				var err error
+				if blk, _, err = w.allocBlocks(goal, 1); err != nil {
+					return err
+				}
 			}
 			goal = blk + 1
 			m.treeBlks = append(m.treeBlks, blk)

@@ -146,10 +146,11 @@ func (w *Writer) changeXattrs(ino uint32, name string, change func([]xattrEntry,
 	if err != nil {
 		return err
 	}
-	for _, e := range es {
+	for i, e := range es {
 		if e.valueInum != 0 {
 			return fmt.Errorf("ext4: inode %d: xattr %q lives in an EA inode, which the writer does not change: %w", ino, e.name, ErrUnsupported)
 		}
+		es[i].value = bytes.Clone(e.value) // in-body values alias the area rewritten below
 	}
 	at := slices.IndexFunc(es, func(e xattrEntry) bool { return e.index == idx && e.name == suffix })
 	if es, err = change(es, at); err != nil {
