@@ -35,10 +35,11 @@ const (
 		compatSparseSuper2 | 0x800 /* stable_inodes */ | 0x1000 /* orphan_file */
 	writeIncompat = incompatFiletype | incompatExtents | incompat64bit | incompatFlexBG |
 		incompatCsumSeed | incompatLargeDir
-	writeRoCompat = roCompatSparseSuper | 0x2 /* large_file */ | roCompatHugeFile | roCompatGdtCsum |
-		0x20 /* dir_nlink */ | 0x40 /* extra_isize */ | roCompatMetadataCsum
+	writeRoCompat = roCompatSparseSuper | roCompatLargeFile | roCompatHugeFile | roCompatGdtCsum |
+		roCompatDirNlink | 0x40 /* extra_isize */ | roCompatMetadataCsum
 
 	roCompatLargeFile = 0x2
+	roCompatDirNlink  = 0x20
 )
 
 // featureNames names the features the writer refuses, for the error message.

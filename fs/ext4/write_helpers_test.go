@@ -67,6 +67,7 @@ type treeOps interface {
 	link(from, to string) error
 	symlink(target, p string) error
 	mkfifo(p string, perm uint32) error
+	mknod(p string, mode, major, minor uint32) error
 	chmod(p string, perm uint32) error
 	chown(p string, uid, gid uint32) error
 	utimes(p string, atime, mtime time.Time) error
@@ -131,6 +132,12 @@ func (h hostOps) mkfifo(p string, perm uint32) error {
 		return err
 	}
 	return unix.Chmod(h.j(p), perm)
+}
+func (h hostOps) mknod(p string, mode, major, minor uint32) error {
+	if err := unix.Mknod(h.j(p), mode, int(unix.Mkdev(major, minor))); err != nil {
+		return err
+	}
+	return unix.Chmod(h.j(p), mode&0o7777)
 }
 func (h hostOps) chmod(p string, perm uint32) error { return unix.Chmod(h.j(p), perm) }
 func (h hostOps) chown(p string, uid, gid uint32) error {
@@ -307,6 +314,16 @@ func (o writerOps) mkfifo(p string, perm uint32) error {
 	return err
 }
 
+func (o writerOps) mknod(p string, mode, major, minor uint32) error {
+	d, n, err := o.parent(p)
+	if err == nil {
+		// Linux's new_encode_dev, the form ext4 stores.
+		rdev := minor&0xff | major<<8 | (minor&^0xff)<<12
+		_, err = o.w.Mknod(d, n, mode, rdev, 0, 0)
+	}
+	return err
+}
+
 func (o writerOps) setattr(p string, a SetAttr) error {
 	ino, err := o.ino(p)
 	if err == nil {
@@ -365,6 +382,9 @@ func compareTrees(t *testing.T, want, got string) {
 			return nil
 		}
 		n++
+		if ft := ws.Mode & unix.S_IFMT; (ft == unix.S_IFCHR || ft == unix.S_IFBLK) && ws.Rdev != gs.Rdev {
+			t.Errorf("%s: device %d:%d, want %d:%d", rel, unix.Major(gs.Rdev), unix.Minor(gs.Rdev), unix.Major(ws.Rdev), unix.Minor(ws.Rdev))
+		}
 		if ws.Mode != gs.Mode || ws.Uid != gs.Uid || ws.Gid != gs.Gid || ws.Nlink != gs.Nlink {
 			t.Errorf("%s: mode/uid/gid/nlink %#o/%d/%d/%d, want %#o/%d/%d/%d", rel, gs.Mode, gs.Uid, gs.Gid, gs.Nlink, ws.Mode, ws.Uid, ws.Gid, ws.Nlink)
 		}

@@ -52,7 +52,7 @@ func (w *Writer) Mkdir(dir uint32, name string, perm uint32, uid, gid uint32) (*
 	if err != nil {
 		return nil, err
 	}
-	if parent.Links >= linkMax-1 && !w.f.roCompat(0x20) {
+	if parent.Links >= linkMax-1 && !w.f.roCompat(roCompatDirNlink) {
 		return nil, errno(syscall.EMLINK, "mkdir %q: directory %d has %d links", name, dir, parent.Links)
 	}
 	in, err := w.create(dir, name, sIFDIR|uint16(perm&0o7777), uid, gid, func(in wInode) error {

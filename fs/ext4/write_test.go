@@ -135,6 +135,9 @@ func script(t *testing.T, op func(string, func(treeOps) error)) map[string][2]ti
 	op("fast symlink", func(o treeOps) error { return o.symlink("a/small", "fast") })
 	op("slow symlink", func(o treeOps) error { return o.symlink(strings.Repeat("long/", 40)+"end", "a/slow") })
 	op("fifo", func(o treeOps) error { return o.mkfifo("fifo", 0o640) })
+	op("char device", func(o treeOps) error { return o.mknod("null", syscall.S_IFCHR|0o666, 1, 3) })
+	op("block device, big numbers", func(o treeOps) error { return o.mknod("a/blk", syscall.S_IFBLK|0o600, 300, 70000) })
+	op("socket node", func(o treeOps) error { return o.mknod("sock", syscall.S_IFSOCK|0o755, 0, 0) })
 	for i := 0; i < 120; i++ { // enough entries to span directory blocks
 		op("many", func(o treeOps) error { return o.create(fmt.Sprintf("a/entry-%03d-with-a-longer-name", i), 0o644) })
 	}
