@@ -129,6 +129,12 @@ func (w *Writer) loadDir(ino uint32) (wInode, *extentMap, []dirBlock, error) {
 	if !dir.hasFlag(flagIndex) {
 		return dir, m, blocks, nil
 	}
+	if w.f.isIndexed(dir.Inode) && len(blocks) > 0 {
+		if _, _, _, err := w.f.dxRootInfo(dir.Inode, blocks[0].b); err == nil {
+			return dir, m, blocks, nil // an index the writer maintains
+		}
+	}
+	// An index the writer cannot maintain (unknown hash, bad root): linear.
 	le := binary.LittleEndian
 	region := w.dirRegion()
 	for i := range blocks {
@@ -190,7 +196,11 @@ func (w *Writer) forEachDirent(dir wInode, lblk uint64, b []byte, fn func(off, p
 func (w *Writer) findDirent(dir wInode, blocks []dirBlock, name string) (direntAt, error) {
 	le := binary.LittleEndian
 	var found *direntAt
+	indexed := dir.hasFlag(flagIndex)
 	for i, db := range blocks {
+		if indexed && (i == 0 || w.f.isDxNode(db.b)) {
+			continue // the index, not entries ("." and ".." are never looked up here)
+		}
 		err := w.forEachDirent(dir, db.lblk, db.b, func(off, prev, rec int) bool {
 			ino := le.Uint32(db.b[off:])
 			nl := int(db.b[off+6])
@@ -217,26 +227,11 @@ func (w *Writer) addEntry(dirIno uint32, name string, ino uint32, ft uint8) erro
 	if err != nil {
 		return err
 	}
-	le := binary.LittleEndian
-	need := direntSize(len(name))
+	if dir.hasFlag(flagIndex) {
+		return w.dxAdd(dir, m, blocks, name, ino, ft)
+	}
 	for _, db := range blocks {
-		done := false
-		err := w.forEachDirent(dir, db.lblk, db.b, func(off, _, rec int) bool {
-			used := 0
-			if le.Uint32(db.b[off:]) != 0 {
-				used = direntSize(int(db.b[off+6]))
-			}
-			if rec-used < need {
-				return true
-			}
-			if used > 0 {
-				le.PutUint16(db.b[off+4:], uint16(used))
-				off += used
-			}
-			putDirent(db.b[off:], ino, rec-used, name, ft)
-			done = true
-			return false
-		})
+		done, err := w.insertInBlock(dir, db, name, ino, ft)
 		if err != nil {
 			return err
 		}
@@ -269,6 +264,30 @@ func (w *Writer) addEntry(dirIno uint32, name string, ino uint32, ft uint8) erro
 	dir.setSize(uint64(lblk+1) * uint64(w.f.blockSize))
 	w.touch(dir, true)
 	return w.storeExtents(dir, m)
+}
+
+// insertInBlock adds the entry to one linear block if it has room.
+func (w *Writer) insertInBlock(dir wInode, db dirBlock, name string, ino uint32, ft uint8) (bool, error) {
+	le := binary.LittleEndian
+	need := direntSize(len(name))
+	done := false
+	err := w.forEachDirent(dir, db.lblk, db.b, func(off, _, rec int) bool {
+		used := 0
+		if le.Uint32(db.b[off:]) != 0 {
+			used = direntSize(int(db.b[off+6]))
+		}
+		if rec-used < need {
+			return true
+		}
+		if used > 0 {
+			le.PutUint16(db.b[off+4:], uint16(used))
+			off += used
+		}
+		putDirent(db.b[off:], ino, rec-used, name, ft)
+		done = true
+		return false
+	})
+	return done, err
 }
 
 // removeEntry deletes name from directory dirIno, merging its space into
@@ -357,7 +376,11 @@ func (w *Writer) setDotDot(ino, parent uint32) error {
 		return fmt.Errorf("ext4: inode %d: directory's second entry is not \"..\": %w", ino, ErrCorrupt)
 	}
 	binary.LittleEndian.PutUint32(b[12:], parent)
-	w.sealDirBlock(dir, b)
+	if dir.hasFlag(flagIndex) {
+		w.sealDx(dir, b, dxRootCountOff) // the root's checksum covers ".."
+	} else {
+		w.sealDirBlock(dir, b)
+	}
 	return w.writeBlock(blocks[0].pblk, b)
 }
 

@@ -375,9 +375,23 @@ func TestWriterENOSPC(t *testing.T) {
 }
 
 // TestWriterOnMke2fsTree changes a tree that mke2fs -d built (xattr blocks,
-// ACLs, hard links, devices, a directory e2fsck -D indexed) and checks the
-// result against the same changes made to the source directory.
+// ACLs, hard links, devices, a directory e2fsck -D indexed, whose index the
+// writer grows) and checks the result against the same changes made to the
+// source directory.
 func TestWriterOnMke2fsTree(t *testing.T) {
+	for _, v := range []struct {
+		name       string
+		args       []string
+		wantLevels int
+	}{
+		{"1k-metadata_csum", nil, 1},
+		{"4k-no-csum", []string{"-b", "4096", "-O", "^metadata_csum"}, 0},
+	} {
+		t.Run(v.name, func(t *testing.T) { writerOnMke2fsTree(t, v.args, v.wantLevels) })
+	}
+}
+
+func writerOnMke2fsTree(t *testing.T, args []string, wantLevels int) {
 	tools := testenv.RequireTools(t, "e2fsck")
 	src := makeTree(t, t.TempDir(), treeOptions{})
 	must(t, os.Mkdir(filepath.Join(src, "big"), 0o755))
@@ -385,7 +399,7 @@ func TestWriterOnMke2fsTree(t *testing.T) {
 	for i := 0; i < 1500; i++ {
 		writeFile(t, filepath.Join(src, bigName(i)), nil, 0o644)
 	}
-	img := mkfs(t, nil, src, 64)
+	img := mkfs(t, nil, src, 64, args...)
 	// The image's root is mke2fs's (0755, with lost+found); make the
 	// reference's match.
 	must(t, os.Chmod(src, 0o755))
@@ -411,8 +425,10 @@ func TestWriterOnMke2fsTree(t *testing.T) {
 			t.Fatalf("%s through the writer: %v", what, err)
 		}
 	}
-	for i := 0; i < 40; i++ {
-		step("create in indexed dir", func(o treeOps) error { return o.create(fmt.Sprintf("big/new-%d", i), 0o600) })
+	// Enough names to split leaves and to grow the index by a level.
+	for i := 0; i < 4000; i++ {
+		name := fmt.Sprintf("big/new-%d-%s", i, strings.Repeat("x", i%50))
+		step("create in indexed dir", func(o treeOps) error { return o.create(name, 0o600) })
 	}
 	for i := 0; i < 1500; i += 7 {
 		step("unlink in indexed dir", func(o treeOps) error { return o.unlink(bigName(i)) })
@@ -436,8 +452,24 @@ func TestWriterOnMke2fsTree(t *testing.T) {
 	e2fsckClean(t, img)
 	compareTrees(t, src, mountCopy(t, img))
 	f, _ = openImage(t, img)
-	if in, err := lookupPath(f, "/big"); err != nil || in.hasFlag(flagIndex) {
-		t.Errorf("/big: %v; want it converted to a linear directory (index flag cleared)", err)
+	in, err := lookupPath(f, "/big")
+	must(t, err)
+	if !in.hasFlag(flagIndex) {
+		t.Fatal("/big lost its index")
+	}
+	b, err := f.dirBlockAt(in, 0)
+	must(t, err)
+	_, levels, root, err := f.dxRootInfo(in, b)
+	if err != nil || levels != wantLevels {
+		t.Errorf("/big's index: %d levels (%v), want %d", levels, err, wantLevels)
+	} else if levels == 1 && root.count() < 2 {
+		t.Errorf("/big's root indexes %d nodes; the workload should have split the first", root.count())
+	}
+	// Every name is found through the index, by us as by the kernel above.
+	for i := 0; i < 4000; i += 97 {
+		if _, err := f.dxLookup(in, []byte(fmt.Sprintf("new-%d-%s", i, strings.Repeat("x", i%50)))); err != nil {
+			t.Errorf("index lookup of new-%d: %v", i, err)
+		}
 	}
 }
 

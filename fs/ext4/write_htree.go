@@ -1,0 +1,288 @@
+package ext4
+
+import (
+	"encoding/binary"
+	"fmt"
+	"slices"
+	"syscall"
+)
+
+// Indexed (htree) directories keep their index: a new name goes to the
+// leaf its hash selects; a full leaf is split at the median hash, adding an
+// index entry; a full index grows a level (the root's entries move to a
+// new node) or splits a node, as the kernel's ext4_dx_add_entry does.
+
+const (
+	dxRootCountOff = 0x20 // count/limit in the root, after its info
+	dxNodeCountOff = 8    // in an interior node, after the fake empty entry
+)
+
+// dxNode is one index node on the path to a leaf.
+type dxNode struct {
+	blk int // index into the directory's blocks
+	off int // of the count/limit header
+	at  int // entry taken
+}
+
+func (w *Writer) dxLimit(bs, off int) int {
+	n := (bs - off) / 8
+	if w.f.hasCsum() {
+		n--
+	}
+	return n
+}
+
+// sealDx checksums an index node (root or interior) in its dx tail.
+func (w *Writer) sealDx(dir wInode, b []byte, off int) {
+	if !w.f.hasCsum() {
+		return
+	}
+	le := binary.LittleEndian
+	limit, count := int(le.Uint16(b[off:])), int(le.Uint16(b[off+2:]))
+	tail := off + 8*limit
+	c := crc32cRaw(dir.csumSeed, b[:off+8*count])
+	c = crc32cRaw(c, b[tail:tail+4])
+	c = crc32cRaw(c, []byte{0, 0, 0, 0})
+	le.PutUint32(b[tail+4:], c)
+}
+
+// dxAdd inserts name → ino into an indexed directory.
+func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string, ino uint32, ft uint8) error {
+	le := binary.LittleEndian
+	f := w.f
+	bs := int(f.blockSize)
+	root := blocks[0].b
+	hv, levels, _, err := f.dxRootInfo(dir.Inode, root)
+	if err != nil {
+		return err
+	}
+	hash, ok := dirHash([]byte(name), hv, f.hashSeed)
+	if !ok {
+		return fmt.Errorf("ext4: inode %d: htree hash version %d: %w", dir.Ino, hv, ErrUnsupported)
+	}
+	byLblk := func(l uint64) (int, error) {
+		if l >= uint64(len(blocks)) {
+			return 0, fmt.Errorf("ext4: inode %d: htree points at block %d of %d: %w", dir.Ino, l, len(blocks), ErrCorrupt)
+		}
+		return int(l), nil
+	}
+	count := func(n dxNode) int { return int(le.Uint16(blocks[n.blk].b[n.off+2:])) }
+	entry := func(n dxNode, i int) []byte { return blocks[n.blk].b[n.off+8*i:] }
+	hashAt := func(n dxNode, i int) uint32 { return le.Uint32(entry(n, i)) }
+	blockAt := func(n dxNode, i int) uint64 { return uint64(le.Uint32(entry(n, i)[4:]) & 0x0fffffff) }
+
+	// Descend to the leaf.
+	path := []dxNode{{blk: 0, off: dxRootCountOff}}
+	for {
+		n := &path[len(path)-1]
+		c := count(*n)
+		n.at = 0
+		for i := 1; i < c && hashAt(*n, i) <= hash; i++ {
+			n.at = i
+		}
+		if len(path) == levels+1 {
+			break
+		}
+		child, err := byLblk(blockAt(*n, n.at))
+		if err != nil {
+			return err
+		}
+		if !f.isDxNode(blocks[child].b) {
+			return fmt.Errorf("ext4: inode %d: htree interior block %d is not an index node: %w", dir.Ino, child, ErrCorrupt)
+		}
+		path = append(path, dxNode{blk: child, off: dxNodeCountOff})
+	}
+	leafIdx, err := byLblk(blockAt(path[len(path)-1], path[len(path)-1].at))
+	if err != nil {
+		return err
+	}
+	changed := map[int]bool{}
+	if done, err := w.insertInBlock(dir, blocks[leafIdx], name, ino, ft); err != nil {
+		return err
+	} else if done {
+		w.sealDirBlock(dir, blocks[leafIdx].b)
+		return w.finishDx(dir, m, blocks, map[int]bool{leafIdx: true})
+	}
+
+	// The leaf is full: make room in its parent for one more index entry.
+	newBlock := func() (int, error) {
+		lblk := uint32(len(blocks))
+		goal := m.goalFor(lblk)
+		if goal == 0 {
+			goal = w.inodeGoal(dir.Ino)
+		}
+		p, _, err := w.allocBlocks(goal, 1)
+		if err != nil {
+			return 0, err
+		}
+		m.insert(extent{lblk: lblk, len: 1, pblk: p})
+		blocks = append(blocks, dirBlock{lblk: uint64(lblk), pblk: p, b: make([]byte, bs)})
+		dir.setSize(uint64(len(blocks)) * uint64(bs))
+		return len(blocks) - 1, nil
+	}
+	newIndexNode := func() (int, error) {
+		i, err := newBlock()
+		if err != nil {
+			return 0, err
+		}
+		b := blocks[i].b
+		le.PutUint16(b[4:], uint16(bs)) // a fake empty entry spanning the block
+		le.PutUint16(b[dxNodeCountOff:], uint16(w.dxLimit(bs, dxNodeCountOff)))
+		return i, nil
+	}
+	limit := func(n dxNode) int { return int(le.Uint16(blocks[n.blk].b[n.off:])) }
+	parent := path[len(path)-1]
+	if count(parent) == limit(parent) {
+		maxLevels := 1
+		if f.incompat(incompatLargeDir) {
+			maxLevels = 2
+		}
+		switch {
+		case len(path) == 1 && levels < maxLevels:
+			// Grow: the root's entries move to a new node under it.
+			ni, err := newIndexNode()
+			if err != nil {
+				return err
+			}
+			c := count(parent)
+			copy(blocks[ni].b[dxNodeCountOff+4:], root[dxRootCountOff+4:dxRootCountOff+8*c])
+			le.PutUint16(blocks[ni].b[dxNodeCountOff+2:], uint16(c))
+			le.PutUint16(root[dxRootCountOff+2:], 1)
+			le.PutUint32(root[dxRootCountOff+4:], uint32(ni))
+			root[0x1E] = byte(levels + 1)
+			levels++
+			child := dxNode{blk: ni, off: dxNodeCountOff, at: parent.at}
+			path = []dxNode{{blk: 0, off: dxRootCountOff, at: 0}, child}
+			changed[0], changed[ni] = true, true
+		case len(path) >= 2 && count(path[len(path)-2]) < limit(path[len(path)-2]):
+			// Split the full node; its upper half goes to a new node
+			// indexed from the grandparent.
+			gp := &path[len(path)-2]
+			ni, err := newIndexNode()
+			if err != nil {
+				return err
+			}
+			c := count(parent)
+			half := c / 2
+			moved := blocks[parent.blk].b[parent.off+8*half : parent.off+8*c]
+			splitHash := le.Uint32(moved)
+			// Entry 0 of the new node holds count/limit, then its block.
+			nb := blocks[ni].b
+			le.PutUint32(nb[dxNodeCountOff+4:], le.Uint32(moved[4:]))
+			copy(nb[dxNodeCountOff+8:], moved[8:])
+			le.PutUint16(nb[dxNodeCountOff+2:], uint16(c-half))
+			le.PutUint16(blocks[parent.blk].b[parent.off+2:], uint16(half))
+			w.dxInsert(blocks[gp.blk].b, gp.off, gp.at+1, splitHash, uint32(ni))
+			changed[gp.blk], changed[parent.blk], changed[ni] = true, true, true
+			if parent.at >= half {
+				path[len(path)-1] = dxNode{blk: ni, off: dxNodeCountOff, at: parent.at - half}
+			}
+		default:
+			return errno(syscall.ENOSPC, "inode %d: directory index full", dir.Ino)
+		}
+		parent = path[len(path)-1]
+	}
+
+	// Split the leaf at the median hash.
+	type named struct {
+		hash  uint32
+		bytes []byte
+	}
+	var ents []named
+	lb := blocks[leafIdx].b
+	err = w.forEachDirent(dir, blocks[leafIdx].lblk, lb, func(off, _, rec int) bool {
+		if le.Uint32(lb[off:]) == 0 {
+			return true
+		}
+		nl := int(lb[off+6])
+		h, _ := dirHash(lb[off+8:off+8+nl], hv, f.hashSeed)
+		ents = append(ents, named{h, append([]byte(nil), lb[off:off+8+nl]...)})
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	slices.SortStableFunc(ents, func(a, b named) int {
+		switch {
+		case a.hash < b.hash:
+			return -1
+		case a.hash > b.hash:
+			return 1
+		}
+		return 0
+	})
+	mid := len(ents) / 2
+	splitHash := ents[mid].hash
+	continued := uint32(0)
+	if mid > 0 && ents[mid-1].hash == splitHash {
+		continued = 1 // the same hash continues in the new leaf
+	}
+	ni, err := newBlock()
+	if err != nil {
+		return err
+	}
+	fillLeaf := func(b []byte, es []named) {
+		clear(b)
+		region := w.dirRegion()
+		off := 0
+		for i, e := range es {
+			rec := direntSize(int(e.bytes[6]))
+			if i == len(es)-1 {
+				rec = region - off
+			}
+			copy(b[off:], e.bytes)
+			le.PutUint16(b[off+4:], uint16(rec))
+			off += direntSize(int(e.bytes[6]))
+		}
+		if len(es) == 0 {
+			putDirent(b, 0, region, "", 0)
+		}
+	}
+	fillLeaf(blocks[leafIdx].b, ents[:mid])
+	fillLeaf(blocks[ni].b, ents[mid:])
+	w.dxInsert(blocks[parent.blk].b, parent.off, parent.at+1, splitHash|continued, uint32(ni))
+	changed[parent.blk] = true
+	target := leafIdx
+	if hash >= splitHash {
+		target = ni
+	}
+	if done, err := w.insertInBlock(dir, blocks[target], name, ino, ft); err != nil {
+		return err
+	} else if !done {
+		return errno(syscall.ENOSPC, "inode %d: no room for %q after splitting a directory leaf", dir.Ino, name)
+	}
+	w.sealDirBlock(dir, blocks[leafIdx].b)
+	w.sealDirBlock(dir, blocks[ni].b)
+	changed[leafIdx], changed[ni] = true, true
+	return w.finishDx(dir, m, blocks, changed)
+}
+
+// dxInsert puts index entry (hash, blk) at position at of the node whose
+// count/limit header is at off, shifting the later entries.
+func (w *Writer) dxInsert(b []byte, off, at int, hash, blk uint32) {
+	le := binary.LittleEndian
+	c := int(le.Uint16(b[off+2:]))
+	e := b[off+8*at:]
+	copy(b[off+8*(at+1):off+8*(c+1)], b[off+8*at:off+8*c])
+	le.PutUint32(e, hash)
+	le.PutUint32(e[4:], blk)
+	le.PutUint16(b[off+2:], uint16(c+1))
+}
+
+// finishDx seals and writes the changed blocks and stores the directory.
+func (w *Writer) finishDx(dir wInode, m *extentMap, blocks []dirBlock, changed map[int]bool) error {
+	for i := range changed {
+		b := blocks[i].b
+		switch {
+		case i == 0:
+			w.sealDx(dir, b, dxRootCountOff)
+		case w.f.isDxNode(b) && binary.LittleEndian.Uint16(b[dxNodeCountOff:]) == uint16(w.dxLimit(len(b), dxNodeCountOff)):
+			w.sealDx(dir, b, dxNodeCountOff)
+		}
+		if err := w.writeBlock(blocks[i].pblk, b); err != nil {
+			return err
+		}
+	}
+	w.touch(dir, true)
+	return w.storeExtents(dir, m)
+}
