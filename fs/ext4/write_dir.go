@@ -8,11 +8,13 @@ import (
 	"syscall"
 )
 
-// Directories are changed as linear directories. An htree-indexed directory
-// is first converted to a linear one, as e2fsck accepts: the index flag is
-// cleared, the root block's ".." entry absorbs the index, and interior index
-// blocks become empty entry blocks. (Rebuilding the index is later work;
-// e2fsck -D does it offline.)
+// Directories change as the kernel changes them: a one-block directory
+// that fills up becomes indexed (htree, see write_htree.go) when the
+// filesystem has dir_index, an indexed one keeps its index, others grow
+// linearly. An index the writer cannot maintain (an unknown hash version,
+// a damaged root) is dropped as e2fsck allows: the index flag is cleared,
+// the root block's ".." entry absorbs the index, and interior index blocks
+// become empty entry blocks.
 
 // checkName validates a new name the way the kernel's VFS does.
 func checkName(name string) error {
@@ -243,6 +245,9 @@ func (w *Writer) addEntry(dirIno uint32, name string, ino uint32, ft uint8) erro
 			w.touch(dir, true)
 			return w.storeInode(dir)
 		}
+	}
+	if len(blocks) == 1 && w.f.compat(compatDirIndex) {
+		return w.makeIndexed(dir, m, blocks, name, ino, ft)
 	}
 	// No room: append a block.
 	lblk := uint32(len(blocks))

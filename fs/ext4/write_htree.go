@@ -286,3 +286,71 @@ func (w *Writer) finishDx(dir wInode, m *extentMap, blocks []dirBlock, changed m
 	w.touch(dir, true)
 	return w.storeExtents(dir, m)
 }
+
+// makeIndexed turns a full one-block directory into an indexed one, as the
+// kernel's make_indexed_dir: block 0 keeps "." and ".." and becomes the
+// index root; the other entries move to a new leaf, block 1; then the name
+// is added through the index.
+func (w *Writer) makeIndexed(dir wInode, m *extentMap, blocks []dirBlock, name string, ino uint32, ft uint8) error {
+	le := binary.LittleEndian
+	bs := int(w.f.blockSize)
+	b0 := blocks[0].b
+	if le.Uint16(b0[4:]) != 12 || b0[8] != '.' || b0[12+6] != 2 || b0[12+8] != '.' || b0[12+9] != '.' {
+		return fmt.Errorf("ext4: inode %d: directory does not start with . and ..: %w", dir.Ino, ErrCorrupt)
+	}
+	dotdotRec := decodeRecLen(le.Uint16(b0[12+4:]), bs)
+	if 12+dotdotRec > w.dirRegion() || dotdotRec < 12 {
+		return fmt.Errorf("ext4: inode %d: \"..\" entry has record length %d: %w", dir.Ino, dotdotRec, ErrCorrupt)
+	}
+	// The entries after "..", as they are, fill the new leaf.
+	leaf := make([]byte, bs)
+	rest := b0[24:w.dirRegion()]
+	copy(leaf, rest)
+	if dotdotRec > 12 { // ".." had slack: the leaf starts with an empty entry covering it
+		putDirent(leaf, 0, dotdotRec-12, "", 0)
+	}
+	// The last entry also takes the 24 bytes "." and ".." leave free.
+	for off := 0; off < len(rest); {
+		rec := decodeRecLen(le.Uint16(leaf[off+4:]), bs)
+		if rec < dirRecMinSize || off+rec > len(rest) {
+			return fmt.Errorf("ext4: inode %d: directory block 0 has an entry of record length %d at %d: %w", dir.Ino, rec, 24+off, ErrCorrupt)
+		}
+		if off+rec == len(rest) {
+			le.PutUint16(leaf[off+4:], uint16(rec+24))
+			break
+		}
+		off += rec
+	}
+	lblk := uint32(1)
+	goal := m.goalFor(lblk)
+	if goal == 0 {
+		goal = w.inodeGoal(dir.Ino)
+	}
+	p, _, err := w.allocBlocks(goal, 1)
+	if err != nil {
+		return err
+	}
+	m.insert(extent{lblk: lblk, len: 1, pblk: p})
+	w.sealDirBlock(dir, leaf)
+	blocks = append(blocks, dirBlock{lblk: 1, pblk: p, b: leaf})
+	dir.setSize(2 * uint64(bs))
+
+	root := make([]byte, bs)
+	copy(root, b0[:24])
+	le.PutUint16(root[12+4:], uint16(bs-12))
+	root[0x1C] = w.f.sb.defHashVersion
+	root[0x1D] = 8 // info length
+	le.PutUint16(root[dxRootCountOff:], uint16(w.dxLimit(bs, dxRootCountOff)))
+	le.PutUint16(root[dxRootCountOff+2:], 1)
+	le.PutUint32(root[dxRootCountOff+4:], 1)
+	blocks[0].b = root
+	dir.setFlags(dir.Flags | flagIndex)
+	w.sealDx(dir, root, dxRootCountOff)
+	if err := w.writeBlock(blocks[0].pblk, root); err != nil {
+		return err
+	}
+	if err := w.writeBlock(p, leaf); err != nil {
+		return err
+	}
+	return w.dxAdd(dir, m, blocks, name, ino, ft)
+}

@@ -100,6 +100,9 @@ func TestWriterScript(t *testing.T) {
 			}
 			f, _ := openImage(t, img)
 			compareWithKernel(t, f, img)
+			if a, err := lookupPath(f, "/a"); err != nil || !a.hasFlag(flagIndex) {
+				t.Errorf("/a, grown past one block, is not indexed (%v)", err)
+			}
 		})
 	}
 }
