@@ -50,7 +50,7 @@ func recoverJournal(dev Device, size int64) (int, error) {
 		return 0, fmt.Errorf("ext4: journal inode: %w", err)
 	}
 	nblocks := jin.Size >> f.blockLog
-	if nblocks < 2 || nblocks > 1<<32-1 {
+	if nblocks < 2 || nblocks > f.sb.blocksCount {
 		return 0, fmt.Errorf("ext4: journal inode of %d bytes is not a journal: %w", jin.Size, ErrCorrupt)
 	}
 	runs, err := f.mapBlocks(jin, 0, nblocks)

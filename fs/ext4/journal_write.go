@@ -70,7 +70,7 @@ func (w *Writer) openJournal() error {
 		return fmt.Errorf("ext4: journal inode: %w", err)
 	}
 	n := jin.Size >> f.blockLog
-	if n < 2 || n > 1<<32-1 {
+	if n < 2 || n > f.sb.blocksCount {
 		return fmt.Errorf("ext4: journal inode of %d bytes is not a journal: %w", jin.Size, ErrCorrupt)
 	}
 	runs, err := f.mapBlocks(jin, 0, n)

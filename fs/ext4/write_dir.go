@@ -95,6 +95,9 @@ type dirBlock struct {
 func (w *Writer) dirBlocks(dir wInode, m *extentMap) ([]dirBlock, error) {
 	bs := uint64(w.f.blockSize)
 	n := (dir.Size + bs - 1) / bs
+	if n > w.f.sb.blocksCount {
+		return nil, fmt.Errorf("ext4: inode %d: directory size %d exceeds the filesystem: %w", dir.Ino, dir.Size, ErrCorrupt)
+	}
 	out := make([]dirBlock, 0, n)
 	for l := uint64(0); l < n; l++ {
 		i, ok := m.find(uint32(l))

@@ -3,6 +3,7 @@ package ext4
 import (
 	"encoding/binary"
 	"fmt"
+	"slices"
 	"sort"
 	"syscall"
 )
@@ -68,6 +69,9 @@ func (w *Writer) walkTree(in wInode, node []byte, parentDepth int, m *extentMap)
 			if err := w.f.checkPhys(in.Inode, x.pblk, uint64(x.len), "extent"); err != nil {
 				return err
 			}
+			if x.len == 0 || uint64(x.lblk)+uint64(x.len) > maxLogicalBlk {
+				return fmt.Errorf("ext4: inode %d: extent at logical block %d of length %d: %w", in.Ino, x.lblk, x.len, ErrCorrupt)
+			}
 			m.exts = append(m.exts, x)
 			m.dataBlks += uint64(x.len)
 			continue
@@ -75,6 +79,11 @@ func (w *Writer) walkTree(in wInode, node []byte, parentDepth int, m *extentMap)
 		child := uint64(le.Uint16(e[8:]))<<32 | uint64(le.Uint32(e[4:]))
 		if err := w.f.checkPhys(in.Inode, child, 1, "extent index"); err != nil {
 			return err
+		}
+		// Each tree block once: a block listed twice would make the walk
+		// exponential in the depth, and is corruption anyway.
+		if slices.Contains(m.treeBlks, child) {
+			return fmt.Errorf("ext4: inode %d: extent tree block %d is referenced twice: %w", in.Ino, child, ErrCorrupt)
 		}
 		b, err := w.f.readBlock(child)
 		if err != nil {

@@ -90,6 +90,9 @@ func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string,
 		if !f.isDxNode(blocks[child].b) {
 			return fmt.Errorf("ext4: inode %d: htree interior block %d is not an index node: %w", dir.Ino, child, ErrCorrupt)
 		}
+		if _, err := f.dxEntries(dir.Inode, blocks[child].b, dxNodeCountOff, fmt.Sprintf("node %d", child)); err != nil {
+			return err // count, limit and checksum checked before use
+		}
 		path = append(path, dxNode{blk: child, off: dxNodeCountOff})
 	}
 	leafIdx, err := byLblk(blockAt(path[len(path)-1], path[len(path)-1].at))
