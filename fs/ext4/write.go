@@ -62,9 +62,11 @@ const WritableFeatures = "has_journal (left empty), ext_attr, resize_inode, dir_
 // serialized; reads go through View, which runs alongside other reads but
 // never alongside a change (the reader's group table and caches change).
 //
-// This milestone writes metadata in place, in an order that keeps each
-// operation's bitmap and counter updates together, but without the journal:
-// a crash mid-operation can leave an inconsistency for e2fsck to repair.
+// With a journal (has_journal), every operation's metadata joins a jbd2
+// transaction that Sync commits (journal_write.go): a crash loses at most
+// what was not synced, and leaves a filesystem that replays to consistency.
+// Without one, metadata goes straight home and the filesystem is marked
+// not clean until Close, so a crash sends it to e2fsck.
 type Writer struct {
 	mu   sync.RWMutex
 	f    *FS
@@ -147,6 +149,14 @@ func OpenWritable(dev Device, size int64) (w *Writer, err error) {
 	// from the descriptors' exact counts, as it does at mount.
 	le := binary.LittleEndian
 	w.addSBFree(int64(freeBlocks)-int64(w.sbFreeBlocks()), int64(freeInodes)-int64(le.Uint32(sb[0x10:])))
+	if w.jw == nil {
+		if err := w.setClean(false); err != nil {
+			return nil, err
+		}
+		if err := dev.Sync(); err != nil {
+			return nil, fmt.Errorf("ext4: marking the filesystem in use: %w", err)
+		}
+	}
 	return w, nil
 }
 
@@ -227,7 +237,33 @@ func (w *Writer) endOp() error {
 }
 
 // Close syncs. The device stays open; its owner closes it.
-func (w *Writer) Close() error { return w.Sync() }
+func (w *Writer) Close() error {
+	if err := w.Sync(); err != nil {
+		return err
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.jw == nil {
+		if err := w.setClean(true); err != nil {
+			return err
+		}
+		return w.dev.Sync()
+	}
+	return nil
+}
+
+// setClean sets or clears the superblock's "cleanly unmounted" state, as
+// the kernel does for a filesystem without a journal.
+func (w *Writer) setClean(clean bool) error {
+	const stateValid = 0x1
+	st := binary.LittleEndian.Uint16(w.sb[0x3A:]) &^ stateValid
+	if clean {
+		st |= stateValid
+	}
+	binary.LittleEndian.PutUint16(w.sb[0x3A:], st)
+	w.sbD = true
+	return w.flushMeta()
+}
 
 // flushMeta writes changed group descriptor blocks and the superblock.
 func (w *Writer) flushMeta() error {

@@ -654,3 +654,33 @@ func FuzzWriter(f *testing.F) {
 		_ = w.Sync()
 	})
 }
+
+// TestWriterNoJournalMarksInUse: without a journal nothing makes a crash
+// consistent, so the filesystem is marked not clean while open; reopening
+// after a crash is refused with a pointer to e2fsck, after Close it works.
+func TestWriterNoJournalMarksInUse(t *testing.T) {
+	img := mkfs(t, nil, "", 16, "-O", "^has_journal")
+	w := openWritable(t, img)
+	must(t, writerOps{w}.create("f", 0o644))
+	must(t, w.Sync())
+	fh, size := mustOpen(t, img)
+	if _, err := OpenWritable(&readOnlyDevice{fh}, size); err == nil || !strings.Contains(err.Error(), "e2fsck") {
+		t.Fatalf("reopening an image still in use (or crashed): %v, want a refusal naming e2fsck", err)
+	}
+	must(t, w.Close())
+	w2 := openWritable(t, img)
+	if _, err := lookupPath(w2.FS(), "f"); err != nil {
+		t.Error(err)
+	}
+	must(t, w2.Close())
+	e2fsckClean(t, img)
+}
+
+// readOnlyDevice refuses writes, so a refused open provably changed nothing.
+type readOnlyDevice struct{ f *os.File }
+
+func (d *readOnlyDevice) ReadAt(p []byte, off int64) (int, error) { return d.f.ReadAt(p, off) }
+func (d *readOnlyDevice) WriteAt([]byte, int64) (int, error) {
+	return 0, errors.New("read-only device")
+}
+func (d *readOnlyDevice) Sync() error { return nil }
