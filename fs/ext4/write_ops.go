@@ -117,9 +117,7 @@ func (w *Writer) create(dir uint32, name string, mode uint16, uid, gid uint32, f
 	if err := checkName(name); err != nil {
 		return nil, err
 	}
-	if _, err := w.lookup(dir, name); err == nil || name == "." || name == ".." {
-		return nil, errno(syscall.EEXIST, "inode %d: %q", dir, name)
-	} else if !isErrno(err, syscall.ENOENT) {
+	if err := w.checkAbsent(dir, name); err != nil {
 		return nil, err
 	}
 	isDir := mode&sIFMT == sIFDIR
@@ -154,6 +152,18 @@ func (w *Writer) create(dir uint32, name string, mode uint16, uid, gid uint32, f
 	return w.f.Inode(ino)
 }
 
+// checkAbsent fails with EEXIST when dir already holds name.
+func (w *Writer) checkAbsent(dir uint32, name string) error {
+	_, err := w.lookup(dir, name)
+	switch {
+	case err == nil || name == "." || name == "..":
+		return errno(syscall.EEXIST, "inode %d: %q", dir, name)
+	case isErrno(err, syscall.ENOENT):
+		return nil
+	}
+	return err
+}
+
 func isErrno(err error, e syscall.Errno) bool {
 	var got syscall.Errno
 	return errors.As(err, &got) && got == e
@@ -171,9 +181,7 @@ func (w *Writer) Link(ino, dir uint32, name string) error {
 		return err
 	}
 	// The kernel checks the new name before the source's type.
-	if _, err := w.lookup(dir, name); err == nil || name == "." || name == ".." {
-		return errno(syscall.EEXIST, "inode %d: %q", dir, name)
-	} else if !isErrno(err, syscall.ENOENT) {
+	if err := w.checkAbsent(dir, name); err != nil {
 		return err
 	}
 	if in.IsDir() {
