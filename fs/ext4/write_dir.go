@@ -91,7 +91,7 @@ type dirBlock struct {
 	b          []byte
 }
 
-// dirBlocks loads every block of directory dir for change.
+// dirBlocks maps every block of directory dir for change; dirData reads them.
 func (w *Writer) dirBlocks(dir wInode, m *extentMap) ([]dirBlock, error) {
 	bs := uint64(w.f.blockSize)
 	n := (dir.Size + bs - 1) / bs
@@ -105,13 +105,22 @@ func (w *Writer) dirBlocks(dir wInode, m *extentMap) ([]dirBlock, error) {
 			return nil, fmt.Errorf("ext4: inode %d: directory has a hole at block %d: %w", dir.Ino, l, ErrCorrupt)
 		}
 		p := m.exts[i].pblk + l - uint64(m.exts[i].lblk)
-		b, err := w.block(p)
-		if err != nil {
-			return nil, fmt.Errorf("ext4: inode %d: directory block %d: %w", dir.Ino, l, err)
-		}
-		out = append(out, dirBlock{l, p, b})
+		out = append(out, dirBlock{lblk: l, pblk: p})
 	}
 	return out, nil
+}
+
+// dirData returns block i of a directory being changed, reading a private
+// copy on first use: an indexed directory's change touches only its path.
+func (w *Writer) dirData(dir wInode, blocks []dirBlock, i int) ([]byte, error) {
+	if blocks[i].b == nil {
+		b, err := w.block(blocks[i].pblk)
+		if err != nil {
+			return nil, fmt.Errorf("ext4: inode %d: directory block %d: %w", dir.Ino, blocks[i].lblk, err)
+		}
+		blocks[i].b = b
+	}
+	return blocks[i].b, nil
 }
 
 // loadDir loads a directory for change, converting an indexed one to linear.
@@ -135,7 +144,11 @@ func (w *Writer) loadDir(ino uint32) (wInode, *extentMap, []dirBlock, error) {
 		return dir, m, blocks, nil
 	}
 	if w.f.isIndexed(dir.Inode) && len(blocks) > 0 {
-		if _, _, _, err := w.f.dxRootInfo(dir.Inode, blocks[0].b); err == nil {
+		b0, err := w.dirData(dir, blocks, 0)
+		if err != nil {
+			return wInode{}, nil, nil, err
+		}
+		if _, _, _, err := w.f.dxRootInfo(dir.Inode, b0); err == nil {
 			return dir, m, blocks, nil // an index the writer maintains
 		}
 	}
@@ -143,7 +156,10 @@ func (w *Writer) loadDir(ino uint32) (wInode, *extentMap, []dirBlock, error) {
 	le := binary.LittleEndian
 	region := w.dirRegion()
 	for i := range blocks {
-		b := blocks[i].b
+		b, err := w.dirData(dir, blocks, i)
+		if err != nil {
+			return wInode{}, nil, nil, err
+		}
 		switch {
 		case i == 0:
 			if le.Uint16(b[4:]) != 12 || b[8] != '.' || b[12+6] != 2 {
@@ -197,32 +213,42 @@ func (w *Writer) forEachDirent(dir wInode, lblk uint64, b []byte, fn func(off, p
 	return nil
 }
 
-// findDirent locates name in the loaded directory blocks.
+// findDirent locates name in the directory's blocks: through the hash
+// index when it has one, else by scanning.
 func (w *Writer) findDirent(dir wInode, blocks []dirBlock, name string) (direntAt, error) {
-	le := binary.LittleEndian
-	var found *direntAt
-	indexed := dir.hasFlag(flagIndex)
-	for i, db := range blocks {
-		if indexed && (i == 0 || w.f.isDxNode(db.b)) {
-			continue // the index, not entries ("." and ".." are never looked up here)
-		}
-		err := w.forEachDirent(dir, db.lblk, db.b, func(off, prev, rec int) bool {
-			ino := le.Uint32(db.b[off:])
-			nl := int(db.b[off+6])
-			if ino != 0 && string(db.b[off+8:off+8+nl]) == name {
-				found = &direntAt{blk: i, off: off, prevOff: prev, ino: ino, ft: db.b[off+7]}
-				return false
-			}
-			return true
-		})
-		if err != nil {
-			return direntAt{}, err
-		}
-		if found != nil {
-			return *found, nil
+	if dir.hasFlag(flagIndex) {
+		return w.dxFind(dir, blocks, name)
+	}
+	for i := range blocks {
+		at, ok, err := w.findInBlock(dir, blocks, i, name)
+		if err != nil || ok {
+			return at, err
 		}
 	}
 	return direntAt{}, errno(syscall.ENOENT, "inode %d: %q", dir.Ino, name)
+}
+
+// findInBlock looks for name in one linear block.
+func (w *Writer) findInBlock(dir wInode, blocks []dirBlock, i int, name string) (direntAt, bool, error) {
+	le := binary.LittleEndian
+	b, err := w.dirData(dir, blocks, i)
+	if err != nil {
+		return direntAt{}, false, err
+	}
+	var found *direntAt
+	err = w.forEachDirent(dir, blocks[i].lblk, b, func(off, prev, rec int) bool {
+		ino := le.Uint32(b[off:])
+		nl := int(b[off+6])
+		if ino != 0 && string(b[off+8:off+8+nl]) == name {
+			found = &direntAt{blk: i, off: off, prevOff: prev, ino: ino, ft: b[off+7]}
+			return false
+		}
+		return true
+	})
+	if err != nil || found == nil {
+		return direntAt{}, false, err
+	}
+	return *found, true, nil
 }
 
 // addEntry inserts name → ino into directory dirIno (which must not hold
@@ -235,7 +261,11 @@ func (w *Writer) addEntry(dirIno uint32, name string, ino uint32, ft uint8) erro
 	if dir.hasFlag(flagIndex) {
 		return w.dxAdd(dir, m, blocks, name, ino, ft)
 	}
-	for _, db := range blocks {
+	for i := range blocks {
+		if _, err := w.dirData(dir, blocks, i); err != nil {
+			return err
+		}
+		db := blocks[i]
 		done, err := w.insertInBlock(dir, db, name, ino, ft)
 		if err != nil {
 			return err
@@ -379,7 +409,10 @@ func (w *Writer) setDotDot(ino, parent uint32) error {
 	if err != nil {
 		return err
 	}
-	b := blocks[0].b
+	b, err := w.dirData(dir, blocks, 0)
+	if err != nil {
+		return err
+	}
 	if b[12+6] != 2 || b[12+8] != '.' || b[12+9] != '.' {
 		return fmt.Errorf("ext4: inode %d: directory's second entry is not \"..\": %w", ino, ErrCorrupt)
 	}

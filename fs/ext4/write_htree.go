@@ -47,55 +47,139 @@ func (w *Writer) sealDx(dir wInode, b []byte, off int) {
 }
 
 // dxAdd inserts name → ino into an indexed directory.
+// dxTree is an indexed directory being searched or changed.
+type dxTree struct {
+	w      *Writer
+	dir    wInode
+	blocks []dirBlock
+	hv     uint8
+	levels int
+}
+
+func (w *Writer) dxOpen(dir wInode, blocks []dirBlock) (*dxTree, error) {
+	root, err := w.dirData(dir, blocks, 0)
+	if err != nil {
+		return nil, err
+	}
+	hv, levels, _, err := w.f.dxRootInfo(dir.Inode, root)
+	if err != nil {
+		return nil, err
+	}
+	return &dxTree{w: w, dir: dir, blocks: blocks, hv: hv, levels: levels}, nil
+}
+
+func (t *dxTree) hash(name []byte) (uint32, error) {
+	h, ok := dirHash(name, t.hv, t.w.f.hashSeed)
+	if !ok {
+		return 0, fmt.Errorf("ext4: inode %d: htree hash version %d: %w", t.dir.Ino, t.hv, ErrUnsupported)
+	}
+	return h, nil
+}
+
+func (t *dxTree) count(n dxNode) int {
+	return int(binary.LittleEndian.Uint16(t.blocks[n.blk].b[n.off+2:]))
+}
+func (t *dxTree) entry(n dxNode, i int) []byte {
+	return t.blocks[n.blk].b[n.off+8*i:]
+}
+func (t *dxTree) hashAt(n dxNode, i int) uint32 { return binary.LittleEndian.Uint32(t.entry(n, i)) }
+func (t *dxTree) blockAt(n dxNode, i int) (int, error) {
+	l := uint64(binary.LittleEndian.Uint32(t.entry(n, i)[4:]) & 0x0fffffff)
+	if l >= uint64(len(t.blocks)) {
+		return 0, fmt.Errorf("ext4: inode %d: htree points at block %d of %d: %w", t.dir.Ino, l, len(t.blocks), ErrCorrupt)
+	}
+	return int(l), nil
+}
+
+// descend completes path down to a leaf and returns it. With byHash each
+// node takes the entry covering hash; without, the last node keeps its
+// entry and the ones below take their first (the walk to the next leaf).
+func (t *dxTree) descend(path []dxNode, hash uint32, byHash bool) ([]dxNode, int, error) {
+	f := t.w.f
+	for {
+		n := &path[len(path)-1]
+		if byHash {
+			c := t.count(*n)
+			n.at = 0
+			for i := 1; i < c && t.hashAt(*n, i) <= hash; i++ {
+				n.at = i
+			}
+		}
+		child, err := t.blockAt(*n, n.at)
+		if err != nil {
+			return nil, 0, err
+		}
+		b, err := t.w.dirData(t.dir, t.blocks, child)
+		if err != nil {
+			return nil, 0, err
+		}
+		if len(path) == t.levels+1 {
+			return path, child, nil
+		}
+		if !f.isDxNode(b) {
+			return nil, 0, fmt.Errorf("ext4: inode %d: htree interior block %d is not an index node: %w", t.dir.Ino, child, ErrCorrupt)
+		}
+		if _, err := f.dxEntries(t.dir.Inode, b, dxNodeCountOff, fmt.Sprintf("node %d", child)); err != nil {
+			return nil, 0, err // count, limit and checksum checked before use
+		}
+		path = append(path, dxNode{blk: child, off: dxNodeCountOff})
+	}
+}
+
+// dxFind locates name through the index, following a hash collision into
+// the next leaves as the kernel does.
+func (w *Writer) dxFind(dir wInode, blocks []dirBlock, name string) (direntAt, error) {
+	t, err := w.dxOpen(dir, blocks)
+	if err != nil {
+		return direntAt{}, err
+	}
+	hash, err := t.hash([]byte(name))
+	if err != nil {
+		return direntAt{}, err
+	}
+	path, leaf, err := t.descend([]dxNode{{blk: 0, off: dxRootCountOff}}, hash, true)
+	for err == nil {
+		at, ok, ferr := w.findInBlock(dir, blocks, leaf, name)
+		if ferr != nil || ok {
+			return at, ferr
+		}
+		// The next leaf continues this hash only if its index entry says so.
+		i := len(path) - 1
+		for i >= 0 && path[i].at+1 >= t.count(path[i]) {
+			i--
+		}
+		if i < 0 {
+			break
+		}
+		path = path[:i+1]
+		path[i].at++
+		if t.hashAt(path[i], path[i].at)&^1 != hash {
+			break
+		}
+		path, leaf, err = t.descend(path, hash, false)
+	}
+	if err != nil {
+		return direntAt{}, err
+	}
+	return direntAt{}, errno(syscall.ENOENT, "inode %d: %q", dir.Ino, name)
+}
+
 func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string, ino uint32, ft uint8) error {
 	le := binary.LittleEndian
 	f := w.f
 	bs := int(f.blockSize)
-	root := blocks[0].b
-	hv, levels, _, err := f.dxRootInfo(dir.Inode, root)
+	t, err := w.dxOpen(dir, blocks)
 	if err != nil {
 		return err
 	}
-	hash, ok := dirHash([]byte(name), hv, f.hashSeed)
-	if !ok {
-		return fmt.Errorf("ext4: inode %d: htree hash version %d: %w", dir.Ino, hv, ErrUnsupported)
-	}
-	byLblk := func(l uint64) (int, error) {
-		if l >= uint64(len(blocks)) {
-			return 0, fmt.Errorf("ext4: inode %d: htree points at block %d of %d: %w", dir.Ino, l, len(blocks), ErrCorrupt)
-		}
-		return int(l), nil
+	root := blocks[0].b
+	hv, levels := t.hv, t.levels
+	hash, err := t.hash([]byte(name))
+	if err != nil {
+		return err
 	}
 	count := func(n dxNode) int { return int(le.Uint16(blocks[n.blk].b[n.off+2:])) }
-	entry := func(n dxNode, i int) []byte { return blocks[n.blk].b[n.off+8*i:] }
-	hashAt := func(n dxNode, i int) uint32 { return le.Uint32(entry(n, i)) }
-	blockAt := func(n dxNode, i int) uint64 { return uint64(le.Uint32(entry(n, i)[4:]) & 0x0fffffff) }
-
-	// Descend to the leaf.
-	path := []dxNode{{blk: 0, off: dxRootCountOff}}
-	for {
-		n := &path[len(path)-1]
-		c := count(*n)
-		n.at = 0
-		for i := 1; i < c && hashAt(*n, i) <= hash; i++ {
-			n.at = i
-		}
-		if len(path) == levels+1 {
-			break
-		}
-		child, err := byLblk(blockAt(*n, n.at))
-		if err != nil {
-			return err
-		}
-		if !f.isDxNode(blocks[child].b) {
-			return fmt.Errorf("ext4: inode %d: htree interior block %d is not an index node: %w", dir.Ino, child, ErrCorrupt)
-		}
-		if _, err := f.dxEntries(dir.Inode, blocks[child].b, dxNodeCountOff, fmt.Sprintf("node %d", child)); err != nil {
-			return err // count, limit and checksum checked before use
-		}
-		path = append(path, dxNode{blk: child, off: dxNodeCountOff})
-	}
-	leafIdx, err := byLblk(blockAt(path[len(path)-1], path[len(path)-1].at))
+	path, leafIdx, err := t.descend([]dxNode{{blk: 0, off: dxRootCountOff}}, hash, true)
 	if err != nil {
 		return err
 	}
