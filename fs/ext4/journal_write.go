@@ -126,6 +126,9 @@ func (w *Writer) commit() error {
 	}
 	slices.Sort(blks)
 	// A transaction must fit the log with its descriptors and commit block.
+	// Operations commit at their end once a quarter of the log is used, so
+	// only one changing more blocks than the whole log is split, each
+	// piece atomic on its own.
 	per := w.jw.tagsPerDescriptor()
 	room := int(w.jw.j.maxLen-w.jw.j.first) - 1
 	chunk := room * per / (per + 1)
