@@ -188,7 +188,7 @@ func TestCrashRecovery(t *testing.T) {
 // same tree our recovery builds, e2fsck-clean, with the synced files.
 func TestKernelReplaysOurJournal(t *testing.T) {
 	testenv.RequireRoot(t)
-	tools := testenv.RequireTools(t, "mount", "umount")
+	testenv.RequireTools(t, "mount", "umount")
 	for _, v := range []struct {
 		name string
 		args []string
@@ -210,9 +210,7 @@ func TestKernelReplaysOurJournal(t *testing.T) {
 			if _, err := Open(mustOpen(t, byKernel)); err == nil {
 				t.Fatal("the crashed image does not need recovery; the test cannot check the kernel's replay")
 			}
-			mnt := t.TempDir()
-			runCmd(t, nil, tools[0], "-o", "loop", byKernel, mnt)
-			runCmd(t, nil, tools[1], mnt)
+			kernelMountCycle(t, byKernel)
 			e2fsckClean(t, byKernel)
 			w2 := openWritable(t, img)
 			if w2.ReplayedTransactions() != 1 {

@@ -77,6 +77,23 @@ func kernelCrashImage(t *testing.T, args ...string) string {
 	return img
 }
 
+// kernelMountCycle mounts img read-write and unmounts it, so the kernel
+// replays its journal and empties its orphan list.
+func kernelMountCycle(t *testing.T, img string) {
+	t.Helper()
+	tools := testenv.RequireTools(t, "mount", "umount")
+	mnt := t.TempDir()
+	runCmd(t, nil, tools[0], "-o", "loop", img, mnt)
+	mounted := true
+	t.Cleanup(func() {
+		if mounted {
+			runCmd(t, nil, tools[1], mnt)
+		}
+	})
+	runCmd(t, nil, tools[1], mnt)
+	mounted = false
+}
+
 // copyFile copies an image so two replays can be compared.
 func copyFile(t *testing.T, src string) string {
 	t.Helper()
@@ -100,7 +117,7 @@ func TestRecoverKernelJournal(t *testing.T) {
 		{"no-csum", []string{"-O", "^metadata_csum"}},
 	} {
 		t.Run(v.name, func(t *testing.T) {
-			tools := testenv.RequireTools(t, "mount", "umount")
+			testenv.RequireTools(t, "mount", "umount")
 			img := kernelCrashImage(t, v.args...)
 			byKernel := copyFile(t, img)
 			if _, err := Open(mustOpen(t, img)); !errors.Is(err, ErrUnsupported) {
@@ -113,9 +130,7 @@ func TestRecoverKernelJournal(t *testing.T) {
 			t.Logf("replayed %d transactions", w.ReplayedTransactions())
 			e2fsckClean(t, img)
 			// The kernel replays its copy on a read-write mount.
-			mnt := t.TempDir()
-			runCmd(t, nil, tools[0], "-o", "loop", byKernel, mnt)
-			runCmd(t, nil, tools[1], mnt)
+			kernelMountCycle(t, byKernel)
 			e2fsckClean(t, byKernel)
 			compareTrees(t, mountCopy(t, byKernel), mountCopy(t, img))
 			got, err := os.ReadFile(filepath.Join(mountCopy(t, img), "big"))

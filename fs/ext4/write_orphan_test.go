@@ -13,7 +13,7 @@ import (
 // same free space, e2fsck-clean.
 func TestWriterOrphans(t *testing.T) {
 	testenv.RequireRoot(t)
-	tools := testenv.RequireTools(t, "mount", "umount")
+	testenv.RequireTools(t, "mount", "umount")
 	img := mkfs(t, nil, "", 32)
 	w := openWritable(t, img)
 	free0 := w.FS().StatFS()
@@ -58,9 +58,7 @@ func TestWriterOrphans(t *testing.T) {
 	if got := w2.FS().StatFS(); got.FreeBlocks != free0.FreeBlocks || got.FreeInodes != free0.FreeInodes {
 		t.Errorf("after orphan recovery: %d blocks, %d inodes free; want %d, %d", got.FreeBlocks, got.FreeInodes, free0.FreeBlocks, free0.FreeInodes)
 	}
-	mnt := t.TempDir()
-	runCmd(t, nil, tools[0], "-o", "loop", byKernel, mnt)
-	runCmd(t, nil, tools[1], mnt)
+	kernelMountCycle(t, byKernel)
 	e2fsckClean(t, byKernel)
 	kf, _ := openImage(t, byKernel)
 	if got := kf.StatFS(); got.FreeBlocks != free0.FreeBlocks || got.FreeInodes != free0.FreeInodes {

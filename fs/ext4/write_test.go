@@ -597,6 +597,11 @@ func TestWriterConcurrent(t *testing.T) {
 // memDevice is a volume in memory for the fuzzer.
 type memDevice struct{ b []byte }
 
+var (
+	_ Device = (*memDevice)(nil)
+	_ Device = (*readOnlyDevice)(nil)
+)
+
 func (d *memDevice) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 || off >= int64(len(d.b)) {
 		return 0, io.EOF
