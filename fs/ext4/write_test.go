@@ -63,6 +63,8 @@ var writeVariants = []struct {
 	{"gdt_csum", []string{"-O", "^metadata_csum,uninit_bg"}, time.Nanosecond},
 	{"no-flex-no-64bit", []string{"-O", "^flex_bg,^64bit", "-b", "4096"}, time.Nanosecond},
 	{"inode128-nojournal", []string{"-I", "128", "-O", "^has_journal"}, time.Second},
+	{"2k-sparse_super2-csum_seed", []string{"-b", "2048", "-O", "sparse_super2,^resize_inode,metadata_csum_seed"}, time.Nanosecond},
+	{"no-sparse_super-large_dir", []string{"-O", "^sparse_super,^resize_inode,large_dir", "-g", "2048"}, time.Nanosecond},
 }
 
 // TestWriterScript applies a fixed workload touching every operation to
@@ -201,9 +203,10 @@ func TestWriterRandom(t *testing.T) {
 	if s := os.Getenv("EXT4_WRITE_SEED"); s != "" {
 		fmt.Sscan(s, &seed)
 	}
-	t.Logf("seed %d (rerun with EXT4_WRITE_SEED=%d)", seed, seed)
+	v := writeVariants[seed%uint64(len(writeVariants))]
+	t.Logf("seed %d, mke2fs variant %s (rerun with EXT4_WRITE_SEED=%d)", seed, v.name, seed)
 	r := rand.New(rand.NewPCG(seed, 0))
-	img := mkfs(t, nil, "", 64)
+	img := mkfs(t, nil, "", 64, v.args...)
 	ref := t.TempDir()
 	must(t, os.Mkdir(ref+"/lost+found", 0o700))
 	w := openWritable(t, img)
