@@ -156,9 +156,13 @@ func (w *Writer) storeBlockBitmap(g uint32, b []byte) error {
 // length. It fails with ENOSPC when no block is free.
 func (w *Writer) allocBlocks(goal uint64, want uint32) (uint64, uint32, error) {
 	start, n, err := w.allocFree(goal, want)
-	if isErrno(err, syscall.ENOSPC) && len(w.pendingFree) > 0 {
-		// Blocks freed in the open transaction become usable once it commits.
+	if isErrno(err, syscall.ENOSPC) && len(w.pendingFree)+len(w.logged) > 0 {
+		// Blocks held back for the journal's sake become usable once the
+		// open transaction commits and the log is checkpointed.
 		if err := w.commit(); err != nil {
+			return 0, 0, err
+		}
+		if err := w.checkpoint(); err != nil {
 			return 0, 0, err
 		}
 		return w.allocFree(goal, want)
@@ -187,7 +191,13 @@ func (w *Writer) allocFree(goal uint64, want uint32) (uint64, uint32, error) {
 		}
 		n := f.groupBlocks(g)
 		base := f.groupFirstBlock(g)
-		free := func(i uint32) bool { return !bitSet(b, i) && !w.pendingFree[base+uint64(i)] }
+		free := func(i uint32) bool {
+			if bitSet(b, i) || w.pendingFree[base+uint64(i)] {
+				return false
+			}
+			_, logged := w.logged[base+uint64(i)]
+			return !logged
+		}
 		for s := start; s < n; s++ {
 			if !free(s) {
 				continue

@@ -142,7 +142,7 @@ func TestRecoverKernelJournal(t *testing.T) {
 			o := writerOps{w}
 			must(t, o.create("after", 0o644))
 			must(t, o.writeAt("after", []byte("written after recovery"), 0))
-			must(t, w.Sync())
+			must(t, w.Checkpoint())
 			e2fsckClean(t, img)
 		})
 	}

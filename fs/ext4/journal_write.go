@@ -9,31 +9,38 @@ import (
 
 // With has_journal the writer works like jbd2 in ordered mode: changed
 // metadata blocks collect in memory (the open transaction) while file data
-// goes straight to its blocks; a commit writes the data barrier, then the
-// transaction to the log (descriptor blocks with the journal's tag format
-// and checksums, the block copies, a commit block), then checkpoints the
-// blocks home and empties the log. A crash before the commit block is
-// durable loses the transaction whole; after it, recovery (ours or the
-// kernel's) replays it. Blocks freed in the open transaction are not reused
-// before it commits, so a crash never finds committed metadata overwritten
-// by new data.
+// goes straight to its blocks; a commit appends the transaction to the log
+// (descriptor blocks with the journal's tag format and checksums, the block
+// copies), makes it and the data durable, then writes the commit block and
+// makes that durable. Committed blocks stay in memory until a checkpoint
+// writes them home and empties the log: when the log runs short, on
+// Checkpoint and on Close. A crash before a commit block is durable loses
+// that transaction whole; recovery (ours or the kernel's) replays every
+// committed one. Blocks freed in the open transaction, and blocks with a
+// logged copy not yet checkpointed, are not given out for data, so a replay
+// never overwrites file data with old metadata (what revoke records do in
+// the kernel).
 
 // dirtyOverlay shows the reader the open transaction's blocks over the
 // device, so lookups see what the writer has changed but not yet committed.
 type dirtyOverlay struct {
 	dev      io.ReaderAt
-	blockLog uint32 // 0 until the superblock is known
-	dirty    map[uint64][]byte
+	blockLog uint32            // 0 until the superblock is known
+	dirty    map[uint64][]byte // the open transaction
+	logged   map[uint64][]byte // committed, not yet home
 }
 
 func (o *dirtyOverlay) ReadAt(p []byte, off int64) (int, error) {
 	n, err := o.dev.ReadAt(p, off)
-	if len(o.dirty) == 0 || o.blockLog == 0 {
+	if len(o.dirty)+len(o.logged) == 0 || o.blockLog == 0 {
 		return n, err
 	}
 	bs := int64(1) << o.blockLog
 	for blk := off >> o.blockLog; blk<<o.blockLog < off+int64(n); blk++ {
 		b, ok := o.dirty[uint64(blk)]
+		if !ok {
+			b, ok = o.logged[uint64(blk)]
+		}
 		if !ok {
 			continue
 		}
@@ -49,6 +56,7 @@ type journalWriter struct {
 	raw   []byte // the journal superblock as on disk
 	runs  []run  // the journal inode's blocks
 	seq   uint32 // the next transaction's id
+	head  uint32 // the next free log block; 0 while the log is empty
 	limit int    // commit once this many blocks are dirty
 }
 
@@ -111,8 +119,8 @@ func (jw *journalWriter) tagsPerDescriptor() int {
 	return room / jw.j.tagBytes()
 }
 
-// commit makes the open transaction durable and checkpoints it. Without a
-// journal it only flushes.
+// commit makes the open transaction durable in the log. Without a journal
+// it only flushes.
 func (w *Writer) commit() error {
 	if err := w.flushMeta(); err != nil {
 		return err
@@ -129,13 +137,23 @@ func (w *Writer) commit() error {
 	// Operations commit at their end once a quarter of the log is used, so
 	// only one changing more blocks than the whole log is split, each
 	// piece atomic on its own.
-	per := w.jw.tagsPerDescriptor()
-	room := int(w.jw.j.maxLen-w.jw.j.first) - 1
+	jw := w.jw
+	per := jw.tagsPerDescriptor()
+	room := int(jw.j.maxLen-jw.j.first) - 1
 	chunk := room * per / (per + 1)
 	for len(blks) > 0 {
 		n := min(chunk, len(blks))
+		need := uint32(n + (n+per-1)/per + 1)
+		if jw.head != 0 && jw.head+need > jw.j.maxLen {
+			if err := w.checkpoint(); err != nil { // the log is full: empty it first
+				return err
+			}
+		}
 		if err := w.writeTransaction(blks[:n]); err != nil {
 			return err
+		}
+		for _, b := range blks[:n] {
+			w.logged[b] = w.dirty[b]
 		}
 		blks = blks[n:]
 	}
@@ -144,15 +162,43 @@ func (w *Writer) commit() error {
 	return nil
 }
 
-// writeTransaction logs, commits and checkpoints the dirty blocks blks.
+// checkpoint writes every committed block home and empties the log.
+func (w *Writer) checkpoint() error {
+	if w.jw == nil || len(w.logged) == 0 {
+		return nil
+	}
+	for blk, b := range w.logged {
+		if _, err := w.dev.WriteAt(b, int64(blk)<<w.f.blockLog); err != nil {
+			return fmt.Errorf("ext4: checkpointing block %d: %w", blk, err)
+		}
+	}
+	if err := w.dev.Sync(); err != nil {
+		return fmt.Errorf("ext4: checkpoint: %w", err)
+	}
+	if err := w.writeJournalSuper(0, w.jw.seq); err != nil {
+		return err
+	}
+	if err := w.setRecoverFlag(false); err != nil {
+		return err
+	}
+	clear(w.logged)
+	w.jw.head = 0
+	return nil
+}
+
+// writeTransaction appends the dirty blocks blks to the log and commits them.
 func (w *Writer) writeTransaction(blks []uint64) error {
 	f, jw, j := w.f, w.jw, w.jw.j
 	bs := int(f.blockSize)
 	// The filesystem is marked as needing recovery while the log is used:
 	// on disk now, and in a logged or checkpointed superblock copy, so no
 	// crash during the checkpoint finds the flag gone too early.
-	if err := w.setRecoverFlag(true); err != nil {
-		return err
+	first := jw.head == 0
+	if first {
+		if err := w.setRecoverFlag(true); err != nil {
+			return err
+		}
+		jw.head = j.first
 	}
 	sbBlk := uint64(superblockOffset >> f.blockLog)
 	if b, ok := w.dirty[sbBlk]; ok {
@@ -163,7 +209,7 @@ func (w *Writer) writeTransaction(blks []uint64) error {
 			le.PutUint32(sb[0x3FC:], crc32cRaw(^uint32(0), sb[:0x3FC]))
 		}
 	}
-	pos := j.first
+	pos := jw.head
 	writeLog := func(b []byte) error {
 		p, err := jw.logBlock(pos)
 		if err != nil {
@@ -240,10 +286,13 @@ func (w *Writer) writeTransaction(blks []uint64) error {
 			}
 		}
 	}
-	// The log start in the journal superblock, then a barrier: data,
-	// descriptors and copies are durable before the commit block is.
-	if err := w.writeJournalSuper(j.first, jw.seq); err != nil {
-		return err
+	// The log start in the journal superblock (for the first transaction
+	// since the log was emptied), then a barrier: data, descriptors and
+	// copies are durable before the commit block is.
+	if first {
+		if err := w.writeJournalSuper(j.first, jw.seq); err != nil {
+			return err
+		}
 	}
 	if err := w.dev.Sync(); err != nil {
 		return fmt.Errorf("ext4: journal barrier: %w", err)
@@ -261,20 +310,9 @@ func (w *Writer) writeTransaction(blks []uint64) error {
 	if err := w.dev.Sync(); err != nil {
 		return fmt.Errorf("ext4: committing transaction %d: %w", jw.seq, err)
 	}
-	// Checkpoint: the blocks go home, then the log is emptied.
-	for _, blk := range blks {
-		if _, err := w.dev.WriteAt(w.dirty[blk], int64(blk)<<f.blockLog); err != nil {
-			return fmt.Errorf("ext4: checkpointing block %d: %w", blk, err)
-		}
-	}
-	if err := w.dev.Sync(); err != nil {
-		return fmt.Errorf("ext4: checkpoint: %w", err)
-	}
+	jw.head = pos
 	jw.seq++
-	if err := w.writeJournalSuper(0, jw.seq); err != nil {
-		return err
-	}
-	return w.setRecoverFlag(false)
+	return nil
 }
 
 func (w *Writer) writeJournalSuper(start, seq uint32) error {

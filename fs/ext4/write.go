@@ -81,6 +81,7 @@ type Writer struct {
 
 	jw          *journalWriter    // nil without a journal: writes go home directly
 	dirty       map[uint64][]byte // the open transaction's metadata blocks
+	logged      map[uint64][]byte // committed blocks not yet checkpointed home
 	pendingFree map[uint64]bool   // blocks freed in it, not reusable before it commits
 	holds       map[uint32]int    // open handles per inode (Hold, Release)
 }
@@ -101,7 +102,7 @@ func OpenWritable(dev Device, size int64) (w *Writer, err error) {
 		return nil, err
 	}
 	// The reader sees the volume through the open transaction.
-	ov := &dirtyOverlay{dev: dev, dirty: map[uint64][]byte{}}
+	ov := &dirtyOverlay{dev: dev, dirty: map[uint64][]byte{}, logged: map[uint64][]byte{}}
 	f, err := Open(ov, size)
 	if err != nil {
 		return nil, err
@@ -115,7 +116,7 @@ func OpenWritable(dev Device, size int64) (w *Writer, err error) {
 		return nil, err
 	}
 	w = &Writer{f: f, dev: dev, sb: sb, gdtD: map[uint32]bool{}, now: time.Now, replayed: replayed,
-		dirty: ov.dirty, pendingFree: map[uint64]bool{}, holds: map[uint32]int{}}
+		dirty: ov.dirty, logged: ov.logged, pendingFree: map[uint64]bool{}, holds: map[uint32]int{}}
 	if f.compat(compatHasJournal) && f.sb.journalInum != 0 {
 		if err := w.openJournal(); err != nil {
 			return nil, err
@@ -224,6 +225,21 @@ func (w *Writer) Sync() error {
 	return w.dev.Sync()
 }
 
+// Checkpoint is Sync that also writes every committed block home and
+// empties the journal, leaving an image that needs no recovery (for
+// e2fsck, the kernel, or a copy).
+func (w *Writer) Checkpoint() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.commit(); err != nil {
+		return err
+	}
+	if err := w.checkpoint(); err != nil {
+		return err
+	}
+	return w.dev.Sync()
+}
+
 // endOp ends an operation: its descriptor and superblock changes join the
 // transaction, which commits once it holds a quarter of the journal.
 func (w *Writer) endOp() error {
@@ -238,7 +254,7 @@ func (w *Writer) endOp() error {
 
 // Close syncs. The device stays open; its owner closes it.
 func (w *Writer) Close() error {
-	if err := w.Sync(); err != nil {
+	if err := w.Checkpoint(); err != nil {
 		return err
 	}
 	w.mu.Lock()

@@ -142,5 +142,8 @@ func (w *Writer) processOrphans() error {
 	}
 	le.PutUint32(w.sb[sbLastOrphan:], 0)
 	w.sbD = true
-	return w.commit()
+	if err := w.commit(); err != nil {
+		return err
+	}
+	return w.checkpoint() // home, like the journal's own recovery
 }

@@ -33,7 +33,7 @@ func TestWriterOrphans(t *testing.T) {
 		t.Fatalf("unlinked held file: %d links, content not as written", gone.Links)
 	}
 	must(t, w.Release(in.Ino))
-	must(t, w.Sync())
+	must(t, w.Checkpoint())
 	e2fsckClean(t, img)
 	if got := w.FS().StatFS(); got.FreeBlocks != free0.FreeBlocks || got.FreeInodes != free0.FreeInodes {
 		t.Errorf("after release: %d blocks, %d inodes free; want %d, %d", got.FreeBlocks, got.FreeInodes, free0.FreeBlocks, free0.FreeInodes)

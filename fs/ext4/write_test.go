@@ -88,7 +88,7 @@ func TestWriterScript(t *testing.T) {
 				}
 			}
 			times := script(t, both)
-			must(t, w.Sync())
+			must(t, w.Checkpoint())
 			e2fsckClean(t, img)
 			mnt := mountRO(t, img)
 			compareTrees(t, ref, mnt)
@@ -323,7 +323,7 @@ func TestWriterRandom(t *testing.T) {
 			}
 		}
 		t.Logf("batch %d: %d of %d operations so far succeeded on both", batch, succeeded, 150*(batch+1))
-		must(t, w.Sync())
+		must(t, w.Checkpoint())
 		e2fsckClean(t, img)
 		compareTrees(t, ref, mountCopy(t, img))
 		if t.Failed() {
@@ -367,7 +367,7 @@ func TestWriterENOSPC(t *testing.T) {
 	if !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("filling the filesystem ended with %v, want ENOSPC", err)
 	}
-	must(t, w.Sync())
+	must(t, w.Checkpoint())
 	e2fsckClean(t, img)
 	if st := w.FS().StatFS(); st.FreeBlocks != 0 && st.FreeInodes != 0 {
 		t.Errorf("ENOSPC with %d blocks and %d inodes free", st.FreeBlocks, st.FreeInodes)
@@ -375,7 +375,7 @@ func TestWriterENOSPC(t *testing.T) {
 	must(t, o.unlink("f0"))
 	must(t, o.create("again", 0o644))
 	must(t, o.writeAt("again", chunk[:5000], 0))
-	must(t, w.Sync())
+	must(t, w.Checkpoint())
 	e2fsckClean(t, img)
 	t.Logf("%d files before ENOSPC", files)
 }
@@ -454,7 +454,7 @@ func writerOnMke2fsTree(t *testing.T, args []string, wantLevels int) {
 	step("rmdir medium", func(o treeOps) error { return o.rmdir("medium") })
 	step("rename deep dir", func(o treeOps) error { return o.rename("d00/d01/d02", "tiny/d02", 0) })
 	step("overwrite big file", func(o treeOps) error { return o.writeAt("sizes/f0300000", fill(6, 500_000), 1000) })
-	must(t, w.Sync())
+	must(t, w.Checkpoint())
 	e2fsckClean(t, img)
 	compareTrees(t, src, mountCopy(t, img))
 	f, _ = openImage(t, img)
@@ -520,7 +520,7 @@ func TestWriterContiguityAndTreeGrowth(t *testing.T) {
 	if d != 2 || n != 4000 {
 		t.Errorf("4000 separate blocks: depth %d with %d extents, want depth 2 with 4000", d, n)
 	}
-	must(t, w.Sync())
+	must(t, w.Checkpoint())
 	e2fsckClean(t, img)
 	mnt := mountCopy(t, img)
 	for name, data := range map[string][]byte{"seq": seq, "holes": want} {
@@ -534,7 +534,7 @@ func TestWriterContiguityAndTreeGrowth(t *testing.T) {
 	if d, n := extentDepth(t, w, "holes"); d != 0 || n != 3 {
 		t.Errorf("after truncating to 5000 bytes: depth %d with %d extents, want 0 and 3", d, n)
 	}
-	must(t, w.Sync())
+	must(t, w.Checkpoint())
 	e2fsckClean(t, img)
 }
 
@@ -583,7 +583,7 @@ func TestWriterConcurrent(t *testing.T) {
 	for i := 0; i < 2*writers; i++ {
 		must(t, <-done)
 	}
-	must(t, w.Sync())
+	must(t, w.Checkpoint())
 	e2fsckClean(t, img)
 	for i := 0; i < writers; i++ {
 		in, err := lookupPath(w.FS(), fmt.Sprintf("w%d", i))
@@ -704,7 +704,7 @@ func TestWriterLargeSparseFile(t *testing.T) {
 	tail := []byte("the end of a sparse 5 GiB file")
 	must(t, o.writeAt("huge", tail, off))
 	must(t, o.writeAt("huge", []byte("start"), 0))
-	must(t, w.Sync())
+	must(t, w.Checkpoint())
 	e2fsckClean(t, img)
 	mnt := mountCopy(t, img)
 	fh, err := os.Open(filepath.Join(mnt, "huge"))
