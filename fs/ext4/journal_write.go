@@ -120,46 +120,111 @@ func (jw *journalWriter) tagsPerDescriptor() int {
 }
 
 // commit makes the open transaction durable in the log. Without a journal
-// it only flushes.
+// it only flushes. The caller holds both locks.
 func (w *Writer) commit() error {
-	if err := w.flushMeta(); err != nil {
+	blks, err := w.prepareCommit()
+	if err != nil || len(blks) == 0 {
 		return err
 	}
-	if w.jw == nil || len(w.dirty) == 0 {
-		return nil
+	if err := w.logTransactions(blks); err != nil {
+		return err
 	}
+	if len(blks) <= w.jwChunk() {
+		w.finishCommit(blks)
+	}
+	return nil
+}
+
+// jwChunk is the most blocks one transaction can carry: the log with its
+// descriptors and commit block.
+func (w *Writer) jwChunk() int {
+	if w.jw == nil {
+		return 0
+	}
+	per := w.jw.tagsPerDescriptor()
+	room := int(w.jw.j.maxLen-w.jw.j.first) - 1
+	return room * per / (per + 1)
+}
+
+// logNeed is the log blocks a transaction of n blocks takes.
+func (w *Writer) logNeed(n int) uint32 {
+	per := w.jw.tagsPerDescriptor()
+	return uint32(n + (n+per-1)/per + 1)
+}
+
+// prepareCommit flushes the descriptors and superblock into the open
+// transaction and returns its blocks, sorted, having made room in the log
+// (a checkpoint) if it fits there at all. The superblock copy carries
+// needs_recovery, so no crash during a later checkpoint finds the flag
+// gone too early. Under both locks.
+func (w *Writer) prepareCommit() ([]uint64, error) {
+	if err := w.flushMeta(); err != nil {
+		return nil, err
+	}
+	if w.jw == nil || len(w.dirty) == 0 {
+		return nil, nil
+	}
+	f, jw := w.f, w.jw
 	blks := make([]uint64, 0, len(w.dirty))
 	for b := range w.dirty {
 		blks = append(blks, b)
 	}
 	slices.Sort(blks)
-	// A transaction must fit the log with its descriptors and commit block.
-	// Operations commit at their end once a quarter of the log is used, so
-	// only one changing more blocks than the whole log is split, each
-	// piece atomic on its own.
-	jw := w.jw
-	per := jw.tagsPerDescriptor()
-	room := int(jw.j.maxLen-jw.j.first) - 1
-	chunk := room * per / (per + 1)
+	sbBlk := uint64(superblockOffset >> f.blockLog)
+	if b, ok := w.dirty[sbBlk]; ok {
+		sb := b[superblockOffset-int(sbBlk<<f.blockLog):][:superblockSize]
+		le := binary.LittleEndian
+		le.PutUint32(sb[0x60:], le.Uint32(sb[0x60:])|incompatRecover)
+		if f.hasCsum() {
+			le.PutUint32(sb[0x3FC:], crc32cRaw(^uint32(0), sb[:0x3FC]))
+		}
+	}
+	if n := len(blks); n <= w.jwChunk() && jw.head != 0 && jw.head+w.logNeed(n) > jw.j.maxLen {
+		if err := w.checkpoint(); err != nil { // the log is short: empty it first
+			return nil, err
+		}
+	}
+	return blks, nil
+}
+
+// logTransactions writes blks (the open transaction) to the log and
+// commits it. A transaction that fits the log (prepareCommit made room)
+// only does device I/O and touches no state readers see, so Sync runs it
+// unlocked. Operations commit at their end once a quarter of the log is
+// used, so only one changing more blocks than the whole log is split,
+// each piece atomic, under the locks (it checkpoints between pieces and
+// finishes the commit itself).
+func (w *Writer) logTransactions(blks []uint64) error {
+	chunk := w.jwChunk()
+	if len(blks) <= chunk {
+		return w.writeTransaction(blks)
+	}
 	for len(blks) > 0 {
 		n := min(chunk, len(blks))
-		need := uint32(n + (n+per-1)/per + 1)
-		if jw.head != 0 && jw.head+need > jw.j.maxLen {
-			if err := w.checkpoint(); err != nil { // the log is full: empty it first
+		if w.jw.head != 0 && w.jw.head+w.logNeed(n) > w.jw.j.maxLen {
+			if err := w.checkpoint(); err != nil {
 				return err
 			}
 		}
 		if err := w.writeTransaction(blks[:n]); err != nil {
 			return err
 		}
-		for _, b := range blks[:n] {
-			w.logged[b] = w.dirty[b]
-		}
+		w.finishCommit(blks[:n])
 		blks = blks[n:]
 	}
-	clear(w.dirty)
-	clear(w.pendingFree)
 	return nil
+}
+
+// finishCommit moves committed blocks from the open transaction to the
+// checkpoint list. Under both locks.
+func (w *Writer) finishCommit(blks []uint64) {
+	for _, b := range blks {
+		w.logged[b] = w.dirty[b]
+		delete(w.dirty, b)
+	}
+	if len(w.dirty) == 0 {
+		clear(w.pendingFree)
+	}
 }
 
 // checkpoint writes every committed block home and empties the log.
@@ -190,24 +255,13 @@ func (w *Writer) checkpoint() error {
 func (w *Writer) writeTransaction(blks []uint64) error {
 	f, jw, j := w.f, w.jw, w.jw.j
 	bs := int(f.blockSize)
-	// The filesystem is marked as needing recovery while the log is used:
-	// on disk now, and in a logged or checkpointed superblock copy, so no
-	// crash during the checkpoint finds the flag gone too early.
+	// The filesystem is marked as needing recovery while the log is used.
 	first := jw.head == 0
 	if first {
 		if err := w.setRecoverFlag(true); err != nil {
 			return err
 		}
 		jw.head = j.first
-	}
-	sbBlk := uint64(superblockOffset >> f.blockLog)
-	if b, ok := w.dirty[sbBlk]; ok {
-		sb := b[superblockOffset-int(sbBlk<<f.blockLog):][:superblockSize]
-		le := binary.LittleEndian
-		le.PutUint32(sb[0x60:], le.Uint32(sb[0x60:])|incompatRecover)
-		if f.hasCsum() {
-			le.PutUint32(sb[0x3FC:], crc32cRaw(^uint32(0), sb[:0x3FC]))
-		}
 	}
 	pos := jw.head
 	writeLog := func(b []byte) error {

@@ -68,14 +68,15 @@ const WritableFeatures = "has_journal (left empty), ext_attr, resize_inode, dir_
 // Without one, metadata goes straight home and the filesystem is marked
 // not clean until Close, so a crash sends it to e2fsck.
 type Writer struct {
-	mu   sync.RWMutex
-	f    *FS
-	dev  Device
-	sb   []byte   // the primary superblock, 1024 bytes
-	gdt  [][]byte // descriptor blocks, by descriptor block number
-	gdtD map[uint32]bool
-	sbD  bool
-	now  func() time.Time // the clock for timestamps; tests pin it
+	changeMu sync.Mutex // see lockChange
+	mu       sync.RWMutex
+	f        *FS
+	dev      Device
+	sb       []byte   // the primary superblock, 1024 bytes
+	gdt      [][]byte // descriptor blocks, by descriptor block number
+	gdtD     map[uint32]bool
+	sbD      bool
+	now      func() time.Time // the clock for timestamps; tests pin it
 
 	replayed int // journal transactions replayed at open
 
@@ -214,13 +215,42 @@ func (w *Writer) View(fn func(f *FS) error) error {
 	return fn(w.f)
 }
 
+// lockChange serializes a change: changeMu orders the changers (Sync's
+// device I/O included), mu keeps readers out while memory changes. It
+// returns the unlock.
+func (w *Writer) lockChange() func() {
+	w.changeMu.Lock()
+	w.mu.Lock()
+	return func() {
+		w.mu.Unlock()
+		w.changeMu.Unlock()
+	}
+}
+
 // Sync commits the open transaction and makes everything durable; when it
 // returns, a crash loses nothing written before it (fsync, syncfs).
+// Readers (View) go on while it writes the log and waits for the device:
+// no other change runs then, so nothing they see moves.
 func (w *Writer) Sync() error {
+	w.changeMu.Lock()
+	defer w.changeMu.Unlock()
 	w.mu.Lock()
-	defer w.mu.Unlock()
-	if err := w.commit(); err != nil {
+	blks, err := w.prepareCommit()
+	if err == nil && len(blks) > w.jwChunk() {
+		err = w.logTransactions(blks) // larger than the log: in pieces, locked
+		blks = nil
+	}
+	w.mu.Unlock()
+	if err != nil {
 		return err
+	}
+	if len(blks) > 0 {
+		if err := w.logTransactions(blks); err != nil {
+			return err
+		}
+		w.mu.Lock()
+		w.finishCommit(blks)
+		w.mu.Unlock()
 	}
 	return w.dev.Sync()
 }
@@ -229,8 +259,7 @@ func (w *Writer) Sync() error {
 // empties the journal, leaving an image that needs no recovery (for
 // e2fsck, the kernel, or a copy).
 func (w *Writer) Checkpoint() error {
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	if err := w.commit(); err != nil {
 		return err
 	}
@@ -257,8 +286,7 @@ func (w *Writer) Close() error {
 	if err := w.Checkpoint(); err != nil {
 		return err
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	if w.jw == nil {
 		if err := w.setClean(true); err != nil {
 			return err

@@ -10,8 +10,7 @@ import (
 // blocks near the file's existing ones so it stays contiguous, and extends
 // the size if needed. On ENOSPC it returns the bytes written before it.
 func (w *Writer) WriteAt(ino uint32, p []byte, off int64) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	in, err := w.loadInode(ino)
 	if err != nil {
 		return 0, err
@@ -57,8 +56,7 @@ func (w *Writer) WriteAt(ino uint32, p []byte, off int64) (int, error) {
 // Truncate sets regular file ino's size, freeing blocks past the end when
 // it shrinks; when it grows the new range is a hole.
 func (w *Writer) Truncate(ino uint32, size uint64) error {
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	in, err := w.loadInode(ino)
 	if err != nil {
 		return err
@@ -208,8 +206,7 @@ func (w *Writer) inodeGoal(ino uint32) uint64 {
 // file ino as unwritten extents, which read as zeros (fallocate(2) mode 0,
 // or FALLOC_FL_KEEP_SIZE with keepSize). Blocks already mapped stay.
 func (w *Writer) Fallocate(ino uint32, off, length uint64, keepSize bool) error {
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	in, err := w.loadInode(ino)
 	if err != nil {
 		return err

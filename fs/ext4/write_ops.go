@@ -25,8 +25,7 @@ func (w *Writer) Mknod(dir uint32, name string, mode uint32, rdev uint32, uid, g
 	default:
 		return nil, errno(syscall.EINVAL, "mknod %q: mode %#o is not a file, FIFO, socket or device", name, mode)
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	return w.create(dir, name, uint16(mode), uid, gid, func(in wInode) error {
 		switch in.Mode & sIFMT {
 		case sIFREG:
@@ -46,8 +45,7 @@ func (w *Writer) Mknod(dir uint32, name string, mode uint32, rdev uint32, uid, g
 
 // Mkdir makes a directory with "." and ".." in one block.
 func (w *Writer) Mkdir(dir uint32, name string, perm uint32, uid, gid uint32) (*Inode, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	parent, err := w.f.Inode(dir)
 	if err != nil {
 		return nil, err
@@ -87,8 +85,7 @@ func (w *Writer) Symlink(dir uint32, name, target string, uid, gid uint32) (*Ino
 	if len(target) >= maxSymlinkLen || len(target) > int(w.f.blockSize) {
 		return nil, errno(syscall.ENAMETOOLONG, "symlink %q: target of %d bytes", name, len(target))
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	return w.create(dir, name, sIFLNK|0o777, uid, gid, func(in wInode) error {
 		in.setSize(uint64(len(target)))
 		if len(target) < 60 {
@@ -174,8 +171,7 @@ func (w *Writer) Link(ino, dir uint32, name string) error {
 	if err := checkName(name); err != nil {
 		return err
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	in, err := w.loadInode(ino)
 	if err != nil {
 		return err
@@ -208,8 +204,7 @@ func (w *Writer) Unlink(dir uint32, name string) error {
 	if name == "." || name == ".." {
 		return errno(syscall.EISDIR, "unlink %q", name)
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	ino, err := w.lookup(dir, name)
 	if err != nil {
 		return err
@@ -252,8 +247,7 @@ func (w *Writer) Rmdir(dir uint32, name string) error {
 	case "..":
 		return errno(syscall.ENOTEMPTY, "rmdir %q", name)
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	ino, err := w.lookup(dir, name)
 	if err != nil {
 		return err
@@ -408,8 +402,7 @@ func (w *Writer) Rename(olddir uint32, oldname string, newdir uint32, newname st
 	if err := checkName(newname); err != nil {
 		return err
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	src, err := w.lookup(olddir, oldname)
 	if err != nil {
 		return err
@@ -597,8 +590,7 @@ type SetAttr struct {
 
 // Setattr applies a to inode ino.
 func (w *Writer) Setattr(ino uint32, a SetAttr) (*Inode, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	in, err := w.loadInode(ino)
 	if err != nil {
 		return nil, err

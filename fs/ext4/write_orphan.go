@@ -15,15 +15,13 @@ const sbLastOrphan = 0xE8
 // Hold records that a file handle refers to inode ino, so unlinking its
 // last name keeps it readable and writable until Release.
 func (w *Writer) Hold(ino uint32) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	w.holds[ino]++
 }
 
 // Release drops a hold; an inode left without links and holds is freed.
 func (w *Writer) Release(ino uint32) error {
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	if w.holds[ino] == 0 {
 		return fmt.Errorf("ext4: release of inode %d, which is not held", ino)
 	}

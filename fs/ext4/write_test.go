@@ -552,6 +552,9 @@ func TestWriterConcurrent(t *testing.T) {
 			err := o.create(name, 0o644)
 			for j := 0; err == nil && j < 50; j++ {
 				err = o.writeAt(name, fill(uint64(i*100+j), 3000), int64(j*3000))
+				if err == nil && j%10 == 9 {
+					err = w.Sync() // readers run on during its device I/O
+				}
 			}
 			done <- err
 		}()
@@ -770,4 +773,68 @@ func BenchmarkWriterSmallFiles(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// gatedDevice holds every Sync until the test opens the gate.
+type gatedDevice struct {
+	*os.File
+	entered chan struct{}
+	gate    chan struct{}
+}
+
+var _ Device = (*gatedDevice)(nil)
+
+func (d *gatedDevice) Sync() error {
+	select {
+	case d.entered <- struct{}{}:
+	default:
+	}
+	<-d.gate
+	return d.File.Sync()
+}
+
+// TestWriterReadsDuringSync: while Sync waits for the device, readers
+// still get through View (the commit's device I/O holds no reader lock).
+func TestWriterReadsDuringSync(t *testing.T) {
+	img := mkfs(t, nil, "", 16)
+	fh, err := os.OpenFile(img, os.O_RDWR, 0)
+	must(t, err)
+	defer fh.Close()
+	dev := &gatedDevice{File: fh, entered: make(chan struct{}, 1), gate: make(chan struct{})}
+	close(dev.gate) // open while setting up
+	w, err := OpenWritable(dev, 16<<20)
+	must(t, err)
+	in, err := w.Create(RootIno, "f", 0o644, 0, 0)
+	must(t, err)
+	_, err = w.WriteAt(in.Ino, []byte("content"), 0)
+	must(t, err)
+	dev.gate = make(chan struct{}) // closed again: Syncs now wait
+	synced := make(chan error, 1)
+	go func() { synced <- w.Sync() }()
+	<-dev.entered
+	err = w.View(func(f *FS) error {
+		root, err := f.Inode(RootIno)
+		if err != nil {
+			return err
+		}
+		ino, err := f.Lookup(root, "f")
+		if err != nil {
+			return err
+		}
+		got, err := f.Inode(ino)
+		if err == nil && got.Size != 7 {
+			err = fmt.Errorf("size %d, want 7", got.Size)
+		}
+		return err
+	})
+	select {
+	case err := <-synced:
+		t.Fatalf("Sync returned (%v) before the device finished", err)
+	default:
+	}
+	must(t, err)
+	close(dev.gate)
+	must(t, <-synced)
+	must(t, w.Checkpoint())
+	e2fsckClean(t, img)
 }

@@ -87,8 +87,7 @@ func (w *Writer) SetXattr(ino uint32, name string, value []byte, flags int) erro
 			return err
 		}
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	return w.changeXattrs(ino, name, func(es []xattrEntry, at int) ([]xattrEntry, error) {
 		switch {
 		case at >= 0 && flags&XattrCreate != 0:
@@ -109,8 +108,7 @@ func (w *Writer) RemoveXattr(ino uint32, name string) error {
 	if err != nil {
 		return err
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	defer w.lockChange()()
 	return w.changeXattrs(ino, name, func(es []xattrEntry, at int) ([]xattrEntry, error) {
 		if at < 0 {
 			return nil, errno(syscall.ENODATA, "inode %d: xattr %q", ino, name)
