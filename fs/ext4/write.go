@@ -116,6 +116,11 @@ func OpenWritable(dev Device, size int64) (w *Writer, err error) {
 	if err := checkWritable(f, sb); err != nil {
 		return nil, err
 	}
+	for g := range f.groups {
+		if f.groups[g].csumErr != nil {
+			return nil, fmt.Errorf("ext4: refusing to write a damaged filesystem (run e2fsck -f on it): %w", f.groups[g].csumErr)
+		}
+	}
 	w = &Writer{f: f, dev: dev, sb: sb, gdtD: map[uint32]bool{}, now: time.Now, replayed: replayed,
 		dirty: ov.dirty, logged: ov.logged, pendingFree: map[uint64]bool{}, holds: map[uint32]int{}}
 	if f.compat(compatHasJournal) && f.sb.journalInum != 0 {
@@ -141,9 +146,6 @@ func OpenWritable(dev Device, size int64) (w *Writer, err error) {
 	}
 	var freeBlocks, freeInodes uint64
 	for g := range f.groups {
-		if f.groups[g].csumErr != nil {
-			return nil, fmt.Errorf("ext4: refusing to write a damaged filesystem (run e2fsck -f on it): %w", f.groups[g].csumErr)
-		}
 		freeBlocks += uint64(f.groups[g].freeBlocks)
 		freeInodes += uint64(f.groups[g].freeInodes)
 	}

@@ -2,6 +2,7 @@ package ext4
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -837,4 +838,34 @@ func TestWriterReadsDuringSync(t *testing.T) {
 	must(t, <-synced)
 	must(t, w.Checkpoint())
 	e2fsckClean(t, img)
+}
+
+// TestOpenWritableRefusesDamage: a damaged group descriptor, or a
+// superblock marked with errors, is refused with the e2fsck to run, and
+// nothing is written.
+func TestOpenWritableRefusesDamage(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		damage func(img []byte)
+	}{
+		{"descriptor checksum", func(img []byte) { img[2048+0xC] ^= 1 }}, // group 0's free block count (1 KiB blocks: table at block 2)
+		{"error state", func(img []byte) {
+			sb := img[1024:2048]
+			binary.LittleEndian.PutUint16(sb[0x3A:], binary.LittleEndian.Uint16(sb[0x3A:])|2)
+			binary.LittleEndian.PutUint32(sb[0x3FC:], crc32cRaw(^uint32(0), sb[:0x3FC]))
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			img := mkfs(t, nil, "", 16)
+			b, err := os.ReadFile(img)
+			must(t, err)
+			c.damage(b)
+			must(t, os.WriteFile(img, b, 0o600))
+			fh, size := mustOpen(t, img)
+			_, err = OpenWritable(&readOnlyDevice{fh}, size)
+			if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "e2fsck -f") {
+				t.Fatalf("OpenWritable: %v; want ErrCorrupt naming e2fsck -f", err)
+			}
+		})
+	}
 }
