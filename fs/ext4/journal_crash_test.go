@@ -2,10 +2,12 @@ package ext4
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -227,4 +229,64 @@ func TestKernelReplaysOurJournal(t *testing.T) {
 			}
 		})
 	}
+}
+
+// failingDevice returns errors for every write and sync once failing is set.
+type failingDevice struct {
+	*os.File
+	failing bool
+}
+
+var _ Device = (*failingDevice)(nil)
+
+func (d *failingDevice) WriteAt(p []byte, off int64) (int, error) {
+	if d.failing {
+		return 0, errors.New("injected device error")
+	}
+	return d.File.WriteAt(p, off)
+}
+
+func (d *failingDevice) Sync() error {
+	if d.failing {
+		return errors.New("injected device error")
+	}
+	return d.File.Sync()
+}
+
+// TestWriterStopsAfterDeviceError: once the device fails, nothing more is
+// committed, even when it works again; reopening recovers the last
+// commit, e2fsck-clean.
+func TestWriterStopsAfterDeviceError(t *testing.T) {
+	img := mkfs(t, nil, "", 16)
+	fh, err := os.OpenFile(img, os.O_RDWR, 0)
+	must(t, err)
+	defer fh.Close()
+	dev := &failingDevice{File: fh}
+	w, err := OpenWritable(dev, 16<<20)
+	must(t, err)
+	o := writerOps{w}
+	must(t, o.create("kept", 0o644))
+	must(t, o.writeAt("kept", []byte("synced"), 0))
+	must(t, w.Sync())
+	dev.failing = true
+	must(t, o.create("lost", 0o644))
+	if err := o.writeAt("lost", []byte("data"), 0); err == nil {
+		t.Fatal("a data write to a failing device succeeded")
+	}
+	dev.failing = false
+	must(t, o.mkdir("also-lost", 0o755))
+	if err := w.Sync(); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("Sync after a device error: %v, want EIO", err)
+	}
+	w2 := openWritable(t, img)
+	if _, err := lookupPath(w2.FS(), "kept"); err != nil {
+		t.Errorf("synced file lost: %v", err)
+	}
+	for _, p := range []string{"lost", "also-lost"} {
+		if _, err := lookupPath(w2.FS(), p); err == nil {
+			t.Errorf("%s, created after the device error, was committed", p)
+		}
+	}
+	must(t, w2.Checkpoint())
+	e2fsckClean(t, img)
 }

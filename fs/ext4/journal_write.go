@@ -158,6 +158,11 @@ func (w *Writer) logNeed(n int) uint32 {
 // needs_recovery, so no crash during a later checkpoint finds the flag
 // gone too early. Under both locks.
 func (w *Writer) prepareCommit() ([]uint64, error) {
+	if w.jw != nil {
+		if err := w.dev.failed(); err != nil {
+			return nil, err
+		}
+	}
 	if err := w.flushMeta(); err != nil {
 		return nil, err
 	}

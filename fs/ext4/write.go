@@ -71,9 +71,9 @@ type Writer struct {
 	changeMu sync.Mutex // see lockChange
 	mu       sync.RWMutex
 	f        *FS
-	dev      Device
-	sb       []byte   // the primary superblock, 1024 bytes
-	gdt      [][]byte // descriptor blocks, by descriptor block number
+	dev      *trackedDevice // the volume; remembers its first error
+	sb       []byte         // the primary superblock, 1024 bytes
+	gdt      [][]byte       // descriptor blocks, by descriptor block number
 	gdtD     map[uint32]bool
 	sbD      bool
 	now      func() time.Time // the clock for timestamps; tests pin it
@@ -121,7 +121,7 @@ func OpenWritable(dev Device, size int64) (w *Writer, err error) {
 			return nil, fmt.Errorf("ext4: refusing to write a damaged filesystem (run e2fsck -f on it): %w", f.groups[g].csumErr)
 		}
 	}
-	w = &Writer{f: f, dev: dev, sb: sb, gdtD: map[uint32]bool{}, now: time.Now, replayed: replayed,
+	w = &Writer{f: f, dev: &trackedDevice{Device: dev}, sb: sb, gdtD: map[uint32]bool{}, now: time.Now, replayed: replayed,
 		dirty: ov.dirty, logged: ov.logged, pendingFree: map[uint64]bool{}, holds: map[uint32]int{}}
 	if f.compat(compatHasJournal) && f.sb.journalInum != 0 {
 		if err := w.openJournal(); err != nil {
@@ -384,4 +384,41 @@ func (c *lru[K, V]) remove(k K) {
 		c.order.Remove(e)
 		delete(c.items, k)
 	}
+}
+
+// trackedDevice remembers the first error of the device it wraps. After
+// one, the writer commits nothing more, so the volume keeps its last
+// committed, consistent state (as the kernel aborts its journal).
+type trackedDevice struct {
+	Device
+	mu  sync.Mutex
+	err error
+}
+
+func (d *trackedDevice) note(err error) error {
+	if err != nil {
+		d.mu.Lock()
+		if d.err == nil {
+			d.err = err
+		}
+		d.mu.Unlock()
+	}
+	return err
+}
+
+func (d *trackedDevice) WriteAt(p []byte, off int64) (int, error) {
+	n, err := d.Device.WriteAt(p, off)
+	return n, d.note(err)
+}
+
+func (d *trackedDevice) Sync() error { return d.note(d.Device.Sync()) }
+
+// failed returns the device's first error, wrapped as EIO.
+func (d *trackedDevice) failed() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.err == nil {
+		return nil
+	}
+	return fmt.Errorf("ext4: the device failed (%v); nothing more is committed; reopen to continue from the last commit: %w", d.err, syscall.EIO)
 }

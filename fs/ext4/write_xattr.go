@@ -214,6 +214,13 @@ func (w *Writer) changeXattrs(ino uint32, name string, change func([]xattrEntry,
 		}
 	}
 	if block != nil || old != 0 && len(inBlock) == 0 {
+		// The new block first: on ENOSPC nothing has changed yet.
+		var blk uint64
+		if block != nil {
+			if blk, _, err = w.allocBlocks(w.inodeGoal(ino), 1); err != nil {
+				return err
+			}
+		}
 		if old != 0 {
 			if err := w.dropXattrBlock(in); err != nil {
 				return err
@@ -221,10 +228,6 @@ func (w *Writer) changeXattrs(ino uint32, name string, change func([]xattrEntry,
 			in.setBlocks(in.Blocks>>(w.f.blockLog-9)-1, w.f.blockLog)
 		}
 		if block != nil {
-			blk, _, err := w.allocBlocks(w.inodeGoal(ino), 1)
-			if err != nil {
-				return err
-			}
 			if w.f.hasCsum() {
 				le.PutUint32(block[0x10:], w.f.xattrBlockCsum(blk, block))
 			}
