@@ -154,6 +154,21 @@ func (w *Writer) storeBlockBitmap(g uint32, b []byte) error {
 // allocBlocks allocates up to want contiguous blocks, the first free run at
 // or after goal (wrapping around the filesystem), and returns its start and
 // length. It fails with ENOSPC when no block is free.
+// metaReserve is how many blocks file data leaves free, so the metadata an
+// operation still has to write after its data (extent tree blocks, a
+// directory block) finds room and a full filesystem stays consistent.
+const metaReserve = 2 * (maxExtentDepth + 1)
+
+// allocData is allocBlocks for file data: it stops metaReserve blocks short
+// of full.
+func (w *Writer) allocData(goal uint64, want uint32) (uint64, uint32, error) {
+	free := w.sbFreeBlocks()
+	if free <= metaReserve {
+		return 0, 0, errno(syscall.ENOSPC, "no free block for %d more (%d kept for metadata)", want, metaReserve)
+	}
+	return w.allocBlocks(goal, uint32(min(uint64(want), free-metaReserve)))
+}
+
 func (w *Writer) allocBlocks(goal uint64, want uint32) (uint64, uint32, error) {
 	start, n, err := w.allocFree(goal, want)
 	if isErrno(err, syscall.ENOSPC) && len(w.pendingFree)+len(w.logged) > 0 {

@@ -178,7 +178,7 @@ func (w *Writer) writeData(in wInode, m *extentMap, p []byte, off uint64) (int, 
 				goal = w.inodeGoal(in.Ino)
 			}
 			var err error
-			pblk, count, err = w.allocBlocks(goal, want)
+			pblk, count, err = w.allocData(goal, want)
 			if err != nil {
 				return int(pos - off), err
 			}
@@ -242,7 +242,7 @@ func (w *Writer) Fallocate(ino uint32, off, length uint64, keepSize bool) error 
 		if goal == 0 {
 			goal = w.inodeGoal(in.Ino)
 		}
-		pblk, n, err := w.allocBlocks(goal, uint32(min(next-l, maxUnwrittenExtent)))
+		pblk, n, err := w.allocData(goal, uint32(min(next-l, maxUnwrittenExtent)))
 		if err != nil {
 			allocErr = err // keep what was reserved, as the kernel does
 			break

@@ -92,7 +92,7 @@ func (w *Writer) Symlink(dir uint32, name, target string, uid, gid uint32) (*Ino
 			copy(in.iblock(), target)
 			return w.storeInode(in)
 		}
-		blk, _, err := w.allocBlocks(w.inodeGoal(in.Ino), 1)
+		blk, _, err := w.allocData(w.inodeGoal(in.Ino), 1)
 		if err != nil {
 			return err
 		}
