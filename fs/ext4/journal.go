@@ -313,3 +313,36 @@ func (p *journalPlan) apply(read func(uint32) ([]byte, error), write func(blk ui
 	}
 	return nil
 }
+
+// journalArea is where the internal journal's blocks lie on the volume.
+type journalArea struct {
+	runs []run
+	n    uint32 // blocks in the journal
+}
+
+// mapJournal maps the journal inode.
+func (f *FS) mapJournal() (*journalArea, error) {
+	jin, err := f.Inode(f.sb.journalInum)
+	if err != nil {
+		return nil, fmt.Errorf("ext4: journal inode: %w", err)
+	}
+	n := jin.Size >> f.blockLog
+	if n < 2 || n > f.sb.blocksCount {
+		return nil, fmt.Errorf("ext4: journal inode of %d bytes is not a journal: %w", jin.Size, ErrCorrupt)
+	}
+	runs, err := f.mapBlocks(jin, 0, n)
+	if err != nil {
+		return nil, fmt.Errorf("ext4: mapping the journal: %w", err)
+	}
+	return &journalArea{runs: runs, n: uint32(n)}, nil
+}
+
+// block maps journal block i to its volume block.
+func (a *journalArea) block(i uint32) (uint64, error) {
+	for _, r := range a.runs {
+		if uint64(i) >= r.lblk && uint64(i) < r.lblk+r.count && !r.zero {
+			return r.pblk + uint64(i) - r.lblk, nil
+		}
+	}
+	return 0, fmt.Errorf("ext4: journal block %d is a hole: %w", i, ErrCorrupt)
+}

@@ -45,29 +45,11 @@ func recoverJournal(dev Device, size int64) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	jin, err := f.Inode(f.sb.journalInum)
+	area, err := f.mapJournal()
 	if err != nil {
-		return 0, fmt.Errorf("ext4: journal inode: %w", err)
+		return 0, err
 	}
-	nblocks := jin.Size >> f.blockLog
-	if nblocks < 2 || nblocks > f.sb.blocksCount {
-		return 0, fmt.Errorf("ext4: journal inode of %d bytes is not a journal: %w", jin.Size, ErrCorrupt)
-	}
-	runs, err := f.mapBlocks(jin, 0, nblocks)
-	if err != nil {
-		return 0, fmt.Errorf("ext4: mapping the journal: %w", err)
-	}
-	phys := func(i uint32) (uint64, error) {
-		for _, r := range runs {
-			if uint64(i) >= r.lblk && uint64(i) < r.lblk+r.count {
-				if r.zero {
-					break
-				}
-				return r.pblk + uint64(i) - r.lblk, nil
-			}
-		}
-		return 0, fmt.Errorf("ext4: journal block %d is a hole: %w", i, ErrCorrupt)
-	}
+	phys := area.block
 	read := func(i uint32) ([]byte, error) {
 		p, err := phys(i)
 		if err != nil {
@@ -84,7 +66,7 @@ func recoverJournal(dev Device, size int64) (int, error) {
 		return 0, fmt.Errorf("ext4: reading the journal superblock: %w", err)
 	}
 	jsbRaw := append([]byte(nil), jb...)
-	j, err := parseJournalSuper(jsbRaw, f.blockSize, uint32(nblocks))
+	j, err := parseJournalSuper(jsbRaw, f.blockSize, area.n)
 	if err != nil {
 		return 0, err
 	}

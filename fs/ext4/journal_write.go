@@ -54,38 +54,23 @@ func (o *dirtyOverlay) ReadAt(p []byte, off int64) (int, error) {
 type journalWriter struct {
 	j     *journalSuper
 	raw   []byte // the journal superblock as on disk
-	runs  []run  // the journal inode's blocks
+	area  *journalArea
 	seq   uint32 // the next transaction's id
 	head  uint32 // the next free log block; 0 while the log is empty
 	limit int    // commit once this many blocks are dirty
 }
 
 // logBlock maps log block i to its volume block.
-func (jw *journalWriter) logBlock(i uint32) (uint64, error) {
-	for _, r := range jw.runs {
-		if uint64(i) >= r.lblk && uint64(i) < r.lblk+r.count && !r.zero {
-			return r.pblk + uint64(i) - r.lblk, nil
-		}
-	}
-	return 0, fmt.Errorf("ext4: journal block %d is a hole: %w", i, ErrCorrupt)
-}
+func (jw *journalWriter) logBlock(i uint32) (uint64, error) { return jw.area.block(i) }
 
 // openJournal prepares the (already recovered, empty) internal journal.
 func (w *Writer) openJournal() error {
 	f := w.f
-	jin, err := f.Inode(f.sb.journalInum)
+	area, err := f.mapJournal()
 	if err != nil {
-		return fmt.Errorf("ext4: journal inode: %w", err)
+		return err
 	}
-	n := jin.Size >> f.blockLog
-	if n < 2 || n > f.sb.blocksCount {
-		return fmt.Errorf("ext4: journal inode of %d bytes is not a journal: %w", jin.Size, ErrCorrupt)
-	}
-	runs, err := f.mapBlocks(jin, 0, n)
-	if err != nil {
-		return fmt.Errorf("ext4: mapping the journal: %w", err)
-	}
-	jw := &journalWriter{runs: runs}
+	jw := &journalWriter{area: area}
 	p0, err := jw.logBlock(0)
 	if err != nil {
 		return err
@@ -94,7 +79,7 @@ func (w *Writer) openJournal() error {
 	if err := f.readFull(jw.raw, int64(p0)<<f.blockLog); err != nil {
 		return fmt.Errorf("ext4: reading the journal superblock: %w", err)
 	}
-	if jw.j, err = parseJournalSuper(jw.raw, f.blockSize, uint32(n)); err != nil {
+	if jw.j, err = parseJournalSuper(jw.raw, f.blockSize, area.n); err != nil {
 		return err
 	}
 	if jw.j.errno != 0 {
