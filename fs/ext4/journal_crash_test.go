@@ -67,9 +67,9 @@ func (d *cuttingDevice) isCut() bool {
 }
 
 // crashWorkload runs creates, writes, renames, unlinks and truncates with a
-// Sync now and then, and returns what the last Sync that completed before
+// Sync now and then (every third a Checkpoint, with checkpoints), and returns what the last Sync that completed before
 // the cut made durable: path → content, for the files not changed since.
-func crashWorkload(t *testing.T, w *Writer, dev *cuttingDevice) map[string][]byte {
+func crashWorkload(t *testing.T, w *Writer, dev *cuttingDevice, checkpoints bool) map[string][]byte {
 	o := writerOps{w}
 	model := map[string][]byte{}
 	durable := map[string][]byte{}
@@ -108,7 +108,11 @@ func crashWorkload(t *testing.T, w *Writer, dev *cuttingDevice) map[string][]byt
 			}
 		}
 		if i%4 == 3 {
-			err := w.Sync()
+			sync := w.Sync
+			if checkpoints && i%12 == 11 {
+				sync = w.Checkpoint // cuts land in checkpoints too
+			}
+			err := sync()
 			if dev.isCut() {
 				break
 			}
@@ -155,7 +159,7 @@ func TestCrashRecovery(t *testing.T) {
 	dev := &cuttingDevice{f: fh, writeBudget: -1, syncBudget: -1}
 	w, err := OpenWritable(dev, 32<<20)
 	must(t, err)
-	crashWorkload(t, w, dev)
+	crashWorkload(t, w, dev, true)
 	must(t, w.Sync())
 	fh.Close()
 	total := dev.writes
@@ -175,7 +179,7 @@ func TestCrashRecovery(t *testing.T) {
 			dev := &cuttingDevice{f: fh, writeBudget: k, syncBudget: -1}
 			w, err := OpenWritable(dev, 32<<20)
 			must(t, err)
-			durable := crashWorkload(t, w, dev)
+			durable := crashWorkload(t, w, dev, true)
 			fh.Close()
 			w2 := openWritable(t, img)
 			e2fsckClean(t, img)
@@ -205,7 +209,7 @@ func TestKernelReplaysOurJournal(t *testing.T) {
 			dev := &cuttingDevice{f: fh, writeBudget: -1, syncBudget: 3*3 + 2}
 			w, err := OpenWritable(dev, 32<<20)
 			must(t, err)
-			durable := crashWorkload(t, w, dev)
+			durable := crashWorkload(t, w, dev, false)
 			fh.Close()
 			if !dev.isCut() {
 				t.Fatal("the workload ended before the cut")
