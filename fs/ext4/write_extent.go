@@ -29,8 +29,10 @@ type extentMap struct {
 	dataBlks uint64
 }
 
-// loadExtents reads in's complete extent tree. Block-mapped (ext3-style)
-// files are refused: the writer only creates and changes extent files.
+// loadExtents reads in's complete extent tree. A block-mapped (ext3-style)
+// file is read as extents, its indirect blocks standing in for tree
+// blocks: storing it migrates it to an extent tree, as the kernel's
+// EXT4_IOC_MIGRATE does.
 func (w *Writer) loadExtents(in wInode) (*extentMap, error) {
 	if !in.hasFlag(flagExtents) {
 		// Devices, FIFOs, sockets and fast symlinks map no blocks; i_block
@@ -38,7 +40,7 @@ func (w *Writer) loadExtents(in wInode) (*extentMap, error) {
 		if t := in.Mode & sIFMT; t != sIFREG && t != sIFDIR && t != sIFLNK || in.IsSymlink() && w.f.isFastSymlink(in.Inode) {
 			return &extentMap{}, nil
 		}
-		return nil, fmt.Errorf("ext4: inode %d uses an indirect block map, which the writer does not change (only extent-mapped files): %w", in.Ino, ErrUnsupported)
+		return w.loadBlockMap(in)
 	}
 	m := &extentMap{}
 	if err := w.walkTree(in, in.iblock(), maxExtentDepth+1, m); err != nil {
@@ -280,4 +282,63 @@ func (w *Writer) storeExtents(in wInode, m *extentMap) (retErr error) {
 	}
 	in.setBlocks(blocks, f.blockLog)
 	return w.storeInode(in)
+}
+
+// loadBlockMap reads a block-mapped file's data blocks as extents and
+// its indirect blocks as the blocks its tree may reuse.
+func (w *Writer) loadBlockMap(in wInode) (*extentMap, error) {
+	f := w.f
+	le := binary.LittleEndian
+	per := uint64(f.blockSize / 4)
+	span := min(12+per+per*per+per*per*per, maxLogicalBlk)
+	runs, err := f.mapBlocks(in.Inode, 0, span)
+	if err != nil {
+		return nil, err
+	}
+	m := &extentMap{}
+	for _, r := range runs {
+		for done := uint64(0); !r.zero && done < r.count; {
+			n := min(r.count-done, maxInitExtent)
+			m.exts = append(m.exts, extent{lblk: uint32(r.lblk + done), len: uint32(n), pblk: r.pblk + done})
+			m.dataBlks += n
+			done += n
+		}
+	}
+	// The indirect blocks: single ones hold data pointers, double and
+	// triple ones pointers to the level below.
+	seen := map[uint64]bool{}
+	var walk func(blk uint64, level int) error
+	walk = func(blk uint64, level int) error {
+		if blk == 0 {
+			return nil
+		}
+		if err := f.checkPhys(in.Inode, blk, 1, "indirect block"); err != nil {
+			return err
+		}
+		if seen[blk] {
+			return fmt.Errorf("ext4: inode %d: indirect block %d is referenced twice: %w", in.Ino, blk, ErrCorrupt)
+		}
+		seen[blk] = true
+		m.treeBlks = append(m.treeBlks, blk)
+		if level == 1 {
+			return nil
+		}
+		b, err := f.readBlock(blk)
+		if err != nil {
+			return fmt.Errorf("ext4: inode %d: indirect block: %w", in.Ino, err)
+		}
+		for i := uint64(0); i < per; i++ {
+			if err := walk(uint64(le.Uint32(b[4*i:])), level-1); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	ib := in.iblock()
+	for level := 1; level <= 3; level++ {
+		if err := walk(uint64(le.Uint32(ib[4*(11+level):])), level); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
 }

@@ -888,3 +888,58 @@ func TestOpenWritableRefusesDamage(t *testing.T) {
 		})
 	}
 }
+
+// TestWriterMigratesBlockMaps changes an ext3 image (block-mapped files and
+// directories) after tune2fs turned extents on: changed files move to
+// extent trees, their indirect blocks freed or reused, and the kernel sees
+// the reference tree, e2fsck-clean.
+func TestWriterMigratesBlockMaps(t *testing.T) {
+	testenv.RequireRoot(t)
+	tools := testenv.RequireTools(t, "tune2fs")
+	src := t.TempDir()
+	writeFile(t, filepath.Join(src, "big"), fill(1, 3<<20), 0o644) // double-indirect at 1 KiB blocks
+	writeFile(t, filepath.Join(src, "mid"), fill(2, 200_000), 0o644)
+	writeFile(t, filepath.Join(src, "gone"), fill(3, 500_000), 0o644)
+	for i := 0; i < 150; i++ {
+		writeFile(t, filepath.Join(src, "dir", fmt.Sprintf("entry-with-a-long-name-%03d", i)), []byte{byte(i)}, 0o644)
+	}
+	img := mkfs(t, nil, src, 64, "-t", "ext3", "-b", "1024")
+	runCmd(t, nil, tools[0], "-O", "extents", img)
+	must(t, os.Chmod(src, 0o755))
+	must(t, os.Mkdir(filepath.Join(src, "lost+found"), 0o700))
+	f, _ := openImage(t, img)
+	if in, err := lookupPath(f, "/big"); err != nil || in.hasFlag(flagExtents) {
+		t.Fatalf("/big is not block-mapped (%v); the test needs ext3 files", err)
+	}
+	w := openWritable(t, img)
+	step := func(what string, op func(o treeOps) error) {
+		t.Helper()
+		if err := op(hostOps{src}); err != nil {
+			t.Fatalf("%s on the reference: %v", what, err)
+		}
+		if err := op(writerOps{w}); err != nil {
+			t.Fatalf("%s through the writer: %v", what, err)
+		}
+	}
+	step("append", func(o treeOps) error { return o.writeAt("big", fill(4, 100_000), 3<<20) })
+	step("overwrite", func(o treeOps) error { return o.writeAt("big", fill(5, 5000), 12_345) })
+	step("truncate", func(o treeOps) error { return o.truncate("mid", 70_001) })
+	step("unlink", func(o treeOps) error { return o.unlink("gone") })
+	for i := 0; i < 60; i++ {
+		step("create in block-mapped dir", func(o treeOps) error { return o.create(fmt.Sprintf("dir/new-%02d", i), 0o600) })
+	}
+	for i := 0; i < 150; i += 2 {
+		step("unlink in block-mapped dir", func(o treeOps) error {
+			return o.unlink(fmt.Sprintf("dir/entry-with-a-long-name-%03d", i))
+		})
+	}
+	must(t, w.Checkpoint())
+	e2fsckClean(t, img)
+	compareTrees(t, src, mountCopy(t, img))
+	f, _ = openImage(t, img)
+	for _, p := range []string{"/big", "/mid"} {
+		if in, err := lookupPath(f, p); err != nil || !in.hasFlag(flagExtents) {
+			t.Errorf("%s was changed but not migrated to extents (%v)", p, err)
+		}
+	}
+}
