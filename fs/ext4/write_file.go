@@ -32,12 +32,23 @@ func (w *Writer) WriteAt(ino uint32, p []byte, off int64) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	var plan []dataWrite
 	if uint64(off) > in.Size {
-		if err := w.zeroTail(in, m, in.Size); err != nil {
-			return 0, err
+		if z, ok := w.tailZero(m, in.Size); ok {
+			plan = append(plan, z)
 		}
 	}
-	n, werr := w.writeData(in, m, p, uint64(off))
+	writes, n, werr := w.planData(in, m, p, uint64(off))
+	plan = append(plan, writes...)
+	// The data goes out with the reader lock released (changes stay
+	// serialized): readers see the file as it was until its inode is
+	// stored below.
+	w.mu.Unlock()
+	ioErr := w.writeOut(in, plan)
+	w.mu.Lock()
+	if ioErr != nil {
+		return 0, ioErr // the device failed: nothing more is committed
+	}
 	if n > 0 {
 		if e := uint64(off) + uint64(n); e > in.Size {
 			w.setSize(in, e)
@@ -122,31 +133,55 @@ func (w *Writer) setSize(in wInode, size uint64) {
 	}
 }
 
-// zeroTail clears the bytes after size in size's block, if it is mapped.
-func (w *Writer) zeroTail(in wInode, m *extentMap, size uint64) error {
-	bs := uint64(w.f.blockSize)
-	if size%bs == 0 {
-		return nil
-	}
-	lblk := uint32(size / bs)
-	i, ok := m.find(lblk)
-	if !ok || m.exts[i].unwritten {
-		return nil
-	}
-	phys := (m.exts[i].pblk+uint64(lblk-m.exts[i].lblk))*bs + size%bs
-	if _, err := w.dev.WriteAt(make([]byte, bs-size%bs), int64(phys)); err != nil {
-		return fmt.Errorf("ext4: inode %d: zeroing past the end: %w", in.Ino, err)
+// dataWrite is file data (or zeros) for the device at a volume offset.
+type dataWrite struct {
+	b   []byte
+	off int64
+}
+
+// writeOut writes planned data in order.
+func (w *Writer) writeOut(in wInode, plan []dataWrite) error {
+	for _, d := range plan {
+		if _, err := w.dev.WriteAt(d.b, d.off); err != nil {
+			return fmt.Errorf("ext4: inode %d: writing data: %w", in.Ino, err)
+		}
 	}
 	return nil
 }
 
-// writeData writes p at off through m: in place over initialized extents,
-// into fresh zero-padded blocks over holes, and converting unwritten
-// extents it covers to initialized ones.
-func (w *Writer) writeData(in wInode, m *extentMap, p []byte, off uint64) (int, error) {
+// tailZero plans clearing the bytes after size in size's block, if it is
+// mapped.
+func (w *Writer) tailZero(m *extentMap, size uint64) (dataWrite, bool) {
+	bs := uint64(w.f.blockSize)
+	if size%bs == 0 {
+		return dataWrite{}, false
+	}
+	lblk := uint32(size / bs)
+	i, ok := m.find(lblk)
+	if !ok || m.exts[i].unwritten {
+		return dataWrite{}, false
+	}
+	phys := (m.exts[i].pblk+uint64(lblk-m.exts[i].lblk))*bs + size%bs
+	return dataWrite{make([]byte, bs-size%bs), int64(phys)}, true
+}
+
+// zeroTail clears the bytes after size in size's block now.
+func (w *Writer) zeroTail(in wInode, m *extentMap, size uint64) error {
+	if z, ok := w.tailZero(m, size); ok {
+		return w.writeOut(in, []dataWrite{z})
+	}
+	return nil
+}
+
+// planData maps p at off through m: in place over initialized extents,
+// into fresh zero-padded blocks over holes (allocated now), and over
+// unwritten extents it covers, which become initialized. It returns the
+// device writes and how many bytes of p they cover (short on ENOSPC).
+func (w *Writer) planData(in wInode, m *extentMap, p []byte, off uint64) ([]dataWrite, int, error) {
 	bs := uint64(w.f.blockSize)
 	end := off + uint64(len(p))
 	lastBlk := (end + bs - 1) / bs // exclusive
+	var plan []dataWrite
 	for pos := off; pos < end; {
 		lblk := uint32(pos / bs)
 		i, found := m.find(lblk)
@@ -154,9 +189,7 @@ func (w *Writer) writeData(in wInode, m *extentMap, p []byte, off uint64) (int, 
 			x := m.exts[i]
 			segEnd := min(end, (uint64(x.lblk)+uint64(x.len))*bs)
 			phys := (x.pblk+uint64(lblk-x.lblk))*bs + pos%bs
-			if _, err := w.dev.WriteAt(p[pos-off:segEnd-off], int64(phys)); err != nil {
-				return int(pos - off), fmt.Errorf("ext4: inode %d: writing data: %w", in.Ino, err)
-			}
+			plan = append(plan, dataWrite{p[pos-off : segEnd-off], int64(phys)})
 			pos = segEnd
 			continue
 		}
@@ -180,20 +213,18 @@ func (w *Writer) writeData(in wInode, m *extentMap, p []byte, off uint64) (int, 
 			var err error
 			pblk, count, err = w.allocData(goal, want)
 			if err != nil {
-				return int(pos - off), err
+				return plan, int(pos - off), err
 			}
 		}
 		buf := make([]byte, uint64(count)*bs)
 		base := uint64(lblk) * bs
 		segEnd := min(end, base+uint64(len(buf)))
 		copy(buf[pos-base:], p[pos-off:segEnd-off])
-		if _, err := w.dev.WriteAt(buf, int64(pblk*bs)); err != nil {
-			return int(pos - off), fmt.Errorf("ext4: inode %d: writing data: %w", in.Ino, err)
-		}
+		plan = append(plan, dataWrite{buf, int64(pblk * bs)})
 		m.insert(extent{lblk: lblk, len: count, pblk: pblk})
 		pos = segEnd
 	}
-	return len(p), nil
+	return plan, len(p), nil
 }
 
 // inodeGoal is where a file without blocks starts: its inode's group (the

@@ -943,3 +943,58 @@ func TestWriterMigratesBlockMaps(t *testing.T) {
 		}
 	}
 }
+
+// gatedWriteDevice holds data writes (writes of 64 KiB or more) until the
+// test opens the gate.
+type gatedWriteDevice struct {
+	*os.File
+	entered chan struct{}
+	gate    chan struct{}
+}
+
+var _ Device = (*gatedWriteDevice)(nil)
+
+func (d *gatedWriteDevice) WriteAt(p []byte, off int64) (int, error) {
+	if len(p) >= 64<<10 {
+		d.entered <- struct{}{}
+		<-d.gate
+	}
+	return d.File.WriteAt(p, off)
+}
+
+// TestWriterReadsDuringDataWrite: while a large write's data goes to the
+// device, readers get through View and see the file as it was.
+func TestWriterReadsDuringDataWrite(t *testing.T) {
+	img := mkfs(t, nil, "", 16)
+	fh, err := os.OpenFile(img, os.O_RDWR, 0)
+	must(t, err)
+	defer fh.Close()
+	dev := &gatedWriteDevice{File: fh, entered: make(chan struct{}, 1), gate: make(chan struct{})}
+	w, err := OpenWritable(dev, 16<<20)
+	must(t, err)
+	in, err := w.Create(RootIno, "f", 0o644, 0, 0)
+	must(t, err)
+	wrote := make(chan error, 1)
+	go func() {
+		_, err := w.WriteAt(in.Ino, fill(1, 1<<20), 0)
+		wrote <- err
+	}()
+	<-dev.entered
+	err = w.View(func(f *FS) error {
+		got, err := f.Inode(in.Ino)
+		if err == nil && got.Size != 0 {
+			err = fmt.Errorf("size %d while the write is in flight, want the old 0", got.Size)
+		}
+		return err
+	})
+	must(t, err)
+	close(dev.gate)
+	must(t, <-wrote)
+	must(t, w.Checkpoint())
+	e2fsckClean(t, img)
+	got, err := lookupPath(w.FS(), "f")
+	must(t, err)
+	if !bytes.Equal(readAll(t, w.FS(), got), fill(1, 1<<20)) {
+		t.Error("content differs after the gated write")
+	}
+}
