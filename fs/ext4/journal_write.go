@@ -218,10 +218,21 @@ func (w *Writer) finishCommit(blks []uint64) {
 }
 
 // checkpoint writes every committed block home and empties the log.
+// Under both locks.
 func (w *Writer) checkpoint() error {
 	if w.jw == nil || len(w.logged) == 0 {
 		return nil
 	}
+	if err := w.checkpointIO(); err != nil {
+		return err
+	}
+	w.checkpointDone()
+	return nil
+}
+
+// checkpointIO is the device side of a checkpoint: it reads the committed
+// blocks and writes, so Checkpoint runs it without the reader lock.
+func (w *Writer) checkpointIO() error {
 	for blk, b := range w.logged {
 		if _, err := w.dev.WriteAt(b, int64(blk)<<w.f.blockLog); err != nil {
 			return fmt.Errorf("ext4: checkpointing block %d: %w", blk, err)
@@ -236,10 +247,12 @@ func (w *Writer) checkpoint() error {
 	if err := w.setRecoverFlag(false); err != nil {
 		return err
 	}
-	clear(w.logged)
 	w.jw.head = 0
 	return nil
 }
+
+// checkpointDone forgets the checkpointed blocks. Under both locks.
+func (w *Writer) checkpointDone() { clear(w.logged) }
 
 // writeTransaction appends the dirty blocks blks to the log and commits them.
 func (w *Writer) writeTransaction(blks []uint64) error {

@@ -233,7 +233,14 @@ func (w *Writer) lockChange() func() {
 // returns, a crash loses nothing written before it (fsync, syncfs).
 // Readers (View) go on while it writes the log and waits for the device:
 // no other change runs then, so nothing they see moves.
-func (w *Writer) Sync() error {
+func (w *Writer) Sync() error { return w.sync(false) }
+
+// Checkpoint is Sync that also writes every committed block home and
+// empties the journal, leaving an image that needs no recovery (for
+// e2fsck, the kernel, or a copy).
+func (w *Writer) Checkpoint() error { return w.sync(true) }
+
+func (w *Writer) sync(checkpoint bool) error {
 	w.changeMu.Lock()
 	defer w.changeMu.Unlock()
 	w.mu.Lock()
@@ -254,19 +261,13 @@ func (w *Writer) Sync() error {
 		w.finishCommit(blks)
 		w.mu.Unlock()
 	}
-	return w.dev.Sync()
-}
-
-// Checkpoint is Sync that also writes every committed block home and
-// empties the journal, leaving an image that needs no recovery (for
-// e2fsck, the kernel, or a copy).
-func (w *Writer) Checkpoint() error {
-	defer w.lockChange()()
-	if err := w.commit(); err != nil {
-		return err
-	}
-	if err := w.checkpoint(); err != nil {
-		return err
+	if checkpoint && w.jw != nil && len(w.logged) > 0 {
+		if err := w.checkpointIO(); err != nil {
+			return err
+		}
+		w.mu.Lock()
+		w.checkpointDone()
+		w.mu.Unlock()
 	}
 	return w.dev.Sync()
 }
