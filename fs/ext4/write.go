@@ -28,9 +28,10 @@ var _ Device = (*os.File)(nil)
 // makes OpenWritable refuse, naming the feature: writing without maintaining
 // it would leave a filesystem e2fsck rejects.
 const (
-	// has_journal is kept but not yet written to: the journal stays empty
-	// and clean (needs_recovery is refused). resize_inode, sparse_super2,
-	// stable_inodes and orphan_file are left untouched, which is valid.
+	// has_journal: the writer commits through the internal journal and
+	// recovers it. resize_inode, sparse_super2, stable_inodes and
+	// orphan_file (orphans go on the older s_last_orphan list) are left
+	// untouched, which is valid.
 	writeCompat = compatHasJournal | compatExtAttr | 0x10 /* resize_inode */ | compatDirIndex |
 		compatSparseSuper2 | 0x800 /* stable_inodes */ | 0x1000 /* orphan_file */
 	writeIncompat = incompatFiletype | incompatExtents | incompat64bit | incompatFlexBG |
@@ -54,9 +55,9 @@ var featureNames = map[string]map[uint32]string{
 
 // WritableFeatures lists, for documentation and error messages, the
 // features a filesystem may have for OpenWritable to accept it.
-const WritableFeatures = "has_journal (left empty), ext_attr, resize_inode, dir_index (indexes are dropped on change), " +
+const WritableFeatures = "has_journal (internal), ext_attr, resize_inode, dir_index, " +
 	"sparse_super, sparse_super2, filetype, extent (required), 64bit, flex_bg, metadata_csum, metadata_csum_seed, " +
-	"gdt_csum/uninit_bg, large_dir, large_file, huge_file, dir_nlink, extra_isize, stable_inodes, orphan_file"
+	"gdt_csum/uninit_bg, large_dir, large_file, huge_file, dir_nlink, extra_isize, stable_inodes, orphan_file (unused)"
 
 // Writer changes an ext4 filesystem in place. Its changing methods are
 // serialized; reads go through View, which runs alongside other reads but
@@ -92,8 +93,10 @@ type Writer struct {
 func (w *Writer) ReplayedTransactions() int { return w.replayed }
 
 // OpenWritable opens the ext4 filesystem on dev (size bytes) for writing.
-// It refuses, naming them, features the writer cannot maintain, and a
-// filesystem whose journal needs recovery or that is marked with errors.
+// A journal that needs recovery is replayed first (and refused, unchanged,
+// if damaged), then the orphan list is emptied. It refuses, naming them,
+// features the writer cannot maintain, and a filesystem marked with errors
+// or damaged descriptors, saying which e2fsck to run.
 func OpenWritable(dev Device, size int64) (w *Writer, err error) {
 	if dev == nil {
 		return nil, errors.New("ext4: nil device")

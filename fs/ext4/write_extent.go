@@ -183,7 +183,8 @@ func (m *extentMap) goalFor(lblk uint32) uint64 {
 }
 
 // storeExtents rebuilds in's extent tree from m with full nodes of minimal
-// depth, frees the old tree blocks, sets i_blocks and stores the inode.
+// depth (in the old tree's blocks where they suffice), sets i_blocks and
+// stores the inode.
 func (w *Writer) storeExtents(in wInode, m *extentMap) (retErr error) {
 	f := w.f
 	le := binary.LittleEndian
