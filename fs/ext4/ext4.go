@@ -1,6 +1,8 @@
 // Package ext4 reads ext2, ext3 and ext4 filesystems entirely in userspace
-// from an io.ReaderAt (in blobseal: the decrypted LUKS2/XTS volume). It is
-// read-only and verifies metadata checksums where the filesystem has them.
+// from an io.ReaderAt (in blobseal: the decrypted LUKS2/XTS volume),
+// verifying metadata checksums where the filesystem has them. Writer
+// (write*.go, journal*.go) changes an ext4 filesystem on a Device, through
+// its jbd2 journal.
 //
 // Every corrupt structure surfaces as an error for the one operation that met
 // it, wrapping ErrCorrupt (or ErrUnsupported) and naming the inode, so a

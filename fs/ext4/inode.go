@@ -193,18 +193,27 @@ func (i *Inode) time(secOff, extraOff int) time.Time {
 }
 
 func (f *FS) verifyInodeCsum(in *Inode) error {
-	raw := in.raw
+	c, stored := inodeCsum(in.csumSeed, in.raw, in.extra)
+	if c != stored {
+		return fmt.Errorf("ext4: inode %d: checksum mismatch (stored %#x, computed %#x): %w", in.Ino, stored, c, ErrCorrupt)
+	}
+	return nil
+}
+
+// inodeCsum computes the metadata_csum checksum of the raw inode (16 bits
+// when the inode has no room for the high half) and returns the stored one.
+func inodeCsum(seed uint32, raw []byte, extra uint16) (computed, stored uint32) {
 	le := binary.LittleEndian
 	zero := []byte{0, 0}
-	c := crc32cRaw(in.csumSeed, raw[:0x7C])
+	c := crc32cRaw(seed, raw[:0x7C])
 	c = crc32cRaw(c, zero)
 	c = crc32cRaw(c, raw[0x7E:128])
-	stored := uint32(le.Uint16(raw[0x7C:]))
+	stored = uint32(le.Uint16(raw[0x7C:]))
 	full := false
 	if len(raw) > 128 {
 		c = crc32cRaw(c, raw[128:0x82])
 		off := 0x82
-		if in.fits(0x80) && 128+int(in.extra) >= 0x84 {
+		if 128+int(extra) >= 0x84 {
 			c = crc32cRaw(c, zero)
 			off = 0x84
 			stored |= uint32(le.Uint16(raw[0x82:])) << 16
@@ -215,8 +224,5 @@ func (f *FS) verifyInodeCsum(in *Inode) error {
 	if !full {
 		c &= 0xFFFF
 	}
-	if c != stored {
-		return fmt.Errorf("ext4: inode %d: checksum mismatch (stored %#x, computed %#x): %w", in.Ino, stored, c, ErrCorrupt)
-	}
-	return nil
+	return c, stored
 }

@@ -129,13 +129,7 @@ func (f *FS) blockXattrs(in *Inode) ([]xattrEntry, error) {
 	}
 	if f.hasCsum() {
 		stored := binary.LittleEndian.Uint32(b[0x10:])
-		var nr [8]byte
-		binary.LittleEndian.PutUint64(nr[:], in.fileACL)
-		c := crc32cRaw(f.csumSeed, nr[:])
-		c = crc32cRaw(c, b[:0x10])
-		c = crc32cRaw(c, []byte{0, 0, 0, 0})
-		c = crc32cRaw(c, b[0x14:])
-		if c != stored {
+		if c := f.xattrBlockCsum(in.fileACL, b); c != stored {
 			return nil, fmt.Errorf("ext4: inode %d: xattr block %d checksum mismatch (stored %#x, computed %#x): %w", in.Ino, in.fileACL, stored, c, ErrCorrupt)
 		}
 	}
@@ -301,4 +295,15 @@ func aclToXattr(d []byte) ([]byte, error) {
 		out = le.AppendUint32(out, id)
 	}
 	return out, nil
+}
+
+// xattrBlockCsum is the metadata_csum checksum of xattr block blk: over the
+// block number and the block with its checksum field as zero.
+func (f *FS) xattrBlockCsum(blk uint64, b []byte) uint32 {
+	var nr [8]byte
+	binary.LittleEndian.PutUint64(nr[:], blk)
+	c := crc32cRaw(f.csumSeed, nr[:])
+	c = crc32cRaw(c, b[:0x10])
+	c = crc32cRaw(c, []byte{0, 0, 0, 0})
+	return crc32cRaw(c, b[0x14:])
 }

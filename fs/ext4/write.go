@@ -1,0 +1,428 @@
+package ext4
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Device is a writable volume: what the reader needs plus writes and a
+// durability barrier. *os.File is one; the page-blob volume will be another.
+type Device interface {
+	io.ReaderAt
+	io.WriterAt
+	// Sync returns once every completed WriteAt is durable.
+	Sync() error
+}
+
+var _ Device = (*os.File)(nil)
+
+// Features the writer keeps consistent. Anything else set in the superblock
+// makes OpenWritable refuse, naming the feature: writing without maintaining
+// it would leave a filesystem e2fsck rejects.
+const (
+	// has_journal: the writer commits through the internal journal and
+	// recovers it. resize_inode, sparse_super2, stable_inodes and
+	// orphan_file (orphans go on the older s_last_orphan list) are left
+	// untouched, which is valid.
+	writeCompat = compatHasJournal | compatExtAttr | 0x10 /* resize_inode */ | compatDirIndex |
+		compatSparseSuper2 | 0x800 /* stable_inodes */ | 0x1000 /* orphan_file */
+	writeIncompat = incompatFiletype | incompatExtents | incompat64bit | incompatFlexBG |
+		incompatCsumSeed | incompatLargeDir
+	writeRoCompat = roCompatSparseSuper | roCompatLargeFile | roCompatHugeFile | roCompatGdtCsum |
+		roCompatDirNlink | 0x40 /* extra_isize */ | roCompatMetadataCsum
+
+	roCompatLargeFile = 0x2
+	roCompatDirNlink  = 0x20
+)
+
+// featureNames names the features the writer refuses, for the error message.
+var featureNames = map[string]map[uint32]string{
+	"compat": {0x1: "dir_prealloc", 0x2: "imagic_inodes", 0x400: "fast_commit"},
+	"incompat": {incompatCompression: "compression", incompatRecover: "needs_recovery", incompatJournalDev: "journal_dev",
+		incompatMetaBG: "meta_bg", incompatMMP: "mmp", incompatEAInode: "ea_inode", incompatDirData: "dirdata",
+		incompatInlineData: "inline_data", incompatEncrypt: "encrypt", incompatCasefold: "casefold"},
+	"ro_compat": {0x80: "snapshot", 0x100: "quota", roCompatBigalloc: "bigalloc", 0x800: "replica", 0x1000: "read-only",
+		0x2000: "project", 0x4000: "shared_blocks", 0x8000: "verity", 0x10000: "orphan_present"},
+}
+
+// WritableFeatures lists, for documentation and error messages, the
+// features a filesystem may have for OpenWritable to accept it.
+const WritableFeatures = "has_journal (internal), ext_attr, resize_inode, dir_index, " +
+	"sparse_super, sparse_super2, filetype, extent (required), 64bit, flex_bg, metadata_csum, metadata_csum_seed, " +
+	"gdt_csum/uninit_bg, large_dir, large_file, huge_file, dir_nlink, extra_isize, stable_inodes, orphan_file (unused)"
+
+// Writer changes an ext4 filesystem in place. Its changing methods are
+// serialized; reads go through View, which runs alongside other reads but
+// never alongside a change (the reader's group table and caches change).
+//
+// With a journal (has_journal), every operation's metadata joins a jbd2
+// transaction that Sync commits (journal_write.go): a crash loses at most
+// what was not synced, and leaves a filesystem that replays to consistency.
+// Without one, metadata goes straight home and the filesystem is marked
+// not clean until Close, so a crash sends it to e2fsck.
+type Writer struct {
+	changeMu sync.Mutex // see lockChange
+	mu       sync.RWMutex
+	f        *FS
+	dev      *trackedDevice // the volume; remembers its first error
+	sb       []byte         // the primary superblock, 1024 bytes
+	gdt      [][]byte       // descriptor blocks, by descriptor block number
+	gdtD     map[uint32]bool
+	sbD      bool
+	now      func() time.Time // the clock for timestamps; tests pin it
+
+	replayed int // journal transactions replayed at open
+
+	jw          *journalWriter    // nil without a journal: writes go home directly
+	dirty       map[uint64][]byte // the open transaction's metadata blocks
+	logged      map[uint64][]byte // committed blocks not yet checkpointed home
+	pendingFree map[uint64]bool   // blocks freed in it, not reusable before it commits
+	holds       map[uint32]int    // open handles per inode (Hold, Release)
+}
+
+// ReplayedTransactions is the number of journal transactions that
+// OpenWritable replayed because the filesystem needed recovery.
+func (w *Writer) ReplayedTransactions() int { return w.replayed }
+
+// OpenWritable opens the ext4 filesystem on dev (size bytes) for writing.
+// A journal that needs recovery is replayed first (and refused, unchanged,
+// if damaged), then the orphan list is emptied. It refuses, naming them,
+// features the writer cannot maintain, and a filesystem marked with errors
+// or damaged descriptors, saying which e2fsck to run.
+func OpenWritable(dev Device, size int64) (w *Writer, err error) {
+	if dev == nil {
+		return nil, errors.New("ext4: nil device")
+	}
+	replayed, err := recoverJournal(dev, size)
+	if err != nil {
+		return nil, err
+	}
+	// The reader sees the volume through the open transaction.
+	ov := &dirtyOverlay{dev: dev, dirty: map[uint64][]byte{}, logged: map[uint64][]byte{}}
+	f, err := Open(ov, size)
+	if err != nil {
+		return nil, err
+	}
+	ov.blockLog = f.blockLog
+	sb := make([]byte, superblockSize)
+	if err := f.readFull(sb, superblockOffset); err != nil {
+		return nil, fmt.Errorf("ext4: reading superblock: %w", err)
+	}
+	if err := checkWritable(f, sb); err != nil {
+		return nil, err
+	}
+	for g := range f.groups {
+		if f.groups[g].csumErr != nil {
+			return nil, fmt.Errorf("ext4: refusing to write a damaged filesystem (run e2fsck -f on it): %w", f.groups[g].csumErr)
+		}
+	}
+	w = &Writer{f: f, dev: &trackedDevice{Device: dev}, sb: sb, gdtD: map[uint32]bool{}, now: time.Now, replayed: replayed,
+		dirty: ov.dirty, logged: ov.logged, pendingFree: map[uint64]bool{}, holds: map[uint32]int{}}
+	if f.compat(compatHasJournal) && f.sb.journalInum != 0 {
+		if err := w.openJournal(); err != nil {
+			return nil, err
+		}
+	}
+	defer func() {
+		if err == nil && binary.LittleEndian.Uint32(w.sb[sbLastOrphan:]) != 0 {
+			err = w.processOrphans()
+		}
+		if err != nil {
+			w = nil
+		}
+	}()
+	perBlock := f.blockSize / f.descSize
+	for nr := uint32(0); nr < (f.numGroups+perBlock-1)/perBlock; nr++ {
+		b := make([]byte, f.blockSize)
+		if err := f.readFull(b, int64(f.descBlock(nr))<<f.blockLog); err != nil {
+			return nil, fmt.Errorf("ext4: reading group descriptor block %d: %w", nr, err)
+		}
+		w.gdt = append(w.gdt, b)
+	}
+	var freeBlocks, freeInodes uint64
+	for g := range f.groups {
+		freeBlocks += uint64(f.groups[g].freeBlocks)
+		freeInodes += uint64(f.groups[g].freeInodes)
+	}
+	// The kernel keeps the superblock's totals only approximately; start
+	// from the descriptors' exact counts, as it does at mount.
+	le := binary.LittleEndian
+	w.addSBFree(int64(freeBlocks)-int64(w.sbFreeBlocks()), int64(freeInodes)-int64(le.Uint32(sb[0x10:])))
+	if w.jw == nil {
+		if err := w.setClean(false); err != nil {
+			return nil, err
+		}
+		if err := dev.Sync(); err != nil {
+			return nil, fmt.Errorf("ext4: marking the filesystem in use: %w", err)
+		}
+	}
+	return w, nil
+}
+
+func checkWritable(f *FS, sb []byte) error {
+	le := binary.LittleEndian
+	var bad []string
+	for _, c := range []struct {
+		kind      string
+		have, ok  uint32
+		knownBits map[uint32]string
+	}{
+		{"compat", f.sb.featureCompat, writeCompat, featureNames["compat"]},
+		{"incompat", f.sb.featureIncompat, writeIncompat, featureNames["incompat"]},
+		{"ro_compat", f.sb.featureRoCompat, writeRoCompat, featureNames["ro_compat"]},
+	} {
+		for bit := uint32(1); bit != 0; bit <<= 1 {
+			if c.have&bit != 0 && c.ok&bit == 0 {
+				name, ok := c.knownBits[bit]
+				if !ok {
+					name = fmt.Sprintf("unknown %s feature %#x", c.kind, bit)
+				}
+				bad = append(bad, name)
+			}
+		}
+	}
+	if len(bad) > 0 {
+		return fmt.Errorf("ext4: cannot open read-write: the filesystem uses %s, which the writer does not maintain (it supports: %s): %w",
+			strings.Join(bad, ", "), WritableFeatures, ErrUnsupported)
+	}
+	if !f.incompat(incompatExtents) {
+		return fmt.Errorf("ext4: cannot open read-write: the filesystem lacks the extent feature (ext2/ext3 layout); the writer creates extent-mapped files only: %w", ErrUnsupported)
+	}
+	if f.compat(compatHasJournal) && f.sb.journalInum == 0 {
+		return fmt.Errorf("ext4: cannot open read-write: the journal is on an external device, which the writer does not use: %w", ErrUnsupported)
+	}
+	if f.blockSize > 32768 {
+		return fmt.Errorf("ext4: cannot open read-write: %d-byte blocks are not supported for writing: %w", f.blockSize, ErrUnsupported)
+	}
+	const stateValid, stateErrors = 0x1, 0x2
+	if st := le.Uint16(sb[0x3A:]); st&stateErrors != 0 || st&stateValid == 0 {
+		return fmt.Errorf("ext4: cannot open read-write: the filesystem is marked as having errors or was not cleanly unmounted (state %#x); run e2fsck -f on the image first: %w", st, ErrCorrupt)
+	}
+	return nil
+}
+
+// FS is the reader over the same volume; it sees every completed write.
+// Use it directly only while no Writer method runs; otherwise use View.
+func (w *Writer) FS() *FS { return w.f }
+
+// View runs fn with the reader while no change is in progress.
+func (w *Writer) View(fn func(f *FS) error) error {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	return fn(w.f)
+}
+
+// lockChange serializes a change: changeMu orders the changers (Sync's
+// device I/O included), mu keeps readers out while memory changes. It
+// returns the unlock.
+func (w *Writer) lockChange() func() {
+	w.changeMu.Lock()
+	w.mu.Lock()
+	return func() {
+		w.mu.Unlock()
+		w.changeMu.Unlock()
+	}
+}
+
+// Sync commits the open transaction and makes everything durable; when it
+// returns, a crash loses nothing written before it (fsync, syncfs).
+// Readers (View) go on while it writes the log and waits for the device:
+// no other change runs then, so nothing they see moves.
+func (w *Writer) Sync() error { return w.sync(false) }
+
+// Checkpoint is Sync that also writes every committed block home and
+// empties the journal, leaving an image that needs no recovery (for
+// e2fsck, the kernel, or a copy).
+func (w *Writer) Checkpoint() error { return w.sync(true) }
+
+func (w *Writer) sync(checkpoint bool) error {
+	w.changeMu.Lock()
+	defer w.changeMu.Unlock()
+	w.mu.Lock()
+	blks, err := w.prepareCommit()
+	if err == nil && len(blks) > w.jwChunk() {
+		err = w.logTransactions(blks) // larger than the log: in pieces, locked
+		blks = nil
+	}
+	w.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if len(blks) > 0 {
+		if err := w.logTransactions(blks); err != nil {
+			return err
+		}
+		w.mu.Lock()
+		w.finishCommit(blks)
+		w.mu.Unlock()
+	}
+	if checkpoint && w.jw != nil && len(w.logged) > 0 {
+		if err := w.checkpointIO(); err != nil {
+			return err
+		}
+		w.mu.Lock()
+		w.checkpointDone()
+		w.mu.Unlock()
+	}
+	return w.dev.Sync()
+}
+
+// endOp ends an operation: its descriptor and superblock changes join the
+// transaction, which commits once it holds a quarter of the journal.
+func (w *Writer) endOp() error {
+	if err := w.flushMeta(); err != nil {
+		return err
+	}
+	if w.jw != nil && len(w.dirty) >= w.jw.limit {
+		return w.commit()
+	}
+	return nil
+}
+
+// Close syncs. The device stays open; its owner closes it.
+func (w *Writer) Close() error {
+	if err := w.Checkpoint(); err != nil {
+		return err
+	}
+	defer w.lockChange()()
+	if w.jw == nil {
+		if err := w.setClean(true); err != nil {
+			return err
+		}
+		return w.dev.Sync()
+	}
+	return nil
+}
+
+// setClean sets or clears the superblock's "cleanly unmounted" state, as
+// the kernel does for a filesystem without a journal.
+func (w *Writer) setClean(clean bool) error {
+	const stateValid = 0x1
+	st := binary.LittleEndian.Uint16(w.sb[0x3A:]) &^ stateValid
+	if clean {
+		st |= stateValid
+	}
+	binary.LittleEndian.PutUint16(w.sb[0x3A:], st)
+	w.sbD = true
+	return w.flushMeta()
+}
+
+// flushMeta writes changed group descriptor blocks and the superblock.
+func (w *Writer) flushMeta() error {
+	for nr := range w.gdtD {
+		if err := w.writeBlock(w.f.descBlock(nr), w.gdt[nr]); err != nil {
+			return err
+		}
+		delete(w.gdtD, nr)
+	}
+	if !w.sbD {
+		return nil
+	}
+	le := binary.LittleEndian
+	now := w.now().Unix()
+	le.PutUint32(w.sb[0x30:], uint32(now)) // s_wtime
+	w.sb[0x274] = byte(now >> 32)
+	if w.f.hasCsum() {
+		le.PutUint32(w.sb[0x3FC:], crc32cRaw(^uint32(0), w.sb[:0x3FC]))
+	}
+	w.sbD = false
+	if w.jw != nil {
+		blk := uint64(superblockOffset >> w.f.blockLog)
+		b, err := w.block(blk)
+		if err != nil {
+			return err
+		}
+		copy(b[superblockOffset-int(blk<<w.f.blockLog):], w.sb)
+		return w.writeBlock(blk, b)
+	}
+	if _, err := w.dev.WriteAt(w.sb, superblockOffset); err != nil {
+		return fmt.Errorf("ext4: writing superblock: %w", err)
+	}
+	w.f.blocks.remove(superblockOffset >> w.f.blockLog)
+	return nil
+}
+
+// block returns a private, modifiable copy of metadata block blk.
+func (w *Writer) block(blk uint64) ([]byte, error) {
+	b, err := w.f.readBlock(blk)
+	if err != nil {
+		return nil, err
+	}
+	return bytes.Clone(b), nil
+}
+
+// writeBlock writes a whole metadata block, into the open transaction when
+// there is a journal, and refreshes the reader's cache.
+func (w *Writer) writeBlock(blk uint64, b []byte) error {
+	if w.jw != nil {
+		w.dirty[blk] = bytes.Clone(b)
+		w.f.blocks.put(blk, bytes.Clone(b))
+		return nil
+	}
+	if _, err := w.dev.WriteAt(b, int64(blk)<<w.f.blockLog); err != nil {
+		return fmt.Errorf("ext4: writing block %d: %w", blk, err)
+	}
+	w.f.blocks.put(blk, bytes.Clone(b))
+	return nil
+}
+
+// errno wraps a syscall.Errno with what failed, so callers can both read
+// the message and map it with errors.Is / errors.As.
+func errno(e syscall.Errno, format string, args ...any) error {
+	return fmt.Errorf("ext4: "+format+": %w", append(args, e)...)
+}
+
+// remove drops k from the cache (a freed or rewritten block).
+func (c *lru[K, V]) remove(k K) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if e, ok := c.items[k]; ok {
+		c.order.Remove(e)
+		delete(c.items, k)
+	}
+}
+
+// trackedDevice remembers the first error of the device it wraps. After
+// one, the writer commits nothing more, so the volume keeps its last
+// committed, consistent state (as the kernel aborts its journal).
+type trackedDevice struct {
+	Device
+	mu  sync.Mutex
+	err error
+}
+
+func (d *trackedDevice) note(err error) error {
+	if err != nil {
+		d.mu.Lock()
+		if d.err == nil {
+			d.err = err
+		}
+		d.mu.Unlock()
+	}
+	return err
+}
+
+func (d *trackedDevice) WriteAt(p []byte, off int64) (int, error) {
+	n, err := d.Device.WriteAt(p, off)
+	return n, d.note(err)
+}
+
+func (d *trackedDevice) Sync() error { return d.note(d.Device.Sync()) }
+
+// failed returns the device's first error, wrapped as EIO.
+func (d *trackedDevice) failed() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.err == nil {
+		return nil
+	}
+	return fmt.Errorf("ext4: the device failed (%v); nothing more is committed; reopen to continue from the last commit: %w", d.err, syscall.EIO)
+}
