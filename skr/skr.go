@@ -294,7 +294,9 @@ func (s *Server) evidenceFor(r *http.Request, rd []byte) (*evidence.Evidence, *a
 	return ev, nil
 }
 
-func (s *Server) attestRaw(r *http.Request) (any, *apiError) {
+// requestEvidence answers the body {"runtime_data": base64} of the attest
+// endpoints with a report binding that data.
+func (s *Server) requestEvidence(r *http.Request) (*evidence.Evidence, *apiError) {
 	var req attestRequest
 	if e := decode(r, &req, map[string]*string{"runtime_data": &req.RuntimeData}); e != nil {
 		return nil, e
@@ -303,7 +305,11 @@ func (s *Server) attestRaw(r *http.Request) (any, *apiError) {
 	if e != nil {
 		return nil, e
 	}
-	ev, e := s.evidenceFor(r, rd)
+	return s.evidenceFor(r, rd)
+}
+
+func (s *Server) attestRaw(r *http.Request) (any, *apiError) {
+	ev, e := s.requestEvidence(r)
 	if e != nil {
 		return nil, e
 	}
@@ -315,15 +321,7 @@ func (s *Server) attestRaw(r *http.Request) (any, *apiError) {
 const reportedTCBOffset = 0x180
 
 func (s *Server) attestCombined(r *http.Request) (any, *apiError) {
-	var req attestRequest
-	if e := decode(r, &req, map[string]*string{"runtime_data": &req.RuntimeData}); e != nil {
-		return nil, e
-	}
-	rd, e := runtimeData(req.RuntimeData)
-	if e != nil {
-		return nil, e
-	}
-	ev, e := s.evidenceFor(r, rd)
+	ev, e := s.requestEvidence(r)
 	if e != nil {
 		return nil, e
 	}
