@@ -106,10 +106,18 @@ func (h *harness) startRclone(ctx context.Context, remote string) (*mountProc, e
 	if err := p.start(); err != nil {
 		return nil, err
 	}
+	// rclone prints nothing when ready.
+	if err := p.waitForData(ctx); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// waitForData waits until the mount table lists the mount and the data
+// file appears in it: the readiness signal of peers that print none.
+func (p *mountProc) waitForData(ctx context.Context) error {
 	ready := make(chan struct{})
 	go func() {
-		// rclone prints nothing when ready; the mount table and the file
-		// appearing are the signal.
 		for {
 			select {
 			case <-p.exited:
@@ -118,18 +126,15 @@ func (h *harness) startRclone(ctx context.Context, remote string) (*mountProc, e
 				return
 			case <-time.After(50 * time.Millisecond):
 			}
-			if isMounted(mnt) {
-				if _, err := os.Stat(filepath.Join(mnt, dataFileName)); err == nil {
+			if isMounted(p.mountpoint) {
+				if _, err := os.Stat(filepath.Join(p.mountpoint, dataFileName)); err == nil {
 					close(ready)
 					return
 				}
 			}
 		}
 	}()
-	if err := p.waitUntil(ctx, ready); err != nil {
-		return nil, err
-	}
-	return p, nil
+	return p.waitUntil(ctx, ready)
 }
 
 func (p *mountProc) start() error {

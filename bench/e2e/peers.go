@@ -95,25 +95,7 @@ func (h *harness) startBlobfuse2(ctx context.Context, conf string) (*mountProc, 
 	if err := p.start(); err != nil {
 		return nil, err
 	}
-	ready := make(chan struct{})
-	go func() {
-		for {
-			select {
-			case <-p.exited:
-				return
-			case <-ctx.Done():
-				return
-			case <-time.After(50 * time.Millisecond):
-			}
-			if isMounted(mnt) {
-				if _, err := os.Stat(filepath.Join(mnt, dataFileName)); err == nil {
-					close(ready)
-					return
-				}
-			}
-		}
-	}()
-	if err := p.waitUntil(ctx, ready); err != nil {
+	if err := p.waitForData(ctx); err != nil {
 		return nil, err
 	}
 	return p, nil
