@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -39,8 +40,8 @@ func TestMountDirectThenExternalUnmount(t *testing.T) {
 	}
 	mnt := filepath.Join(dir, "mnt")
 	p := startMountLogged(t, "--key-file", key, img, mnt)
-	if !strings.Contains(p.stderr.String(), "mountDirect: calling syscall.Mount") || strings.Contains(p.stderr.String(), "callFusermount") {
-		t.Errorf("root did not mount with mount(2) directly; log:\n%s", p.stderr)
+	if log := p.String(); !strings.Contains(log, "mountDirect: calling syscall.Mount") || strings.Contains(log, "callFusermount") {
+		t.Errorf("root did not mount with mount(2) directly; log:\n%s", log)
 	}
 	sameBytes(t, filepath.Join(mnt, "data.bin"), content)
 	if out, err := exec.Command("fusermount3", "-u", mnt).CombinedOutput(); err != nil {
@@ -52,9 +53,25 @@ func TestMountDirectThenExternalUnmount(t *testing.T) {
 	}
 }
 
+// loggedMount is a running `blobseal mount` whose log the test reads
+// while it runs.
+type loggedMount struct {
+	cmd    *exec.Cmd
+	mu     sync.Mutex
+	log    strings.Builder
+	exited chan struct{} // closed once the process is reaped
+	err    error         // its exit status, set before exited closes
+}
+
+func (m *loggedMount) String() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.log.String()
+}
+
 // startMountLogged runs `blobseal mount` with FUSE request logging on and
 // waits for "ready"; the cleanup SIGTERMs it if the test did not end it.
-func startMountLogged(t *testing.T, args ...string) *mountProcess {
+func startMountLogged(t *testing.T, args ...string) *loggedMount {
 	t.Helper()
 	if err := os.MkdirAll(args[len(args)-1], 0o755); err != nil {
 		t.Fatal(err)
@@ -64,11 +81,11 @@ func startMountLogged(t *testing.T, args ...string) *mountProcess {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &mountProcess{cmd: cmd, stderr: &bytes.Buffer{}, done: make(chan error, 1)}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
+	m := &loggedMount{cmd: cmd, exited: make(chan struct{})}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -80,7 +97,9 @@ func startMountLogged(t *testing.T, args ...string) *mountProcess {
 		s.Buffer(nil, 1<<20)
 		for s.Scan() {
 			if l := s.Text(); !strings.Contains(l, "msg=fuse ") || strings.Contains(l, "mount") {
-				p.stderr.WriteString(l + "\n")
+				m.mu.Lock()
+				m.log.WriteString(l + "\n")
+				m.mu.Unlock()
 			}
 		}
 		io.Copy(io.Discard, stderr)
@@ -88,48 +107,51 @@ func startMountLogged(t *testing.T, args ...string) *mountProcess {
 	ready := make(chan bool, 1)
 	go func() {
 		s := bufio.NewScanner(stdout)
-		ok := s.Scan() && s.Text() == "ready"
-		ready <- ok
+		ready <- s.Scan() && s.Text() == "ready"
 		io.Copy(io.Discard, stdout)
 		<-logDone
-		p.done <- cmd.Wait()
+		m.err = cmd.Wait()
+		close(m.exited)
 	}()
 	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			_ = cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-p.done:
-			case <-time.After(15 * time.Second):
-				_ = cmd.Process.Kill()
-				t.Errorf("blobseal mount ignored SIGTERM for 15s")
-			}
+		select {
+		case <-m.exited:
+			return
+		default:
+		}
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-m.exited:
+		case <-time.After(15 * time.Second):
+			_ = cmd.Process.Kill()
+			t.Errorf("blobseal mount ignored SIGTERM for 15s")
 		}
 	})
 	select {
 	case ok := <-ready:
 		if !ok {
-			err := <-p.done
-			t.Fatalf("blobseal mount did not print ready (%v); log:\n%s", err, p.stderr)
+			<-m.exited
+			t.Fatalf("blobseal mount did not print ready (%v); log:\n%s", m.err, m)
 		}
 	case <-time.After(60 * time.Second):
 		t.Fatal("blobseal mount not ready after 60s")
 	}
-	return p
+	return m
 }
 
 // wait requires a clean exit whose log says why.
-func (p *mountProcess) wait(t *testing.T, logged string) {
+func (m *loggedMount) wait(t *testing.T, logged string) {
 	t.Helper()
 	select {
-	case err := <-p.done:
-		if err != nil {
-			t.Fatalf("blobseal mount exited with %v; log:\n%s", err, p.stderr)
+	case <-m.exited:
+		if m.err != nil {
+			t.Fatalf("blobseal mount exited with %v; log:\n%s", m.err, m)
 		}
 	case <-time.After(15 * time.Second):
 		t.Fatal("blobseal mount still running 15s after its unmount")
 	}
-	if !strings.Contains(p.stderr.String(), logged) {
-		t.Errorf("log lacks %q:\n%s", logged, p.stderr)
+	if !strings.Contains(m.String(), logged) {
+		t.Errorf("log lacks %q:\n%s", logged, m)
 	}
 }
 
