@@ -2,7 +2,6 @@ package blob
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -14,12 +13,12 @@ import (
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
-	"github.com/Azure/azure-sdk-for-go/sdk/azidentity"
 	azblobblob "github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blockblob"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/container"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/pageblob"
 
+	"github.com/blobseal/blobseal/internal/azcred"
 	"github.com/blobseal/blobseal/internal/secret"
 )
 
@@ -293,42 +292,15 @@ type CredentialOptions struct {
 	AllowCLI bool
 }
 
-// DefaultCredential builds the identity chain blobseal uses without a SAS:
-// workload identity (AKS; when AZURE_FEDERATED_TOKEN_FILE is set), then
-// managed identity (ACI, VMs), then optionally the Azure CLI.
+// DefaultCredential returns the storage credential used without a SAS:
+// blobseal's one identity chain (internal/azcred: workload identity, then
+// managed identity, then optionally the Azure CLI).
 func DefaultCredential(o CredentialOptions) (azcore.TokenCredential, error) {
-	var chain []azcore.TokenCredential
-	var errs []error
-	if os.Getenv("AZURE_FEDERATED_TOKEN_FILE") != "" {
-		wi, err := azidentity.NewWorkloadIdentityCredential(&azidentity.WorkloadIdentityCredentialOptions{ClientID: o.ManagedIdentityClientID})
-		if err != nil {
-			errs = append(errs, fmt.Errorf("workload identity: %w", err))
-		} else {
-			chain = append(chain, wi)
-		}
-	}
-	miOpts := &azidentity.ManagedIdentityCredentialOptions{}
-	if o.ManagedIdentityClientID != "" {
-		miOpts.ID = azidentity.ClientID(o.ManagedIdentityClientID)
-	}
-	mi, err := azidentity.NewManagedIdentityCredential(miOpts)
+	cred, err := azcred.New(azcred.Options{ManagedIdentityClientID: o.ManagedIdentityClientID, AllowCLI: o.AllowCLI})
 	if err != nil {
-		errs = append(errs, fmt.Errorf("managed identity: %w", err))
-	} else {
-		chain = append(chain, mi)
+		return nil, fmt.Errorf("storage credential: %w", err)
 	}
-	if o.AllowCLI {
-		cli, err := azidentity.NewAzureCLICredential(nil)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("azure cli: %w", err))
-		} else {
-			chain = append(chain, cli)
-		}
-	}
-	if len(chain) == 0 {
-		return nil, fmt.Errorf("no Azure identity available: %w", errors.Join(errs...))
-	}
-	return azidentity.NewChainedTokenCredential(chain, nil)
+	return cred, nil
 }
 
 // containerURL is the blob URL without the blob name, keeping any SAS.

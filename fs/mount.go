@@ -224,6 +224,10 @@ func Mount(ctx context.Context, mountpoint string, tree Tree, opts Options) (*Se
 		// mmap of direct-I/O files (kernel 6.6+; ignored by older ones).
 		ExtraCapabilities: fuse.CAP_DIRECT_IO_ALLOW_MMAP,
 		Logger:            log.New(logWriter{logger}, "", 0),
+		// mount(2) directly when allowed (root, CAP_SYS_ADMIN): a minimal
+		// image has no fusermount3. Unprivileged, go-fuse falls back to
+		// fusermount3; Unmount tries umount2 first, then fusermount3 -u.
+		DirectMount: true,
 	}
 	server, err := gofs.Mount(abs, &node{vol: vol, ino: root}, &gofs.Options{
 		MountOptions:    mo,

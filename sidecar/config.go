@@ -131,7 +131,11 @@ type Filesystem struct {
 	ReadWrite        bool     `yaml:"read_write" json:"read_write"`
 	// DirectIO: auto (default), on or off; see fs.DirectIOMode.
 	DirectIO string `yaml:"direct_io" json:"direct_io"`
-	Key      Key    `yaml:"key" json:"key"`
+	// ReadTimeout is how long one read may wait for storage, the source's
+	// retries included, before it fails with EIO; the mount stays up
+	// (default blockcache.DefaultReadDeadline, 2m).
+	ReadTimeout Duration `yaml:"read_timeout" json:"read_timeout"`
+	Key         Key      `yaml:"key" json:"key"`
 
 	// VerityRootHash pins the image's dm-verity tree (hex, as `blobseal
 	// image create` printed it): every block is verified before use. The
@@ -299,6 +303,7 @@ type legacyConfig struct {
 		VerityRootHash   string `json:"verity_root_hash"`
 		VerityHashOffset int64  `json:"verity_hash_offset"`
 		RequireIntegrity *bool  `json:"require_integrity"`
+		ReadTimeout      string `json:"read_timeout"` // "30s"
 	} `json:"azure_filesystems"`
 }
 
@@ -339,6 +344,13 @@ func ParseEncfsArgs(b64 string) (*Config, error) {
 			VerityRootHash:   lf.VerityRootHash,
 			VerityHashOffset: lf.VerityHashOffset,
 			RequireIntegrity: &requireIntegrity,
+		}
+		if lf.ReadTimeout != "" {
+			d, err := time.ParseDuration(lf.ReadTimeout)
+			if err != nil {
+				return nil, fmt.Errorf("%s: azure_filesystems[%d]: read_timeout %q is not a duration like 30s or 2m", EncfsEnv, i, lf.ReadTimeout)
+			}
+			f.ReadTimeout = Duration(d)
 		}
 		if lf.AzureURLPrivate {
 			f.Identity = "managed"
@@ -525,6 +537,9 @@ func (c *Config) Validate() error {
 		}
 		if f.VerityHashOffset < 0 || f.VerityHashOffset%4096 != 0 {
 			bad("%s: verity_hash_offset %d must be a non-negative multiple of 4096", where, f.VerityHashOffset)
+		}
+		if f.ReadTimeout < 0 {
+			bad("%s: read_timeout %v must be positive (or left out for the default, 2m)", where, time.Duration(f.ReadTimeout))
 		}
 		if mode, err := blobfs.ParseDirectIO(f.DirectIO); err != nil {
 			bad("%s: direct_io: %v", where, err)

@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestExampleConfigsParse(t *testing.T) {
@@ -18,7 +19,8 @@ func TestExampleConfigsParse(t *testing.T) {
 		t.Fatalf("unexpected parse: %+v", cfg)
 	}
 	if cfg.Filesystems[1].Key.Release.Kty != "RSA-HSM" || *cfg.Filesystems[0].AllowOther != true ||
-		cfg.Filesystems[0].DirectIO != "auto" || cfg.Filesystems[1].directIO != blobfs.DirectIOAuto {
+		cfg.Filesystems[0].DirectIO != "auto" || cfg.Filesystems[1].directIO != blobfs.DirectIOAuto ||
+		cfg.Filesystems[0].ReadTimeout != Duration(2*time.Minute) || cfg.Filesystems[1].ReadTimeout != 0 {
 		t.Fatal("defaults or fields wrong")
 	}
 	if len(cfg.Filesystems[0].verityRoot) != 32 || !*cfg.Filesystems[0].RequireIntegrity || *cfg.Filesystems[1].RequireIntegrity {
@@ -229,5 +231,50 @@ func TestEnableSKRWithSkrSideCarArgs(t *testing.T) {
 	}
 	if err := cfg.EnableSKR("", "%%"); err == nil || !strings.Contains(err.Error(), "not base64") {
 		t.Fatalf("bad args: %v", err)
+	}
+}
+
+// TestReadTimeoutConfig: read_timeout in the native format (YAML and JSON)
+// and, optionally, in each EncfsSideCarArgs filesystem becomes the block
+// cache's read deadline; leaving it out keeps the cache's default.
+func TestReadTimeoutConfig(t *testing.T) {
+	base := "filesystems:\n  - mount_point: /m\n    source: /x\n    require_integrity: false\n    key: {file: k}\n"
+	native := map[string]time.Duration{
+		base:                             0,
+		base + "    read_timeout: 30s\n": 30 * time.Second,
+		`{"filesystems":[{"mount_point":"/m","source":"/x","require_integrity":false,"key":{"file":"k"},"read_timeout":"1m30s"}]}`: 90 * time.Second,
+	}
+	for in, want := range native {
+		cfg, err := Parse([]byte(in))
+		if err != nil {
+			t.Fatalf("config %q: %v", in, err)
+		}
+		// Zero leaves blockcache.DefaultReadDeadline in force.
+		got := (&Sidecar{cfg: cfg}).cacheOptions(cfg.Filesystems[0]).ReadDeadline
+		if got != want {
+			t.Errorf("config %q: read deadline %v, want %v", in, got, want)
+		}
+	}
+	for in, msg := range map[string]string{
+		base + "    read_timeout: -5s\n":  "read_timeout -5s must be positive",
+		base + "    read_timeout: soon\n": `"soon" is not a duration`,
+	} {
+		if _, err := Parse([]byte(in)); err == nil || !strings.Contains(err.Error(), msg) {
+			t.Errorf("config %q: got %v, want an error containing %q", in, err, msg)
+		}
+	}
+
+	legacy := func(extra string) string {
+		return base64.StdEncoding.EncodeToString([]byte(`{"azure_filesystems":[{"mount_point":"/m/a","azure_url":"https://a.blob.core.windows.net/c/i.img","raw_key":"00"` + extra + `}]}`))
+	}
+	cfg, err := ParseEncfsArgs(legacy(`,"read_timeout":"45s"`))
+	if err != nil || cfg.Filesystems[0].ReadTimeout != Duration(45*time.Second) {
+		t.Fatalf("legacy read_timeout: %v %+v", err, cfg)
+	}
+	if cfg, err := ParseEncfsArgs(legacy("")); err != nil || cfg.Filesystems[0].ReadTimeout != 0 {
+		t.Fatalf("legacy config without read_timeout: %v", err)
+	}
+	if _, err := ParseEncfsArgs(legacy(`,"read_timeout":"45"`)); err == nil || !strings.Contains(err.Error(), `azure_filesystems[0]: read_timeout "45" is not a duration`) {
+		t.Fatalf("legacy bad read_timeout: %v", err)
 	}
 }

@@ -130,6 +130,9 @@ func (e *env) legacyArgs(t *testing.T, mounts map[string]string) string {
 		if root := e.roots[typ]; root != "" {
 			entry["verity_root_hash"] = root
 		}
+		if typ == "page" { // blobseal's optional field; the block entry goes without
+			entry["read_timeout"] = "90s"
+		}
 		fss = append(fss, entry)
 	}
 	js, err := json.Marshal(map[string]any{"azure_filesystems": fss})

@@ -134,4 +134,17 @@ func TestReadyzAndMetrics(t *testing.T) {
 	if v := sum("blobseal_filesystem_ready"); v != 2 {
 		t.Errorf("blobseal_filesystem_ready sums to %v, want 2 (both filesystems)", v)
 	}
+	// The read path's failure counters, per filesystem: nothing failed,
+	// nothing was retried or abandoned while reading both trees.
+	for _, name := range []string{"blobseal_fetch_errors_total", "blobseal_fetches_abandoned_total", "blobseal_storage_retries_total"} {
+		if n := len(families[name].GetMetric()); n != 2 {
+			t.Errorf("%s has %d series, want one per filesystem", name, n)
+		}
+		if v := sum(name); v != 0 {
+			t.Errorf("%s = %v after reading healthy storage, want 0", name, v)
+		}
+	}
+	if h := families["blobseal_fetch_errors_total"].GetHelp(); !strings.Contains(h, "after the source's own retries") {
+		t.Errorf("blobseal_fetch_errors_total help %q does not say the source's retries came first", h)
+	}
 }

@@ -6,6 +6,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/blobseal/blobseal/blob"
 )
 
 // Metrics is the sidecar's Prometheus registry. Counters that live in other
@@ -53,6 +55,32 @@ func (m *Metrics) observeFUSE(op string, d time.Duration, errno syscall.Errno) {
 	}
 }
 
+// retryCounter is a source that counts the failed requests it retried
+// (blob.RetrySource).
+type retryCounter interface{ Retries() int64 }
+
+var _ retryCounter = (*blob.RetrySource)(nil)
+
+// sourceUnwrapper is a source wrapping another (restic's Unwrap idiom), so
+// a counter further down the chain is found without knowing the wrappers.
+type sourceUnwrapper interface{ Unwrap() blob.Source }
+
+// storageRetries returns the retry count of the first retryCounter in src's
+// wrapping chain; false when there is none (a local file).
+func storageRetries(src blob.Source) (int64, bool) {
+	for src != nil {
+		if rc, ok := src.(retryCounter); ok {
+			return rc.Retries(), true
+		}
+		u, ok := src.(sourceUnwrapper)
+		if !ok {
+			break
+		}
+		src = u.Unwrap()
+	}
+	return 0, false
+}
+
 // stateCollector exports per-filesystem readiness, cache and volume counters.
 type stateCollector struct{ s *Sidecar }
 
@@ -62,7 +90,9 @@ var (
 	descMisses       = prometheus.NewDesc("blobseal_cache_misses_total", "Cache blocks a read had to fetch.", []string{"fs"}, nil)
 	descBytesFetched = prometheus.NewDesc("blobseal_fetched_bytes_total", "Bytes downloaded from storage.", []string{"fs"}, nil)
 	descRequests     = prometheus.NewDesc("blobseal_fetch_requests_total", "Ranged requests sent to storage.", []string{"fs"}, nil)
-	descFetchErrors  = prometheus.NewDesc("blobseal_fetch_errors_total", "Failed storage requests (retried).", []string{"fs"}, nil)
+	descFetchErrors  = prometheus.NewDesc("blobseal_fetch_errors_total", "Fetches from storage that failed after the source's own retries; the reads waiting for them got EIO.", []string{"fs"}, nil)
+	descAbandoned    = prometheus.NewDesc("blobseal_fetches_abandoned_total", "Demand fetches cancelled because every read waiting for them gave up (read timeout, interrupt).", []string{"fs"}, nil)
+	descRetries      = prometheus.NewDesc("blobseal_storage_retries_total", "Failed storage requests the source retried (blob URLs).", []string{"fs"}, nil)
 	descInFlight     = prometheus.NewDesc("blobseal_fetches_in_flight", "Storage requests running now.", []string{"fs"}, nil)
 	descEvictions    = prometheus.NewDesc("blobseal_cache_evictions_total", "Cache extents evicted.", []string{"fs"}, nil)
 	descMemory       = prometheus.NewDesc("blobseal_cache_memory_bytes", "Cache memory held now.", []string{"fs"}, nil)
@@ -80,7 +110,7 @@ var (
 )
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descReady, descHits, descMisses, descBytesFetched, descRequests, descFetchErrors,
+	for _, d := range []*prometheus.Desc{descReady, descHits, descMisses, descBytesFetched, descRequests, descFetchErrors, descAbandoned, descRetries,
 		descInFlight, descEvictions, descMemory, descZero, descFetchLatency, descDecrypted, descDecryptSecs,
 		descIntegrity, descVerified, descMismatches, descRefused, descSKRRequests, descSKRErrors, descSKRSeconds} {
 		ch <- d
@@ -122,6 +152,9 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		vs := st.img.Volume.Stats()
 		counter(descDecrypted, float64(vs.BytesDecrypted), st.Name)
 		counter(descDecryptSecs, vs.DecryptTime.Seconds(), st.Name)
+		if n, ok := storageRetries(st.img.Source); ok {
+			counter(descRetries, float64(n), st.Name)
+		}
 		if st.img.Cache == nil {
 			continue
 		}
@@ -131,6 +164,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(descBytesFetched, float64(cs.BytesFetched), st.Name)
 		counter(descRequests, float64(cs.Requests), st.Name)
 		counter(descFetchErrors, float64(cs.FetchErrors), st.Name)
+		counter(descAbandoned, float64(cs.Abandoned), st.Name)
 		gauge(descInFlight, float64(cs.InFlight), st.Name)
 		counter(descEvictions, float64(cs.Evictions), st.Name)
 		gauge(descMemory, float64(cs.MemoryBytes), st.Name)

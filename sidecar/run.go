@@ -259,10 +259,11 @@ func (s *Sidecar) cacheOptions(f *Filesystem) blockcache.Options {
 		mem = 256 << 20
 	}
 	opts := blockcache.Options{
-		MemoryBytes: mem / n,
-		BlockSize:   int64(c.BlockSize),
-		MaxFetches:  c.MaxFetches,
-		DiskBytes:   int64(c.DiskBytes) / n,
+		MemoryBytes:  mem / n,
+		BlockSize:    int64(c.BlockSize),
+		MaxFetches:   c.MaxFetches,
+		DiskBytes:    int64(c.DiskBytes) / n,
+		ReadDeadline: time.Duration(f.ReadTimeout),
 	}
 	if c.DiskDir != "" {
 		opts.DiskDir = filepath.Join(c.DiskDir, f.Name)

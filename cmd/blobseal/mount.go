@@ -161,6 +161,40 @@ type mountFlags struct {
 	cacheDir, directIO, cpuProf string
 	grace                       time.Duration
 	cacheMiB                    int64
+	storage                     storageFlags
+}
+
+// storageFlags bound how long reads wait for storage.
+type storageFlags struct {
+	readTimeout, requestTimeout, interruptGrace time.Duration
+	retries                                     int
+}
+
+// maxRetries bounds --retries: more consecutive failures than this is a
+// stuck storage account, which the read timeout handles anyway.
+const maxRetries = 1000
+
+func (s *storageFlags) register(f *pflag.FlagSet) {
+	f.DurationVar(&s.readTimeout, "read-timeout", blockcache.DefaultReadDeadline, "how long one read may wait for storage, retries included, before it fails with EIO (the mount stays up)")
+	// 8 and 60s are blob.Options' defaults.
+	f.IntVar(&s.retries, "retries", 8, "consecutive failed storage requests without progress before a fetch gives up (blob URLs)")
+	f.DurationVar(&s.requestTimeout, "request-timeout", 60*time.Second, "bound on one storage request including its body (blob URLs)")
+	f.DurationVar(&s.interruptGrace, "interrupt-grace", fs.DefaultInterruptGrace, "how long a read the kernel interrupts (a signal to the reader) keeps waiting before it answers EINTR")
+}
+
+func (s *storageFlags) validate() error {
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"--read-timeout", s.readTimeout}, {"--request-timeout", s.requestTimeout}, {"--interrupt-grace", s.interruptGrace}} {
+		if d.v <= 0 {
+			return usageErrorf("%s %v: must be a positive duration such as 30s or 2m", d.name, d.v)
+		}
+	}
+	if s.retries < 1 || s.retries > maxRetries {
+		return usageErrorf("--retries %d: must be between 1 and %d", s.retries, maxRetries)
+	}
+	return nil
 }
 
 func newMountCmd() *cobra.Command {
@@ -183,6 +217,7 @@ func newMountCmd() *cobra.Command {
 	o.vol.register(f)
 	o.rel.register(f)
 	o.integ.register(f)
+	o.storage.register(f)
 	f.BoolVar(&o.allowOther, "allow-other", false, "let other users (other containers) read the mount; needs root or user_allow_other")
 	f.StringVar(&o.readyFile, "ready-file", "", "write this file (atomically) once the mount is servable")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -223,6 +258,9 @@ func runMount(cmd *cobra.Command, o *mountFlags, location, mountpoint string) er
 	if err != nil {
 		return err
 	}
+	if err := o.storage.validate(); err != nil {
+		return err
+	}
 	if release {
 		if err := rf.prepare(); err != nil {
 			return err
@@ -252,7 +290,9 @@ func runMount(cmd *cobra.Command, o *mountFlags, location, mountpoint string) er
 		return err
 	}
 	spec := vf.imageSpec(location, key)
-	spec.Cache = blockcache.Options{MemoryBytes: o.cacheMiB << 20, DiskDir: o.cacheDir}
+	spec.Cache = blockcache.Options{MemoryBytes: o.cacheMiB << 20, DiskDir: o.cacheDir, ReadDeadline: o.storage.readTimeout}
+	spec.Blob.MaxRetries = o.storage.retries
+	spec.Blob.RequestTimeout = o.storage.requestTimeout
 	spec.DirectLocal = !o.cacheLocal
 	spec.Logger = logger
 	spec.Integrity = integrity
@@ -264,12 +304,13 @@ func runMount(cmd *cobra.Command, o *mountFlags, location, mountpoint string) er
 	defer img.Close()
 	defer logImageStats(logger, img)
 	srv, err := fs.Mount(ctx, mountpoint, img.FS, fs.Options{
-		AllowOther:   o.allowOther,
-		Logger:       logger,
-		Source:       mountSourceName(img.Name),
-		Debug:        o.debugFUSE,
-		UnmountGrace: o.grace,
-		DirectIO:     directMode,
+		AllowOther:     o.allowOther,
+		Logger:         logger,
+		Source:         mountSourceName(img.Name),
+		Debug:          o.debugFUSE,
+		UnmountGrace:   o.grace,
+		DirectIO:       directMode,
+		InterruptGrace: o.storage.interruptGrace,
 	})
 	if err != nil {
 		return err

@@ -149,9 +149,10 @@ const Binary = "/blobseal"
 // first place Go's crypto/x509 looks on Linux.
 const CABundle = "/etc/ssl/certs/ca-certificates.crt"
 
-// MakeRoot lays out dir as the image's root filesystem: the binary at
-// Binary, caPEM at CABundle, the FUSE device, and an empty /tmp. Nothing
-// else: no shell, no libc, no fusermount3. Making /dev/fuse needs root.
+// MakeRoot lays out dir as a container of the image sees its root
+// filesystem: the binary at Binary, caPEM at CABundle, the FUSE device and
+// the runtime's default devices (/dev/null...), and an empty /tmp. Nothing
+// else: no shell, no libc, no fusermount3. Making devices needs root.
 func MakeRoot(dir, binary string, caPEM []byte) error {
 	for _, d := range []string{"etc/ssl/certs", "dev", "tmp"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
@@ -171,9 +172,16 @@ func MakeRoot(dir, binary string, caPEM []byte) error {
 	if err := os.WriteFile(filepath.Join(dir, CABundle), caPEM, 0o644); err != nil {
 		return err
 	}
-	// /dev/fuse is character device 10,229 (Documentation/admin-guide/devices.txt).
-	if err := unix.Mknod(filepath.Join(dir, "dev/fuse"), unix.S_IFCHR|0o666, int(unix.Mkdev(10, 229))); err != nil {
-		return fmt.Errorf("mknod /dev/fuse: %w", err)
+	// /dev/fuse is character device 10,229 (Documentation/admin-guide/
+	// devices.txt); the others are the OCI runtime specification's default
+	// devices, which every container gets (go-fuse splices to /dev/null).
+	for _, d := range []struct {
+		name         string
+		major, minor uint32
+	}{{"fuse", 10, 229}, {"null", 1, 3}, {"zero", 1, 5}, {"full", 1, 7}, {"random", 1, 8}, {"urandom", 1, 9}, {"tty", 5, 0}} {
+		if err := unix.Mknod(filepath.Join(dir, "dev", d.name), unix.S_IFCHR|0o666, int(unix.Mkdev(d.major, d.minor))); err != nil {
+			return fmt.Errorf("mknod /dev/%s: %w", d.name, err)
+		}
 	}
 	return nil
 }

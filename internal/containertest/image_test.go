@@ -1,6 +1,7 @@
 package containertest
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -8,16 +9,22 @@ import (
 	"debug/elf"
 	"encoding/hex"
 	"encoding/json"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/blobseal/blobseal/crypto"
 	"github.com/blobseal/blobseal/image"
+	"github.com/blobseal/blobseal/internal/fusetest"
 	"github.com/blobseal/blobseal/internal/testenv"
 	"github.com/blobseal/blobseal/keyrelease/evidence"
 	"github.com/blobseal/blobseal/keyrelease/localmaa"
@@ -58,8 +65,10 @@ func TestParseDockerfile(t *testing.T) {
 
 // TestImageRoot builds the binary exactly as the Dockerfile does and runs
 // it chrooted into a root holding only that binary, the CA bundle and
-// /dev/fuse: it starts, opens, decrypts and verifies an image, and trusts
-// a TLS server through the bundle at distroless's path and nothing else.
+// the devices (/dev/fuse, the runtime's /dev/null...): it starts, opens,
+// decrypts and verifies an image, trusts a TLS server through the bundle at
+// distroless's path and nothing else, and mounts the image without
+// fusermount3, serving it until SIGTERM.
 func TestImageRoot(t *testing.T) {
 	testenv.RequireRoot(t)
 	testenv.RequireTools(t, "mkfs.ext4", "debugfs", "go")
@@ -164,20 +173,118 @@ func TestImageRoot(t *testing.T) {
 	if _, errOut, err := chrootRun(other, append([]string{Binary}, attest...)...); err == nil || !strings.Contains(errOut, "certificate") {
 		t.Fatalf("attest trusted the service without its CA in the bundle: %v\n%s", err, errOut)
 	}
+
+	mountInRoot(t, root, res.Verity.RootHash, files)
+}
+
+// mountInRoot runs `/blobseal mount` chrooted into root (no fusermount3
+// there: the binary calls mount(2) itself), reads the image's files through
+// the mount point from outside the chroot, and unmounts with SIGTERM as a
+// container runtime stops the container; nothing stays mounted.
+func mountInRoot(t *testing.T, root, rootHash string, files map[string][]byte) {
+	testenv.RequireFUSE(t)
+	must(t, os.Mkdir(filepath.Join(root, "mnt"), 0o755))
+	mnt := filepath.Join(root, "mnt") // the mount point as seen from outside
+	cmd := chrootCommand(root, Binary, "mount", "--key-file", "/key", "--verity-root-hash", rootHash, "/data.img", "/mnt")
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var errOut syncBuffer
+	cmd.Stderr = &errOut
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan string, 1)
+	exited := make(chan error, 1)
+	go func() {
+		line, _ := bufio.NewReader(stdout).ReadString('\n')
+		ready <- line
+		io.Copy(io.Discard, stdout)
+		exited <- cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			_ = cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-exited:
+			case <-time.After(15 * time.Second):
+				_ = cmd.Process.Kill()
+			}
+		}
+		if fusetest.IsMounted(t, mnt) {
+			_ = unix.Unmount(mnt, unix.MNT_DETACH)
+		}
+	})
+	select {
+	case line := <-ready:
+		if line != "ready\n" {
+			t.Fatalf("mount in the image root printed %q; stderr:\n%s", line, errOut.String())
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatalf("mount in the image root not ready after 60s; stderr:\n%s", errOut.String())
+	}
+	for name, want := range files {
+		got, err := os.ReadFile(filepath.Join(mnt, name))
+		if err != nil {
+			t.Fatalf("read %s through the mount: %v; stderr:\n%s", name, err, errOut.String())
+		}
+		if !bytes.Equal(got, want) {
+			t.Errorf("%s through the mount differs from the source", name)
+		}
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Fatalf("mount in the image root exited with %v after SIGTERM; stderr:\n%s", err, errOut.String())
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatalf("mount in the image root still running 15s after SIGTERM")
+	}
+	if fusetest.IsMounted(t, mnt) {
+		t.Errorf("%s still mounted after SIGTERM", mnt)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for the exec copier and the test.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 // chrootRun runs argv chrooted into root with an empty environment, as a
 // distroless container's entrypoint runs.
 func chrootRun(root string, argv ...string) (string, string, error) {
+	cmd := chrootCommand(root, argv...)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	return out.String(), errOut.String(), err
+}
+
+// chrootCommand is argv chrooted into root with an empty environment.
+func chrootCommand(root string, argv ...string) *exec.Cmd {
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Path = argv[0]
 	cmd.Dir = "/"
 	cmd.Env = []string{}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: root}
-	var out, errOut bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errOut
-	err := cmd.Run()
-	return out.String(), errOut.String(), err
+	return cmd
 }
 
 // checkStatic fails unless bin needs no dynamic loader and no shared
