@@ -51,12 +51,18 @@ type Options struct {
 	Writable bool
 }
 
+// Defaults of Options, exported for the flags that override them.
+const (
+	DefaultRequestTimeout = 60 * time.Second
+	DefaultMaxRetries     = 8
+)
+
 func (o Options) withDefaults() Options {
 	if o.RequestTimeout <= 0 {
-		o.RequestTimeout = 60 * time.Second
+		o.RequestTimeout = DefaultRequestTimeout
 	}
 	if o.MaxRetries <= 0 {
-		o.MaxRetries = 8
+		o.MaxRetries = DefaultMaxRetries
 	}
 	if o.RetryDelay <= 0 {
 		o.RetryDelay = 200 * time.Millisecond

@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/blobseal/blobseal/blob"
 	"github.com/blobseal/blobseal/blockcache"
 	"github.com/blobseal/blobseal/crypto"
 	"github.com/blobseal/blobseal/crypto/luks"
@@ -176,9 +177,8 @@ const maxRetries = 1000
 
 func (s *storageFlags) register(f *pflag.FlagSet) {
 	f.DurationVar(&s.readTimeout, "read-timeout", blockcache.DefaultReadDeadline, "how long one read may wait for storage, retries included, before it fails with EIO (the mount stays up)")
-	// 8 and 60s are blob.Options' defaults.
-	f.IntVar(&s.retries, "retries", 8, "consecutive failed storage requests without progress before a fetch gives up (blob URLs)")
-	f.DurationVar(&s.requestTimeout, "request-timeout", 60*time.Second, "bound on one storage request including its body (blob URLs)")
+	f.IntVar(&s.retries, "retries", blob.DefaultMaxRetries, "consecutive failed storage requests without progress before a fetch gives up (blob URLs)")
+	f.DurationVar(&s.requestTimeout, "request-timeout", blob.DefaultRequestTimeout, "bound on one storage request including its body (blob URLs)")
 	f.DurationVar(&s.interruptGrace, "interrupt-grace", fs.DefaultInterruptGrace, "how long a read the kernel interrupts (a signal to the reader) keeps waiting before it answers EINTR")
 }
 
