@@ -330,7 +330,7 @@ func (w *PageWriter) putRun(ctx context.Context, run []PageWrite, ifMatch *azcor
 			w.mu.Unlock()
 			return err
 		}
-		return fmt.Errorf("%s: %w", what, err)
+		return err // retry's and describe's texts name the write and the blob
 	}
 }
 
