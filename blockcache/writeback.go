@@ -332,6 +332,11 @@ func (w *WriteBack) writeBlock(ctx context.Context, b int64, p []byte, at int) e
 				return fmt.Errorf("blockcache: waiting for dirty memory of %s to be flushed: %w", w.c.name, ctx.Err())
 			}
 		}
+		if d == nil && w.mem+w.bs > w.o.DirtyBytes/2 {
+			// Start uploading at half the bound, so that writers fill the
+			// other half while the batch is in flight.
+			w.requestFlush()
+		}
 		if d == nil {
 			d = &dirtyBlock{data: make([]byte, w.bs), mask: make([]uint64, (w.bs/blob.PageSize+63)/64)}
 			w.dirty[b] = d

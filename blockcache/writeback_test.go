@@ -28,11 +28,11 @@ import (
 
 // pageBlobStore is Azurite with a container "img" of page blobs.
 type pageBlobStore struct {
-	t  *testing.T
+	t  testing.TB
 	az *testenv.Azurite
 }
 
-func newPageBlobStore(t *testing.T) *pageBlobStore {
+func newPageBlobStore(t testing.TB) *pageBlobStore {
 	t.Helper()
 	az := testenv.StartAzurite(t)
 	cc, err := container.NewClientFromConnectionString(az.ConnectionString(), "img", nil)
