@@ -48,7 +48,8 @@ type PageWriter struct {
 	p     *pageSource
 	o     Options
 	lease *Lease
-	sem   chan struct{}
+	sem   chan struct{} // Put Page requests in flight
+	batch chan struct{} // one token: batches never overlap (their If-Match chain)
 
 	mu       sync.Mutex
 	etag     azcore.ETag // as of the end of the last batch
@@ -90,7 +91,7 @@ func NewPageWriter(ctx context.Context, src Source, o WriterOptions) (*PageWrite
 	if err != nil {
 		return nil, err
 	}
-	w := &PageWriter{p: p, o: opts, lease: l, sem: make(chan struct{}, o.MaxInFlight), etag: opened}
+	w := &PageWriter{p: p, o: opts, lease: l, sem: make(chan struct{}, o.MaxInFlight), batch: make(chan struct{}, 1), etag: opened}
 	p.mu.Lock()
 	p.modified = true // reads are guarded by the lease from now on
 	p.mu.Unlock()
@@ -184,7 +185,7 @@ func cmpInt64(a, b int64) int {
 // every byte. The first call of the batch carries If-Match on the ETag
 // of the end of the previous batch; the lease, which every call carries,
 // keeps anyone else out for the rest. A failed batch may have landed in
-// part; writing it again is safe.
+// part; writing it again is safe. Concurrent calls run one after another.
 func (w *PageWriter) WritePages(ctx context.Context, writes []PageWrite) error {
 	runs, err := planPuts(writes, w.p.size)
 	if err != nil {
@@ -196,6 +197,12 @@ func (w *PageWriter) WritePages(ctx context.Context, writes []PageWrite) error {
 	if err := w.usable(); err != nil {
 		return err
 	}
+	select {
+	case w.batch <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("write %s: waiting for the batch in progress: %w", w.p.String(), ctx.Err())
+	}
+	defer func() { <-w.batch }()
 	w.mu.Lock()
 	stale := w.stale
 	w.stale = true // until the batch has landed
@@ -223,6 +230,10 @@ func (w *PageWriter) WritePages(ctx context.Context, writes []PageWrite) error {
 	return nil
 }
 
+// Err returns nil while the writer can write, and otherwise why not (lease
+// lost, blob changed by someone else, closed).
+func (w *PageWriter) Err() error { return w.usable() }
+
 // usable fails once the lease is lost or a foreign change was seen.
 func (w *PageWriter) usable() error {
 	if err := w.lease.Err(); err != nil {
@@ -242,11 +253,13 @@ func (w *PageWriter) putParallel(ctx context.Context, runs [][]PageWrite) error 
 		firstErr error
 	)
 	for _, run := range runs {
+		acquired := false
 		select {
 		case w.sem <- struct{}{}:
+			acquired = true
 		case <-ctx.Done():
 		}
-		if ctx.Err() != nil {
+		if !acquired {
 			break
 		}
 		wg.Add(1)

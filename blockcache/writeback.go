@@ -71,9 +71,12 @@ type WriteBackOptions struct {
 type WriteBack struct {
 	c     *Cache
 	store PageStore
-	o     WriteBackOptions
-	bs    int64
-	log   *slog.Logger
+	// storeErr is the store's Err when it has one (blob.PageWriter): a
+	// lost lease is seen by the next write, not only the next flush.
+	storeErr func() error
+	o        WriteBackOptions
+	bs       int64
+	log      *slog.Logger
 
 	flushing chan struct{} // one token: one flush at a time, so batches are ordered
 	kick     chan struct{} // asks the background flusher to run now
@@ -178,6 +181,9 @@ func NewWriteBack(c *Cache, store PageStore, o WriteBackOptions) (*WriteBack, er
 		stopped:  make(chan struct{}),
 		dirty:    make(map[int64]*dirtyBlock),
 		space:    make(chan struct{}),
+	}
+	if e, ok := store.(interface{ Err() error }); ok {
+		w.storeErr = e.Err
 	}
 	go w.flusher()
 	return w, nil
@@ -319,6 +325,14 @@ func (w *WriteBack) writeBlock(ctx context.Context, b int64, p []byte, at int) e
 		if w.closed {
 			w.mu.Unlock()
 			return fmt.Errorf("blockcache: write to %s after Close", w.c.name)
+		}
+		if w.storeErr != nil {
+			if err := w.storeErr(); err != nil {
+				// Lease lost or blob changed: refuse at once rather than
+				// collect bytes that can never be uploaded.
+				w.mu.Unlock()
+				return fmt.Errorf("blockcache: %s can no longer be written: %w", w.c.name, err)
+			}
 		}
 		d := w.dirty[b]
 		if d == nil && w.mem+w.bs > w.o.DirtyBytes {

@@ -20,6 +20,7 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/streaming"
 	azblobblob "github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/container"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/lease"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/pageblob"
 
 	"github.com/blobseal/blobseal/blob"
@@ -413,5 +414,51 @@ func TestWriteBackConcurrent(t *testing.T) {
 	}
 	if st := w.wb.Stats(); st.PeakDirtyBytes > 256<<10 || st.Flushes == 0 {
 		t.Fatalf("stats %+v", st)
+	}
+}
+
+// Err forwards the PageWriter's state, so WriteBack sees a lost lease.
+func (c *countingStore) Err() error { return c.next.(interface{ Err() error }).Err() }
+
+// TestWriteBackLeaseLost breaks the writer's lease from outside: the
+// flush fails with ErrLeaseLost and keeps the bytes (they read back), and
+// every later write fails at once instead of collecting bytes.
+func TestWriteBackLeaseLost(t *testing.T) {
+	s := newPageBlobStore(t)
+	const size = 2 << 20
+	model := s.create("e.img", size)
+	w := openWritable(t, s.url("e.img"), s.blobOpts(), Options{}, WriteBackOptions{FlushInterval: -1, FlushTimeout: 10 * time.Second}, nil)
+	p := randomPattern(11, 8192)
+	copy(model[4096:], p)
+	if _, err := w.wb.WriteAt(p, 4096); err != nil {
+		t.Fatal(err)
+	}
+	pb, err := pageblob.NewClientFromConnectionString(s.az.ConnectionString(), "img", "e.img", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc, err := lease.NewBlobClient(pb, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	zero := int32(0)
+	if _, err := lc.BreakLease(wbCtx(t), &lease.BlobBreakOptions{BreakPeriod: &zero}); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.wb.Flush(wbCtx(t)); !errors.Is(err, blob.ErrLeaseLost) {
+		t.Fatalf("flush after the lease was broken: err = %v; want ErrLeaseLost", err)
+	}
+	if st := w.wb.Stats(); st.DirtyBytes == 0 {
+		t.Fatal("the bytes that could not be uploaded were dropped")
+	}
+	got := make([]byte, size)
+	if _, err := w.wb.ReadAt(got, 0); err != nil || !bytes.Equal(got, model) {
+		t.Fatalf("reads after the loss: err %v", err)
+	}
+	if _, err := w.wb.WriteAt(p, 1<<20); !errors.Is(err, blob.ErrLeaseLost) {
+		t.Fatalf("write after the loss: err = %v; want ErrLeaseLost", err)
+	}
+	if err := w.wb.Flush(wbCtx(t)); !errors.Is(err, blob.ErrLeaseLost) {
+		t.Fatalf("second flush: err = %v", err)
 	}
 }
