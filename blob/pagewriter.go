@@ -59,6 +59,7 @@ type PageWriter struct {
 	retries atomic.Int64
 	puts    atomic.Int64
 	clears  atomic.Int64
+	resent  atomic.Int64 // If-Match writes sent again after an ambiguous 412
 }
 
 var _ WriterAt = (*PageWriter)(nil)
@@ -335,6 +336,7 @@ func (w *PageWriter) putRun(ctx context.Context, run []PageWrite, ifMatch *azcor
 				w.mu.Lock()
 				*ifMatch = w.etag
 				w.mu.Unlock()
+				w.resent.Add(1)
 				continue
 			}
 			w.mu.Lock()

@@ -258,3 +258,37 @@ func TestPageWritesThroughFaults(t *testing.T) {
 		t.Fatalf("after faults the blob differs from what was written (err %v)", err)
 	}
 }
+
+// TestAmbiguousWriteIsResent cuts the responses of Put Page calls that
+// storage carried out: the retry's If-Match then fails on the writer's own
+// new ETag. Under the lease that is not a foreign change: the ETag is read
+// again and the same bytes sent once more.
+func TestAmbiguousWriteIsResent(t *testing.T) {
+	s := newStore(t)
+	const size = 1 << 20
+	s.putPage("img", "g.img", make([]byte, size))
+	p := startProxy(t, s)
+	_, w := openWriter(t, s, proxiedURL(p, s, "g.img"), LeaseOptions{})
+	want := randomBytes(8, 64<<10)
+	// Responses die after 10 bytes; requests pass whole and are carried out.
+	name := addToxic(t, p, `{"type":"limit_data","attributes":{"bytes":10},"stream":"downstream"}`)
+	time.AfterFunc(300*time.Millisecond, func() { _ = p.Toxics.RemoveToxic(context.Background(), name) })
+	if err := w.WritePages(testCtx(t), []PageWrite{{Off: 128 << 10, Data: want}}); err != nil {
+		t.Fatalf("write with lost responses: %v", err)
+	}
+	if w.resent.Load() == 0 {
+		t.Fatalf("no ambiguous 412 was resolved (%d retries): the fault was not exercised", w.Retries())
+	}
+	t.Logf("retries %d, resent %d", w.Retries(), w.resent.Load())
+	fresh, err := Open(testCtx(t), s.url("img", "g.img"), s.opts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(want))
+	if _, err := fresh.ReadAt(testCtx(t), got, 128<<10); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("the resent write did not land (err %v)", err)
+	}
+	if err := w.Err(); err != nil {
+		t.Fatalf("the writer gave up after an ambiguous write: %v", err)
+	}
+}

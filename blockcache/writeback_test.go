@@ -335,9 +335,13 @@ func TestWriteBackStorageOutage(t *testing.T) {
 	if _, err := w.wb.WriteAt(more, 6<<20); err != nil {
 		t.Fatal(err)
 	}
-	w.wb.o.FlushTimeout = 30 * time.Second // only this goroutine flushes
-	if err := w.wb.Flush(wbCtx(t)); err != nil {
-		t.Fatalf("flush after storage came back: %v", err)
+	// Flushes are retried, as the background flush would, until one lands.
+	deadline := time.Now().Add(30 * time.Second)
+	for err := w.wb.Flush(wbCtx(t)); err != nil; err = w.wb.Flush(wbCtx(t)) {
+		if time.Now().After(deadline) {
+			t.Fatalf("flush after storage came back: %v", err)
+		}
+		t.Logf("flush during resets: %v", err)
 	}
 	if w.pw.Retries() == 0 {
 		t.Fatal("no retried writes: the faults were not exercised")
