@@ -13,6 +13,10 @@
 // copies to callers, allocation and disk I/O happen outside it. A reader pins
 // an extent (reference count) while it waits for or copies from it, so an
 // extent is never released under a reader.
+//
+// WriteBack makes a cache writable over a page blob (blob.PageWriter):
+// written pages are held per block, read back at once, and uploaded by
+// Flush, the durability point and full ordering barrier; see WriteBack.
 package blockcache
 
 import (
