@@ -339,8 +339,12 @@ func (w *PageWriter) putRun(ctx context.Context, run []PageWrite, ifMatch *azcor
 				w.resent.Add(1)
 				continue
 			}
+			seen := "its lease"
+			if cond != nil {
+				seen = "ETag " + string(*cond)
+			}
 			w.mu.Lock()
-			w.conflict = fmt.Errorf("%s: %w: someone else changed it since this writer last saw ETag %s; nothing was overwritten: reopen it", what, ErrChanged, string(*cond))
+			w.conflict = fmt.Errorf("%s: %w: someone else changed it since this writer last saw %s; nothing was overwritten: reopen it", what, ErrChanged, seen)
 			err = w.conflict
 			w.mu.Unlock()
 			return err
