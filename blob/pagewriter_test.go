@@ -292,3 +292,25 @@ func TestAmbiguousWriteIsResent(t *testing.T) {
 		t.Fatalf("the writer gave up after an ambiguous write: %v", err)
 	}
 }
+
+// TestLeaseOutlivesItsDuration: renewal at a third of the 15s lease keeps
+// it past its duration; the writer still writes and others stay out.
+func TestLeaseOutlivesItsDuration(t *testing.T) {
+	s := newStore(t)
+	s.putPage("img", "r.img", randomBytes(1, 1<<20))
+	_, w := openWriter(t, s, s.url("img", "r.img"), LeaseOptions{Duration: 15 * time.Second})
+	time.Sleep(17 * time.Second)
+	if err := w.Lease().Err(); err != nil {
+		t.Fatalf("lease lost despite renewals: %v", err)
+	}
+	if _, err := w.WriteAt(testCtx(t), randomBytes(2, 4096), 0); err != nil {
+		t.Fatalf("write after the lease's duration: %v", err)
+	}
+	src2, err := Open(testCtx(t), s.url("img", "r.img"), s.opts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewPageWriter(testCtx(t), src2, WriterOptions{}); !errors.Is(err, ErrLeased) {
+		t.Fatalf("second writer after 17s: err = %v; want ErrLeased", err)
+	}
+}

@@ -466,3 +466,27 @@ func TestWriteBackLeaseLost(t *testing.T) {
 		t.Fatalf("second flush: err = %v", err)
 	}
 }
+
+// TestWriteBackTimedFlush: without any Flush call, the background flush
+// uploads a write within a few of its intervals.
+func TestWriteBackTimedFlush(t *testing.T) {
+	s := newPageBlobStore(t)
+	const size = 1 << 20
+	model := s.create("t.img", size)
+	w := openWritable(t, s.url("t.img"), s.blobOpts(), Options{}, WriteBackOptions{FlushInterval: 100 * time.Millisecond}, nil)
+	p := randomPattern(12, 4096)
+	copy(model[8192:], p)
+	if _, err := w.wb.WriteAt(p, 8192); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for w.wb.Stats().DirtyBytes != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the background flush did not upload the write within 10s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !bytes.Equal(s.readFresh("t.img", size), model) {
+		t.Fatal("after the background flush a fresh open reads other bytes")
+	}
+}
