@@ -13,6 +13,10 @@
 // copies to callers, allocation and disk I/O happen outside it. A reader pins
 // an extent (reference count) while it waits for or copies from it, so an
 // extent is never released under a reader.
+//
+// WriteBack makes a cache writable over a page blob (blob.PageWriter):
+// written pages are held per block, read back at once, and uploaded by
+// Flush, the durability point and full ordering barrier; see WriteBack.
 package blockcache
 
 import (
@@ -757,10 +761,17 @@ func (c *Cache) finish(e *extent, buf []byte, err error) {
 			c.used -= e.mem
 			free = true
 		}
+	} else if e.detached {
+		// forget dropped it while in flight: its bytes are older than a
+		// write storage has acknowledged, so nobody new may read them.
+		if e.refs == 0 {
+			c.used -= e.mem
+			free = true
+		}
 	} else {
 		e.elem = c.lru.PushFront(e)
 	}
-	queueDisk := err == nil && c.disk != nil && c.diskPinned+e.mem <= c.o.MemoryBytes/4
+	queueDisk := err == nil && !e.detached && c.disk != nil && c.diskPinned+e.mem <= c.o.MemoryBytes/4
 	if queueDisk {
 		e.refs++ // held by the disk writer
 		c.diskPinned += e.mem
@@ -902,6 +913,40 @@ issue:
 		go c.fetch(e, true)
 	}
 	return horizon, nil
+}
+
+// forget drops the cached and in-flight blocks overlapping [off, end) and
+// marks the range written. WriteBack calls it once storage acknowledged new
+// bytes there, so that later reads fetch them instead of older copies (or
+// zeros for what was a hole). Readers that pinned a dropped extent keep
+// it until they let go; WriteBack overlays their result.
+func (c *Cache) forget(off, end int64) {
+	if end <= off {
+		return
+	}
+	c.mu.Lock()
+	if w := c.written.Load(); w != nil && !w.covers(off, end) {
+		rs := append(append([]blob.Range(nil), w.ranges...), blob.Range{Off: off, Len: end - off})
+		c.written.Store(newWrittenIndex(rs, c.size))
+	}
+	var freed []*extent
+	for b := off / c.bs; b <= (end-1)/c.bs && b < c.nblocks; b++ {
+		e := c.blocks[b]
+		if e == nil {
+			continue
+		}
+		ready := e.elem != nil
+		c.detachLocked(e)
+		if ready && e.refs == 0 {
+			c.used -= e.mem
+			freed = append(freed, e)
+		}
+	}
+	if len(freed) > 0 {
+		c.wakeLocked()
+	}
+	c.mu.Unlock()
+	c.release(freed)
 }
 
 // Stats returns a snapshot of the counters.

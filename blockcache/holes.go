@@ -54,3 +54,9 @@ func (w *writtenIndex) written(dst []blob.Range, off, end int64) []blob.Range {
 	}
 	return dst
 }
+
+// covers reports whether [off, end) lies inside one written range.
+func (w *writtenIndex) covers(off, end int64) bool {
+	i := w.first(off)
+	return i < len(w.ranges) && w.ranges[i].Off <= off && w.ranges[i].End() >= end
+}

@@ -24,6 +24,7 @@ type Volume struct {
 	ctxDev     ContextReaderAt // dev's interruptible read; nil when it has none
 	devSize    int64           // bytes of the device
 	devW       io.WriterAt     // nil when read-only
+	ctxDevW    ContextWriterAt // dev's interruptible write; nil when it has none
 	cipher     *xts.Cipher
 	offset     int64 // start of the data segment on the device
 	size       int64 // plaintext bytes
@@ -123,6 +124,9 @@ func newVolume(dev io.ReaderAt, p volumeParams) (*Volume, error) {
 	}
 	if w, ok := dev.(io.WriterAt); ok {
 		v.devW = w
+	}
+	if w, ok := dev.(ContextWriterAt); ok && v.devW != nil {
+		v.ctxDevW = w
 	}
 	return v, nil
 }
@@ -310,9 +314,28 @@ func (v *Volume) encrypt(dst, src []byte, off int64) error {
 // ErrReadOnly is returned by WriteAt on a volume whose device cannot be written.
 var ErrReadOnly = errors.New("volume is read-only: its device does not support writing")
 
-// WriteAt encrypts p and writes it in place. Partial sectors are read,
-// merged and rewritten.
+// ContextWriterAt is an optional capability of a volume's device: a write
+// that gives up when ctx ends (blockcache.WriteBack has it, and may wait
+// there for dirty memory to be flushed).
+type ContextWriterAt interface {
+	WriteAtContext(ctx context.Context, p []byte, off int64) (int, error)
+}
+
+// WriteAt is WriteAtContext without cancellation.
 func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
+	return v.WriteAtContext(context.Background(), p, off)
+}
+
+// WriteAtContext encrypts p and writes it in place, whole sectors at a
+// time (XTS per sector). Partial sectors are read, merged and rewritten.
+//
+// Sparse images: a never-written sector is all-zero ciphertext and reads
+// as plaintext zeros, so a write into one needs nothing special. After a
+// write, a sector's ciphertext is all zeros only if AES-XTS maps its
+// plaintext to 4096 (or 512) zero bytes, a chance of 2^-32768 (2^-4096):
+// the zero-sector convention is kept for written sectors too, rather than
+// tracking written sectors in metadata.
+func (v *Volume) WriteAtContext(ctx context.Context, p []byte, off int64) (int, error) {
 	if v.devW == nil {
 		return 0, ErrReadOnly
 	}
@@ -328,12 +351,12 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	if span.Skip != 0 || span.Len() != n {
 		// Read-modify-write of the partial first and last sectors.
 		first := buf[:v.sectorSize]
-		if err := v.readSectors(context.Background(), first, span.Start); err != nil {
+		if err := v.readSectors(ctx, first, span.Start); err != nil {
 			return 0, err
 		}
 		if span.Len() > int64(v.sectorSize) {
 			last := buf[len(buf)-v.sectorSize:]
-			if err := v.readSectors(context.Background(), last, span.End-int64(v.sectorSize)); err != nil {
+			if err := v.readSectors(ctx, last, span.End-int64(v.sectorSize)); err != nil {
 				return 0, err
 			}
 		}
@@ -342,7 +365,13 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	if err := v.encrypt(buf, buf, span.Start); err != nil {
 		return 0, err
 	}
-	if _, err := v.devW.WriteAt(buf, v.offset+span.Start); err != nil {
+	var err error
+	if v.ctxDevW != nil {
+		_, err = v.ctxDevW.WriteAtContext(ctx, buf, v.offset+span.Start)
+	} else {
+		_, err = v.devW.WriteAt(buf, v.offset+span.Start)
+	}
+	if err != nil {
 		return 0, fmt.Errorf("write %d bytes at device offset %d: %w", len(buf), v.offset+span.Start, err)
 	}
 	return len(p), nil

@@ -1,0 +1,413 @@
+package blob
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"sync"
+	"sync/atomic"
+
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/streaming"
+	azblobblob "github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/bloberror"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/pageblob"
+)
+
+// DefaultMaxPutsInFlight bounds the Put Page requests one batch has in
+// flight.
+const DefaultMaxPutsInFlight = 8
+
+// PageWrite is one page-aligned write: Data at Off.
+type PageWrite struct {
+	Off  int64
+	Data []byte
+}
+
+func (w PageWrite) end() int64 { return w.Off + int64(len(w.Data)) }
+
+// WriterOptions configures a PageWriter.
+type WriterOptions struct {
+	Lease LeaseOptions
+	// MaxInFlight bounds parallel Put Page requests (default
+	// DefaultMaxPutsInFlight).
+	MaxInFlight int
+}
+
+// PageWriter writes a page blob as its single writer: it holds a renewed
+// lease, sends every write with the lease id, and guards each batch with
+// an If-Match on the ETag it last saw, so a change by anyone else is
+// detected (ErrChanged) and never overwritten. Retries go through the one
+// retry policy (retry): a retried Put Page sends the same bytes under the
+// same conditions. Reads through the Source it was made from see its
+// writes (its written ranges grow, and its reads stop pinning the old ETag).
+type PageWriter struct {
+	p     *pageSource
+	o     Options
+	lease *Lease
+	sem   chan struct{} // Put Page requests in flight
+	batch chan struct{} // one token: batches never overlap (their If-Match chain)
+
+	mu       sync.Mutex
+	etag     azcore.ETag // as of the end of the last batch
+	stale    bool        // a batch failed part way: refresh etag first
+	conflict error       // a foreign change was seen, or Close: every write fails
+
+	retries atomic.Int64
+	puts    atomic.Int64
+	clears  atomic.Int64
+	resent  atomic.Int64 // If-Match writes sent again after an ambiguous 412
+}
+
+var _ WriterAt = (*PageWriter)(nil)
+
+// NewPageWriter takes the write lease of the page blob src reads (a Source
+// from Open) and returns its writer. The lease is taken only if the blob
+// still has the ETag src opened, so a writer never starts from stale reads.
+// A blob leased by someone else is refused with ErrLeased.
+func NewPageWriter(ctx context.Context, src Source, o WriterOptions) (*PageWriter, error) {
+	var p *pageSource
+	opts := Options{}.withDefaults()
+	switch s := src.(type) {
+	case *retryPageSource:
+		p, _ = s.src.(*pageSource)
+		opts = s.o
+	case *pageSource:
+		p = s
+		opts = s.c.opts
+	}
+	if p == nil {
+		return nil, fmt.Errorf("write %s: %w: only page blobs can be written in place", src, ErrUnsupported)
+	}
+	if o.MaxInFlight <= 0 {
+		o.MaxInFlight = DefaultMaxPutsInFlight
+	}
+	p.mu.Lock()
+	opened := p.etag
+	p.mu.Unlock()
+	l, err := acquireLease(ctx, p.c, o.Lease, opened)
+	if err != nil {
+		return nil, err
+	}
+	w := &PageWriter{p: p, o: opts, lease: l, sem: make(chan struct{}, o.MaxInFlight), batch: make(chan struct{}, 1), etag: opened}
+	p.mu.Lock()
+	p.modified = true // reads are guarded by the lease from now on
+	p.mu.Unlock()
+	return w, nil
+}
+
+// Lease returns the writer's lease (its Lost channel reports a loss).
+func (w *PageWriter) Lease() *Lease { return w.lease }
+
+// Size returns the blob size.
+func (w *PageWriter) Size() int64 { return w.p.size }
+
+// Retries, Puts and Clears count retried tries, Put Page and Clear Page
+// requests that succeeded (tests, metrics).
+func (w *PageWriter) Retries() int64 { return w.retries.Load() }
+func (w *PageWriter) Puts() int64    { return w.puts.Load() }
+func (w *PageWriter) Clears() int64  { return w.clears.Load() }
+
+// Close releases the lease; later writes fail.
+func (w *PageWriter) Close(ctx context.Context) error {
+	w.mu.Lock()
+	if w.conflict == nil {
+		w.conflict = fmt.Errorf("write %s: the writer is closed", w.p.String())
+	}
+	w.mu.Unlock()
+	return w.lease.Release(ctx)
+}
+
+// WriteAt writes one aligned range (see WritePages).
+func (w *PageWriter) WriteAt(ctx context.Context, p []byte, off int64) (int, error) {
+	if err := w.WritePages(ctx, []PageWrite{{Off: off, Data: p}}); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// planPuts validates writes (512-aligned, inside size, not overlapping)
+// and coalesces adjacent ones into runs of at most MaxPutPages bytes, each
+// a list of the writes' slices. It does not copy data.
+func planPuts(writes []PageWrite, size int64) ([][]PageWrite, error) {
+	ws := slices.Clone(writes)
+	ws = slices.DeleteFunc(ws, func(w PageWrite) bool { return len(w.Data) == 0 })
+	for _, x := range ws {
+		if x.Off < 0 || x.Off%PageSize != 0 || len(x.Data)%PageSize != 0 {
+			return nil, fmt.Errorf("page write at %d of %d bytes: offset and length must be multiples of %d", x.Off, len(x.Data), PageSize)
+		}
+		if x.end() > size || x.end() < x.Off {
+			return nil, fmt.Errorf("page write at %d of %d bytes ends past the blob size %d", x.Off, len(x.Data), size)
+		}
+	}
+	slices.SortFunc(ws, func(a, b PageWrite) int { return cmpInt64(a.Off, b.Off) })
+	var runs [][]PageWrite
+	var cur []PageWrite
+	var curLen int64
+	for _, x := range ws {
+		if len(cur) > 0 && x.Off < cur[len(cur)-1].end() {
+			return nil, fmt.Errorf("page writes at %d and %d overlap", cur[len(cur)-1].Off, x.Off)
+		}
+		for len(x.Data) > 0 {
+			if len(cur) == 0 || x.Off != cur[len(cur)-1].end() || curLen == MaxPutPages {
+				if len(cur) > 0 {
+					runs = append(runs, cur)
+				}
+				cur, curLen = nil, 0
+			}
+			n := min(int64(len(x.Data)), MaxPutPages-curLen)
+			cur = append(cur, PageWrite{Off: x.Off, Data: x.Data[:n]})
+			curLen += n
+			x = PageWrite{Off: x.Off + n, Data: x.Data[n:]}
+		}
+	}
+	if len(cur) > 0 {
+		runs = append(runs, cur)
+	}
+	return runs, nil
+}
+
+func cmpInt64(a, b int64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// WritePages writes a batch: adjacent writes coalesced into Put Page
+// calls of at most 4 MiB (Clear Page for all-zero runs), up to
+// MaxInFlight at a time. It returns nil only when storage acknowledged
+// every byte. The first call of the batch carries If-Match on the ETag
+// of the end of the previous batch; the lease, which every call carries,
+// keeps anyone else out for the rest. A failed batch may have landed in
+// part; writing it again is safe. Concurrent calls run one after another.
+func (w *PageWriter) WritePages(ctx context.Context, writes []PageWrite) error {
+	runs, err := planPuts(writes, w.p.size)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", w.p.String(), err)
+	}
+	if len(runs) == 0 {
+		return nil
+	}
+	if err := w.usable(); err != nil {
+		return err
+	}
+	select {
+	case w.batch <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("write %s: waiting for the batch in progress: %w", w.p.String(), ctx.Err())
+	}
+	defer func() { <-w.batch }()
+	w.mu.Lock()
+	stale := w.stale
+	w.stale = true // until the batch has landed
+	w.mu.Unlock()
+	if stale {
+		if err := w.refreshETag(ctx); err != nil {
+			return err
+		}
+	}
+	w.mu.Lock()
+	etag := w.etag
+	w.mu.Unlock()
+	if err := w.putRun(ctx, runs[0], &etag); err != nil {
+		return err
+	}
+	if err := w.putParallel(ctx, runs[1:]); err != nil {
+		return err
+	}
+	if err := w.refreshETag(ctx); err != nil {
+		return err
+	}
+	w.mu.Lock()
+	w.stale = false
+	w.mu.Unlock()
+	return nil
+}
+
+// Err returns nil while the writer can write, and otherwise why not (lease
+// lost, blob changed by someone else, closed).
+func (w *PageWriter) Err() error { return w.usable() }
+
+// usable fails once the lease is lost or a foreign change was seen.
+func (w *PageWriter) usable() error {
+	if err := w.lease.Err(); err != nil {
+		return err
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.conflict
+}
+
+func (w *PageWriter) putParallel(ctx context.Context, runs [][]PageWrite) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		wg       sync.WaitGroup
+		once     sync.Once
+		firstErr error
+	)
+	for _, run := range runs {
+		acquired := false
+		select {
+		case w.sem <- struct{}{}:
+			acquired = true
+		case <-ctx.Done():
+		}
+		if !acquired {
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-w.sem }()
+			if err := w.putRun(ctx, run, nil); err != nil {
+				once.Do(func() { firstErr = err; cancel() })
+			}
+		}()
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return firstErr
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("write %s: %w", w.p.String(), err)
+	}
+	return nil
+}
+
+// putRun sends one coalesced run, retried through the retry policy with
+// the same bytes and conditions. With ifMatch, a 412 on a retry may be
+// this writer's own earlier try having landed: the ETag is then re-read
+// under the lease (nobody else can have written) and the same bytes are
+// sent once more under it; a 412 on the first try is a foreign change.
+func (w *PageWriter) putRun(ctx context.Context, run []PageWrite, ifMatch *azcore.ETag) error {
+	if err := w.usable(); err != nil {
+		return err
+	}
+	off := run[0].Off
+	var n int64
+	zero := true
+	for _, x := range run {
+		n += int64(len(x.Data))
+		zero = zero && allZero(x.Data)
+	}
+	body := run[0].Data
+	if len(run) > 1 {
+		body = make([]byte, 0, n)
+		for _, x := range run {
+			body = append(body, x.Data...)
+		}
+	}
+	what := fmt.Sprintf("write %d bytes at %d to %s", n, off, w.p.String())
+	for round := 0; ; round++ {
+		var cond *azcore.ETag
+		if ifMatch != nil {
+			e := *ifMatch
+			cond = &e
+		}
+		tries := 0
+		err := retry(ctx, w.o, &w.retries, what, func(ctx context.Context) (bool, error) {
+			tries++
+			return false, w.putOnce(ctx, body, off, zero, cond)
+		})
+		if err == nil {
+			w.p.mu.Lock()
+			if !zero {
+				w.p.ranges = insertRange(w.p.ranges, Range{Off: off, Len: n})
+			}
+			w.p.mu.Unlock()
+			return nil
+		}
+		if isLeaseLoss(err) {
+			return w.lease.markLost(leaseCause(err))
+		}
+		if bloberror.HasCode(err, bloberror.ConditionNotMet) || isStatus(err, http.StatusPreconditionFailed) {
+			if ifMatch != nil && tries > 1 && round == 0 {
+				if rerr := w.refreshETag(ctx); rerr != nil {
+					return rerr
+				}
+				w.mu.Lock()
+				*ifMatch = w.etag
+				w.mu.Unlock()
+				w.resent.Add(1)
+				continue
+			}
+			seen := "its lease"
+			if cond != nil {
+				seen = "ETag " + string(*cond)
+			}
+			w.mu.Lock()
+			w.conflict = fmt.Errorf("%s: %w: someone else changed it since this writer last saw %s; nothing was overwritten: reopen it", what, ErrChanged, seen)
+			err = w.conflict
+			w.mu.Unlock()
+			return err
+		}
+		return err // retry's and describe's texts name the write and the blob
+	}
+}
+
+// putOnce is one Put Page (or Clear Page) try under the lease.
+func (w *PageWriter) putOnce(ctx context.Context, body []byte, off int64, zero bool, ifMatch *azcore.ETag) error {
+	ctx = w.p.tryContext(ctx)
+	ac := leaseConditions(w.lease.ID(), ifMatch)
+	r := azblobblob.HTTPRange{Offset: off, Count: int64(len(body))}
+	var err error
+	if zero {
+		_, err = w.p.c.page.ClearPages(ctx, r, &pageblob.ClearPagesOptions{AccessConditions: ac})
+		if err == nil {
+			w.clears.Add(1)
+		}
+	} else {
+		_, err = w.p.c.page.UploadPages(ctx, streaming.NopCloser(bytes.NewReader(body)), r, &pageblob.UploadPagesOptions{AccessConditions: ac})
+		if err == nil {
+			w.puts.Add(1)
+		}
+	}
+	if err != nil {
+		return describeAttempt(err, w.p.c.loc, "write pages to")
+	}
+	return nil
+}
+
+// refreshETag reads the blob's current ETag under the lease: with the lease
+// held nobody else can have written, so it is this writer's own.
+func (w *PageWriter) refreshETag(ctx context.Context) error {
+	var etag azcore.ETag
+	err := retry(ctx, w.o, &w.retries, "read the ETag of "+w.p.String(), func(ctx context.Context) (bool, error) {
+		props, err := w.p.c.blob.GetProperties(w.p.tryContext(ctx), &azblobblob.GetPropertiesOptions{
+			AccessConditions: leaseConditions(w.lease.ID(), nil)})
+		if err != nil {
+			return false, describeAttempt(err, w.p.c.loc, "read the properties of")
+		}
+		if props.ETag == nil {
+			return false, errors.New("storage omitted the ETag")
+		}
+		etag = *props.ETag
+		return false, nil
+	})
+	if err != nil {
+		if isLeaseLoss(err) {
+			return w.lease.markLost(leaseCause(err))
+		}
+		return err
+	}
+	w.mu.Lock()
+	w.etag = etag
+	w.mu.Unlock()
+	w.p.mu.Lock()
+	w.p.etag = etag
+	w.p.mu.Unlock()
+	return nil
+}
+
+func isStatus(err error, code int) bool {
+	var re *azcore.ResponseError
+	return errors.As(err, &re) && re.StatusCode == code
+}

@@ -1,0 +1,316 @@
+package blob
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"math/rand/v2"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/streaming"
+	azblobblob "github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/lease"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/pageblob"
+)
+
+func randomBytes(seed uint64, n int) []byte {
+	r := rand.New(rand.NewPCG(seed, seed+1))
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(r.Uint32())
+	}
+	return b
+}
+
+func (s *store) pageClient(name string) *pageblob.Client {
+	s.t.Helper()
+	pb, err := pageblob.NewClientFromConnectionString(s.az.ConnectionString(), "img", name, nil)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return pb
+}
+
+func openWriter(t *testing.T, s *store, url string, lo LeaseOptions) (Source, *PageWriter) {
+	t.Helper()
+	o := s.opts()
+	o.MaxRetries = 20
+	src, err := Open(testCtx(t), url, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := NewPageWriter(testCtx(t), src, WriterOptions{Lease: lo})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = w.Close(context.Background()) })
+	return src, w
+}
+
+// TestPageWriterWritesBatches writes a batch of adjacent, separate and
+// large writes, into data and into never-written pages, and reads it back
+// through the same Source and through a fresh open.
+func TestPageWriterWritesBatches(t *testing.T) {
+	s := newStore(t)
+	const size = 16 << 20
+	want := sparseImage(3, size)
+	s.putPage("img", "w.img", want)
+	src, w := openWriter(t, s, s.url("img", "w.img"), LeaseOptions{})
+
+	var writes []PageWrite
+	// 16 adjacent 64 KiB writes: one Put Page.
+	for i := 0; i < 16; i++ {
+		writes = append(writes, PageWrite{Off: 1<<20 + int64(i)<<16, Data: randomBytes(uint64(i), 64<<10)})
+	}
+	// A lone page and a 9 MiB run (three puts of at most 4 MiB).
+	writes = append(writes, PageWrite{Off: 3 << 20, Data: randomBytes(100, 512)})
+	writes = append(writes, PageWrite{Off: 4 << 20, Data: randomBytes(101, 9<<20)})
+	// An all-zero run: Clear Page.
+	writes = append(writes, PageWrite{Off: 14 << 20, Data: make([]byte, 1<<20)})
+	for _, x := range writes {
+		copy(want[x.Off:], x.Data)
+	}
+	if err := w.WritePages(testCtx(t), writes); err != nil {
+		t.Fatal(err)
+	}
+	if w.Puts() != 1+1+3 || w.Clears() != 1 {
+		t.Fatalf("%d puts and %d clears; want 5 and 1 (adjacent writes coalesced, runs cut at 4 MiB)", w.Puts(), w.Clears())
+	}
+	got := make([]byte, size)
+	if _, err := src.ReadAt(testCtx(t), got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("the writer's own source reads other bytes than were written")
+	}
+	fresh, err := Open(testCtx(t), s.url("img", "w.img"), s.opts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	clear(got)
+	if _, err := fresh.ReadAt(testCtx(t), got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("a fresh open reads other bytes than were written")
+	}
+	if err := w.WritePages(testCtx(t), []PageWrite{{Off: 100, Data: make([]byte, 512)}}); err == nil || !strings.Contains(err.Error(), "multiples of 512") {
+		t.Fatalf("unaligned write: err = %v", err)
+	}
+	if err := w.WritePages(testCtx(t), []PageWrite{{Off: 0, Data: make([]byte, 1024)}, {Off: 512, Data: make([]byte, 512)}}); err == nil || !strings.Contains(err.Error(), "overlap") {
+		t.Fatalf("overlapping writes: err = %v", err)
+	}
+}
+
+// TestSecondWriterRefused: the lease keeps a second writer out, with an
+// error naming the lease; after the first closes, the second gets in.
+func TestSecondWriterRefused(t *testing.T) {
+	s := newStore(t)
+	s.putPage("img", "l.img", randomBytes(1, 1<<20))
+	_, w1 := openWriter(t, s, s.url("img", "l.img"), LeaseOptions{})
+	src2, err := Open(testCtx(t), s.url("img", "l.img"), s.opts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = NewPageWriter(testCtx(t), src2, WriterOptions{})
+	if !errors.Is(err, ErrLeased) || !strings.Contains(err.Error(), "lease state leased") || !strings.Contains(err.Error(), "duration fixed") {
+		t.Fatalf("second writer: err = %v; want ErrLeased naming the lease state and duration", err)
+	}
+	t.Logf("second writer: %v", err)
+	if err := w1.Close(testCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w1.WriteAt(testCtx(t), make([]byte, 512), 0); err == nil {
+		t.Fatal("a closed writer wrote")
+	}
+	w2, err := NewPageWriter(testCtx(t), src2, WriterOptions{})
+	if err != nil {
+		t.Fatalf("after the first writer closed: %v", err)
+	}
+	if _, err := w2.WriteAt(testCtx(t), randomBytes(2, 4096), 4096); err != nil {
+		t.Fatal(err)
+	}
+	if err := w2.Close(testCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestLeaseBrokenFromOutside breaks the writer's lease with the SDK: the
+// renewal notices, the loss is reported, and every later write fails.
+func TestLeaseBrokenFromOutside(t *testing.T) {
+	s := newStore(t)
+	s.putPage("img", "b.img", randomBytes(1, 1<<20))
+	reported := make(chan error, 1)
+	_, w := openWriter(t, s, s.url("img", "b.img"), LeaseOptions{Duration: 15 * time.Second, RenewEvery: 200 * time.Millisecond,
+		OnLost: func(err error) { reported <- err }})
+	if _, err := w.WriteAt(testCtx(t), randomBytes(2, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond) // a few renewals succeed
+	if err := w.Lease().Err(); err != nil {
+		t.Fatalf("lease lost while renewing normally: %v", err)
+	}
+	lc, err := lease.NewBlobClient(s.pageClient("b.img"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lc.BreakLease(testCtx(t), &lease.BlobBreakOptions{BreakPeriod: ptr(int32(0))}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-reported:
+		if !errors.Is(err, ErrLeaseLost) {
+			t.Fatalf("reported %v; want ErrLeaseLost", err)
+		}
+		t.Logf("reported: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the broken lease was not noticed")
+	}
+	<-w.Lease().Lost()
+	if _, err := w.WriteAt(testCtx(t), randomBytes(3, 4096), 0); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("write after the loss: err = %v; want ErrLeaseLost", err)
+	}
+}
+
+// TestWriteAfterBreakFailsAtOnce: a write that finds the lease gone (before
+// any renewal ran) fails with ErrLeaseLost and never lands.
+func TestWriteAfterBreakFailsAtOnce(t *testing.T) {
+	s := newStore(t)
+	orig := randomBytes(1, 1<<20)
+	s.putPage("img", "c.img", orig)
+	_, w := openWriter(t, s, s.url("img", "c.img"), LeaseOptions{})
+	lc, err := lease.NewBlobClient(s.pageClient("c.img"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lc.BreakLease(testCtx(t), &lease.BlobBreakOptions{BreakPeriod: ptr(int32(0))}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.WriteAt(testCtx(t), randomBytes(2, 4096), 0); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("write on a broken lease: err = %v; want ErrLeaseLost", err)
+	}
+	select {
+	case <-w.Lease().Lost():
+	default:
+		t.Fatal("the loss a write saw was not reported on Lost")
+	}
+	got := make([]byte, 4096)
+	fresh, err := Open(testCtx(t), s.url("img", "c.img"), s.opts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fresh.ReadAt(testCtx(t), got, 0); err != nil || !bytes.Equal(got, orig[:4096]) {
+		t.Fatalf("the refused write changed the blob (err %v)", err)
+	}
+}
+
+// TestWriterRefusesChangedBlob: a blob changed by someone else after it was
+// opened is not leased for writing: its ETag condition fails (ErrChanged).
+func TestWriterRefusesChangedBlob(t *testing.T) {
+	s := newStore(t)
+	s.putPage("img", "e.img", randomBytes(1, 1<<20))
+	src, err := Open(testCtx(t), s.url("img", "e.img"), s.opts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.pageClient("e.img").UploadPages(testCtx(t), streaming.NopCloser(bytes.NewReader(make([]byte, 512))),
+		azblobblob.HTTPRange{Offset: 0, Count: 512}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewPageWriter(testCtx(t), src, WriterOptions{}); !errors.Is(err, ErrChanged) {
+		t.Fatalf("writer over a changed blob: err = %v; want ErrChanged", err)
+	}
+}
+
+// TestPageWritesThroughFaults writes through connection resets: the
+// retried puts land exactly the bytes written.
+func TestPageWritesThroughFaults(t *testing.T) {
+	s := newStore(t)
+	const size = 8 << 20
+	s.putPage("img", "f.img", make([]byte, size))
+	p := startProxy(t, s)
+	_, w := openWriter(t, s, proxiedURL(p, s, "f.img"), LeaseOptions{})
+	want := randomBytes(7, size)
+	name := addToxic(t, p, `{"type":"reset_peer","attributes":{"timeout":5},"stream":"upstream"}`)
+	time.AfterFunc(300*time.Millisecond, func() { _ = p.Toxics.RemoveToxic(context.Background(), name) })
+	var writes []PageWrite
+	for off := 0; off < size; off += 1 << 20 {
+		writes = append(writes, PageWrite{Off: int64(off), Data: want[off : off+1<<20]})
+	}
+	// Separate batches so that some start while connections are reset.
+	for i, x := range writes {
+		if err := w.WritePages(testCtx(t), []PageWrite{x}); err != nil {
+			t.Fatalf("batch %d: %v", i, err)
+		}
+	}
+	if w.Retries() == 0 {
+		t.Fatal("no retries: the resets were not exercised")
+	}
+	t.Logf("retries: %d", w.Retries())
+	fresh, err := Open(testCtx(t), s.url("img", "f.img"), s.opts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, size)
+	if _, err := fresh.ReadAt(testCtx(t), got, 0); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("after faults the blob differs from what was written (err %v)", err)
+	}
+}
+
+// TestAmbiguousWriteIsResent cuts the responses of Put Page calls that
+// storage carried out: the retry's If-Match then fails on the writer's own
+// new ETag. Under the lease that is not a foreign change: the ETag is read
+// again and the same bytes sent once more.
+func TestAmbiguousWriteIsResent(t *testing.T) {
+	s := newStore(t)
+	const size = 1 << 20
+	s.putPage("img", "g.img", make([]byte, size))
+	p := startProxy(t, s)
+	_, w := openWriter(t, s, proxiedURL(p, s, "g.img"), LeaseOptions{})
+	want := randomBytes(8, 64<<10)
+	// Responses die after 10 bytes; requests pass whole and are carried out.
+	name := addToxic(t, p, `{"type":"limit_data","attributes":{"bytes":10},"stream":"downstream"}`)
+	time.AfterFunc(300*time.Millisecond, func() { _ = p.Toxics.RemoveToxic(context.Background(), name) })
+	if err := w.WritePages(testCtx(t), []PageWrite{{Off: 128 << 10, Data: want}}); err != nil {
+		t.Fatalf("write with lost responses: %v", err)
+	}
+	if w.resent.Load() == 0 {
+		t.Fatalf("no ambiguous 412 was resolved (%d retries): the fault was not exercised", w.Retries())
+	}
+	t.Logf("retries %d, resent %d", w.Retries(), w.resent.Load())
+	fresh, err := Open(testCtx(t), s.url("img", "g.img"), s.opts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(want))
+	if _, err := fresh.ReadAt(testCtx(t), got, 128<<10); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("the resent write did not land (err %v)", err)
+	}
+	if err := w.Err(); err != nil {
+		t.Fatalf("the writer gave up after an ambiguous write: %v", err)
+	}
+}
+
+// TestLeaseOutlivesItsDuration: renewal at a third of the 15s lease keeps
+// it past its duration; the writer still writes and others stay out.
+func TestLeaseOutlivesItsDuration(t *testing.T) {
+	s := newStore(t)
+	s.putPage("img", "r.img", randomBytes(1, 1<<20))
+	_, w := openWriter(t, s, s.url("img", "r.img"), LeaseOptions{Duration: 15 * time.Second})
+	time.Sleep(17 * time.Second)
+	if err := w.Lease().Err(); err != nil {
+		t.Fatalf("lease lost despite renewals: %v", err)
+	}
+	if _, err := w.WriteAt(testCtx(t), randomBytes(2, 4096), 0); err != nil {
+		t.Fatalf("write after the lease's duration: %v", err)
+	}
+	src2, err := Open(testCtx(t), s.url("img", "r.img"), s.opts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewPageWriter(testCtx(t), src2, WriterOptions{}); !errors.Is(err, ErrLeased) {
+		t.Fatalf("second writer after 17s: err = %v; want ErrLeased", err)
+	}
+}
