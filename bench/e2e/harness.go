@@ -62,7 +62,7 @@ type config struct {
 }
 
 // phases are the parts of a run -only can select.
-var phases = []string{"raw", "cache", "headline", "verity", "seq", "rand", "par", "sparse", "proxy", "peers", "azure", "rclone-late"}
+var phases = []string{"raw", "cache", "headline", "verity", "verity-azure", "seq", "rand", "par", "sparse", "proxy", "peers", "azure", "rclone-late"}
 
 // want reports whether the phase is to run.
 func (c config) want(phase string) bool { return c.Only == nil || c.Only[phase] }

@@ -187,7 +187,7 @@ func (h *harness) measurePeers(ctx context.Context, step stepFn, best rawVariant
 	if proxied {
 		prefix, bf2, cr = "azure/", h.bf2ProxyConf, "crp"
 		blockURL = strings.Replace(h.blockURL, strings.TrimSuffix(h.cfg.Endpoint, "/"), strings.TrimSuffix(h.proxyEnd, "/"), 1)
-		what = fmt.Sprintf("Azure-like (%d MB/s per connection, +%v each way)", h.cfg.BandwidthKBps/1000, h.cfg.Latency)
+		what = h.azureLabel()
 	}
 	// The raw download uses as many connections as the mount can: blobseal
 	// keeps at most 16 requests in flight (blockcache.DefaultMaxFetches).
@@ -283,7 +283,7 @@ func (h *harness) peerRows(add addFn) {
 	}
 
 	ab, af, ar, araw := get("azure/seq/blobseal"), get("azure/seq/blobfuse2"), get("azure/seq/rclone"), get("azure/raw")
-	lbl := fmt.Sprintf("Azure-like (%d MB/s per connection, +%v each way), alternating: ", h.cfg.BandwidthKBps/1000, h.cfg.Latency)
+	lbl := h.azureLabel() + ", alternating: "
 	add(lbl+"seq read, blobseal vs raw SDK on the same connections ("+araw.Label+")", ab, araw, mbps, mbps, ab.MBps(), araw.MBps(), goal{atLeast: 0.95})
 	add(lbl+"seq read, blobseal vs blobfuse2", ab, af, mbps, mbps, ab.MBps(), af.MBps(), goal{atLeast: 2})
 	add(lbl+"seq read, blobseal vs rclone crypt", ab, ar, mbps, mbps, ab.MBps(), ar.MBps(), goal{atLeast: 2})
@@ -308,4 +308,9 @@ func (h *harness) peerVersions() string {
 		return "version unknown"
 	}
 	return "rclone " + v(h.cfg.Rclone, "version") + "; blobfuse2 " + v(h.cfg.Blobfuse2, "--version", "--disable-version-check")
+}
+
+// azureLabel names the Azure-like storage the proxy simulates.
+func (h *harness) azureLabel() string {
+	return fmt.Sprintf("Azure-like (%d MB/s per connection, +%v each way)", h.cfg.BandwidthKBps/1000, h.cfg.Latency)
 }

@@ -147,6 +147,9 @@ func (h *harness) report(total time.Duration) *report {
 	vOn, vOff := get("verity/on"), get("verity/off")
 	add("seq read, verified mount vs unverified mount (same block blob, alternating)", vOn, vOff, mbps, mbps, vOn.MBps(), vOff.MBps(), goal{atLeast: 0.9})
 	add("  client CPU per GiB, verified vs unverified", vOn, vOff, cpu, cpu, vOn.perGiB(vOn.ClientCPU), vOff.perGiB(vOff.ClientCPU), goal{})
+	vaOn, vaOff := get("verity-azure/on"), get("verity-azure/off")
+	add(h.azureLabel()+": seq read, verified mount vs unverified mount (alternating)", vaOn, vaOff, mbps, mbps, vaOn.MBps(), vaOff.MBps(), goal{atLeast: 0.9})
+	add("  client CPU per GiB, verified vs unverified", vaOn, vaOff, cpu, cpu, vaOn.perGiB(vaOn.ClientCPU), vaOff.perGiB(vaOff.ClientCPU), goal{})
 
 	kib := func(v float64) func(measurement) string {
 		return func(measurement) string { return fmt.Sprintf("%.2f MiB", v/(1<<20)) }
