@@ -151,10 +151,11 @@ func FuzzParseConfig(f *testing.F) {
 		}
 	}
 	f.Add([]byte("filesystems:\n  - mount_point: /m\n    source: /x\n    require_integrity: false\n    key: {file: k}"))
+	f.Add([]byte("skr:\n  address: 127.0.0.1:8080\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		cfg, err := Parse(data)
-		if err == nil && len(cfg.Filesystems) == 0 {
-			t.Fatal("valid config without filesystems")
+		if err == nil && len(cfg.Filesystems) == 0 && cfg.SKR.Address == "" {
+			t.Fatal("valid config that serves nothing (no filesystem, no SKR API)")
 		}
 	})
 }
