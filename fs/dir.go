@@ -24,8 +24,8 @@ var (
 	_ gofs.FileSeekdirer    = (*dirHandle)(nil)
 )
 
-// OpendirHandle reads the directory and lets the kernel cache the listing:
-// the image is immutable.
+// OpendirHandle reads the directory and lets the kernel cache the listing
+// when the image is immutable.
 func (n *node) OpendirHandle(ctx context.Context, flags uint32) (_ gofs.FileHandle, _ uint32, errno syscall.Errno) {
 	defer n.vol.observe("readdir", n.vol.begin(), &errno)
 	defer n.vol.guard("readdir", n.ino.Ino, &errno)
@@ -49,6 +49,9 @@ func (n *node) OpendirHandle(ctx context.Context, flags uint32) (_ gofs.FileHand
 	}
 	for i := range entries {
 		entries[i].Off = uint64(i + 1) // the offset of the entry after it
+	}
+	if n.vol.writable() {
+		return &dirHandle{n: n, entries: entries}, 0, 0 // listings change
 	}
 	return &dirHandle{n: n, entries: entries}, fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE, 0
 }
