@@ -161,6 +161,7 @@ type mountFlags struct {
 	cacheDir, directIO, cpuProf string
 	grace                       time.Duration
 	cacheMiB                    int64
+	readWrite                   bool
 }
 
 func newMountCmd() *cobra.Command {
@@ -195,6 +196,7 @@ func newMountCmd() *cobra.Command {
 	f.BoolVar(&o.cacheLocal, "cache-local", true, "read a local image through the block cache (parallel read-ahead); false reads the file directly")
 	f.StringVar(&o.directIO, "direct-io", "auto", "read files without the kernel page cache: auto (files of 32 MiB and more, when the kernel keeps mmap working: Linux 6.6+), on (every file) or off")
 	f.StringVar(&o.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole mount to this file (for go tool pprof)")
+	f.BoolVar(&o.readWrite, "read-write", false, "mount a local image file read-write (made by image create --read-write: journal, no verity tree); writes are encrypted into the file, fsync commits the journal, unmount leaves a clean filesystem")
 	// One key source: a file, or a release (whose flags key-name stands for).
 	for _, rel := range releaseFlagNames() {
 		cmd.MarkFlagsMutuallyExclusive("key-file", rel)
@@ -222,6 +224,11 @@ func runMount(cmd *cobra.Command, o *mountFlags, location, mountpoint string) er
 	integrity, err := o.integ.integrity()
 	if err != nil {
 		return err
+	}
+	if o.readWrite {
+		if err := checkReadWrite(location, integrity); err != nil {
+			return err
+		}
 	}
 	if release {
 		if err := rf.prepare(); err != nil {
@@ -256,6 +263,9 @@ func runMount(cmd *cobra.Command, o *mountFlags, location, mountpoint string) er
 	spec.DirectLocal = !o.cacheLocal
 	spec.Logger = logger
 	spec.Integrity = integrity
+	if o.readWrite {
+		return runMountWritable(cmd, o, spec, key, mountpoint)
+	}
 	img, err := image.Open(ctx, spec)
 	key.Wipe()
 	if err != nil {
