@@ -143,6 +143,8 @@ func runImageCreate(cmd *cobra.Command, o imageCreateFlags, out string) error {
 		out, o.format, res.FilesystemBytes>>20, o.blockSize, o.sectorSize)
 	if res.Verity != nil {
 		printVerity(cmd.OutOrStdout(), res.Verity)
+	} else if o.readWrite {
+		fmt.Fprintln(cmd.OutOrStdout(), "read-write image: journal, no verity tree; mount it with `blobseal mount --read-write`")
 	} else {
 		fmt.Fprintln(cmd.OutOrStdout(), "no verity tree (--no-verity): mounts cannot detect changes made by storage")
 	}

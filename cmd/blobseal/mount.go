@@ -173,7 +173,8 @@ func newMountCmd() *cobra.Command {
 			"SIGINT/SIGTERM or an external unmount. Prints \"ready\" once the tree is servable.\n" +
 			"The key comes from --key-file or from a secure key release (attestation, MAA, vault);\n" +
 			"a released key stays in memory only. With --verity-root-hash every block is verified\n" +
-			"against the image's hash tree before use; a tampered block reads as EIO.",
+			"against the image's hash tree before use; a tampered block reads as EIO.\n" +
+			"With --read-write a local image file (image create --read-write) is served writable.",
 		Example: "  blobseal mount --key-file key.bin --verity-root-hash ROOT data.img /mnt/data",
 		Args:    positional("IMAGE", "MOUNTPOINT"),
 		RunE: func(cmd *cobra.Command, args []string) error {
