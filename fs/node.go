@@ -282,18 +282,19 @@ func (n *node) Open(ctx context.Context, flags uint32) (_ gofs.FileHandle, _ uin
 		return nil, 0, syscall.EINVAL
 	}
 	var fh gofs.FileHandle
-	if n.vol.writable() {
-		if flags&syscall.O_TRUNC != 0 && flags&syscall.O_ACCMODE != syscall.O_RDONLY {
-			if err := n.vol.w.Truncate(n.ino.Ino, 0); err != nil {
-				return nil, 0, n.vol.fail("open", n.ino.Ino, err)
-			}
+	if n.vol.writable() && flags&syscall.O_TRUNC != 0 && flags&syscall.O_ACCMODE != syscall.O_RDONLY {
+		// Only with FUSE_ATOMIC_O_TRUNC; otherwise the kernel truncates first.
+		if err := n.vol.w.Truncate(n.ino.Ino, 0); err != nil {
+			return nil, 0, n.vol.fail("open", n.ino.Ino, err)
 		}
-		n.vol.w.Hold(n.ino.Ino)
-		fh = &heldFile{ino: n.ino.Ino}
 	}
 	in, err := n.inode()
 	if err != nil {
 		return nil, 0, n.vol.fail("open", n.ino.Ino, err)
+	}
+	if n.vol.writable() {
+		n.vol.w.Hold(n.ino.Ino)
+		fh = &heldFile{ino: n.ino.Ino}
 	}
 	switch n.vol.directIO.Load() {
 	case directAll:

@@ -71,11 +71,6 @@ func (n *node) owner(ctx context.Context, mode uint32) (uid, gid, outMode uint32
 	return uid, gid, mode
 }
 
-// entered answers a new or newly linked child.
-func (n *node) entered(ctx context.Context, op string, in *ext4.Inode, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
-	return n.newChild(ctx, op, in.Ino, out)
-}
-
 // Create makes and opens a regular file.
 func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint32, out *fuse.EntryOut) (_ *gofs.Inode, _ gofs.FileHandle, _ uint32, errno syscall.Errno) {
 	defer n.change("create", &errno)()
@@ -87,7 +82,7 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 	if err != nil {
 		return nil, nil, 0, n.vol.fail("create", n.ino.Ino, err)
 	}
-	child, errno := n.entered(ctx, "create", in, out)
+	child, errno := n.newChild(ctx, "create", in.Ino, out)
 	if errno != 0 {
 		return nil, nil, 0, errno
 	}
@@ -106,7 +101,7 @@ func (n *node) Mknod(ctx context.Context, name string, mode uint32, rdev uint32,
 	if err != nil {
 		return nil, n.vol.fail("mknod", n.ino.Ino, err)
 	}
-	return n.entered(ctx, "mknod", in, out)
+	return n.newChild(ctx, "mknod", in.Ino, out)
 }
 
 // Mkdir makes a directory.
@@ -120,7 +115,7 @@ func (n *node) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.En
 	if err != nil {
 		return nil, n.vol.fail("mkdir", n.ino.Ino, err)
 	}
-	return n.entered(ctx, "mkdir", in, out)
+	return n.newChild(ctx, "mkdir", in.Ino, out)
 }
 
 // Symlink makes a symbolic link to target.
@@ -134,7 +129,7 @@ func (n *node) Symlink(ctx context.Context, target, name string, out *fuse.Entry
 	if err != nil {
 		return nil, n.vol.fail("symlink", n.ino.Ino, err)
 	}
-	return n.entered(ctx, "symlink", in, out)
+	return n.newChild(ctx, "symlink", in.Ino, out)
 }
 
 // Link gives target another name in this directory.
