@@ -187,6 +187,14 @@ func posixSequences(r *posixRecorder) {
 	var st unix.Stat_t
 	r.rec("fstat after unlink", unix.Fstat(fd, &st), fmt.Sprintf(" nlink=%d size=%d", st.Nlink, st.Size))
 	unix.Close(fd)
+	r.rec("mkdir open-removed", unix.Mkdir(r.p("open-removed"), 0o755))
+	fd, err = unix.Open(r.p("open-removed"), unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	r.rec("open dir", err)
+	r.rec("rmdir it", unix.Rmdir(r.p("open-removed")))
+	r.rec("fstat removed dir", unix.Fstat(fd, &st), fmt.Sprintf(" nlink=%d mode=%#o", st.Nlink, st.Mode))
+	_, err = unix.Openat(fd, "new", unix.O_CREAT|unix.O_WRONLY, 0o644)
+	r.rec("create in removed dir", err)
+	unix.Close(fd)
 	r.rec("truncate grows", unix.Truncate(r.p("trunc"), 100000))
 	r.stat("after grow", "trunc")
 }
