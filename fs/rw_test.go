@@ -293,6 +293,19 @@ func workload(t testing.TB, root string) {
 	must(unix.Fallocate(fd, 0, 0, 1<<20))
 	must(unix.Fallocate(fd, unix.FALLOC_FL_KEEP_SIZE, 1<<20, 1<<20))
 	must(unix.Close(fd))
+	// A shared writable mapping reaches the file through page writeback.
+	must(os.WriteFile(j("mapped"), make([]byte, 3*4096), 0o644))
+	mfd, err := unix.Open(j("mapped"), unix.O_RDWR, 0)
+	must(err)
+	mem, err := unix.Mmap(mfd, 0, 3*4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	must(err)
+	copy(mem[4090:], "across a page boundary")
+	must(unix.Msync(mem, unix.MS_SYNC))
+	must(unix.Munmap(mem))
+	must(unix.Close(mfd))
+	if b, err := os.ReadFile(j("mapped")); err != nil || string(b[4090:4112]) != "across a page boundary" {
+		t.Fatalf("mapped write reads back %q (%v)", b[4090:4112], err)
+	}
 	must(os.RemoveAll(j("a/b/c")))
 	for i := range 50 {
 		must(os.WriteFile(j(fmt.Sprintf("dir2/many-%03d", i)), []byte(strings.Repeat("m", i)), 0o644))
