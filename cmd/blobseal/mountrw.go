@@ -62,7 +62,12 @@ func runMountWritable(cmd *cobra.Command, o *mountFlags, spec image.Spec, key se
 	case <-ctx.Done():
 		logger.Info("signal received; unmounting", "mountpoint", srv.Mountpoint())
 		if err := srv.Unmount(); err != nil {
-			return err
+			// Detached lazily: files still open keep sending writes, so
+			// the writer must live until the last one closes (a SIGKILL
+			// meanwhile loses only what was not committed: the journal
+			// keeps the image consistent).
+			logger.Warn("waiting for the last open file to close before flushing", "err", err)
+			<-srv.Done()
 		}
 	case <-srv.Done():
 		logger.Info("unmounted from outside", "mountpoint", srv.Mountpoint())

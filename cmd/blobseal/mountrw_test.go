@@ -179,11 +179,12 @@ func TestMountReadWriteCrash(t *testing.T) {
 	mnt := filepath.Join(t.TempDir(), "mnt")
 	proc, _ := startMount(t, "--read-write", "--key-file", key, img, mnt)
 
-	content := func(i int) []byte { return bytes.Repeat([]byte(fmt.Sprintf("file %d;", i)), 500+i*37) }
+	content := func(i int) []byte { return bytes.Repeat([]byte(fmt.Sprintf("file %d;", i)), 200+i%300) }
 	var mu sync.Mutex
 	synced := 0 // files 0..synced-1 were fsynced
 	stop := make(chan struct{})
 	done := make(chan struct{})
+	failed := make(chan error, 1) // why the workload stopped
 	go func() {
 		defer close(done)
 		for i := 0; ; i++ {
@@ -194,6 +195,7 @@ func TestMountReadWriteCrash(t *testing.T) {
 			}
 			f, err := os.Create(filepath.Join(mnt, fmt.Sprintf("f%04d", i)))
 			if err != nil {
+				failed <- err
 				return
 			}
 			_, err = f.Write(content(i))
@@ -202,6 +204,7 @@ func TestMountReadWriteCrash(t *testing.T) {
 			}
 			f.Close()
 			if err != nil {
+				failed <- err
 				return
 			}
 			if i%2 == 0 {
@@ -212,6 +215,11 @@ func TestMountReadWriteCrash(t *testing.T) {
 		}
 	}()
 	time.Sleep(1500 * time.Millisecond)
+	select {
+	case err := <-failed:
+		t.Fatalf("the workload stopped before the kill: %v", err)
+	default:
+	}
 	if err := proc.cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
@@ -279,5 +287,52 @@ func TestMountReadWriteRefusals(t *testing.T) {
 	}
 	if fusetest.IsMounted(t, mnt) {
 		t.Errorf("%s mounted after refused commands", mnt)
+	}
+}
+
+// TestMountReadWriteBusyAtSignal: SIGTERM while a file is open for writing
+// detaches the mount lazily; the open file keeps working, and the process
+// flushes and exits only once it is closed, with every write in the image.
+func TestMountReadWriteBusyAtSignal(t *testing.T) {
+	img, key := rwImage(t, t.TempDir())
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	proc, _ := startMount(t, "--read-write", "--unmount-grace", "300ms", "--key-file", key, img, mnt)
+	f, err := os.Create(filepath.Join(mnt, "open"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString("before the signal;"); err != nil {
+		t.Fatal(err)
+	}
+	if err := proc.cmd.Process.Signal(os.Interrupt); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // past the grace: detached lazily, still serving
+	select {
+	case err := <-proc.done:
+		t.Fatalf("mount exited (%v) while a file was open:\n%s", err, proc.stderr)
+	default:
+	}
+	if _, err := f.WriteString("after the signal"); err != nil {
+		t.Fatalf("write to the open file after the lazy detach: %v", err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-proc.done:
+		if err != nil {
+			t.Fatalf("mount exited with %v:\n%s", err, proc.stderr)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatalf("mount still running 15 s after the last file closed:\n%s", proc.stderr)
+	}
+	plain := decryptImage(t, img, key)
+	e2fsckClean(t, plain)
+	if os.Geteuid() == 0 {
+		got, err := os.ReadFile(filepath.Join(fusetest.LoopMount(t, plain), "open"))
+		if err != nil || string(got) != "before the signal;after the signal" {
+			t.Errorf("file written across the signal: %q, %v", got, err)
+		}
 	}
 }
