@@ -17,10 +17,14 @@ import (
 // journals the metadata (committed by fsync, by the periodic commit, or
 // when a transaction fills a quarter of the journal) and writes file data
 // in place before the metadata that points at it commits (ordered mode).
-// There is no dirty-data cache in this process: the kernel's page cache
-// already gathers small writes into max_write-sized requests, and a second
-// cache here would only delay durability and double the memory. A
-// read-only mount answers every one of them with EROFS.
+// The choice is write-through: no dirty-data cache in this process, and
+// the kernel's writeback cache is off, so each write(2) (split at 1 MiB)
+// reaches the Writer as it happens. Nothing waits in memory that a crash
+// could lose beyond the uncommitted transaction, and fsync needs only a
+// journal commit. The cost is a round trip per small write; the kernel's
+// writeback cache would batch them, but it then owns sizes and mtimes,
+// which this layer would have to reconcile. A read-only mount answers
+// every write operation with EROFS.
 
 // writable reports whether the mount changes the image.
 func (v *volume) writable() bool { return v.w != nil }
@@ -43,8 +47,8 @@ const writableAttrTimeout = time.Second
 // (ext4.Writer.Hold) until released, so an unlinked open file lives on.
 type heldFile struct{ ino uint32 }
 
-// change runs the shared preamble of a write operation: EROFS on a
-// read-only mount, and the observer and panic guard for op.
+// change is deferred by every write operation: it observes op and turns a
+// panic into EIO, as guard and observe do for reads.
 func (n *node) change(op string, errno *syscall.Errno) (done func()) {
 	start := n.vol.begin()
 	return func() {
