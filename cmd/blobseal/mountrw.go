@@ -39,12 +39,14 @@ func runMountWritable(cmd *cobra.Command, o *mountFlags, spec image.Spec, key se
 		}
 	}()
 	logger := spec.Logger
+	directMode, _ := fs.ParseDirectIO(o.directIO) // validated by runMount
 	srv, err := fs.MountWritable(ctx, mountpoint, img.Writer, fs.Options{
 		AllowOther:   o.allowOther,
 		Logger:       logger,
 		Source:       mountSourceName(img.Name),
 		Debug:        o.debugFUSE,
 		UnmountGrace: o.grace,
+		DirectIO:     directMode,
 	})
 	if err != nil {
 		return err
