@@ -86,11 +86,12 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 	if err != nil {
 		return nil, nil, 0, n.vol.fail("create", n.ino.Ino, err)
 	}
+	n.vol.w.Hold(in.Ino) // before the name is visible to a racing unlink
 	child, errno := n.newChild(ctx, "create", in.Ino, out)
 	if errno != 0 {
+		_ = n.vol.w.Release(in.Ino)
 		return nil, nil, 0, errno
 	}
-	n.vol.w.Hold(in.Ino)
 	return child, &heldFile{ino: in.Ino}, 0, 0
 }
 
