@@ -86,7 +86,7 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 	if err != nil {
 		return nil, nil, 0, n.vol.fail("create", n.ino.Ino, err)
 	}
-	n.vol.w.Hold(in.Ino) // before the name is visible to a racing unlink
+	n.vol.w.Hold(in.Ino) // at once: a racing unlink must not free it under the new handle
 	child, errno := n.newChild(ctx, "create", in.Ino, out)
 	if errno != 0 {
 		_ = n.vol.w.Release(in.Ino)
