@@ -140,7 +140,14 @@ func TestMountReadWrite(t *testing.T) {
 	plain := decryptImage(t, img, key)
 	e2fsckClean(t, plain)
 	if os.Geteuid() == 0 {
-		fusetest.CompareTrees(t, ref, fusetest.LoopMount(t, plain), fusetest.Compare{Xattrs: true, Ignore: []string{"lost+found"}})
+		kernel := fusetest.LoopMount(t, plain)
+		fusetest.CompareTrees(t, ref, kernel, fusetest.Compare{Xattrs: true, Ignore: []string{"lost+found"}})
+		// The written image, mounted read-only by blobseal, stats exactly as
+		// the kernel's ext4 shows its plaintext: times and inode numbers too.
+		roMnt := filepath.Join(t.TempDir(), "ro")
+		ro, _ := startMount(t, "--key-file", key, img, roMnt)
+		fusetest.CompareTrees(t, kernel, roMnt, fusetest.Compare{Xattrs: true, Times: true, Inodes: true})
+		ro.stop(t)
 	}
 
 	// fusermount3 -u ends the mount from outside; the process flushes and exits 0.
