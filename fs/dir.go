@@ -16,16 +16,27 @@ type dirHandle struct {
 	n       *node
 	entries []fuse.DirEntry // ".", "..", then the ext4 entries in disk order
 	pos     int             // index of the next entry to return
+	held    bool            // holds the inode (writable mounts)
 }
 
 var (
 	_ gofs.FileReaddirenter = (*dirHandle)(nil)
 	_ gofs.FileLookuper     = (*dirHandle)(nil)
 	_ gofs.FileSeekdirer    = (*dirHandle)(nil)
+	_ gofs.FileReleasedirer = (*dirHandle)(nil)
 )
 
-// OpendirHandle reads the directory and lets the kernel cache the listing:
-// the image is immutable.
+// Releasedir drops the hold; a directory removed while open is freed now.
+func (d *dirHandle) Releasedir(ctx context.Context, releaseFlags uint32) {
+	if d.held {
+		if err := d.n.vol.w.Release(d.n.ino.Ino); err != nil {
+			d.n.vol.fail("releasedir", d.n.ino.Ino, err)
+		}
+	}
+}
+
+// OpendirHandle reads the directory and lets the kernel cache the listing
+// when the image is immutable.
 func (n *node) OpendirHandle(ctx context.Context, flags uint32) (_ gofs.FileHandle, _ uint32, errno syscall.Errno) {
 	defer n.vol.observe("readdir", n.vol.begin(), &errno)
 	defer n.vol.guard("readdir", n.ino.Ino, &errno)
@@ -49,6 +60,12 @@ func (n *node) OpendirHandle(ctx context.Context, flags uint32) (_ gofs.FileHand
 	}
 	for i := range entries {
 		entries[i].Off = uint64(i + 1) // the offset of the entry after it
+	}
+	if n.vol.writable() {
+		// Listings change; the hold keeps a directory removed while open
+		// valid for fstat and its handle's reads, as ext4 does.
+		n.vol.w.Hold(n.ino.Ino)
+		return &dirHandle{n: n, entries: entries, held: true}, 0, 0
 	}
 	return &dirHandle{n: n, entries: entries}, fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE, 0
 }

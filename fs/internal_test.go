@@ -24,6 +24,10 @@ func TestErrnoOf(t *testing.T) {
 		{fmt.Errorf("inode 12: %w", ext4.ErrCorrupt), syscall.EIO, true},
 		{fmt.Errorf("inline data: %w", ext4.ErrUnsupported), syscall.EIO, true},
 		{errors.New("blob read timed out"), syscall.EIO, true},
+		// The writer's answers pass through; only EIO is worth a log line.
+		{fmt.Errorf("ext4: mkdir %q: %w", "d", syscall.EEXIST), syscall.EEXIST, false},
+		{fmt.Errorf("ext4: allocating: %w", syscall.ENOSPC), syscall.ENOSPC, false},
+		{fmt.Errorf("ext4: device: %w", syscall.EIO), syscall.EIO, true},
 	}
 	for _, c := range cases {
 		errno, logIt := errnoOf(c.err)

@@ -151,12 +151,30 @@ type Server struct {
 
 	once sync.Once
 	err  error
+
+	flushErr error // closing the writer at the end; read after done
 }
 
 // Mount serves tree read-only at mountpoint. It returns only once the
 // kernel answers a stat of the mount's root through FUSE, so the caller may
 // announce readiness. The tree must stay open until Wait returns.
 func Mount(ctx context.Context, mountpoint string, tree Tree, opts Options) (*Server, error) {
+	return mount(ctx, mountpoint, tree, nil, opts)
+}
+
+// MountWritable serves the filesystem w changes, read-write, at mountpoint
+// (see write.go). When the mount ends — Unmount, fusermount3 -u, or the
+// kernel's abort — the writer is closed (Sync, Checkpoint: an image that
+// needs no journal replay) before Done is closed; Err reports how that
+// went. The writer's device must stay open until then.
+func MountWritable(ctx context.Context, mountpoint string, w *ext4.Writer, opts Options) (*Server, error) {
+	if w == nil {
+		return nil, errors.New("mount read-write: no writer")
+	}
+	return mount(ctx, mountpoint, writerTree{w}, w, opts)
+}
+
+func mount(ctx context.Context, mountpoint string, tree Tree, w *ext4.Writer, opts Options) (*Server, error) {
 	logger := opts.Logger
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
@@ -202,6 +220,7 @@ func Mount(ctx context.Context, mountpoint string, tree Tree, opts Options) (*Se
 		observer:  opts.Observe,
 
 		interruptGrace: opts.InterruptGrace,
+		w:              w,
 	}
 
 	timeout := opts.CacheTimeout
@@ -229,6 +248,10 @@ func Mount(ctx context.Context, mountpoint string, tree Tree, opts Options) (*Se
 		// fusermount3; Unmount tries umount2 first, then fusermount3 -u.
 		DirectMount: true,
 	}
+	if w != nil {
+		// The kernel still enforces modes; writes now reach us.
+		mo.Options = []string{"default_permissions"}
+	}
 	server, err := gofs.Mount(abs, &node{vol: vol, ino: root}, &gofs.Options{
 		MountOptions:    mo,
 		EntryTimeout:    &timeout,
@@ -249,8 +272,16 @@ func Mount(ctx context.Context, mountpoint string, tree Tree, opts Options) (*Se
 	}
 	vol.directIO.Store(int32(opts.DirectIO.effective(server.KernelSettings().Flags64()&fuse.CAP_DIRECT_IO_ALLOW_MMAP != 0)))
 	s := &Server{fuse: server, mountpoint: abs, log: logger, grace: opts.UnmountGrace, done: make(chan struct{})}
+	stopCommits := make(chan struct{})
+	if w != nil {
+		go s.commitEvery(w, commitInterval, stopCommits)
+	}
 	go func() {
 		server.Wait()
+		close(stopCommits)
+		if w != nil {
+			s.closeWriter(w)
+		}
 		close(s.done)
 	}()
 	if err := s.checkServing(ctx); err != nil {

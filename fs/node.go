@@ -38,6 +38,9 @@ type volume struct {
 	// error level, so a reader retrying a damaged file cannot flood the
 	// log; repeats go to debug level.
 	failed sync.Map
+	// w changes the filesystem on a writable mount (MountWritable); nil on
+	// a read-only one, where tree is the immutable image.
+	w *ext4.Writer
 }
 
 type failure struct {
@@ -46,16 +49,26 @@ type failure struct {
 }
 
 // node is one ext4 inode in the go-fuse tree. The ext4 inode is read once
-// when the kernel first looks the node up: the image is immutable, so the
-// cached copy never goes stale.
+// when the kernel first looks the node up: on a read-only mount the image
+// is immutable, so the cached copy never goes stale. On a writable mount
+// only its number and type are fixed; inode() reads the current state.
 type node struct {
 	gofs.Inode
 	vol *volume
 	ino *ext4.Inode
 }
 
-// The operations the tree answers (reads) and the ones it refuses with
-// EROFS (every write). The compile-time list documents the surface.
+// inode returns the inode as it is now.
+func (n *node) inode() (*ext4.Inode, error) {
+	if !n.vol.writable() {
+		return n.ino, nil
+	}
+	return n.vol.tree.Inode(n.ino.Ino)
+}
+
+// The operations the tree answers: reads, and the writes (write.go), which
+// a read-only mount refuses with EROFS. The compile-time list documents the
+// surface.
 var (
 	_ gofs.InodeEmbedder      = (*node)(nil)
 	_ gofs.NodeLookuper       = (*node)(nil)
@@ -84,6 +97,9 @@ var (
 	_ gofs.NodeRemovexattrer  = (*node)(nil)
 	_ gofs.NodeAllocater      = (*node)(nil)
 	_ gofs.NodeCopyFileRanger = (*node)(nil)
+	_ gofs.NodeFsyncer        = (*node)(nil)
+	_ gofs.NodeFlusher        = (*node)(nil)
+	_ gofs.NodeReleaser       = (*node)(nil)
 )
 
 // fail turns a tree error into an errno, logging everything that is not an
@@ -128,10 +144,15 @@ func (v *volume) refuse(op string) (errno syscall.Errno) {
 // down. Use as: defer n.vol.guard("read", ino, &errno).
 func (v *volume) guard(op string, ino uint32, errno *syscall.Errno) {
 	if r := recover(); r != nil {
-		v.log.Error("filesystem operation panicked; answering EIO", "op", op, "inode", ino,
-			"panic", r, "stack", string(debug.Stack()))
-		*errno = syscall.EIO
+		v.guardValue(op, ino, r, errno)
 	}
+}
+
+// guardValue logs a recovered panic and answers EIO.
+func (v *volume) guardValue(op string, ino uint32, r any, errno *syscall.Errno) {
+	v.log.Error("filesystem operation panicked; answering EIO", "op", op, "inode", ino,
+		"panic", r, "stack", string(debug.Stack()))
+	*errno = syscall.EIO
 }
 
 // fillAttr copies an ext4 inode into a FUSE attribute.
@@ -163,7 +184,7 @@ func (n *node) newChild(ctx context.Context, op string, ino uint32, out *fuse.En
 	}
 	n.vol.fillAttr(child, &out.Attr)
 	out.SetEntryTimeout(n.vol.timeout)
-	out.SetAttrTimeout(n.vol.timeout)
+	out.SetAttrTimeout(n.vol.attrTimeout())
 	stable := gofs.StableAttr{
 		Mode: uint32(child.Mode) & syscall.S_IFMT,
 		Ino:  uint64(child.Ino),
@@ -194,8 +215,13 @@ func (n *node) lookup(ctx context.Context, name string, out *fuse.EntryOut) (_ *
 // Getattr answers from the inode read at lookup time.
 func (n *node) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) (errno syscall.Errno) {
 	defer n.vol.observe("getattr", n.vol.begin(), &errno)
-	n.vol.fillAttr(n.ino, &out.Attr)
-	out.SetTimeout(n.vol.timeout)
+	defer n.vol.guard("getattr", n.ino.Ino, &errno)
+	in, err := n.inode()
+	if err != nil {
+		return n.vol.fail("getattr", n.ino.Ino, err)
+	}
+	n.vol.fillAttr(in, &out.Attr)
+	out.SetTimeout(n.vol.attrTimeout())
 	return 0
 }
 
@@ -203,7 +229,11 @@ func (n *node) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut
 // keeps in large inodes.
 func (n *node) Statx(ctx context.Context, f gofs.FileHandle, flags uint32, mask uint32, out *fuse.StatxOut) (errno syscall.Errno) {
 	defer n.vol.observe("getattr", n.vol.begin(), &errno)
-	in := n.ino
+	defer n.vol.guard("getattr", n.ino.Ino, &errno)
+	in, err := n.inode()
+	if err != nil {
+		return n.vol.fail("getattr", n.ino.Ino, err)
+	}
 	out.Mask = unix.STATX_BASIC_STATS
 	out.Blksize = n.vol.blockSize
 	out.Nlink = uint32(in.Links)
@@ -218,7 +248,7 @@ func (n *node) Statx(ctx context.Context, f gofs.FileHandle, flags uint32, mask 
 		out.Btime = sxTime(in.Crtime)
 	}
 	out.RdevMajor, out.RdevMinor = in.Major(), in.Minor()
-	out.SetTimeout(n.vol.timeout)
+	out.SetTimeout(n.vol.attrTimeout())
 	return 0
 }
 
@@ -228,34 +258,53 @@ func sxTime(t time.Time) fuse.SxTime {
 	return fuse.SxTime{Sec: uint64(t.Unix()), Nsec: uint32(t.Nanosecond())}
 }
 
-// Access is left to the kernel (default_permissions); only writes are
-// refused here, as on any read-only filesystem.
+// Access is left to the kernel (default_permissions); on a read-only
+// mount writes are refused here, as on any read-only filesystem.
 func (n *node) Access(ctx context.Context, mask uint32) syscall.Errno {
-	if mask&unix.W_OK != 0 {
+	if mask&unix.W_OK != 0 && !n.vol.writable() {
 		return syscall.EROFS
 	}
 	return 0
 }
 
-// Open allows read-only opens of regular files and lets the kernel keep
-// its page cache across opens, since the content never changes.
+// Open opens a regular file. Read-only mounts let the kernel keep its page
+// cache across opens, since the content never changes; so do writable ones,
+// since every change comes through this mount and the kernel updates its
+// cache as it writes. On a writable mount the handle holds the inode, so
+// unlinking its last name keeps it alive until the handle is released.
 func (n *node) Open(ctx context.Context, flags uint32) (_ gofs.FileHandle, _ uint32, errno syscall.Errno) {
 	defer n.vol.observe("open", n.vol.begin(), &errno)
-	if flags&syscall.O_ACCMODE != syscall.O_RDONLY || flags&syscall.O_TRUNC != 0 {
+	defer n.vol.guard("open", n.ino.Ino, &errno)
+	if !n.vol.writable() && (flags&syscall.O_ACCMODE != syscall.O_RDONLY || flags&syscall.O_TRUNC != 0) {
 		return nil, 0, syscall.EROFS
 	}
 	if !n.ino.IsRegular() {
 		return nil, 0, syscall.EINVAL
 	}
-	switch n.vol.directIO.Load() {
-	case directAll:
-		return nil, fuse.FOPEN_DIRECT_IO, 0
-	case directLarge:
-		if n.ino.Size >= DirectIOMinSize {
-			return nil, fuse.FOPEN_DIRECT_IO, 0
+	var fh gofs.FileHandle
+	if n.vol.writable() && flags&syscall.O_TRUNC != 0 && flags&syscall.O_ACCMODE != syscall.O_RDONLY {
+		// Only with FUSE_ATOMIC_O_TRUNC; otherwise the kernel truncates first.
+		if err := n.vol.w.Truncate(n.ino.Ino, 0); err != nil {
+			return nil, 0, n.vol.fail("open", n.ino.Ino, err)
 		}
 	}
-	return nil, fuse.FOPEN_KEEP_CACHE, 0
+	in, err := n.inode()
+	if err != nil {
+		return nil, 0, n.vol.fail("open", n.ino.Ino, err)
+	}
+	if n.vol.writable() {
+		n.vol.w.Hold(n.ino.Ino)
+		fh = &heldFile{ino: n.ino.Ino}
+	}
+	switch n.vol.directIO.Load() {
+	case directAll:
+		return fh, fuse.FOPEN_DIRECT_IO, 0
+	case directLarge:
+		if in.Size >= DirectIOMinSize {
+			return fh, fuse.FOPEN_DIRECT_IO, 0
+		}
+	}
+	return fh, fuse.FOPEN_KEEP_CACHE, 0
 }
 
 // Read fills dest from the file at off; a short read means end of file.
@@ -265,15 +314,19 @@ func (n *node) Read(ctx context.Context, f gofs.FileHandle, dest []byte, off int
 	if off < 0 {
 		return nil, syscall.EINVAL
 	}
-	if uint64(off) >= n.ino.Size {
+	in, err := n.inode()
+	if err != nil {
+		return nil, n.vol.fail("read", n.ino.Ino, err)
+	}
+	if uint64(off) >= in.Size {
 		return fuse.ReadResultData(nil), 0
 	}
-	if rest := n.ino.Size - uint64(off); uint64(len(dest)) > rest {
+	if rest := in.Size - uint64(off); uint64(len(dest)) > rest {
 		dest = dest[:rest]
 	}
 	rctx, cancel := n.vol.readContext(ctx)
 	defer cancel()
-	got, err := n.vol.tree.ReadAtContext(rctx, n.ino, dest, off)
+	got, err := n.vol.tree.ReadAtContext(rctx, in, dest, off)
 	if err != nil && !(errors.Is(err, io.EOF) && got == len(dest)) {
 		if interrupted(ctx, rctx) {
 			return nil, syscall.EINTR // the reader is gone (or was signalled): not a failure to log
@@ -352,56 +405,4 @@ func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) (errno syscall.E
 	out.Ffree = st.FreeInodes
 	out.NameLen = st.NameLen
 	return 0
-}
-
-// Every mutation is refused: the image is immutable.
-
-func (n *node) Setattr(context.Context, gofs.FileHandle, *fuse.SetAttrIn, *fuse.AttrOut) syscall.Errno {
-	return n.vol.refuse("setattr")
-}
-
-func (n *node) Write(context.Context, gofs.FileHandle, []byte, int64) (uint32, syscall.Errno) {
-	return 0, n.vol.refuse("write")
-}
-
-func (n *node) Create(context.Context, string, uint32, uint32, *fuse.EntryOut) (*gofs.Inode, gofs.FileHandle, uint32, syscall.Errno) {
-	return nil, nil, 0, n.vol.refuse("create")
-}
-
-func (n *node) Mkdir(context.Context, string, uint32, *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
-	return nil, n.vol.refuse("mkdir")
-}
-
-func (n *node) Mknod(context.Context, string, uint32, uint32, *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
-	return nil, n.vol.refuse("mknod")
-}
-
-func (n *node) Link(context.Context, gofs.InodeEmbedder, string, *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
-	return nil, n.vol.refuse("link")
-}
-
-func (n *node) Symlink(context.Context, string, string, *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
-	return nil, n.vol.refuse("symlink")
-}
-
-func (n *node) Unlink(context.Context, string) syscall.Errno { return n.vol.refuse("unlink") }
-
-func (n *node) Rmdir(context.Context, string) syscall.Errno { return n.vol.refuse("rmdir") }
-
-func (n *node) Rename(context.Context, string, gofs.InodeEmbedder, string, uint32) syscall.Errno {
-	return n.vol.refuse("rename")
-}
-
-func (n *node) Setxattr(context.Context, string, []byte, uint32) syscall.Errno {
-	return n.vol.refuse("setxattr")
-}
-
-func (n *node) Removexattr(context.Context, string) syscall.Errno { return n.vol.refuse("removexattr") }
-
-func (n *node) Allocate(context.Context, gofs.FileHandle, uint64, uint64, uint32) syscall.Errno {
-	return n.vol.refuse("allocate")
-}
-
-func (n *node) CopyFileRange(context.Context, gofs.FileHandle, uint64, *gofs.Inode, gofs.FileHandle, uint64, uint64, uint64) (uint32, syscall.Errno) {
-	return 0, n.vol.refuse("copy_file_range")
 }

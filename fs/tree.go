@@ -1,8 +1,9 @@
-// Package fs serves a read-only ext4 tree (package fs/ext4) over FUSE with
-// go-fuse v2: lookup, getattr, readdir(plus), open, read, readlink, xattrs
-// and statfs, with inode numbers taken from ext4 and long kernel cache
-// lifetimes because the image never changes under the mount. Every write
-// answers EROFS. A damaged structure fails only the operation that met it
+// Package fs serves an ext4 tree (package fs/ext4) over FUSE with go-fuse
+// v2: lookup, getattr, readdir(plus), open, read, readlink, xattrs and
+// statfs, with inode numbers taken from ext4. Mount serves an immutable
+// image read-only, with long kernel cache lifetimes, and answers every
+// write with EROFS; MountWritable serves an ext4.Writer and its write
+// operations too (write.go). A damaged structure fails only the operation that met it
 // (EIO plus a log line naming the inode); the mount stays up.
 package fs
 
@@ -41,7 +42,97 @@ func errnoOf(err error) (errno syscall.Errno, logIt bool) {
 		return syscall.ENOENT, false
 	case errors.Is(err, ext4.ErrNoXattr):
 		return syscall.ENODATA, false
+	case errors.As(err, &errno):
+		// The writer's answers (EEXIST, ENOSPC, ENOTEMPTY...) are the
+		// caller's business; only an I/O failure is worth a log line.
+		return errno, errno == syscall.EIO
 	default: // ErrCorrupt, ErrUnsupported, backend I/O or decryption failures
 		return syscall.EIO, true
 	}
+}
+
+// writerTree reads a filesystem that an ext4.Writer changes: each read
+// runs in Writer.View, against the current inode rather than the copy the
+// caller looked up earlier.
+type writerTree struct{ w *ext4.Writer }
+
+var _ Tree = writerTree{}
+
+func (t writerTree) Inode(ino uint32) (in *ext4.Inode, err error) {
+	err = t.w.View(func(f *ext4.FS) error {
+		in, err = f.Inode(ino)
+		return err
+	})
+	return in, err
+}
+
+func (t writerTree) ReadDir(dir *ext4.Inode) (list []ext4.DirEntry, err error) {
+	err = t.w.View(func(f *ext4.FS) error {
+		cur, err := f.Inode(dir.Ino)
+		if err == nil {
+			list, err = f.ReadDir(cur)
+		}
+		return err
+	})
+	return list, err
+}
+
+func (t writerTree) Lookup(dir *ext4.Inode, name string) (ino uint32, err error) {
+	err = t.w.View(func(f *ext4.FS) error {
+		cur, err := f.Inode(dir.Ino)
+		if err == nil {
+			ino, err = f.Lookup(cur, name)
+		}
+		return err
+	})
+	return ino, err
+}
+
+func (t writerTree) ReadAtContext(ctx context.Context, file *ext4.Inode, p []byte, off int64) (n int, err error) {
+	err = t.w.View(func(f *ext4.FS) error {
+		cur, err := f.Inode(file.Ino)
+		if err == nil {
+			n, err = f.ReadAtContext(ctx, cur, p, off)
+		}
+		return err
+	})
+	return n, err
+}
+
+func (t writerTree) Readlink(link *ext4.Inode) (target string, err error) {
+	err = t.w.View(func(f *ext4.FS) error {
+		target, err = f.Readlink(link)
+		return err
+	})
+	return target, err
+}
+
+func (t writerTree) ListXattr(ino *ext4.Inode) (names []string, err error) {
+	err = t.w.View(func(f *ext4.FS) error {
+		cur, err := f.Inode(ino.Ino)
+		if err == nil {
+			names, err = f.ListXattr(cur)
+		}
+		return err
+	})
+	return names, err
+}
+
+func (t writerTree) GetXattr(ino *ext4.Inode, name string) (value []byte, err error) {
+	err = t.w.View(func(f *ext4.FS) error {
+		cur, err := f.Inode(ino.Ino)
+		if err == nil {
+			value, err = f.GetXattr(cur, name)
+		}
+		return err
+	})
+	return value, err
+}
+
+func (t writerTree) StatFS() (st ext4.StatFS) {
+	_ = t.w.View(func(f *ext4.FS) error {
+		st = f.StatFS()
+		return nil
+	})
+	return st
 }

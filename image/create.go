@@ -31,7 +31,21 @@ type CreateOptions struct {
 	NoVerity bool
 	// Verity configures the tree.
 	Verity VerityOptions
+	// ReadWrite builds an image for read-write mounts (OpenWritable): with
+	// a journal, without a verity tree, and, unless Size is given, with
+	// room to grow (ReadWriteSize) and inodes at mke2fs's usual ratio.
+	ReadWrite bool
 }
+
+// ReadWriteSize is the default size of a read-write image of a tree whose
+// read-only image would take est: twice that, and at least 64 MiB free.
+func ReadWriteSize(est TreeEstimate) int64 {
+	base := est.ImageSize(true)
+	return roundUp(max(2*base, base+64<<20), 1<<20)
+}
+
+// bytesPerInode is mke2fs's inode_ratio for ext4: one inode per 16 KiB.
+const bytesPerInode = 16 << 10
 
 // CreateResult reports what Create built.
 type CreateResult struct {
@@ -58,6 +72,18 @@ func Create(ctx context.Context, o CreateOptions) (*CreateResult, error) {
 		return nil, fmt.Errorf("encryption sector size %d is larger than the ext4 block size %d: the filesystem could then write part of a sector; use --sector-size %d or a larger --block-size",
 			o.Crypto.SectorSize, o.BlockSize, o.BlockSize)
 	}
+	var inodes uint64
+	if o.ReadWrite {
+		o.Journal, o.NoVerity = true, true
+		est, err := EstimateTree(o.From, o.BlockSize)
+		if err != nil {
+			return nil, err
+		}
+		if o.Size == 0 {
+			o.Size = roundUp(ReadWriteSize(est), int64(o.BlockSize))
+		}
+		inodes = max(uint64(o.Size/bytesPerInode), est.InodeCount())
+	}
 	dir := filepath.Dir(o.Out)
 	plain, err := os.CreateTemp(dir, ".blobseal-plain-*.ext4")
 	if err != nil {
@@ -66,7 +92,7 @@ func Create(ctx context.Context, o CreateOptions) (*CreateResult, error) {
 	defer os.Remove(plain.Name())
 	defer plain.Close()
 	size, est, err := makeExt4(ctx, o.From, plain.Name(), MakeOptions{
-		BlockSize: o.BlockSize, Size: o.Size, Label: o.Label, Journal: o.Journal,
+		BlockSize: o.BlockSize, Size: o.Size, Inodes: inodes, Label: o.Label, Journal: o.Journal,
 		UUID: o.UUID, Mkfs: o.Mkfs, Warn: o.Warn,
 	})
 	if err != nil {

@@ -25,6 +25,7 @@ type imageCreateFlags struct {
 	from, keyFile, format, pbkdf, size, label string
 	sectorSize, blockSize                     int
 	journal, noHoles, noVerity, json          bool
+	readWrite                                 bool
 }
 
 func newImageCreateCmd() *cobra.Command {
@@ -53,6 +54,7 @@ func newImageCreateCmd() *cobra.Command {
 	f.BoolVar(&o.noHoles, "no-holes", false, "encrypt zero runs too (for images that must read the same through dm-crypt)")
 	f.BoolVar(&o.noVerity, "no-verity", false, "leave out the dm-verity tree (the image can then be modified by storage undetected)")
 	f.BoolVar(&o.json, "json", false, "print the result as JSON")
+	f.BoolVar(&o.readWrite, "read-write", false, "build an image for `blobseal mount --read-write`: with a journal, without a verity tree, and (without --size) twice the space DIR needs, at least 64 MiB free")
 	markRequired(cmd, "from", "key-file")
 	completeValues(cmd, "format", "luks2", "plain")
 	completeValues(cmd, "pbkdf", "pbkdf2", "argon2id")
@@ -107,8 +109,9 @@ func runImageCreate(cmd *cobra.Command, o imageCreateFlags, out string) error {
 	res, err := image.Create(ctx, image.CreateOptions{
 		From: o.from, Out: out, Key: key,
 		BlockSize: o.blockSize, Size: size, Label: o.label, Journal: o.journal,
-		Warn:     func(msg string) { fmt.Fprintln(stderr, "warning:", msg) },
-		NoVerity: o.noVerity,
+		Warn:      func(msg string) { fmt.Fprintln(stderr, "warning:", msg) },
+		NoVerity:  o.noVerity,
+		ReadWrite: o.readWrite,
 		Crypto: crypto.FormatOptions{
 			Format:     o.format,
 			SectorSize: o.sectorSize,
@@ -140,6 +143,8 @@ func runImageCreate(cmd *cobra.Command, o imageCreateFlags, out string) error {
 		out, o.format, res.FilesystemBytes>>20, o.blockSize, o.sectorSize)
 	if res.Verity != nil {
 		printVerity(cmd.OutOrStdout(), res.Verity)
+	} else if o.readWrite {
+		fmt.Fprintln(cmd.OutOrStdout(), "read-write image: journal, no verity tree; mount it with `blobseal mount --read-write`")
 	} else {
 		fmt.Fprintln(cmd.OutOrStdout(), "no verity tree (--no-verity): mounts cannot detect changes made by storage")
 	}

@@ -163,6 +163,7 @@ type mountFlags struct {
 	grace                       time.Duration
 	cacheMiB                    int64
 	storage                     storageFlags
+	readWrite                   bool
 }
 
 // storageFlags bound how long reads wait for storage.
@@ -206,7 +207,8 @@ func newMountCmd() *cobra.Command {
 			"SIGINT/SIGTERM or an external unmount. Prints \"ready\" once the tree is servable.\n" +
 			"The key comes from --key-file or from a secure key release (attestation, MAA, vault);\n" +
 			"a released key stays in memory only. With --verity-root-hash every block is verified\n" +
-			"against the image's hash tree before use; a tampered block reads as EIO.",
+			"against the image's hash tree before use; a tampered block reads as EIO.\n" +
+			"With --read-write a local image file (image create --read-write) is served writable.",
 		Example: "  blobseal mount --key-file key.bin --verity-root-hash ROOT data.img /mnt/data",
 		Args:    positional("IMAGE", "MOUNTPOINT"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -230,6 +232,7 @@ func newMountCmd() *cobra.Command {
 	f.BoolVar(&o.cacheLocal, "cache-local", true, "read a local image through the block cache (parallel read-ahead); false reads the file directly")
 	f.StringVar(&o.directIO, "direct-io", "auto", "read files without the kernel page cache: auto (files of 32 MiB and more, when the kernel keeps mmap working: Linux 6.6+), on (every file) or off")
 	f.StringVar(&o.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole mount to this file (for go tool pprof)")
+	f.BoolVar(&o.readWrite, "read-write", false, "mount a local image file read-write (made by image create --read-write: journal, no verity tree); writes are encrypted into the file, fsync commits the journal, unmount leaves a clean filesystem")
 	// One key source: a file, or a release (whose flags key-name stands for).
 	for _, rel := range releaseFlagNames() {
 		cmd.MarkFlagsMutuallyExclusive("key-file", rel)
@@ -260,6 +263,11 @@ func runMount(cmd *cobra.Command, o *mountFlags, location, mountpoint string) er
 	}
 	if err := o.storage.validate(); err != nil {
 		return err
+	}
+	if o.readWrite {
+		if err := checkReadWrite(location, integrity); err != nil {
+			return err
+		}
 	}
 	if release {
 		if err := rf.prepare(); err != nil {
@@ -296,6 +304,9 @@ func runMount(cmd *cobra.Command, o *mountFlags, location, mountpoint string) er
 	spec.DirectLocal = !o.cacheLocal
 	spec.Logger = logger
 	spec.Integrity = integrity
+	if o.readWrite {
+		return runMountWritable(cmd, o, spec, key, mountpoint)
+	}
 	img, err := image.Open(ctx, spec)
 	key.Wipe()
 	if err != nil {

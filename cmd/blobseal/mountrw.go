@@ -1,0 +1,78 @@
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/blobseal/blobseal/fs"
+	"github.com/blobseal/blobseal/image"
+	"github.com/blobseal/blobseal/internal/secret"
+)
+
+// checkReadWrite refuses, before any key is fetched, what --read-write
+// cannot serve.
+func checkReadWrite(location string, integrity image.Integrity) error {
+	switch {
+	case image.IsRemote(location):
+		return usageErrorf("--read-write takes a local image file; blob URLs mount read-only (drop --read-write, or download the image first)")
+	case integrity.RootHash != nil || integrity.Require:
+		return usageErrorf("--read-write cannot keep a verity tree valid: drop --verity-root-hash/--require-integrity, or mount read-only")
+	}
+	return nil
+}
+
+// runMountWritable is runMount for --read-write: the image file opened for
+// writing, served until a signal or an external unmount, then flushed
+// (journal committed and checkpointed) before the process exits.
+func runMountWritable(cmd *cobra.Command, o *mountFlags, spec image.Spec, key secret.Bytes, mountpoint string) (err error) {
+	ctx := cmd.Context()
+	img, err := image.OpenWritable(ctx, spec)
+	key.Wipe()
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := img.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("close %s: %w", img.Name, cerr)
+		}
+	}()
+	logger := spec.Logger
+	directMode, _ := fs.ParseDirectIO(o.directIO) // validated by runMount
+	srv, err := fs.MountWritable(ctx, mountpoint, img.Writer, fs.Options{
+		AllowOther:   o.allowOther,
+		Logger:       logger,
+		Source:       mountSourceName(img.Name),
+		Debug:        o.debugFUSE,
+		UnmountGrace: o.grace,
+		DirectIO:     directMode,
+	})
+	if err != nil {
+		return err
+	}
+	if o.readyFile != "" {
+		if err := writeReadyFile(o.readyFile, []byte(srv.Mountpoint()+"\n")); err != nil {
+			_ = srv.Unmount()
+			return fmt.Errorf("--ready-file: %w", err)
+		}
+		defer os.Remove(o.readyFile)
+	}
+	fmt.Fprintln(cmd.OutOrStdout(), "ready")
+
+	select {
+	case <-ctx.Done():
+		logger.Info("signal received; unmounting", "mountpoint", srv.Mountpoint())
+		if err := srv.Unmount(); err != nil {
+			// Detached lazily: files still open keep sending writes, so
+			// the writer must live until the last one closes (a SIGKILL
+			// meanwhile loses only what was not committed: the journal
+			// keeps the image consistent).
+			logger.Warn("waiting for the last open file to close before flushing", "err", err)
+			<-srv.Done()
+		}
+	case <-srv.Done():
+		logger.Info("unmounted from outside", "mountpoint", srv.Mountpoint())
+	}
+	return srv.Err()
+}

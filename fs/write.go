@@ -1,0 +1,353 @@
+package fs
+
+import (
+	"context"
+	"fmt"
+	"syscall"
+	"time"
+
+	gofs "github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+
+	"github.com/blobseal/blobseal/fs/ext4"
+)
+
+// The write operations. Each goes straight to the ext4 Writer, which
+// journals the metadata (committed by fsync, by the periodic commit, or
+// when a transaction fills a quarter of the journal) and writes file data
+// in place before the metadata that points at it commits (ordered mode).
+// The choice is write-through: no dirty-data cache in this process, and
+// the kernel's writeback cache is off, so each write(2) (split at 1 MiB)
+// reaches the Writer as it happens. Nothing waits in memory that a crash
+// could lose beyond the uncommitted transaction, and fsync needs only a
+// journal commit. The cost is a round trip per small write; the kernel's
+// writeback cache would batch them, but it then owns sizes and mtimes,
+// which this layer would have to reconcile. A read-only mount answers
+// every write operation with EROFS.
+
+// writable reports whether the mount changes the image.
+func (v *volume) writable() bool { return v.w != nil }
+
+// attrTimeout is how long the kernel may trust attributes. Every change
+// comes through this mount, and the kernel invalidates what its own
+// requests change (sizes after writes, link counts after unlink, ctimes
+// after rename); the short timeout on a writable mount bounds any case it
+// misses, such as the mtime of a file a directory operation touched.
+func (v *volume) attrTimeout() time.Duration {
+	if v.writable() && v.timeout > writableAttrTimeout {
+		return writableAttrTimeout
+	}
+	return v.timeout
+}
+
+const writableAttrTimeout = time.Second
+
+// heldFile is an open regular file of a writable mount; it holds its inode
+// (ext4.Writer.Hold) until released, so an unlinked open file lives on.
+type heldFile struct{ ino uint32 }
+
+// change is deferred by every write operation: it observes op and turns a
+// panic into EIO, as guard and observe do for reads.
+func (n *node) change(op string, errno *syscall.Errno) (done func()) {
+	start := n.vol.begin()
+	return func() {
+		if r := recover(); r != nil {
+			n.vol.guardValue(op, n.ino.Ino, r, errno)
+		}
+		n.vol.observe(op, start, errno)
+	}
+}
+
+// owner returns who creates a file in this directory: the caller, with
+// the group of a set-group-ID directory (which a new directory inherits
+// along with the bit), as ext4 does.
+func (n *node) owner(ctx context.Context, mode uint32) (uid, gid, outMode uint32) {
+	if c, ok := fuse.FromContext(ctx); ok {
+		uid, gid = c.Uid, c.Gid
+	}
+	if dir, err := n.inode(); err == nil && dir.Mode&syscall.S_ISGID != 0 {
+		gid = dir.GID
+		if mode&syscall.S_IFMT == syscall.S_IFDIR {
+			mode |= syscall.S_ISGID
+		}
+	}
+	return uid, gid, mode
+}
+
+// Create makes and opens a regular file.
+func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint32, out *fuse.EntryOut) (_ *gofs.Inode, _ gofs.FileHandle, _ uint32, errno syscall.Errno) {
+	defer n.change("create", &errno)()
+	if !n.vol.writable() {
+		return nil, nil, 0, syscall.EROFS
+	}
+	uid, gid, mode := n.owner(ctx, mode)
+	in, err := n.vol.w.Create(n.ino.Ino, name, mode&0o7777, uid, gid)
+	if err != nil {
+		return nil, nil, 0, n.vol.fail("create", n.ino.Ino, err)
+	}
+	n.vol.w.Hold(in.Ino) // at once: a racing unlink must not free it under the new handle
+	child, errno := n.newChild(ctx, "create", in.Ino, out)
+	if errno != 0 {
+		_ = n.vol.w.Release(in.Ino)
+		return nil, nil, 0, errno
+	}
+	return child, &heldFile{ino: in.Ino}, 0, 0
+}
+
+// Mknod makes a FIFO, socket, device node or regular file.
+func (n *node) Mknod(ctx context.Context, name string, mode uint32, rdev uint32, out *fuse.EntryOut) (_ *gofs.Inode, errno syscall.Errno) {
+	defer n.change("mknod", &errno)()
+	if !n.vol.writable() {
+		return nil, syscall.EROFS
+	}
+	uid, gid, mode := n.owner(ctx, mode)
+	in, err := n.vol.w.Mknod(n.ino.Ino, name, mode, rdev, uid, gid)
+	if err != nil {
+		return nil, n.vol.fail("mknod", n.ino.Ino, err)
+	}
+	return n.newChild(ctx, "mknod", in.Ino, out)
+}
+
+// Mkdir makes a directory.
+func (n *node) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (_ *gofs.Inode, errno syscall.Errno) {
+	defer n.change("mkdir", &errno)()
+	if !n.vol.writable() {
+		return nil, syscall.EROFS
+	}
+	uid, gid, mode := n.owner(ctx, mode|syscall.S_IFDIR)
+	in, err := n.vol.w.Mkdir(n.ino.Ino, name, mode&0o7777, uid, gid)
+	if err != nil {
+		return nil, n.vol.fail("mkdir", n.ino.Ino, err)
+	}
+	return n.newChild(ctx, "mkdir", in.Ino, out)
+}
+
+// Symlink makes a symbolic link to target.
+func (n *node) Symlink(ctx context.Context, target, name string, out *fuse.EntryOut) (_ *gofs.Inode, errno syscall.Errno) {
+	defer n.change("symlink", &errno)()
+	if !n.vol.writable() {
+		return nil, syscall.EROFS
+	}
+	uid, gid, _ := n.owner(ctx, syscall.S_IFLNK)
+	in, err := n.vol.w.Symlink(n.ino.Ino, name, target, uid, gid)
+	if err != nil {
+		return nil, n.vol.fail("symlink", n.ino.Ino, err)
+	}
+	return n.newChild(ctx, "symlink", in.Ino, out)
+}
+
+// Link gives target another name in this directory.
+func (n *node) Link(ctx context.Context, target gofs.InodeEmbedder, name string, out *fuse.EntryOut) (_ *gofs.Inode, errno syscall.Errno) {
+	defer n.change("link", &errno)()
+	if !n.vol.writable() {
+		return nil, syscall.EROFS
+	}
+	t, ok := target.(*node)
+	if !ok {
+		return nil, syscall.EXDEV
+	}
+	if err := n.vol.w.Link(t.ino.Ino, n.ino.Ino, name); err != nil {
+		return nil, n.vol.fail("link", n.ino.Ino, err)
+	}
+	return n.newChild(ctx, "link", t.ino.Ino, out)
+}
+
+// Unlink removes a name of a non-directory.
+func (n *node) Unlink(ctx context.Context, name string) (errno syscall.Errno) {
+	defer n.change("unlink", &errno)()
+	if !n.vol.writable() {
+		return syscall.EROFS
+	}
+	return n.vol.failed0("unlink", n.ino.Ino, n.vol.w.Unlink(n.ino.Ino, name))
+}
+
+// Rmdir removes an empty directory.
+func (n *node) Rmdir(ctx context.Context, name string) (errno syscall.Errno) {
+	defer n.change("rmdir", &errno)()
+	if !n.vol.writable() {
+		return syscall.EROFS
+	}
+	return n.vol.failed0("rmdir", n.ino.Ino, n.vol.w.Rmdir(n.ino.Ino, name))
+}
+
+// Rename moves name to newParent/newName (renameat2 flags NOREPLACE and
+// EXCHANGE; the writer refuses WHITEOUT with EINVAL).
+func (n *node) Rename(ctx context.Context, name string, newParent gofs.InodeEmbedder, newName string, flags uint32) (errno syscall.Errno) {
+	defer n.change("rename", &errno)()
+	if !n.vol.writable() {
+		return syscall.EROFS
+	}
+	np, ok := newParent.(*node)
+	if !ok {
+		return syscall.EXDEV
+	}
+	return n.vol.failed0("rename", n.ino.Ino, n.vol.w.Rename(n.ino.Ino, name, np.ino.Ino, newName, flags))
+}
+
+// Setattr changes size, mode, owner and times (truncate, chmod, chown,
+// utimensat with UTIME_NOW and UTIME_OMIT: the kernel sends only what is set).
+func (n *node) Setattr(ctx context.Context, f gofs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) (errno syscall.Errno) {
+	defer n.change("setattr", &errno)()
+	if !n.vol.writable() {
+		return syscall.EROFS
+	}
+	ino := n.ino.Ino
+	if size, ok := in.GetSize(); ok {
+		if err := n.vol.w.Truncate(ino, size); err != nil {
+			return n.vol.fail("setattr", ino, err)
+		}
+	}
+	var a ext4.SetAttr
+	var set bool
+	if mode, ok := in.GetMode(); ok {
+		a.Mode, set = &mode, true
+	}
+	if uid, ok := in.GetUID(); ok {
+		a.UID, set = &uid, true
+	}
+	if gid, ok := in.GetGID(); ok {
+		a.GID, set = &gid, true
+	}
+	if t, ok := in.GetATime(); ok {
+		a.Atime, set = &t, true
+	}
+	if t, ok := in.GetMTime(); ok {
+		a.Mtime, set = &t, true
+	}
+	if set {
+		if _, err := n.vol.w.Setattr(ino, a); err != nil {
+			return n.vol.fail("setattr", ino, err)
+		}
+	}
+	cur, err := n.inode()
+	if err != nil {
+		return n.vol.fail("setattr", ino, err)
+	}
+	n.vol.fillAttr(cur, &out.Attr)
+	out.SetTimeout(n.vol.attrTimeout())
+	return 0
+}
+
+// Write writes data at off (the kernel has resolved O_APPEND to an offset).
+func (n *node) Write(ctx context.Context, f gofs.FileHandle, data []byte, off int64) (_ uint32, errno syscall.Errno) {
+	defer n.change("write", &errno)()
+	if !n.vol.writable() {
+		return 0, syscall.EROFS
+	}
+	got, err := n.vol.w.WriteAt(n.ino.Ino, data, off)
+	if err != nil && got == 0 {
+		return 0, n.vol.fail("write", n.ino.Ino, err)
+	}
+	return uint32(got), 0 // a short write (ENOSPC midway) reports what landed
+}
+
+// Allocate is fallocate(2): mode 0 and FALLOC_FL_KEEP_SIZE.
+func (n *node) Allocate(ctx context.Context, f gofs.FileHandle, off uint64, size uint64, mode uint32) (errno syscall.Errno) {
+	defer n.change("allocate", &errno)()
+	if !n.vol.writable() {
+		return syscall.EROFS
+	}
+	if mode&^unix.FALLOC_FL_KEEP_SIZE != 0 {
+		return syscall.EOPNOTSUPP
+	}
+	return n.vol.failed0("allocate", n.ino.Ino, n.vol.w.Fallocate(n.ino.Ino, off, size, mode&unix.FALLOC_FL_KEEP_SIZE != 0))
+}
+
+// CopyFileRange is left to the kernel's generic copy (ENOSYS makes it
+// fall back to reads and writes, and stop asking).
+func (n *node) CopyFileRange(context.Context, gofs.FileHandle, uint64, *gofs.Inode, gofs.FileHandle, uint64, uint64, uint64) (_ uint32, errno syscall.Errno) {
+	defer n.change("copy_file_range", &errno)()
+	if !n.vol.writable() {
+		return 0, syscall.EROFS
+	}
+	return 0, syscall.ENOSYS
+}
+
+// Setxattr sets an extended attribute (flags XATTR_CREATE, XATTR_REPLACE).
+func (n *node) Setxattr(ctx context.Context, attr string, data []byte, flags uint32) (errno syscall.Errno) {
+	defer n.change("setxattr", &errno)()
+	if !n.vol.writable() {
+		return syscall.EROFS
+	}
+	return n.vol.failed0("setxattr", n.ino.Ino, n.vol.w.SetXattr(n.ino.Ino, attr, data, int(flags)))
+}
+
+// Removexattr removes an extended attribute (ENODATA when absent).
+func (n *node) Removexattr(ctx context.Context, attr string) (errno syscall.Errno) {
+	defer n.change("removexattr", &errno)()
+	if !n.vol.writable() {
+		return syscall.EROFS
+	}
+	return n.vol.failed0("removexattr", n.ino.Ino, n.vol.w.RemoveXattr(n.ino.Ino, attr))
+}
+
+// Fsync commits the journal: everything written so far, not only this
+// file, is durable when it returns (as with ext4's single journal).
+func (n *node) Fsync(ctx context.Context, f gofs.FileHandle, flags uint32) (errno syscall.Errno) {
+	defer n.change("fsync", &errno)()
+	if !n.vol.writable() {
+		return 0
+	}
+	return n.vol.failed0("fsync", n.ino.Ino, n.vol.w.Sync())
+}
+
+// Flush (every close) has nothing to do: writes are already in the Writer,
+// and close(2) promises no durability.
+func (n *node) Flush(ctx context.Context, f gofs.FileHandle) syscall.Errno { return 0 }
+
+// Release drops the handle's hold; a file unlinked while open is freed now.
+func (n *node) Release(ctx context.Context, f gofs.FileHandle) (errno syscall.Errno) {
+	h, ok := f.(*heldFile)
+	if !ok || !n.vol.writable() {
+		return 0
+	}
+	defer n.change("release", &errno)()
+	return n.vol.failed0("release", h.ino, n.vol.w.Release(h.ino))
+}
+
+// failed0 is fail for operations that return only an errno; nil is 0.
+func (v *volume) failed0(op string, ino uint32, err error) syscall.Errno {
+	if err == nil {
+		return 0
+	}
+	return v.fail(op, ino, err)
+}
+
+// commitInterval is how often a writable mount commits the journal on its
+// own, as ext4's default commit=5: a crash loses at most that much of what
+// was not fsynced.
+const commitInterval = 5 * time.Second
+
+// commitEvery syncs w every interval until stop closes.
+func (s *Server) commitEvery(w *ext4.Writer, interval time.Duration, stop <-chan struct{}) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+			if err := w.Sync(); err != nil {
+				s.log.Error("periodic journal commit failed", "err", err)
+			}
+		}
+	}
+}
+
+// closeWriter flushes the filesystem once the kernel has let go of it.
+func (s *Server) closeWriter(w *ext4.Writer) {
+	if err := w.Close(); err != nil {
+		s.flushErr = fmt.Errorf("flush the filesystem at unmount: %w", err)
+		s.log.Error("flushing the filesystem at unmount failed; the image replays its journal at the next mount", "err", err)
+		return
+	}
+	s.log.Info("filesystem flushed and clean")
+}
+
+// Err reports, once Done is closed, whether a writable mount's filesystem
+// was flushed cleanly at its end; nil for read-only mounts.
+func (s *Server) Err() error {
+	<-s.done
+	return s.flushErr
+}
