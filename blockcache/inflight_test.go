@@ -1,8 +1,11 @@
 package blockcache
 
 import (
+	"net/http"
 	"testing"
 	"time"
+
+	"github.com/blobseal/blobseal/blob"
 )
 
 // readSequentially reads the whole of c in 1 MiB reads, as a FUSE mount
@@ -139,4 +142,24 @@ func TestFastSourceKeepsLargeFetches(t *testing.T) {
 		t.Errorf("%d of %d requests were %d MiB, want at least %d", large, st.Requests, DefaultMaxFetchSize>>20, want)
 	}
 	t.Logf("%d requests, %d of them %d MiB", st.Requests, large, DefaultMaxFetchSize>>20)
+}
+
+// TestTransportAllowsMaxFetches checks that blobseal's HTTP transport can
+// keep DefaultMaxFetches connections to one storage account open and
+// reusable: a smaller per-host limit would queue requests in the transport,
+// and a smaller idle pool would redial (TCP and TLS) between fetches.
+func TestTransportAllowsMaxFetches(t *testing.T) {
+	tr, ok := blob.NewHTTPClient().Transport.(*http.Transport)
+	if !ok {
+		t.Fatalf("blob.NewHTTPClient's transport is %T, want *http.Transport", blob.NewHTTPClient().Transport)
+	}
+	if tr.MaxConnsPerHost != 0 && tr.MaxConnsPerHost < DefaultMaxFetches {
+		t.Errorf("MaxConnsPerHost %d is below DefaultMaxFetches %d", tr.MaxConnsPerHost, DefaultMaxFetches)
+	}
+	if tr.MaxIdleConnsPerHost < DefaultMaxFetches {
+		t.Errorf("MaxIdleConnsPerHost %d is below DefaultMaxFetches %d", tr.MaxIdleConnsPerHost, DefaultMaxFetches)
+	}
+	if tr.MaxIdleConns != 0 && tr.MaxIdleConns < DefaultMaxFetches {
+		t.Errorf("MaxIdleConns %d is below DefaultMaxFetches %d", tr.MaxIdleConns, DefaultMaxFetches)
+	}
 }
