@@ -90,15 +90,16 @@ type Cache struct {
 	written atomic.Pointer[writtenIndex]
 	disk    *diskTier // nil without DiskDir
 
-	ctx    context.Context // cancelled by Close; parent of every fetch
-	cancel context.CancelFunc
-	wg     sync.WaitGroup // fetch goroutines
-	diskWG sync.WaitGroup // the disk writer
-	sem    chan struct{}  // one token per request slot
-	zeros  []byte         // one block of zeros, read-only, for holes
-	raMax  int            // read-ahead may start a fetch only below this many used slots
-	rate   atomic.Uint64  // float64 bits: moving average of bytes/s per large request
-	diskQ  chan *extent   // extents waiting to be written to disk
+	ctx     context.Context // cancelled by Close; parent of every fetch
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup // fetch goroutines
+	diskWG  sync.WaitGroup // the disk writer
+	sem     chan struct{}  // one token per request slot
+	zeros   []byte         // one block of zeros, read-only, for holes
+	raMax   int            // read-ahead may start a fetch only below this many used slots
+	rate    atomic.Uint64  // float64 bits: moving average of bytes/s of requests run alone
+	getting atomic.Int64   // requests to the source in progress
+	diskQ   chan *extent   // extents waiting to be written to disk
 
 	mu      sync.Mutex
 	blocks  map[int64]*extent
@@ -744,11 +745,12 @@ func (c *Cache) smallUnit() int64 {
 
 // fetchUnit is the size, and alignment, of fetches now: MaxFetchSize while
 // requests are fast or not yet measured, smallUnit while the recent ones
-// ran slower than SlowRequestRate. On a connection capped below the rate
-// (Azure gives each tens of MB/s) throughput grows with the requests in
-// flight, and the read-ahead window (memory) then holds slowSplit times as
-// many of them; fast storage keeps the large requests that storage paying
-// per request (Azurite) prefers.
+// that ran (nearly) alone were slower than SlowRequestRate. A connection
+// capped below the rate (Azure gives each tens of MB/s) is slow even alone,
+// and throughput then grows with the requests in flight, so the read-ahead
+// window (memory) holds slowSplit times as many of them. A server that is
+// fast alone but shared by many requests (Azurite on a busy machine) keeps
+// the large requests it prefers, since it pays per request.
 func (c *Cache) fetchUnit() int64 {
 	rate := math.Float64frombits(c.rate.Load())
 	if c.o.SlowRequestRate > 0 && rate > 0 && rate < c.o.SlowRequestRate {
@@ -757,12 +759,19 @@ func (c *Cache) fetchUnit() int64 {
 	return c.o.MaxFetchSize
 }
 
-// observeRate folds one request's throughput into the moving average that
-// fetchUnit reads. Only requests of at least smallUnit count: smaller ones
-// measure latency, not throughput. Concurrent updates may lose a sample,
-// which an average can afford.
-func (c *Cache) observeRate(n int, d time.Duration) {
-	if int64(n) < c.smallUnit() || d <= 0 {
+// soloRequests is how many requests may run at once for one of them to
+// measure what a connection gives: with more, a shared server's limit
+// divides among them and a fast server looks like a slow connection.
+const soloRequests = 2
+
+// observeRate folds the throughput of a request that ran with at most
+// soloRequests-1 others into the moving average that fetchUnit reads. Only
+// requests of at least a quarter of smallUnit (1 MiB) count: smaller ones
+// measure latency, not throughput. A stream's first reads and the first
+// steps of its read-ahead run nearly alone, so every stream measures.
+// Concurrent updates may lose a sample, which an average can afford.
+func (c *Cache) observeRate(n int, d time.Duration, concurrent int64) {
+	if concurrent > soloRequests || int64(n) < max(c.smallUnit()/4, c.bs) || d <= 0 {
 		return
 	}
 	sample := float64(n) / d.Seconds()
@@ -776,11 +785,13 @@ func (c *Cache) observeRate(n int, d time.Duration) {
 func (c *Cache) get(ctx context.Context, p []byte, off int64) error {
 	start := time.Now()
 	c.st.requests.Add(1)
+	atStart := c.getting.Add(1)
 	n, err := c.src.ReadAt(ctx, p, off)
+	atEnd := c.getting.Add(-1) + 1
 	took := time.Since(start)
 	c.st.observeLatency(took)
 	if err == nil {
-		c.observeRate(n, took)
+		c.observeRate(n, took, max(atStart, atEnd))
 	}
 	c.st.bytesFetched.Add(uint64(max(n, 0)))
 	if err == nil && n != len(p) || errors.Is(err, io.EOF) && n != len(p) {

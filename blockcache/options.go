@@ -25,8 +25,8 @@ const (
 	DefaultMaxFetches = 24
 	// DefaultSlowRequestRate is the per-request throughput under which
 	// fetches are cut smaller so more of them run in parallel (see Options).
-	// Loopback Azurite answers a 16 MiB GET at several hundred MB/s and is
-	// not split; a connection capped at 50 MB/s is.
+	// Loopback Azurite answers a lone GET at several hundred MB/s and keeps
+	// 16 MiB fetches; a connection capped at 50 MB/s gets 4 MiB ones.
 	DefaultSlowRequestRate = 100e6
 	// DefaultMaxFetchSize is the largest single ranged GET. Large ranges
 	// matter because Azurite (and Azure) pay per request, but one sequential
@@ -65,7 +65,8 @@ type Options struct {
 	// MaxFetches bounds parallel requests to the source.
 	MaxFetches int
 	// SlowRequestRate is a per-request throughput in bytes per second: while
-	// recent large GETs were slower than this, fetches (demand and
+	// recent GETs of 1 MiB or more that ran nearly alone were slower than
+	// this (a connection capped in throughput), fetches (demand and
 	// read-ahead) are cut at multiples of MaxFetchSize/slowSplit instead of
 	// MaxFetchSize, so the same read-ahead window keeps slowSplit times as
 	// many requests in flight. Negative values never cut smaller.
