@@ -726,10 +726,11 @@ func rangesLen(rs []blob.Range) int64 {
 }
 
 // slowSplit is how many times more requests a stream keeps in flight when
-// requests are slow (see Options.SlowRequestRate): fetches of a quarter of
-// MaxFetchSize, 4 MiB by default, still large enough that per-request
-// latency costs little.
-const slowSplit = 4
+// requests are slow (see Options.SlowRequestRate): fetches of half of
+// MaxFetchSize, 8 MiB by default, so the 128 MiB window holds 16 of them.
+// Not smaller: Azurite spends CPU per request (about 20 ms each on the
+// benchmark machine), and 4 MiB fetches doubled its CPU per GiB.
+const slowSplit = 2
 
 // smallUnit is the fetch size while requests are slow: a multiple of the
 // block size that divides MaxFetchSize, so small and large fetches share
@@ -766,12 +767,12 @@ const soloRequests = 2
 
 // observeRate folds the throughput of a request that ran with at most
 // soloRequests-1 others into the moving average that fetchUnit reads. Only
-// requests of at least a quarter of smallUnit (1 MiB) count: smaller ones
+// requests of at least MaxFetchSize/16 (1 MiB) count: smaller ones
 // measure latency, not throughput. A stream's first reads and the first
 // steps of its read-ahead run nearly alone, so every stream measures.
 // Concurrent updates may lose a sample, which an average can afford.
 func (c *Cache) observeRate(n int, d time.Duration, concurrent int64) {
-	if concurrent > soloRequests || int64(n) < max(c.smallUnit()/4, c.bs) || d <= 0 {
+	if concurrent > soloRequests || int64(n) < max(c.o.MaxFetchSize/16, c.bs) || d <= 0 {
 		return
 	}
 	sample := float64(n) / d.Seconds()

@@ -26,7 +26,7 @@ const (
 	// DefaultSlowRequestRate is the per-request throughput under which
 	// fetches are cut smaller so more of them run in parallel (see Options).
 	// Loopback Azurite answers a lone GET at several hundred MB/s and keeps
-	// 16 MiB fetches; a connection capped at 50 MB/s gets 4 MiB ones.
+	// 16 MiB fetches; a connection capped at 50 MB/s gets 8 MiB ones.
 	DefaultSlowRequestRate = 100e6
 	// DefaultMaxFetchSize is the largest single ranged GET. Large ranges
 	// matter because Azurite (and Azure) pay per request, but one sequential
