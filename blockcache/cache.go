@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -49,6 +50,10 @@ type extent struct {
 	length  int64 // bytes covered (the last extent of the source may be short)
 	mem     int64 // accounted bytes: length rounded up to whole pages
 	ahead   bool  // created by read-ahead
+	// stream is the stream whose read-ahead created the extent, and
+	// streamID its identity then (the table reuses entries).
+	stream   *stream
+	streamID uint64
 
 	done chan struct{} // closed when the fetch ends; then buf or err is set
 	buf  []byte        // the mapping, len == mem; data is buf[:length]
@@ -85,14 +90,16 @@ type Cache struct {
 	written atomic.Pointer[writtenIndex]
 	disk    *diskTier // nil without DiskDir
 
-	ctx    context.Context // cancelled by Close; parent of every fetch
-	cancel context.CancelFunc
-	wg     sync.WaitGroup // fetch goroutines
-	diskWG sync.WaitGroup // the disk writer
-	sem    chan struct{}  // one token per request slot
-	zeros  []byte         // one block of zeros, read-only, for holes
-	raMax  int            // read-ahead may start a fetch only below this many used slots
-	diskQ  chan *extent   // extents waiting to be written to disk
+	ctx     context.Context // cancelled by Close; parent of every fetch
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup // fetch goroutines
+	diskWG  sync.WaitGroup // the disk writer
+	sem     chan struct{}  // one token per request slot
+	zeros   []byte         // one block of zeros, read-only, for holes
+	raMax   int            // read-ahead may start a fetch only below this many used slots
+	rate    atomic.Uint64  // float64 bits: moving average of bytes/s of requests run alone
+	getting atomic.Int64   // requests to the source in progress
+	diskQ   chan *extent   // extents waiting to be written to disk
 
 	mu      sync.Mutex
 	blocks  map[int64]*extent
@@ -402,14 +409,14 @@ func (c *Cache) acquire(ctx context.Context, b, end int64) (*extent, error) {
 }
 
 // missingRunLocked returns how many blocks from b (at most up to last, and
-// never across a multiple of MaxFetchSize) are neither cached, in flight nor
+// never across a multiple of fetchUnit) are neither cached, in flight nor
 // holes. Cutting every fetch at the same aligned boundaries keeps a
 // sequential stream's demand fetches and read-ahead from overlapping into
 // fragments: once under way, every request is one whole aligned
 // MaxFetchSize range, and storage that charges per request (Azurite, Azure
 // transactions) sees the fewest requests.
 func (c *Cache) missingRunLocked(b, last int64) int64 {
-	unit := c.o.MaxFetchSize / c.bs
+	unit := c.fetchUnit() / c.bs
 	n := int64(1)
 	for b+n <= last && (b+n)%unit != 0 && c.blocks[b+n] == nil && !c.holeBlock(b+n) {
 		n++
@@ -718,12 +725,75 @@ func rangesLen(rs []blob.Range) int64 {
 	return n
 }
 
+// slowSplit is how many times more requests a stream keeps in flight when
+// requests are slow (see Options.SlowRequestRate): fetches of half of
+// MaxFetchSize, 8 MiB by default, so the 128 MiB window holds 16 of them.
+// Not smaller: Azurite spends CPU per request (about 20 ms each on the
+// benchmark machine), and 4 MiB fetches doubled its CPU per GiB.
+const slowSplit = 2
+
+// smallUnit is the fetch size while requests are slow: a multiple of the
+// block size that divides MaxFetchSize, so small and large fetches share
+// aligned boundaries and a change of mode never splits a fetch in two.
+func (c *Cache) smallUnit() int64 {
+	unit := c.o.MaxFetchSize / slowSplit
+	unit -= unit % c.bs
+	for unit > c.bs && c.o.MaxFetchSize%unit != 0 {
+		unit -= c.bs
+	}
+	return max(unit, c.bs)
+}
+
+// fetchUnit is the size, and alignment, of fetches now: MaxFetchSize while
+// requests are fast or not yet measured, smallUnit while the recent ones
+// that ran (nearly) alone were slower than SlowRequestRate. A connection
+// capped below the rate (Azure gives each tens of MB/s) is slow even alone,
+// and throughput then grows with the requests in flight, so the read-ahead
+// window (memory) holds slowSplit times as many of them. A server that is
+// fast alone but shared by many requests (Azurite on a busy machine) keeps
+// the large requests it prefers, since it pays per request.
+func (c *Cache) fetchUnit() int64 {
+	rate := math.Float64frombits(c.rate.Load())
+	if c.o.SlowRequestRate > 0 && rate > 0 && rate < c.o.SlowRequestRate {
+		return c.smallUnit()
+	}
+	return c.o.MaxFetchSize
+}
+
+// soloRequests is how many requests may run at once for one of them to
+// measure what a connection gives: with more, a shared server's limit
+// divides among them and a fast server looks like a slow connection.
+const soloRequests = 2
+
+// observeRate folds the throughput of a request that ran with at most
+// soloRequests-1 others into the moving average that fetchUnit reads. Only
+// requests of at least MaxFetchSize/16 (1 MiB) count: smaller ones
+// measure latency, not throughput. A stream's first reads and the first
+// steps of its read-ahead run nearly alone, so every stream measures.
+// Concurrent updates may lose a sample, which an average can afford.
+func (c *Cache) observeRate(n int, d time.Duration, concurrent int64) {
+	if concurrent > soloRequests || int64(n) < max(c.o.MaxFetchSize/16, c.bs) || d <= 0 {
+		return
+	}
+	sample := float64(n) / d.Seconds()
+	if rate := math.Float64frombits(c.rate.Load()); rate > 0 {
+		sample = rate + (sample-rate)/4
+	}
+	c.rate.Store(math.Float64bits(sample))
+}
+
 // get performs one ranged read and insists on every byte.
 func (c *Cache) get(ctx context.Context, p []byte, off int64) error {
 	start := time.Now()
 	c.st.requests.Add(1)
+	atStart := c.getting.Add(1)
 	n, err := c.src.ReadAt(ctx, p, off)
-	c.st.observeLatency(time.Since(start))
+	atEnd := c.getting.Add(-1) + 1
+	took := time.Since(start)
+	c.st.observeLatency(took)
+	if err == nil {
+		c.observeRate(n, took, max(atStart, atEnd))
+	}
 	c.st.bytesFetched.Add(uint64(max(n, 0)))
 	if err == nil && n != len(p) || errors.Is(err, io.EOF) && n != len(p) {
 		err = fmt.Errorf("short read: %d of %d bytes", n, len(p))
@@ -778,10 +848,15 @@ func (c *Cache) finish(e *extent, buf []byte, err error) {
 	}
 	close(e.done)
 	c.wakeLocked()
+	var started, freed []*extent
+	if err == nil {
+		started, freed = c.topUpLocked(e)
+	}
 	c.mu.Unlock()
 	if free {
 		c.release([]*extent{e})
 	}
+	c.startReadAhead(started, freed)
 	if err != nil {
 		c.log.Debug("blockcache: fetch failed", "source", c.name, "offset", e.off, "bytes", e.length, "err", err)
 	}
@@ -857,26 +932,34 @@ func (c *Cache) observe(off, n int64) (int64, error) {
 		c.mu.Unlock()
 		return off + n, nil
 	}
+	horizon := min(s.next+s.window, c.size)
+	started, freed := c.readAheadLocked(s, off)
+	c.mu.Unlock()
+	c.startReadAhead(started, freed)
+	return horizon, nil
+}
+
+// readAheadLocked reserves and registers the read-ahead of stream s, from
+// off (or where its read-ahead got to) to the end of its window, as far as
+// request slots and memory allow. The caller starts the returned extents
+// with startReadAhead after unlocking.
+func (c *Cache) readAheadLocked(s *stream, off int64) (started, freed []*extent) {
 	// Read ahead of the stream's furthest read, not of this one: pieces of
 	// a large read arrive out of order (see reorderPieces).
 	end := s.next
-	horizon := min(end+s.window, c.size)
-	// Read ahead in whole steps of the window (or MaxFetchSize once the
+	// Read ahead in whole steps of the window (or fetchUnit once the
 	// window is larger), as soon as one step of the window is free: a
 	// server that answers parallel requests together (Azurite does) must
 	// never find the pipeline empty while the reader drains what arrived.
-	step := min(s.window, c.o.MaxFetchSize)
+	step := min(s.window, c.fetchUnit())
 	if s.raEnd-end > s.window-step {
-		c.mu.Unlock()
-		return horizon, nil
+		return nil, nil
 	}
 	// The window's end is rounded up to a multiple of step, so successive
 	// batches of read-ahead meet at the same aligned boundaries as
 	// missingRunLocked's cuts and no fetch is split in two.
 	from := max(s.raEnd, off)
 	to := min((end+s.window+step-1)/step*step, c.size)
-	var started []*extent
-	var freed []*extent
 	b, last := from/c.bs, (to-1)/c.bs
 issue:
 	for b <= last {
@@ -901,18 +984,35 @@ issue:
 			break issue
 		}
 		e := c.newExtentLocked(b, nb, true)
+		e.stream, e.streamID = s, s.id
 		c.st.readAhead.Add(uint64(nb))
 		started = append(started, e)
 		c.wg.Add(1)
 		b += nb
 	}
 	s.raEnd = max(s.raEnd, min(b*c.bs, c.size))
-	c.mu.Unlock()
+	return started, freed
+}
+
+// startReadAhead starts what readAheadLocked registered.
+func (c *Cache) startReadAhead(started, freed []*extent) {
 	c.release(adoptBuffers(started, freed))
 	for _, e := range started {
 		go c.fetch(e, true)
 	}
-	return horizon, nil
+}
+
+// topUpLocked continues the read-ahead of the stream that started e, which
+// just ended and freed its request slot. Without it read-ahead would start
+// only on reads, and a reader waiting for the oldest fetch while younger
+// ones end would let the requests in flight drain below the slots: on
+// connections capped in throughput, that is throughput lost.
+func (c *Cache) topUpLocked(e *extent) (started, freed []*extent) {
+	s := e.stream
+	if s == nil || c.closed || !s.valid || s.id != e.streamID || s.window == 0 {
+		return nil, nil
+	}
+	return c.readAheadLocked(s, s.raEnd)
 }
 
 // forget drops the cached and in-flight blocks overlapping [off, end) and

@@ -18,8 +18,16 @@ const (
 	DefaultBlockSize = 64 << 10
 	// DefaultMemoryBytes bounds all cached and in-flight block memory.
 	DefaultMemoryBytes = 256 << 20
-	// DefaultMaxFetches bounds parallel requests to the source.
-	DefaultMaxFetches = 16
+	// DefaultMaxFetches bounds parallel requests to the source. Read-ahead
+	// uses three quarters of them (18), the rest stay free for demand reads:
+	// storage that caps each connection (Azure: tens of MB/s) needs a
+	// sequential stream to keep at least 16 requests in flight.
+	DefaultMaxFetches = 24
+	// DefaultSlowRequestRate is the per-request throughput under which
+	// fetches are cut smaller so more of them run in parallel (see Options).
+	// Loopback Azurite answers a lone GET at several hundred MB/s and keeps
+	// 16 MiB fetches; a connection capped at 50 MB/s gets 8 MiB ones.
+	DefaultSlowRequestRate = 100e6
 	// DefaultMaxFetchSize is the largest single ranged GET. Large ranges
 	// matter because Azurite (and Azure) pay per request, but one sequential
 	// stream also needs several requests in flight: 16 MiB fetches keep
@@ -56,6 +64,13 @@ type Options struct {
 	MemoryBytes int64
 	// MaxFetches bounds parallel requests to the source.
 	MaxFetches int
+	// SlowRequestRate is a per-request throughput in bytes per second: while
+	// recent GETs of 1 MiB or more that ran nearly alone were slower than
+	// this (a connection capped in throughput), fetches (demand and
+	// read-ahead) are cut at multiples of MaxFetchSize/slowSplit instead of
+	// MaxFetchSize, so the same read-ahead window keeps slowSplit times as
+	// many requests in flight. Negative values never cut smaller.
+	SlowRequestRate float64
 	// MaxFetchSize is the largest single ranged read, rounded down to a
 	// multiple of BlockSize and capped at a quarter of MemoryBytes.
 	MaxFetchSize int64
@@ -107,6 +122,9 @@ func (o Options) normalize() (Options, error) {
 	}
 	if o.MaxFetchSize == 0 {
 		o.MaxFetchSize = DefaultMaxFetchSize
+	}
+	if o.SlowRequestRate == 0 {
+		o.SlowRequestRate = DefaultSlowRequestRate
 	}
 	// A fetch must fit in memory several times over, or readers of different
 	// streams would wait on each other for memory.

@@ -27,6 +27,10 @@ type testSource struct {
 	data    []byte // nil for a virtual source whose bytes come from pattern
 	name    string
 	latency time.Duration // slept per request, in parallel
+	// connRate, when set, caps each request at this many bytes per second,
+	// like a connection to Azure (or toxiproxy's bandwidth toxic): requests
+	// in parallel each get the full rate.
+	connRate float64
 
 	// serverCost, when set, is charged per request while holding serverMu, so
 	// requests compete for one "server" that pays per request and per byte.
@@ -140,8 +144,12 @@ func (s *testSource) ReadAt(ctx context.Context, p []byte, off int64) (int, erro
 		}
 		s.mu.Unlock()
 	}()
-	if s.latency > 0 {
-		t := time.NewTimer(s.latency)
+	delay := s.latency
+	if s.connRate > 0 {
+		delay += time.Duration(float64(len(want)) / s.connRate * float64(time.Second))
+	}
+	if delay > 0 {
+		t := time.NewTimer(delay)
 		select {
 		case <-t.C:
 		case <-ctx.Done():

@@ -16,6 +16,7 @@ type stream struct {
 	raEnd  int64  // read-ahead has been issued up to here
 	runs   int    // consecutive continuations seen
 	tick   uint64 // last use, for replacement and for counting active streams
+	id     uint64 // tick at creation: tells a stream from a later one in its entry
 }
 
 type streamTable struct {
@@ -83,7 +84,7 @@ func (t *streamTable) observe(off, n, initial, maxWindow int64) (st *stream, seq
 		s.window = min(s.window, maxWindow)
 		return s, true
 	}
-	t.s[victim] = stream{valid: true, next: off + n, tick: t.tick}
+	t.s[victim] = stream{valid: true, next: off + n, tick: t.tick, id: t.tick}
 	return &t.s[victim], false
 }
 

@@ -189,8 +189,9 @@ func (h *harness) measurePeers(ctx context.Context, step stepFn, best rawVariant
 		blockURL = strings.Replace(h.blockURL, strings.TrimSuffix(h.cfg.Endpoint, "/"), strings.TrimSuffix(h.proxyEnd, "/"), 1)
 		what = h.azureLabel()
 	}
-	// The raw download uses as many connections as the mount can: blobseal
-	// keeps at most 16 requests in flight (blockcache.DefaultMaxFetches).
+	// The raw download uses 16 connections, the fixed baseline: a
+	// blobseal stream keeps up to 18 requests in flight on slow connections
+	// (three quarters of blockcache.DefaultMaxFetches) and 8 on fast ones.
 	raw := rawVariant{best.rangeSize, 16}
 	for r := range h.cfg.Runs {
 		h.logf("%s alternating run %d of %d", what, r+1, h.cfg.Runs)
