@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"os"
 	"syscall"
 	"testing"
 	"time"
@@ -28,6 +30,10 @@ func TestErrnoOf(t *testing.T) {
 		{fmt.Errorf("ext4: mkdir %q: %w", "d", syscall.EEXIST), syscall.EEXIST, false},
 		{fmt.Errorf("ext4: allocating: %w", syscall.ENOSPC), syscall.ENOSPC, false},
 		{fmt.Errorf("ext4: device: %w", syscall.EIO), syscall.EIO, true},
+		// An errno from below the filesystem (a storage connection) is an
+		// I/O error to the application, not its own errno.
+		{fmt.Errorf("fetch: %w", &net.OpError{Op: "read", Net: "tcp",
+			Err: &os.SyscallError{Syscall: "read", Err: syscall.ECONNRESET}}), syscall.EIO, true},
 	}
 	for _, c := range cases {
 		errno, logIt := errnoOf(c.err)

@@ -42,13 +42,27 @@ func errnoOf(err error) (errno syscall.Errno, logIt bool) {
 		return syscall.ENOENT, false
 	case errors.Is(err, ext4.ErrNoXattr):
 		return syscall.ENODATA, false
-	case errors.As(err, &errno):
+	case errors.As(err, &errno) && fsErrnos[errno]:
 		// The writer's answers (EEXIST, ENOSPC, ENOTEMPTY...) are the
-		// caller's business; only an I/O failure is worth a log line.
-		return errno, errno == syscall.EIO
-	default: // ErrCorrupt, ErrUnsupported, backend I/O or decryption failures
+		// caller's business.
+		return errno, false
+	default:
+		// ErrCorrupt, ErrUnsupported, backend I/O or decryption failures,
+		// and errnos from below the filesystem (a storage connection's
+		// ECONNRESET) are an I/O error to the application.
 		return syscall.EIO, true
 	}
+}
+
+// fsErrnos are the errnos with a filesystem meaning that the ext4 writer
+// answers; they reach the application as they are.
+var fsErrnos = map[syscall.Errno]bool{
+	syscall.ENOENT: true, syscall.EEXIST: true, syscall.ENOTEMPTY: true, syscall.ENOSPC: true,
+	syscall.ENOTDIR: true, syscall.EISDIR: true, syscall.EINVAL: true, syscall.ENAMETOOLONG: true,
+	syscall.EPERM: true, syscall.EACCES: true, syscall.EROFS: true, syscall.EBUSY: true,
+	syscall.EXDEV: true, syscall.EMLINK: true, syscall.EFBIG: true, syscall.ENODATA: true,
+	syscall.ERANGE: true, syscall.E2BIG: true, syscall.EOPNOTSUPP: true, syscall.ELOOP: true,
+	syscall.EDQUOT: true, syscall.EBADF: true,
 }
 
 // writerTree reads a filesystem that an ext4.Writer changes: each read
