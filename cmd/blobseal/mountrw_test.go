@@ -283,7 +283,8 @@ func TestMountReadWriteRefusals(t *testing.T) {
 		code int
 		want string
 	}{
-		{[]string{"mount", "--read-write", "--key-file", key, "http://127.0.0.1:1/acct/c/blob", mnt}, 2, "local image file"},
+		{[]string{"mount", "--read-write", "--key-file", key, "--lease-duration", "5s", "http://127.0.0.1:1/acct/c/blob", mnt}, 2, "15s to 60s"},
+		{[]string{"mount", "--read-write", "--key-file", key, "--cache-dir", dir, "http://127.0.0.1:1/acct/c/blob", mnt}, 2, "drop --cache-dir"},
 		{[]string{"mount", "--read-write", "--key-file", key, "--verity-root-hash", strings.Repeat("ab", 32), verityImg, mnt}, 2, "verity"},
 		{[]string{"mount", "--read-write", "--key-file", key, verityImg, mnt}, 1, "ends with a verity tree"},
 	} {
