@@ -64,9 +64,19 @@ var _ ext4.Device = syncedVolume{}
 type flushedVolume struct {
 	*crypto.Volume
 	wb *blockcache.WriteBack
+	pw *blob.PageWriter
 }
 
-func (d flushedVolume) Sync() error { return d.wb.Flush(context.Background()) }
+// Sync flushes. A flush that failed while the writer is still usable (an
+// outage: FlushTimeout passed) kept its dirty data, so the journal may try
+// again; a lost lease or a changed blob is final.
+func (d flushedVolume) Sync() error {
+	err := d.wb.Flush(context.Background())
+	if err != nil && d.pw.Err() == nil {
+		return fmt.Errorf("%w (%w)", err, ext4.ErrSyncRetryable)
+	}
+	return err
+}
 
 var _ ext4.Device = flushedVolume{}
 
@@ -208,7 +218,7 @@ func openWritableBlob(ctx context.Context, spec Spec) (_ *Writable, err error) {
 	}
 	img.Volume = vol
 	img.closers = append(img.closers, vol.Close)
-	w, err := openWriter(spec, name, flushedVolume{vol, wb})
+	w, err := openWriter(spec, name, flushedVolume{vol, wb, pw})
 	if err != nil {
 		return nil, err
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -15,6 +16,9 @@ import (
 
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/lease"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/pageblob"
+	toxiproxy "github.com/Shopify/toxiproxy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
 
 	"github.com/blobseal/blobseal/blob"
 	"github.com/blobseal/blobseal/internal/fusetest"
@@ -213,6 +217,83 @@ func TestMountReadWriteBlobCrash(t *testing.T) {
 		got, err := os.ReadFile(filepath.Join(mnt, fmt.Sprintf("f%04d", i)))
 		if err != nil || !bytes.Equal(got, content(i)) {
 			t.Errorf("fsynced file f%04d: %d bytes, %v", i, len(got), err)
+		}
+	}
+	proc.stop(t)
+	e2fsckClean(t, decryptImage(t, downloadBlob(t, az, url), key))
+}
+
+// TestMountReadWriteBlobOutage: with storage stalled (toxiproxy in front of
+// Azurite), fsync fails with EIO within --flush-timeout while reads of
+// cached data go on; once storage answers, a later fsync succeeds, and a
+// cold remount finds everything that was acknowledged.
+func TestMountReadWriteBlobOutage(t *testing.T) {
+	az := testenv.StartAzurite(t)
+	src := testSource(t)
+	url, key := rwBlob(t, az, src, "outage.img")
+	proxy := toxiproxy.NewProxy(toxiproxy.NewServer(toxiproxy.NewMetricsContainer(prometheus.NewRegistry()), zerolog.Nop()),
+		"azurite", "127.0.0.1:0", "127.0.0.1:"+strconv.Itoa(az.Port))
+	if err := proxy.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(proxy.Stop)
+	proxied := strings.Replace(url, "127.0.0.1:"+strconv.Itoa(az.Port), proxy.Listen, 1)
+	const flushTimeout = 2 * time.Second
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	proc, _ := startMount(t, "--read-write", "--flush-timeout", flushTimeout.String(), "--request-timeout", "500ms",
+		"--key-file", key, proxied, mnt)
+
+	writeSynced := func(name string, data []byte) error {
+		f, err := os.Create(filepath.Join(mnt, name))
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if _, err := f.Write(data); err != nil {
+			return err
+		}
+		return f.Sync()
+	}
+	before := random(t, 1<<20)
+	if err := writeSynced("before", before); err != nil {
+		t.Fatalf("fsync with storage up: %v", err)
+	}
+	big, err := os.ReadFile(filepath.Join(mnt, "big")) // now cached
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	stall, err := proxy.Toxics.AddToxicJson(strings.NewReader(`{"type":"timeout","attributes":{"timeout":0}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	err = writeSynced("during", random(t, 256<<10))
+	took := time.Since(start)
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("fsync with storage stalled: %v after %v; want EIO", err, took)
+	}
+	if took > 3*flushTimeout {
+		t.Errorf("fsync failed after %v; the flush timeout is %v", took, flushTimeout)
+	}
+	t.Logf("fsync failed with EIO after %v", took.Round(time.Millisecond))
+	if got, err := os.ReadFile(filepath.Join(mnt, "big")); err != nil || !bytes.Equal(got, big) {
+		t.Errorf("read of cached data during the outage: %d bytes, %v", len(got), err)
+	}
+
+	if err := proxy.Toxics.RemoveToxic(t.Context(), stall.Name); err != nil {
+		t.Fatal(err)
+	}
+	after := random(t, 1<<20)
+	if err := writeSynced("after", after); err != nil {
+		t.Fatalf("fsync once storage answers again: %v\n%s", err, proc.stderr)
+	}
+	proc.stop(t)
+
+	proc, _ = startMount(t, "--key-file", key, url, mnt) // read-only, cold, straight to Azurite
+	for name, want := range map[string][]byte{"before": before, "after": after, "big": big} {
+		if got, err := os.ReadFile(filepath.Join(mnt, name)); err != nil || !bytes.Equal(got, want) {
+			t.Errorf("%s after the outage: %d bytes, %v", name, len(got), err)
 		}
 	}
 	proc.stop(t)
