@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"time"
 
@@ -31,6 +32,30 @@ type Writable struct {
 	Lease *blob.Lease
 
 	closers []func() error // in order of opening; Close runs them in reverse
+	closed  chan struct{}  // closed by Close: stops WatchLease
+}
+
+// WatchLease returns the channel that closes when the blob's write lease
+// is lost (nil for a local file: never), for fs.Options.ReadOnlyAfter, and
+// logs the loss at error level when it happens: from then on nothing more
+// reaches storage, and what was not stored yet is lost.
+func (i *Writable) WatchLease(log *slog.Logger) <-chan struct{} {
+	if i.Lease == nil {
+		return nil
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	lost := i.Lease.Lost()
+	go func() {
+		select {
+		case <-lost:
+			log.Error("write lease lost: the mount is read-only now; writes not yet stored are lost (unmount, then mount again)",
+				"image", i.Name, "err", i.Lease.Err())
+		case <-i.closed:
+		}
+	}()
+	return lost
 }
 
 // ErrVerityReadOnly refuses to write an image that has a verity tree: the
@@ -156,7 +181,7 @@ func openWriter(spec Spec, name string, dev interface {
 // fsync returns only once storage acknowledged it.
 func openWritableBlob(ctx context.Context, spec Spec) (_ *Writable, err error) {
 	name := secret.RedactURL(spec.Location)
-	img := &Writable{Name: name}
+	img := &Writable{Name: name, closed: make(chan struct{})}
 	defer func() {
 		if err != nil {
 			img.Close()
@@ -252,6 +277,9 @@ func hasTree(f io.ReaderAt, size int64) bool {
 func (i *Writable) Close() error {
 	if i == nil {
 		return nil
+	}
+	if i.closed != nil && len(i.closers) > 0 {
+		close(i.closed)
 	}
 	var errs []error
 	for k := len(i.closers) - 1; k >= 0; k-- {

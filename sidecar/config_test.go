@@ -96,9 +96,9 @@ func TestLegacyBearerTokenNeverPrinted(t *testing.T) {
 func TestConfigErrorsNameTheField(t *testing.T) {
 	cases := map[string]string{
 		"filesystems: []": "no filesystems configured",
-		"filesystems:\n  - source: /x\n    key: {file: k}":                                                                                   "mount_point \"\" must be an absolute path",
-		"filesystems:\n  - mount_point: /m\n    key: {file: k}":                                                                              "source (azure_url) is empty",
-		"filesystems:\n  - mount_point: /m\n    source: /x\n    read_write: true\n    key: {file: k}":                                        "read_write is not supported yet",
+		"filesystems:\n  - source: /x\n    key: {file: k}":      "mount_point \"\" must be an absolute path",
+		"filesystems:\n  - mount_point: /m\n    key: {file: k}": "source (azure_url) is empty",
+		"filesystems:\n  - mount_point: /m\n    source: /x\n    read_write: true\n    verity_root_hash: \"" + strings.Repeat("ab", 32) + "\"\n    key: {file: k}": "read_write cannot keep a verity tree valid",
 		"filesystems:\n  - mount_point: /m\n    source: /x":                                                                                  "exactly one key source",
 		"filesystems:\n  - mount_point: /m\n    source: /x\n    key: {file: k, raw_hex: aa}":                                                 "exactly one key source",
 		"on_failure: sometimes\nfilesystems:\n  - mount_point: /m\n    source: /x\n    key: {file: k}":                                       "on_failure is \"sometimes\"",

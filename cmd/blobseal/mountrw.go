@@ -45,20 +45,8 @@ func runMountWritable(cmd *cobra.Command, o *mountFlags, spec image.Spec, key se
 	}()
 	logger := spec.Logger
 	directMode, _ := fs.ParseDirectIO(o.directIO) // validated by runMount
-	var readOnlyAfter <-chan struct{}
-	if img.Lease != nil {
-		readOnlyAfter = img.Lease.Lost()
-		go func() {
-			select {
-			case <-readOnlyAfter:
-				logger.Error("write lease lost: the mount is read-only now; writes not yet stored are lost (unmount, then mount again)",
-					"image", img.Name, "err", img.Lease.Err())
-			case <-ctx.Done():
-			}
-		}()
-	}
 	srv, err := fs.MountWritable(ctx, mountpoint, img.Writer, fs.Options{
-		ReadOnlyAfter: readOnlyAfter,
+		ReadOnlyAfter: img.WatchLease(logger),
 		AllowOther:    o.allowOther,
 		Logger:        logger,
 		Source:        mountSourceName(img.Name),
