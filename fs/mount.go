@@ -280,7 +280,7 @@ func mount(ctx context.Context, mountpoint string, tree Tree, w *ext4.Writer, op
 	s := &Server{fuse: server, mountpoint: abs, log: logger, grace: opts.UnmountGrace, done: make(chan struct{})}
 	stopCommits := make(chan struct{})
 	if w != nil {
-		go s.commitEvery(w, commitInterval, stopCommits)
+		go s.commitEvery(w, commitInterval, stopCommits, opts.ReadOnlyAfter)
 	}
 	go func() {
 		server.Wait()

@@ -335,13 +335,16 @@ func (v *volume) failed0(op string, ino uint32, err error) syscall.Errno {
 // was not fsynced.
 const commitInterval = 5 * time.Second
 
-// commitEvery syncs w every interval until stop closes.
-func (s *Server) commitEvery(w *ext4.Writer, interval time.Duration, stop <-chan struct{}) {
+// commitEvery syncs w every interval until stop closes, or until the
+// mount turned read-only (its writer can store nothing more).
+func (s *Server) commitEvery(w *ext4.Writer, interval time.Duration, stop, readOnly <-chan struct{}) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-stop:
+			return
+		case <-readOnly: // nil: never
 			return
 		case <-t.C:
 			if err := w.Sync(); err != nil {
