@@ -279,3 +279,27 @@ func TestReadTimeoutConfig(t *testing.T) {
 		t.Fatalf("legacy bad read_timeout: %v", err)
 	}
 }
+
+// TestReadWriteConfig: read_write needs no root hash (a writable image has
+// no tree) and drops the native default integrity requirement; asking for
+// integrity on a read-write filesystem is refused, saying why.
+func TestReadWriteConfig(t *testing.T) {
+	base := "filesystems:\n  - mount_point: /m\n    source: /x\n    key: {file: k}\n    read_write: true\n"
+	c, err := Parse([]byte(base))
+	if err != nil {
+		t.Fatalf("read_write without a root hash: %v", err)
+	}
+	if f := c.Filesystems[0]; !f.ReadWrite || f.RequireIntegrity == nil || *f.RequireIntegrity {
+		t.Errorf("read_write filesystem: ReadWrite %v, RequireIntegrity %v; want true, false", f.ReadWrite, f.RequireIntegrity)
+	}
+	for _, extra := range []string{"    require_integrity: true\n", "    verity_root_hash: " + strings.Repeat("0f", 32) + "\n"} {
+		if _, err := Parse([]byte(base + extra)); err == nil || !strings.Contains(err.Error(), "read_write cannot keep a verity tree valid") {
+			t.Errorf("read_write with %q: %v", extra, err)
+		}
+	}
+	js := `{"azure_filesystems":[{"mount_point":"/m/a","azure_url":"https://a.blob.core.windows.net/c/i.img","raw_key":"00","read_write":true}]}`
+	lc, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte(js)))
+	if err != nil || !lc.Filesystems[0].ReadWrite {
+		t.Fatalf("EncfsSideCarArgs with read_write: %v", err)
+	}
+}
