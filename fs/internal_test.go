@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
+	"os"
 	"syscall"
 	"testing"
 	"time"
@@ -28,6 +31,10 @@ func TestErrnoOf(t *testing.T) {
 		{fmt.Errorf("ext4: mkdir %q: %w", "d", syscall.EEXIST), syscall.EEXIST, false},
 		{fmt.Errorf("ext4: allocating: %w", syscall.ENOSPC), syscall.ENOSPC, false},
 		{fmt.Errorf("ext4: device: %w", syscall.EIO), syscall.EIO, true},
+		// A storage connection's errno is an I/O failure, not an answer.
+		{fmt.Errorf("read blob: %w", &url.Error{Op: "GET", URL: "http://127.0.0.1/b", Err: &net.OpError{Op: "read", Net: "tcp",
+			Err: os.NewSyscallError("read", syscall.ECONNRESET)}}), syscall.EIO, true},
+		{fmt.Errorf("dial: %w", &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}), syscall.EIO, true},
 	}
 	for _, c := range cases {
 		errno, logIt := errnoOf(c.err)

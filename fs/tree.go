@@ -10,6 +10,8 @@ package fs
 import (
 	"context"
 	"errors"
+	"net"
+	"net/url"
 	"syscall"
 
 	"github.com/blobseal/blobseal/fs/ext4"
@@ -42,6 +44,10 @@ func errnoOf(err error) (errno syscall.Errno, logIt bool) {
 		return syscall.ENOENT, false
 	case errors.Is(err, ext4.ErrNoXattr):
 		return syscall.ENODATA, false
+	case isTransport(err):
+		// A storage connection's errno (ECONNRESET...) is not the
+		// filesystem's answer: the reader sees EIO, as for any I/O failure.
+		return syscall.EIO, true
 	case errors.As(err, &errno):
 		// The writer's answers (EEXIST, ENOSPC, ENOTEMPTY...) are the
 		// caller's business; only an I/O failure is worth a log line.
@@ -49,6 +55,14 @@ func errnoOf(err error) (errno syscall.Errno, logIt bool) {
 	default: // ErrCorrupt, ErrUnsupported, backend I/O or decryption failures
 		return syscall.EIO, true
 	}
+}
+
+// isTransport reports whether err comes from a network connection (to
+// storage): its errno must not reach the kernel as the operation's answer.
+func isTransport(err error) bool {
+	var op *net.OpError
+	var ue *url.Error
+	return errors.As(err, &op) || errors.As(err, &ue)
 }
 
 // writerTree reads a filesystem that an ext4.Writer changes: each read
