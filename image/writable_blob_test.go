@@ -19,7 +19,8 @@ import (
 // page blob is opened for writing under a lease (a second writer is
 // refused, naming the lease), written, closed (flushed, lease released),
 // and a cold read-only open of the blob reads the write and checks clean.
-// The same image as a block blob is refused, saying to upload a page blob.
+// The same image as a block blob is refused, saying to upload a page blob;
+// a page blob with a verity tree is refused as read-only.
 func TestOpenWritablePageBlob(t *testing.T) {
 	testenv.RequireTools(t, "mkfs.ext4", "debugfs")
 	az := testenv.StartAzurite(t)
@@ -41,6 +42,22 @@ func TestOpenWritablePageBlob(t *testing.T) {
 		if _, err := blob.Upload(ctx, out, url, blob.UploadOptions{Options: bo, Type: typ, CreateContainer: true}); err != nil {
 			t.Fatalf("upload %s: %v", typ, err)
 		}
+	}
+
+	// An image with a verity tree, even as a page blob, stays read-only.
+	verityImg := filepath.Join(dir, "verity.img")
+	if _, err := Create(ctx, CreateOptions{From: src, Out: verityImg, Key: key}); err != nil {
+		t.Fatal(err)
+	}
+	verityURL := az.Endpoint() + "/img/verity.img"
+	if _, err := blob.Upload(ctx, verityImg, verityURL, blob.UploadOptions{Options: bo, Type: "page", CreateContainer: true}); err != nil {
+		t.Fatal(err)
+	}
+	if w, err := OpenWritable(ctx, Spec{Location: verityURL, Key: key, Blob: bo}); err == nil {
+		w.Close()
+		t.Fatal("a page blob with a verity tree opened for writing")
+	} else if !errors.Is(err, ErrVerityReadOnly) || !strings.Contains(err.Error(), "ends with a verity tree") {
+		t.Errorf("page blob with a verity tree: %v; want ErrVerityReadOnly", err)
 	}
 
 	_, err := OpenWritable(ctx, Spec{Location: blockURL, Key: key, Blob: bo})
