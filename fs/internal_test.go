@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"syscall"
 	"testing"
@@ -34,6 +35,10 @@ func TestErrnoOf(t *testing.T) {
 		// I/O error to the application, not its own errno.
 		{fmt.Errorf("fetch: %w", &net.OpError{Op: "read", Net: "tcp",
 			Err: &os.SyscallError{Syscall: "read", Err: syscall.ECONNRESET}}), syscall.EIO, true},
+		// A storage connection's errno is an I/O failure, not an answer.
+		{fmt.Errorf("read blob: %w", &url.Error{Op: "GET", URL: "http://127.0.0.1/b", Err: &net.OpError{Op: "read", Net: "tcp",
+			Err: os.NewSyscallError("read", syscall.ECONNRESET)}}), syscall.EIO, true},
+		{fmt.Errorf("dial: %w", &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}), syscall.EIO, true},
 	}
 	for _, c := range cases {
 		errno, logIt := errnoOf(c.err)

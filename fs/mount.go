@@ -75,6 +75,11 @@ type Options struct {
 	// goroutine, so it must be quick and safe for concurrent use. Nil
 	// turns it off at no cost (not even a clock read).
 	Observe func(op string, d time.Duration, errno syscall.Errno)
+	// ReadOnlyAfter, on a writable mount, turns it read-only when it
+	// closes (a lost write lease: nothing more may reach storage): later
+	// write operations get EROFS and fsync EIO, since what was not yet
+	// stored never will be.
+	ReadOnlyAfter <-chan struct{}
 }
 
 // DirectIOMode chooses which regular files are opened with FOPEN_DIRECT_IO:
@@ -221,6 +226,7 @@ func mount(ctx context.Context, mountpoint string, tree Tree, w *ext4.Writer, op
 
 		interruptGrace: opts.InterruptGrace,
 		w:              w,
+		readOnlyAfter:  opts.ReadOnlyAfter,
 	}
 
 	timeout := opts.CacheTimeout
@@ -274,7 +280,7 @@ func mount(ctx context.Context, mountpoint string, tree Tree, w *ext4.Writer, op
 	s := &Server{fuse: server, mountpoint: abs, log: logger, grace: opts.UnmountGrace, done: make(chan struct{})}
 	stopCommits := make(chan struct{})
 	if w != nil {
-		go s.commitEvery(w, commitInterval, stopCommits)
+		go s.commitEvery(w, commitInterval, stopCommits, opts.ReadOnlyAfter)
 	}
 	go func() {
 		server.Wait()

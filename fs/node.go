@@ -41,6 +41,9 @@ type volume struct {
 	// w changes the filesystem on a writable mount (MountWritable); nil on
 	// a read-only one, where tree is the immutable image.
 	w *ext4.Writer
+	// readOnlyAfter closes when a writable mount must stop writing
+	// (Options.ReadOnlyAfter).
+	readOnlyAfter <-chan struct{}
 }
 
 type failure struct {

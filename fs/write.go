@@ -26,8 +26,19 @@ import (
 // which this layer would have to reconcile. A read-only mount answers
 // every write operation with EROFS.
 
-// writable reports whether the mount changes the image.
-func (v *volume) writable() bool { return v.w != nil }
+// writable reports whether the mount changes the image: a writable mount
+// whose ReadOnlyAfter closed no longer does.
+func (v *volume) writable() bool { return v.w != nil && !v.demoted() }
+
+// demoted reports whether a writable mount was turned read-only.
+func (v *volume) demoted() bool {
+	select {
+	case <-v.readOnlyAfter: // nil: never
+		return true
+	default:
+		return false
+	}
+}
 
 // attrTimeout is how long the kernel may trust attributes. Every change
 // comes through this mount, and the kernel invalidates what its own
@@ -286,8 +297,13 @@ func (n *node) Removexattr(ctx context.Context, attr string) (errno syscall.Errn
 // file, is durable when it returns (as with ext4's single journal).
 func (n *node) Fsync(ctx context.Context, f gofs.FileHandle, flags uint32) (errno syscall.Errno) {
 	defer n.change("fsync", &errno)()
-	if !n.vol.writable() {
+	if n.vol.w == nil {
 		return 0
+	}
+	if n.vol.demoted() {
+		// Writes not stored before the mount turned read-only are lost:
+		// fsync must not claim them.
+		return syscall.EIO
 	}
 	return n.vol.failed0("fsync", n.ino.Ino, n.vol.w.Sync())
 }
@@ -319,13 +335,16 @@ func (v *volume) failed0(op string, ino uint32, err error) syscall.Errno {
 // was not fsynced.
 const commitInterval = 5 * time.Second
 
-// commitEvery syncs w every interval until stop closes.
-func (s *Server) commitEvery(w *ext4.Writer, interval time.Duration, stop <-chan struct{}) {
+// commitEvery syncs w every interval until stop closes, or until the
+// mount turned read-only (its writer can store nothing more).
+func (s *Server) commitEvery(w *ext4.Writer, interval time.Duration, stop, readOnly <-chan struct{}) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-stop:
+			return
+		case <-readOnly: // nil: never
 			return
 		case <-t.C:
 			if err := w.Sync(); err != nil {

@@ -48,7 +48,9 @@ type Spec struct {
 	// dropped, dd of 1 GiB, the cache's parallel read-ahead gave 720 and
 	// 671 MB/s against 633 and 552 MB/s straight from the file.
 	DirectLocal bool
-	Logger      *slog.Logger
+	// Write tunes read-write opens of page blobs (OpenWritable).
+	Write  WriteOptions
+	Logger *slog.Logger
 }
 
 // Integrity says how the image's bytes are authenticated.

@@ -505,7 +505,13 @@ func (c *Config) Validate() error {
 			}
 		}
 		if f.ReadWrite {
-			bad("%s: read_write is not supported yet: blobseal mounts images read-only (remove read_write or set it to false)", where)
+			// A dm-verity tree cannot follow writes: a read-write image
+			// has confidentiality (XTS) but no integrity protection.
+			if f.VerityRootHash != "" || (f.RequireIntegrity != nil && *f.RequireIntegrity) {
+				bad("%s: read_write cannot keep a verity tree valid: remove verity_root_hash and require_integrity (a read-write image is encrypted but not integrity-protected, see docs/SECURITY.md), or mount it read-only", where)
+			}
+			off := false
+			f.RequireIntegrity = &off
 		}
 		switch f.Identity {
 		case "", "managed", "workload":

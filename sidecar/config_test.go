@@ -96,9 +96,9 @@ func TestLegacyBearerTokenNeverPrinted(t *testing.T) {
 func TestConfigErrorsNameTheField(t *testing.T) {
 	cases := map[string]string{
 		"filesystems: []": "no filesystems configured",
-		"filesystems:\n  - source: /x\n    key: {file: k}":                                                                                   "mount_point \"\" must be an absolute path",
-		"filesystems:\n  - mount_point: /m\n    key: {file: k}":                                                                              "source (azure_url) is empty",
-		"filesystems:\n  - mount_point: /m\n    source: /x\n    read_write: true\n    key: {file: k}":                                        "read_write is not supported yet",
+		"filesystems:\n  - source: /x\n    key: {file: k}":      "mount_point \"\" must be an absolute path",
+		"filesystems:\n  - mount_point: /m\n    key: {file: k}": "source (azure_url) is empty",
+		"filesystems:\n  - mount_point: /m\n    source: /x\n    read_write: true\n    verity_root_hash: \"" + strings.Repeat("ab", 32) + "\"\n    key: {file: k}": "read_write cannot keep a verity tree valid",
 		"filesystems:\n  - mount_point: /m\n    source: /x":                                                                                  "exactly one key source",
 		"filesystems:\n  - mount_point: /m\n    source: /x\n    key: {file: k, raw_hex: aa}":                                                 "exactly one key source",
 		"on_failure: sometimes\nfilesystems:\n  - mount_point: /m\n    source: /x\n    key: {file: k}":                                       "on_failure is \"sometimes\"",
@@ -277,5 +277,29 @@ func TestReadTimeoutConfig(t *testing.T) {
 	}
 	if _, err := ParseEncfsArgs(legacy(`,"read_timeout":"45"`)); err == nil || !strings.Contains(err.Error(), `azure_filesystems[0]: read_timeout "45" is not a duration`) {
 		t.Fatalf("legacy bad read_timeout: %v", err)
+	}
+}
+
+// TestReadWriteConfig: read_write needs no root hash (a writable image has
+// no tree) and drops the native default integrity requirement; asking for
+// integrity on a read-write filesystem is refused, saying why.
+func TestReadWriteConfig(t *testing.T) {
+	base := "filesystems:\n  - mount_point: /m\n    source: /x\n    key: {file: k}\n    read_write: true\n"
+	c, err := Parse([]byte(base))
+	if err != nil {
+		t.Fatalf("read_write without a root hash: %v", err)
+	}
+	if f := c.Filesystems[0]; !f.ReadWrite || f.RequireIntegrity == nil || *f.RequireIntegrity {
+		t.Errorf("read_write filesystem: ReadWrite %v, RequireIntegrity %v; want true, false", f.ReadWrite, f.RequireIntegrity)
+	}
+	for _, extra := range []string{"    require_integrity: true\n", "    verity_root_hash: " + strings.Repeat("0f", 32) + "\n"} {
+		if _, err := Parse([]byte(base + extra)); err == nil || !strings.Contains(err.Error(), "read_write cannot keep a verity tree valid") {
+			t.Errorf("read_write with %q: %v", extra, err)
+		}
+	}
+	js := `{"azure_filesystems":[{"mount_point":"/m/a","azure_url":"https://a.blob.core.windows.net/c/i.img","raw_key":"00","read_write":true}]}`
+	lc, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte(js)))
+	if err != nil || !lc.Filesystems[0].ReadWrite {
+		t.Fatalf("EncfsSideCarArgs with read_write: %v", err)
 	}
 }

@@ -63,6 +63,9 @@ type env struct {
 	// roots overrides the verity_root_hash legacyArgs puts in each entry
 	// (by blob type; "" leaves the field out, as existing configs do).
 	roots map[string]string
+	key   secret.Bytes // the filesystem key the key service releases
+	// readWrite sets read_write in legacyArgs' entries.
+	readWrite bool
 }
 
 func setup(t *testing.T) *env {
@@ -82,6 +85,7 @@ func setup(t *testing.T) *env {
 	defer cancel()
 	key := make(secret.Bytes, 32)
 	rand.Read(key)
+	e.key = key
 	img := filepath.Join(e.dir, "demo.img")
 	res, err := image.Create(ctx, image.CreateOptions{From: demoData, Out: img, Key: key})
 	if err != nil {
@@ -122,7 +126,7 @@ func (e *env) legacyArgs(t *testing.T, mounts map[string]string) string {
 			continue
 		}
 		entry := map[string]any{
-			"mount_point": mp, "azure_url": e.urls[typ], "azure_url_private": false, "read_write": false, // private means managed identity; Azurite takes the shared key from the environment
+			"mount_point": mp, "azure_url": e.urls[typ], "azure_url_private": false, "read_write": e.readWrite, // private means managed identity; Azurite takes the shared key from the environment
 			"key": map[string]any{"kid": "fs-key", "kty": "oct-HSM",
 				"authority": map[string]any{"endpoint": host(e.stack.MAAEndpoint)},
 				"akv":       map[string]any{"endpoint": host(e.stack.VaultURL), "bearer_token": e.stack.Bearer.Reveal()}},

@@ -148,7 +148,8 @@ func (s *Sidecar) serve(ctx context.Context, f *Filesystem) error {
 
 type mounted struct {
 	f      *Filesystem
-	img    *image.Image
+	img    *image.Image    // read-only mounts
+	rw     *image.Writable // read_write mounts
 	server *fs.Server
 	hidden string
 }
@@ -161,7 +162,15 @@ func (m *mounted) stop(log *slog.Logger, grace time.Duration) {
 		log.Warn("unmount", "err", err)
 	}
 	m.server.Wait()
-	m.img.Close()
+	if m.rw != nil {
+		// The writer was flushed at unmount; this uploads what is left
+		// and releases the write lease.
+		if err := m.rw.Close(); err != nil {
+			log.Error("flush the read-write image at unmount", "err", err)
+		}
+	} else {
+		m.img.Close()
+	}
 	os.Remove(m.hidden)
 	log.Info("unmounted")
 }
@@ -181,6 +190,9 @@ func (s *Sidecar) mountOnce(ctx context.Context, f *Filesystem, log *slog.Logger
 	blobOpts, err := s.blobOptions(f)
 	if err != nil {
 		return nil, err
+	}
+	if f.ReadWrite {
+		return s.mountWritable(ctx, f, log, key, blobOpts, start)
 	}
 	img, err := image.Open(ctx, image.Spec{
 		Location: f.Source,
@@ -236,6 +248,57 @@ func (s *Sidecar) mountOnce(ctx context.Context, f *Filesystem, log *slog.Logger
 	log.Info("filesystem ready", "source", img.Source.String(), "format", info.Format,
 		"bytes", info.Size, "integrity", integrity, "took", time.Since(start).Round(time.Millisecond))
 	return &mounted{f: f, img: img, server: server, hidden: hidden}, nil
+}
+
+// mountWritable is mountOnce for read_write: the page blob opened for
+// writing under its lease, mounted writable, turned read-only (and logged)
+// if the lease is lost.
+func (s *Sidecar) mountWritable(ctx context.Context, f *Filesystem, log *slog.Logger, key []byte, blobOpts blob.Options, start time.Time) (_ *mounted, err error) {
+	rw, err := image.OpenWritable(ctx, image.Spec{
+		Location: f.Source,
+		Key:      key,
+		Crypto: crypto.OpenOptions{Format: f.Format, Ciphers: f.Ciphers, SectorSizes: f.SectorSizes,
+			KDF: luks.Policy{MaxIterations: f.KDFMaxIterations, MaxArgonMemoryKiB: int(f.KDFMaxMemory >> 10)}},
+		Blob:   blobOpts,
+		Cache:  s.cacheOptions(f),
+		Logger: log,
+	})
+	if err != nil {
+		s.metrics.errors.WithLabelValues("open").Inc()
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			rw.Close()
+		}
+	}()
+	hidden := hiddenDir(f.MountPoint)
+	if err := os.MkdirAll(hidden, 0o755); err != nil {
+		return nil, fmt.Errorf("create %s: %w", hidden, err)
+	}
+	server, err := fs.MountWritable(ctx, hidden, rw.Writer, fs.Options{
+		AllowOther:    *f.AllowOther,
+		Logger:        log,
+		Source:        "blobseal:" + f.Name,
+		UnmountGrace:  time.Duration(s.cfg.UnmountGrace),
+		Observe:       s.metrics.observeFUSE,
+		DirectIO:      f.directIO,
+		ReadOnlyAfter: rw.WatchLease(log),
+	})
+	if err != nil {
+		s.metrics.errors.WithLabelValues("mount").Inc()
+		return nil, fmt.Errorf("mount at %s: %w", hidden, err)
+	}
+	if err := publish(f.MountPoint, hidden); err != nil {
+		server.Unmount()
+		server.Wait()
+		s.metrics.errors.WithLabelValues("publish").Inc()
+		return nil, err
+	}
+	log.Warn("read-write filesystem: encrypted, but storage can modify it undetected (no verity tree on a writable image)")
+	log.Info("filesystem ready", "source", rw.Name, "mode", "read-write", "format", rw.Volume.Info().Format,
+		"took", time.Since(start).Round(time.Millisecond))
+	return &mounted{f: f, rw: rw, server: server, hidden: hidden}, nil
 }
 
 func (s *Sidecar) blobOptions(f *Filesystem) (blob.Options, error) {

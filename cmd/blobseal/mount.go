@@ -164,6 +164,7 @@ type mountFlags struct {
 	cacheMiB                    int64
 	storage                     storageFlags
 	readWrite                   bool
+	leaseDuration, flushTimeout time.Duration
 }
 
 // storageFlags bound how long reads wait for storage.
@@ -208,7 +209,8 @@ func newMountCmd() *cobra.Command {
 			"The key comes from --key-file or from a secure key release (attestation, MAA, vault);\n" +
 			"a released key stays in memory only. With --verity-root-hash every block is verified\n" +
 			"against the image's hash tree before use; a tampered block reads as EIO.\n" +
-			"With --read-write a local image file (image create --read-write) is served writable.",
+			"With --read-write an image made by image create --read-write is served writable: a\n" +
+			"local file, or a page blob (image upload --type page) held under a renewed write lease.",
 		Example: "  blobseal mount --key-file key.bin --verity-root-hash ROOT data.img /mnt/data",
 		Args:    positional("IMAGE", "MOUNTPOINT"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -232,7 +234,9 @@ func newMountCmd() *cobra.Command {
 	f.BoolVar(&o.cacheLocal, "cache-local", true, "read a local image through the block cache (parallel read-ahead); false reads the file directly")
 	f.StringVar(&o.directIO, "direct-io", "auto", "read files without the kernel page cache: auto (files of 32 MiB and more, when the kernel keeps mmap working: Linux 6.6+), on (every file) or off")
 	f.StringVar(&o.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole mount to this file (for go tool pprof)")
-	f.BoolVar(&o.readWrite, "read-write", false, "mount a local image file read-write (made by image create --read-write: journal, no verity tree); writes are encrypted into the file, fsync commits the journal, unmount leaves a clean filesystem")
+	f.BoolVar(&o.readWrite, "read-write", false, "mount read-write an image made by image create --read-write (journal, no verity tree): a local file, or a page blob under a write lease; writes are encrypted, fsync commits the journal and returns once storage has it, unmount leaves a clean filesystem")
+	f.DurationVar(&o.leaseDuration, "lease-duration", blob.DefaultLeaseDuration, "--read-write on a blob: the write lease, 15s to 60s, renewed at a third; after a crash the blob stays locked this long")
+	f.DurationVar(&o.flushTimeout, "flush-timeout", blockcache.DefaultFlushTimeout, "--read-write on a blob: how long an fsync may wait for storage before it fails with EIO (the data stays dirty for the next one)")
 	// One key source: a file, or a release (whose flags key-name stands for).
 	for _, rel := range releaseFlagNames() {
 		cmd.MarkFlagsMutuallyExclusive("key-file", rel)
@@ -265,7 +269,7 @@ func runMount(cmd *cobra.Command, o *mountFlags, location, mountpoint string) er
 		return err
 	}
 	if o.readWrite {
-		if err := checkReadWrite(location, integrity); err != nil {
+		if err := checkReadWrite(o, integrity); err != nil {
 			return err
 		}
 	}
@@ -305,6 +309,8 @@ func runMount(cmd *cobra.Command, o *mountFlags, location, mountpoint string) er
 	spec.Logger = logger
 	spec.Integrity = integrity
 	if o.readWrite {
+		spec.Write.Lease.Duration = o.leaseDuration
+		spec.Write.WriteBack.FlushTimeout = o.flushTimeout
 		return runMountWritable(cmd, o, spec, key, mountpoint)
 	}
 	img, err := image.Open(ctx, spec)

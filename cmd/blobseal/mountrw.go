@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -13,12 +14,16 @@ import (
 
 // checkReadWrite refuses, before any key is fetched, what --read-write
 // cannot serve.
-func checkReadWrite(location string, integrity image.Integrity) error {
+func checkReadWrite(o *mountFlags, integrity image.Integrity) error {
 	switch {
-	case image.IsRemote(location):
-		return usageErrorf("--read-write takes a local image file; blob URLs mount read-only (drop --read-write, or download the image first)")
 	case integrity.RootHash != nil || integrity.Require:
 		return usageErrorf("--read-write cannot keep a verity tree valid: drop --verity-root-hash/--require-integrity, or mount read-only")
+	case o.cacheDir != "":
+		return usageErrorf("--read-write cannot keep a disk cache in step with writes: drop --cache-dir")
+	case o.leaseDuration < 15*time.Second || o.leaseDuration > 60*time.Second:
+		return usageErrorf("--lease-duration %v: storage allows 15s to 60s", o.leaseDuration)
+	case o.flushTimeout <= 0:
+		return usageErrorf("--flush-timeout %v: must be a positive duration such as 30s", o.flushTimeout)
 	}
 	return nil
 }
@@ -41,12 +46,13 @@ func runMountWritable(cmd *cobra.Command, o *mountFlags, spec image.Spec, key se
 	logger := spec.Logger
 	directMode, _ := fs.ParseDirectIO(o.directIO) // validated by runMount
 	srv, err := fs.MountWritable(ctx, mountpoint, img.Writer, fs.Options{
-		AllowOther:   o.allowOther,
-		Logger:       logger,
-		Source:       mountSourceName(img.Name),
-		Debug:        o.debugFUSE,
-		UnmountGrace: o.grace,
-		DirectIO:     directMode,
+		ReadOnlyAfter: img.WatchLease(logger),
+		AllowOther:    o.allowOther,
+		Logger:        logger,
+		Source:        mountSourceName(img.Name),
+		Debug:         o.debugFUSE,
+		UnmountGrace:  o.grace,
+		DirectIO:      directMode,
 	})
 	if err != nil {
 		return err

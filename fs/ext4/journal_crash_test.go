@@ -293,3 +293,64 @@ func TestWriterStopsAfterDeviceError(t *testing.T) {
 	must(t, w2.Checkpoint())
 	e2fsckClean(t, img)
 }
+
+// keepingDevice is a write-back device: writes stay in memory until a Sync
+// stores them all in the file. During an outage Sync fails with
+// ErrSyncRetryable and keeps them, as the page-blob write-back cache does.
+type keepingDevice struct {
+	f      *os.File
+	mem    []byte
+	outage bool
+}
+
+func (d *keepingDevice) ReadAt(p []byte, off int64) (int, error) { return copy(p, d.mem[off:]), nil }
+
+func (d *keepingDevice) WriteAt(p []byte, off int64) (int, error) { return copy(d.mem[off:], p), nil }
+
+func (d *keepingDevice) Sync() error {
+	if d.outage {
+		return fmt.Errorf("storage did not answer: %w", ErrSyncRetryable)
+	}
+	if _, err := d.f.WriteAt(d.mem, 0); err != nil {
+		return err
+	}
+	return d.f.Sync()
+}
+
+// TestWriterRetriesKeptSync: a Sync that failed with ErrSyncRetryable
+// (nothing lost) does not stop the writer: once the device works again the
+// next Sync commits everything, including what was written during the
+// outage, and the stored image is e2fsck-clean.
+func TestWriterRetriesKeptSync(t *testing.T) {
+	img := mkfs(t, nil, "", 16)
+	fh, err := os.OpenFile(img, os.O_RDWR, 0)
+	must(t, err)
+	defer fh.Close()
+	mem, err := os.ReadFile(img)
+	must(t, err)
+	dev := &keepingDevice{f: fh, mem: mem}
+	w, err := OpenWritable(dev, int64(len(mem)))
+	must(t, err)
+	o := writerOps{w}
+	must(t, o.create("before", 0o644))
+	must(t, o.writeAt("before", []byte("synced"), 0))
+	must(t, w.Sync())
+	dev.outage = true
+	must(t, o.create("during", 0o644))
+	must(t, o.writeAt("during", []byte("kept through the outage"), 0))
+	if err := w.Sync(); !errors.Is(err, ErrSyncRetryable) {
+		t.Fatalf("Sync during the outage: %v, want ErrSyncRetryable", err)
+	}
+	dev.outage = false
+	must(t, o.mkdir("after", 0o755))
+	must(t, w.Sync())
+
+	w2 := openWritable(t, img) // what the file holds: only what Sync stored
+	for _, p := range []string{"before", "during", "after"} {
+		if _, err := lookupPath(w2.FS(), p); err != nil {
+			t.Errorf("%s lost: %v", p, err)
+		}
+	}
+	must(t, w2.Checkpoint())
+	e2fsckClean(t, img)
+}

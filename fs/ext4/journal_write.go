@@ -351,7 +351,7 @@ func (w *Writer) writeTransaction(blks []uint64) error {
 			return err
 		}
 	}
-	if err := w.dev.Sync(); err != nil {
+	if err := w.dev.retryableSync(); err != nil {
 		return fmt.Errorf("ext4: journal barrier: %w", err)
 	}
 	commit := header(jBlockCommit)

@@ -272,7 +272,7 @@ func (w *Writer) sync(checkpoint bool) error {
 		w.checkpointDone()
 		w.mu.Unlock()
 	}
-	return w.dev.Sync()
+	return w.dev.retryableSync() // everything before is committed
 }
 
 // endOp ends an operation: its descriptor and superblock changes join the
@@ -416,6 +416,23 @@ func (d *trackedDevice) WriteAt(p []byte, off int64) (int, error) {
 }
 
 func (d *trackedDevice) Sync() error { return d.note(d.Device.Sync()) }
+
+// ErrSyncRetryable marks a device Sync failure that lost nothing: the
+// device still holds every write it took and a later Sync may succeed (a
+// write-back cache whose upload timed out during a storage outage).
+var ErrSyncRetryable = errors.New("the device keeps every write for the next sync")
+
+// retryableSync is Sync for barriers that have no commit block written
+// since the last successful one: a failure marked ErrSyncRetryable is not
+// recorded, so the next sync writes the same transaction again (uncommitted
+// log blocks are free to overwrite) instead of committing nothing more.
+func (d *trackedDevice) retryableSync() error {
+	err := d.Device.Sync()
+	if errors.Is(err, ErrSyncRetryable) {
+		return err
+	}
+	return d.note(err)
+}
 
 // failed returns the device's first error, wrapped as EIO.
 func (d *trackedDevice) failed() error {
