@@ -194,18 +194,9 @@ func (s *Sidecar) mountOnce(ctx context.Context, f *Filesystem, log *slog.Logger
 	if f.ReadWrite {
 		return s.mountWritable(ctx, f, log, key, blobOpts, start)
 	}
-	img, err := image.Open(ctx, image.Spec{
-		Location: f.Source,
-		Key:      key,
-		Crypto: crypto.OpenOptions{Format: f.Format, Ciphers: f.Ciphers, SectorSizes: f.SectorSizes,
-			KDF: luks.Policy{MaxIterations: f.KDFMaxIterations, MaxArgonMemoryKiB: int(f.KDFMaxMemory >> 10)}},
-		Blob:   blobOpts,
-		Cache:  s.cacheOptions(f),
-		Logger: log,
-		Integrity: image.Integrity{
-			RootHash: f.verityRoot, HashOffset: f.VerityHashOffset, Require: *f.RequireIntegrity,
-		},
-	})
+	spec := s.imageSpec(f, log, key, blobOpts)
+	spec.Integrity = image.Integrity{RootHash: f.verityRoot, HashOffset: f.VerityHashOffset, Require: *f.RequireIntegrity}
+	img, err := image.Open(ctx, spec)
 	if err != nil {
 		s.metrics.errors.WithLabelValues("open").Inc()
 		return nil, err
@@ -219,14 +210,7 @@ func (s *Sidecar) mountOnce(ctx context.Context, f *Filesystem, log *slog.Logger
 	if err := os.MkdirAll(hidden, 0o755); err != nil {
 		return nil, fmt.Errorf("create %s: %w", hidden, err)
 	}
-	server, err := fs.Mount(ctx, hidden, img.FS, fs.Options{
-		AllowOther:   *f.AllowOther,
-		Logger:       log,
-		Source:       "blobseal:" + f.Name,
-		UnmountGrace: time.Duration(s.cfg.UnmountGrace),
-		Observe:      s.metrics.observeFUSE,
-		DirectIO:     f.directIO,
-	})
+	server, err := fs.Mount(ctx, hidden, img.FS, s.fuseOptions(f, log))
 	if err != nil {
 		s.metrics.errors.WithLabelValues("mount").Inc()
 		return nil, fmt.Errorf("mount at %s: %w", hidden, err)
@@ -254,15 +238,7 @@ func (s *Sidecar) mountOnce(ctx context.Context, f *Filesystem, log *slog.Logger
 // writing under its lease, mounted writable, turned read-only (and logged)
 // if the lease is lost.
 func (s *Sidecar) mountWritable(ctx context.Context, f *Filesystem, log *slog.Logger, key []byte, blobOpts blob.Options, start time.Time) (_ *mounted, err error) {
-	rw, err := image.OpenWritable(ctx, image.Spec{
-		Location: f.Source,
-		Key:      key,
-		Crypto: crypto.OpenOptions{Format: f.Format, Ciphers: f.Ciphers, SectorSizes: f.SectorSizes,
-			KDF: luks.Policy{MaxIterations: f.KDFMaxIterations, MaxArgonMemoryKiB: int(f.KDFMaxMemory >> 10)}},
-		Blob:   blobOpts,
-		Cache:  s.cacheOptions(f),
-		Logger: log,
-	})
+	rw, err := image.OpenWritable(ctx, s.imageSpec(f, log, key, blobOpts))
 	if err != nil {
 		s.metrics.errors.WithLabelValues("open").Inc()
 		return nil, err
@@ -276,15 +252,9 @@ func (s *Sidecar) mountWritable(ctx context.Context, f *Filesystem, log *slog.Lo
 	if err := os.MkdirAll(hidden, 0o755); err != nil {
 		return nil, fmt.Errorf("create %s: %w", hidden, err)
 	}
-	server, err := fs.MountWritable(ctx, hidden, rw.Writer, fs.Options{
-		AllowOther:    *f.AllowOther,
-		Logger:        log,
-		Source:        "blobseal:" + f.Name,
-		UnmountGrace:  time.Duration(s.cfg.UnmountGrace),
-		Observe:       s.metrics.observeFUSE,
-		DirectIO:      f.directIO,
-		ReadOnlyAfter: rw.WatchLease(log),
-	})
+	opts := s.fuseOptions(f, log)
+	opts.ReadOnlyAfter = rw.WatchLease(log)
+	server, err := fs.MountWritable(ctx, hidden, rw.Writer, opts)
 	if err != nil {
 		s.metrics.errors.WithLabelValues("mount").Inc()
 		return nil, fmt.Errorf("mount at %s: %w", hidden, err)
@@ -299,6 +269,31 @@ func (s *Sidecar) mountWritable(ctx context.Context, f *Filesystem, log *slog.Lo
 	log.Info("filesystem ready", "source", rw.Name, "mode", "read-write", "format", rw.Volume.Info().Format,
 		"took", time.Since(start).Round(time.Millisecond))
 	return &mounted{f: f, rw: rw, server: server, hidden: hidden}, nil
+}
+
+// imageSpec is what opening f's image takes, read-only or read-write.
+func (s *Sidecar) imageSpec(f *Filesystem, log *slog.Logger, key []byte, blobOpts blob.Options) image.Spec {
+	return image.Spec{
+		Location: f.Source,
+		Key:      key,
+		Crypto: crypto.OpenOptions{Format: f.Format, Ciphers: f.Ciphers, SectorSizes: f.SectorSizes,
+			KDF: luks.Policy{MaxIterations: f.KDFMaxIterations, MaxArgonMemoryKiB: int(f.KDFMaxMemory >> 10)}},
+		Blob:   blobOpts,
+		Cache:  s.cacheOptions(f),
+		Logger: log,
+	}
+}
+
+// fuseOptions are f's mount options, read-only or read-write.
+func (s *Sidecar) fuseOptions(f *Filesystem, log *slog.Logger) fs.Options {
+	return fs.Options{
+		AllowOther:   *f.AllowOther,
+		Logger:       log,
+		Source:       "blobseal:" + f.Name,
+		UnmountGrace: time.Duration(s.cfg.UnmountGrace),
+		Observe:      s.metrics.observeFUSE,
+		DirectIO:     f.directIO,
+	}
 }
 
 func (s *Sidecar) blobOptions(f *Filesystem) (blob.Options, error) {
