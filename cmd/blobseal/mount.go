@@ -320,26 +320,16 @@ func runMount(cmd *cobra.Command, o *mountFlags, location, mountpoint string) er
 	}
 	defer img.Close()
 	defer logImageStats(logger, img)
-	srv, err := fs.Mount(ctx, mountpoint, img.FS, fs.Options{
-		AllowOther:     o.allowOther,
-		Logger:         logger,
-		Source:         mountSourceName(img.Name),
-		Debug:          o.debugFUSE,
-		UnmountGrace:   o.grace,
-		DirectIO:       directMode,
-		InterruptGrace: o.storage.interruptGrace,
-	})
+	srv, err := fs.Mount(ctx, mountpoint, img.FS, o.fuseOptions(logger, img.Name, directMode))
 	if err != nil {
 		return err
 	}
+	if err := o.announceReady(cmd, srv); err != nil {
+		return err
+	}
 	if o.readyFile != "" {
-		if err := writeReadyFile(o.readyFile, []byte(srv.Mountpoint()+"\n")); err != nil {
-			_ = srv.Unmount()
-			return fmt.Errorf("--ready-file: %w", err)
-		}
 		defer os.Remove(o.readyFile)
 	}
-	fmt.Fprintln(cmd.OutOrStdout(), "ready")
 
 	select {
 	case <-ctx.Done():
@@ -404,4 +394,31 @@ func mountSourceName(name string) string {
 		name = "…" + name[len(name)-200:]
 	}
 	return "blobseal:" + name
+}
+
+// fuseOptions are the mount options the flags give, read-only or
+// read-write.
+func (o *mountFlags) fuseOptions(logger *slog.Logger, name string, direct fs.DirectIOMode) fs.Options {
+	return fs.Options{
+		AllowOther:     o.allowOther,
+		Logger:         logger,
+		Source:         mountSourceName(name),
+		Debug:          o.debugFUSE,
+		UnmountGrace:   o.grace,
+		DirectIO:       direct,
+		InterruptGrace: o.storage.interruptGrace,
+	}
+}
+
+// announceReady writes --ready-file and prints "ready": the tree is
+// servable. On failure the mount is undone.
+func (o *mountFlags) announceReady(cmd *cobra.Command, srv *fs.Server) error {
+	if o.readyFile != "" {
+		if err := writeReadyFile(o.readyFile, []byte(srv.Mountpoint()+"\n")); err != nil {
+			_ = srv.Unmount()
+			return fmt.Errorf("--ready-file: %w", err)
+		}
+	}
+	fmt.Fprintln(cmd.OutOrStdout(), "ready")
+	return nil
 }

@@ -45,26 +45,18 @@ func runMountWritable(cmd *cobra.Command, o *mountFlags, spec image.Spec, key se
 	}()
 	logger := spec.Logger
 	directMode, _ := fs.ParseDirectIO(o.directIO) // validated by runMount
-	srv, err := fs.MountWritable(ctx, mountpoint, img.Writer, fs.Options{
-		ReadOnlyAfter: img.WatchLease(logger),
-		AllowOther:    o.allowOther,
-		Logger:        logger,
-		Source:        mountSourceName(img.Name),
-		Debug:         o.debugFUSE,
-		UnmountGrace:  o.grace,
-		DirectIO:      directMode,
-	})
+	opts := o.fuseOptions(logger, img.Name, directMode)
+	opts.ReadOnlyAfter = img.WatchLease(logger)
+	srv, err := fs.MountWritable(ctx, mountpoint, img.Writer, opts)
 	if err != nil {
 		return err
 	}
+	if err := o.announceReady(cmd, srv); err != nil {
+		return err
+	}
 	if o.readyFile != "" {
-		if err := writeReadyFile(o.readyFile, []byte(srv.Mountpoint()+"\n")); err != nil {
-			_ = srv.Unmount()
-			return fmt.Errorf("--ready-file: %w", err)
-		}
 		defer os.Remove(o.readyFile)
 	}
-	fmt.Fprintln(cmd.OutOrStdout(), "ready")
 
 	select {
 	case <-ctx.Done():
