@@ -159,8 +159,17 @@ type writerOps struct{ w *Writer }
 // resolve walks p like the kernel's path walk for these tests: every
 // component but the last must be a directory. The tests' symlinks all
 // dangle (their targets never exist), so following one yields ENOENT.
-func (o writerOps) resolve(p string, wantDir bool) (uint32, error) {
-	f := o.w.FS()
+// It reads under View, as any reader alongside the writer must.
+func (o writerOps) resolve(p string, wantDir bool) (ino uint32, err error) {
+	err = o.w.View(func(f *FS) error {
+		var err error
+		ino, err = resolveIn(f, p, wantDir)
+		return err
+	})
+	return ino, err
+}
+
+func resolveIn(f *FS, p string, wantDir bool) (uint32, error) {
 	in, err := f.Inode(RootIno)
 	if err != nil {
 		return 0, err
@@ -206,7 +215,13 @@ func (o writerOps) follow(p string) (uint32, error) {
 	if err != nil {
 		return 0, err
 	}
-	if in, err := o.w.FS().Inode(ino); err == nil && in.IsSymlink() {
+	symlink := false
+	err = o.w.View(func(f *FS) error {
+		in, err := f.Inode(ino)
+		symlink = err == nil && in.IsSymlink()
+		return nil
+	})
+	if symlink {
 		return 0, syscall.ENOENT
 	}
 	return ino, err
