@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -109,7 +110,10 @@ func (h *harness) blobfuse2Mount(conf string) mountFn {
 // shuffled order, the way a model loader's mmap is faulted in by scattered
 // tensor accesses: the time to all bytes. The mount's server is another
 // process, so faulting here cannot deadlock with it.
-func (h *harness) mmapShuffled(path string) (measurement, error) {
+//
+// A page the mount fails to read is a SIGBUS; here it becomes this case's
+// failure instead of killing the whole run (a peer answers EIO).
+func (h *harness) mmapShuffled(path string) (_ measurement, err error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return measurement{}, err
@@ -121,6 +125,13 @@ func (h *harness) mmapShuffled(path string) (measurement, error) {
 	if err != nil {
 		return measurement{}, fmt.Errorf("mmap: %w", err)
 	}
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			syscall.Munmap(m)
+			err = fmt.Errorf("a mapped page could not be read (SIGBUS: the mount answered an error): %v", r)
+		}
+	}()
 	pages := mrand.Perm(size / 4096)
 	var sum byte
 	for _, p := range pages {
@@ -128,8 +139,14 @@ func (h *harness) mmapShuffled(path string) (measurement, error) {
 	}
 	el := time.Since(t0)
 	runtime.KeepAlive(sum) // keeps the compiler from dropping the loads
-	verify := func() error {
+	verify := func() (err error) {
 		defer syscall.Munmap(m)
+		defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+		defer func() {
+			if r := recover(); r != nil {
+				err = fmt.Errorf("a mapped page could not be read while verifying (SIGBUS): %v", r)
+			}
+		}()
 		if got := crc32.Checksum(m, crcTable); got != h.dataCRC {
 			return fmt.Errorf("the mapped file reads differently (CRC-32C %08x, want %08x)", got, h.dataCRC)
 		}
