@@ -4,13 +4,10 @@ import (
 	"bytes"
 	"context"
 	"encoding/hex"
-	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -35,32 +32,7 @@ func TestRetryUntilBlobExists(t *testing.T) {
 			"key": map[string]any{"release": map[string]any{"maa_endpoint": e.stack.MAAEndpoint, "vault": e.stack.VaultURL,
 				"key_name": "fs-key", "bearer_token_file": filepath.Join(e.dir, "bearer-token")}}}},
 	}
-	js, err := json.Marshal(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfgFile := filepath.Join(e.dir, "sidecar.json")
-	if err := os.WriteFile(cfgFile, js, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(binary, "sidecar", "--config", cfgFile)
-	cmd.Env = append(os.Environ(), "AZURE_STORAGE_CONNECTION_STRING="+e.azurite.ConnectionString())
-	var stderr syncBuffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	defer func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(30 * time.Second):
-			cmd.Process.Kill()
-		}
-		notMounted(t, mnt)
-	}()
+	exited, stderr := startSidecarJSON(t, e, cfg, "sidecar.json", mnt)
 	// Wait for the first failed attempt to be reported.
 	for deadline := time.Now().Add(60 * time.Second); !strings.Contains(stderr.String(), "not mounted"); {
 		if time.Now().After(deadline) {
@@ -81,7 +53,7 @@ func TestRetryUntilBlobExists(t *testing.T) {
 		Options: blob.Options{ConnectionString: e.azurite.ConnectionString()}, Type: "block"}); err != nil {
 		t.Fatal(err)
 	}
-	waitFile(t, ready, exited, &stderr)
+	waitFile(t, ready, exited, stderr)
 	sameTree(t, demoData, mp)
 }
 

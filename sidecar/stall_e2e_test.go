@@ -84,33 +84,8 @@ func TestReadTimeoutAgainstFailingStorage(t *testing.T) {
 			"key": map[string]any{"release": map[string]any{"maa_endpoint": e.stack.MAAEndpoint, "vault": e.stack.VaultURL,
 				"key_name": "stall-key", "bearer_token_file": filepath.Join(e.dir, "bearer-token")}}}},
 	}
-	js, err := json.Marshal(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfgFile := filepath.Join(e.dir, "stall.json")
-	if err := os.WriteFile(cfgFile, js, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(binary, "sidecar", "--config", cfgFile)
-	cmd.Env = append(os.Environ(), "AZURE_STORAGE_CONNECTION_STRING="+e.azurite.ConnectionString())
-	var stderr syncBuffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	defer func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(30 * time.Second):
-			cmd.Process.Kill()
-		}
-		notMounted(t, mnt)
-	}()
-	waitFile(t, filepath.Join(mnt, "ready"), exited, &stderr)
+	exited, stderr := startSidecarJSON(t, e, cfg, "stall.json", mnt)
+	waitFile(t, filepath.Join(mnt, "ready"), exited, stderr)
 
 	file := filepath.Join(mp, "weights.bin")
 	stall, err := proxy.Toxics.AddToxicJson(strings.NewReader(`{"type":"reset_peer","attributes":{"timeout":0}}`))
@@ -172,4 +147,38 @@ func scrape(t *testing.T, addr string) map[string]float64 {
 		}
 	}
 	return out
+}
+
+// startSidecarJSON runs the sidecar binary on cfg (written as name in the
+// test's directory) against the test's Azurite; at cleanup it is sent
+// SIGTERM (killed after 30 s) and mnt must be left unmounted.
+func startSidecarJSON(t *testing.T, e *env, cfg map[string]any, name, mnt string) (exited <-chan error, stderr *syncBuffer) {
+	t.Helper()
+	js, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfgFile := filepath.Join(e.dir, name)
+	if err := os.WriteFile(cfgFile, js, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(binary, "sidecar", "--config", cfgFile)
+	cmd.Env = append(os.Environ(), "AZURE_STORAGE_CONNECTION_STRING="+e.azurite.ConnectionString())
+	stderr = new(syncBuffer)
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			cmd.Process.Kill()
+		}
+		notMounted(t, mnt)
+	})
+	return done, stderr
 }
