@@ -2,9 +2,11 @@ package ext4
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"slices"
+	"syscall"
 )
 
 // With has_journal the writer works like jbd2 in ordered mode: changed
@@ -364,8 +366,18 @@ func (w *Writer) writeTransaction(blks []uint64) error {
 	if err := writeLog(commit); err != nil {
 		return err
 	}
-	if err := w.dev.Sync(); err != nil {
-		return fmt.Errorf("ext4: committing transaction %d: %w", jw.seq, err)
+	if err := w.dev.retryableSync(); err != nil {
+		if !errors.Is(err, ErrSyncRetryable) {
+			return fmt.Errorf("ext4: committing transaction %d: %w", jw.seq, err)
+		}
+		// The device keeps the commit block: the transaction is committed
+		// but not yet durable. The log moves past it while its blocks stay
+		// in the open transaction (and blocks it freed stay unusable), so
+		// the next commit logs them again after it; a replay with or
+		// without this one is consistent.
+		jw.head = pos
+		jw.seq++
+		return fmt.Errorf("ext4: transaction %d is committed but not yet durable; the next sync retries: %w (%w)", jw.seq-1, err, syscall.EIO)
 	}
 	jw.head = pos
 	jw.seq++

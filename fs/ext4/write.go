@@ -422,10 +422,11 @@ func (d *trackedDevice) Sync() error { return d.note(d.Device.Sync()) }
 // write-back cache whose upload timed out during a storage outage).
 var ErrSyncRetryable = errors.New("the device keeps every write for the next sync")
 
-// retryableSync is Sync for barriers that have no commit block written
-// since the last successful one: a failure marked ErrSyncRetryable is not
-// recorded, so the next sync writes the same transaction again (uncommitted
-// log blocks are free to overwrite) instead of committing nothing more.
+// retryableSync is Sync for barriers: a failure marked ErrSyncRetryable is
+// not recorded, so the writer goes on and the next sync retries. Before a
+// commit block, the next commit writes the same transaction again
+// (uncommitted log blocks are free to overwrite); after one, the commit
+// keeps its log space and its blocks are logged again (writeTransaction).
 func (d *trackedDevice) retryableSync() error {
 	err := d.Device.Sync()
 	if errors.Is(err, ErrSyncRetryable) {
