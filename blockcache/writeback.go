@@ -9,6 +9,7 @@ import (
 	"math/bits"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/blobseal/blobseal/blob"
@@ -41,7 +42,7 @@ const (
 type WriteBackOptions struct {
 	// DirtyBytes bounds the memory of written, not yet acknowledged blocks
 	// (dirty and uploading). A writer that would exceed it waits for a
-	// flush.
+	// flush, at most FlushTimeout; then its write fails with EIO.
 	DirtyBytes int64
 	// FlushInterval is the period of the background flush; negative
 	// disables it.
@@ -264,14 +265,16 @@ func (w *WriteBack) ReadAtContext(ctx context.Context, p []byte, off int64) (int
 }
 
 // WriteAt implements io.WriterAt; it may wait for a flush (see
-// WriteAtContext) with no deadline.
+// WriteAtContext).
 func (w *WriteBack) WriteAt(p []byte, off int64) (int, error) {
 	return w.WriteAtContext(context.Background(), p, off)
 }
 
 // WriteAtContext records p at off; the bytes read back at once and reach
 // storage with the next flush. When dirty memory is at its bound it waits
-// (back-pressure) for a flush to free some, or for ctx. Bytes not on
+// (back-pressure) for a flush to free some, for ctx, or FlushTimeout: then
+// (storage is down) it fails with EIO, keeping the blocks already written
+// and returning how many bytes those are. Bytes not on
 // 512-byte pages are merged with the page's current content first.
 func (w *WriteBack) WriteAtContext(ctx context.Context, p []byte, off int64) (int, error) {
 	if off < 0 || off+int64(len(p)) > w.c.size || off+int64(len(p)) < off {
@@ -315,6 +318,12 @@ func (w *WriteBack) writePages(ctx context.Context, p []byte, off int64) (int, e
 }
 
 func (w *WriteBack) writeBlock(ctx context.Context, b int64, p []byte, at int) error {
+	var full *time.Timer // runs while this writer waits for dirty memory
+	defer func() {
+		if full != nil {
+			full.Stop()
+		}
+	}()
 	for {
 		w.mu.Lock()
 		if w.failed != nil {
@@ -336,12 +345,20 @@ func (w *WriteBack) writeBlock(ctx context.Context, b int64, p []byte, at int) e
 		}
 		d := w.dirty[b]
 		if d == nil && w.mem+w.bs > w.o.DirtyBytes {
-			wait := w.space
+			wait, mem := w.space, w.mem
 			w.mu.Unlock()
 			w.requestFlush()
+			if full == nil {
+				full = time.NewTimer(w.o.FlushTimeout)
+			}
 			select {
 			case <-wait:
 				continue
+			case <-full.C:
+				// As the kernel fails writes to a device whose writeback
+				// fails: EIO, rather than waiting as long as the outage.
+				return fmt.Errorf("blockcache: %s: dirty memory (%d bytes, the bound) could not be flushed within %s; storage is not taking writes, the bytes accepted so far are kept: %w",
+					w.c.name, mem, w.o.FlushTimeout, syscall.EIO)
 			case <-ctx.Done():
 				return fmt.Errorf("blockcache: waiting for dirty memory of %s to be flushed: %w", w.c.name, ctx.Err())
 			}

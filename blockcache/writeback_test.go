@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -488,5 +489,74 @@ func TestWriteBackTimedFlush(t *testing.T) {
 	}
 	if !bytes.Equal(s.readFresh("t.img", size), model) {
 		t.Fatal("after the background flush a fresh open reads other bytes")
+	}
+}
+
+// TestWriteBackBackPressureOutage: during an outage a writer blocked on a
+// full dirty bound fails with EIO after FlushTimeout (not after the
+// outage), keeping what it wrote before; a cancelled context ends the wait
+// at once; once storage is back writes resume and everything lands.
+func TestWriteBackBackPressureOutage(t *testing.T) {
+	s := newPageBlobStore(t)
+	const size = 4 << 20
+	model := s.create("o.img", size)
+	p := startWBProxy(t, s.az.Port)
+	url := "http://" + p.Listen + "/devstoreaccount1/img/o.img"
+	const limit = 4 * DefaultBlockSize
+	const flushTimeout = time.Second
+	w := openWritable(t, url, s.blobOpts(), Options{}, WriteBackOptions{DirtyBytes: limit, FlushInterval: -1, FlushTimeout: flushTimeout}, nil)
+	got := make([]byte, size)
+	if _, err := w.wb.ReadAt(got, 0); err != nil { // cached: reads go on during the outage
+		t.Fatal(err)
+	}
+
+	down, err := p.Toxics.AddToxicJson(strings.NewReader(`{"type":"timeout","attributes":{"timeout":0}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := randomPattern(21, 1<<20) // four times the bound
+	start := time.Now()
+	n, err := w.wb.WriteAt(data, 1<<20)
+	took := time.Since(start)
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("write over a full dirty bound during an outage: n=%d err=%v; want EIO", n, err)
+	}
+	if took < flushTimeout || took > flushTimeout+3*time.Second {
+		t.Fatalf("the blocked write failed after %s; want the flush timeout %s (+3s slack)", took, flushTimeout)
+	}
+	if n != limit {
+		t.Fatalf("the failed write reports %d bytes accepted; the bound holds %d", n, limit)
+	}
+	t.Logf("blocked write failed after %s: %v", took, err)
+	copy(model[1<<20:], data[:n])
+	if _, err := w.wb.ReadAt(got, 0); err != nil || !bytes.Equal(got, model) {
+		t.Fatalf("the accepted bytes do not read back during the outage (err %v)", err)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(100*time.Millisecond, cancel) // a FUSE interrupt
+	start = time.Now()
+	if _, err := w.wb.WriteAtContext(ctx, data[n:], 1<<20+int64(n)); !errors.Is(err, context.Canceled) {
+		t.Fatalf("write with a cancelled context: %v; want context.Canceled", err)
+	}
+	if d := time.Since(start); d > flushTimeout/2 {
+		t.Fatalf("the interrupted write returned after %s", d)
+	}
+
+	if err := p.Toxics.RemoveToxic(context.Background(), down.Name); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.wb.WriteAt(data[n:], 1<<20+int64(n)); err != nil {
+		t.Fatalf("write after storage came back: %v", err)
+	}
+	copy(model[1<<20:], data)
+	if err := w.wb.Flush(wbCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if st := w.wb.Stats(); st.PeakDirtyBytes > limit {
+		t.Fatalf("dirty memory reached %d past the bound %d", st.PeakDirtyBytes, limit)
+	}
+	if !bytes.Equal(s.readFresh("o.img", size), model) {
+		t.Fatal("after the outage a fresh open reads other bytes than were written")
 	}
 }
