@@ -30,10 +30,19 @@ var (
 // third of it, so two renewals may fail in a row before it lapses.
 const DefaultLeaseDuration = 60 * time.Second
 
+// InfiniteLease, as LeaseOptions.Duration, takes a lease that never lapses
+// (storage's -1): a crashed writer then keeps others out until someone
+// breaks the lease (az storage blob lease break). It is still renewed
+// every RenewEvery (default 20 s), only to notice a break.
+const InfiniteLease time.Duration = -1
+
+// infiniteRenewEvery is how often an infinite lease is checked.
+const infiniteRenewEvery = 20 * time.Second
+
 // LeaseOptions configures a write lease.
 type LeaseOptions struct {
-	// Duration of the lease, 15 to 60 s (storage's limits); 0 selects
-	// DefaultLeaseDuration.
+	// Duration of the lease, 15 to 60 s (storage's limits) or
+	// InfiniteLease; 0 selects DefaultLeaseDuration.
 	Duration time.Duration
 	// RenewEvery overrides the renewal interval (default Duration/3).
 	RenewEvery time.Duration
@@ -67,12 +76,20 @@ func acquireLease(ctx context.Context, c *clients, o LeaseOptions, ifMatch azcor
 	if d == 0 {
 		d = DefaultLeaseDuration
 	}
-	if d < 15*time.Second || d > 60*time.Second {
-		return nil, fmt.Errorf("lease on %s: duration %s outside storage's 15s..60s", c.loc.redacted(), d)
+	if d != InfiniteLease && (d < 15*time.Second || d > 60*time.Second || d%time.Second != 0) {
+		return nil, fmt.Errorf("lease on %s: duration %s is not whole seconds within storage's 15s..60s (or infinite)", c.loc.redacted(), d)
 	}
 	every := o.RenewEvery
-	if every <= 0 {
+	switch {
+	case every > 0:
+	case d == InfiniteLease:
+		every = infiniteRenewEvery
+	default:
 		every = d / 3
+	}
+	seconds := int32(-1)
+	if d != InfiniteLease {
+		seconds = int32(d / time.Second)
 	}
 	id, err := newLeaseID()
 	if err != nil {
@@ -90,7 +107,7 @@ func acquireLease(ctx context.Context, c *clients, o LeaseOptions, ifMatch azcor
 		if ifMatch != "" {
 			ao = &lease.BlobAcquireOptions{ModifiedAccessConditions: &lease.ModifiedAccessConditions{IfMatch: &ifMatch}}
 		}
-		_, err := lc.AcquireLease(ctx, int32(d/time.Second), ao)
+		_, err := lc.AcquireLease(ctx, seconds, ao)
 		return false, err
 	})
 	if err != nil {
@@ -180,7 +197,12 @@ func (l *Lease) renew(o Options, every time.Duration) {
 			return
 		case <-t.C:
 		}
-		ctx, cancel := context.WithDeadline(context.Background(), held.Add(l.duration))
+		deadline := held.Add(l.duration)
+		if l.duration == InfiniteLease {
+			// It cannot lapse: a renewal only asks whether it was broken.
+			deadline = time.Now().Add(every)
+		}
+		ctx, cancel := context.WithDeadline(context.Background(), deadline)
 		go func() { // Release cancels a renewal in progress
 			select {
 			case <-l.stop:
@@ -198,6 +220,10 @@ func (l *Lease) renew(o Options, every time.Duration) {
 		cancel()
 		if stopped {
 			return
+		}
+		var re *azcore.ResponseError
+		if err != nil && l.duration == InfiniteLease && !(errors.As(err, &re) && re.StatusCode < 500) {
+			continue // storage did not answer; the lease is still ours
 		}
 		if err != nil {
 			l.markLost(leaseCause(err))
