@@ -21,6 +21,8 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/blobseal/blobseal/blob"
+	"github.com/blobseal/blobseal/blockcache"
 	"github.com/blobseal/blobseal/internal/secret"
 	"github.com/blobseal/blobseal/keyrelease/evidence"
 	"github.com/blobseal/blobseal/skr"
@@ -137,6 +139,21 @@ type Filesystem struct {
 	ReadTimeout Duration `yaml:"read_timeout" json:"read_timeout"`
 	Key         Key      `yaml:"key" json:"key"`
 
+	// Read-write settings (read_write only).
+	//
+	// LeaseDuration is the blob's write lease: 15s to 60s in whole seconds
+	// (storage's limits; default 60s), renewed at a third of it, or
+	// "infinite" (a crashed sidecar then keeps other writers out until
+	// the lease is broken). It is how long a crash blocks the next writer.
+	LeaseDuration string `yaml:"lease_duration" json:"lease_duration"`
+	// FlushTimeout bounds how long one fsync, and a write waiting for
+	// dirty memory, waits for storage before failing with EIO; the data
+	// stays in memory for the next flush (default 1m).
+	FlushTimeout Duration `yaml:"flush_timeout" json:"flush_timeout"`
+	// DirtyMemory bounds written data not yet stored, on top of the read
+	// cache (default 64Mi; at least two cache blocks).
+	DirtyMemory ByteSize `yaml:"dirty_memory" json:"dirty_memory"`
+
 	// VerityRootHash pins the image's dm-verity tree (hex, as `blobseal
 	// image create` printed it): every block is verified before use. The
 	// configuration reaches the sidecar through its command line or
@@ -155,8 +172,9 @@ type Filesystem struct {
 	// existing configurations have no root hash).
 	RequireIntegrity *bool `yaml:"require_integrity" json:"require_integrity"`
 
-	directIO   blobfs.DirectIOMode // parsed DirectIO
-	verityRoot []byte              // parsed VerityRootHash
+	directIO      blobfs.DirectIOMode // parsed DirectIO
+	verityRoot    []byte              // parsed VerityRootHash
+	leaseDuration time.Duration       // parsed LeaseDuration (blob.InfiniteLease for infinite)
 }
 
 // Key says where a filesystem's key comes from: exactly one of File,
@@ -304,6 +322,10 @@ type legacyConfig struct {
 		VerityHashOffset int64  `json:"verity_hash_offset"`
 		RequireIntegrity *bool  `json:"require_integrity"`
 		ReadTimeout      string `json:"read_timeout"` // "30s"
+		// Read-write settings, as in the native configuration.
+		LeaseDuration string `json:"lease_duration"` // "30s" or "infinite"
+		FlushTimeout  string `json:"flush_timeout"`  // "30s"
+		DirtyMemory   string `json:"dirty_memory"`   // "64Mi"
 	} `json:"azure_filesystems"`
 }
 
@@ -351,6 +373,21 @@ func ParseEncfsArgs(b64 string) (*Config, error) {
 				return nil, fmt.Errorf("%s: azure_filesystems[%d]: read_timeout %q is not a duration like 30s or 2m", EncfsEnv, i, lf.ReadTimeout)
 			}
 			f.ReadTimeout = Duration(d)
+		}
+		f.LeaseDuration = lf.LeaseDuration
+		if lf.FlushTimeout != "" {
+			d, err := time.ParseDuration(lf.FlushTimeout)
+			if err != nil {
+				return nil, fmt.Errorf("%s: azure_filesystems[%d]: flush_timeout %q is not a duration like 30s or 2m", EncfsEnv, i, lf.FlushTimeout)
+			}
+			f.FlushTimeout = Duration(d)
+		}
+		if lf.DirtyMemory != "" {
+			n, err := ParseByteSize(lf.DirtyMemory)
+			if err != nil {
+				return nil, fmt.Errorf("%s: azure_filesystems[%d]: dirty_memory: %v", EncfsEnv, i, err)
+			}
+			f.DirtyMemory = ByteSize(n)
 		}
 		if lf.AzureURLPrivate {
 			f.Identity = "managed"
@@ -547,6 +584,7 @@ func (c *Config) Validate() error {
 		if f.ReadTimeout < 0 {
 			bad("%s: read_timeout %v must be positive (or left out for the default, 2m)", where, time.Duration(f.ReadTimeout))
 		}
+		c.validateWriteSettings(f, where, bad)
 		if mode, err := blobfs.ParseDirectIO(f.DirectIO); err != nil {
 			bad("%s: direct_io: %v", where, err)
 		} else {
@@ -595,4 +633,41 @@ func (c *Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Limits of the read-write settings.
+const (
+	minFlushTimeout = time.Second
+	maxFlushTimeout = time.Hour
+	maxDirtyMemory  = 64 << 30
+)
+
+// validateWriteSettings checks lease_duration, flush_timeout and
+// dirty_memory, which only a read_write filesystem uses.
+func (c *Config) validateWriteSettings(f *Filesystem, where string, bad func(string, ...any)) {
+	if !f.ReadWrite {
+		if f.LeaseDuration != "" || f.FlushTimeout != 0 || f.DirtyMemory != 0 {
+			bad("%s: lease_duration, flush_timeout and dirty_memory apply to read_write filesystems only; remove them or set read_write: true", where)
+		}
+		return
+	}
+	switch d, err := time.ParseDuration(f.LeaseDuration); {
+	case f.LeaseDuration == "":
+	case f.LeaseDuration == "infinite":
+		f.leaseDuration = blob.InfiniteLease
+	case err != nil || d < 15*time.Second || d > 60*time.Second || d%time.Second != 0:
+		bad("%s: lease_duration %q must be whole seconds from 15s to 60s (storage's limits), or infinite", where, f.LeaseDuration)
+	default:
+		f.leaseDuration = d
+	}
+	if ft := time.Duration(f.FlushTimeout); ft != 0 && (ft < minFlushTimeout || ft > maxFlushTimeout) {
+		bad("%s: flush_timeout %s must be from %s to %s (or left out for the default, %s)", where, ft, minFlushTimeout, maxFlushTimeout, blockcache.DefaultFlushTimeout)
+	}
+	block := int64(c.Cache.BlockSize)
+	if block == 0 {
+		block = blockcache.DefaultBlockSize
+	}
+	if d := int64(f.DirtyMemory); d != 0 && (d < 2*block || d > maxDirtyMemory) {
+		bad("%s: dirty_memory %d must hold at least two cache blocks (%d bytes) and at most 64Gi (or be left out for the default, 64Mi)", where, d, 2*block)
+	}
 }

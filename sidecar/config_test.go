@@ -3,6 +3,7 @@ package sidecar
 import (
 	"encoding/base64"
 	"fmt"
+	"github.com/blobseal/blobseal/blob"
 	blobfs "github.com/blobseal/blobseal/fs"
 	"os"
 	"strings"
@@ -301,5 +302,56 @@ func TestReadWriteConfig(t *testing.T) {
 	lc, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte(js)))
 	if err != nil || !lc.Filesystems[0].ReadWrite {
 		t.Fatalf("EncfsSideCarArgs with read_write: %v", err)
+	}
+}
+
+// TestReadWriteSettings: lease_duration, flush_timeout and dirty_memory
+// parse in both formats, reach the filesystem, and out-of-range values or
+// settings on a read-only filesystem are refused, naming the field.
+func TestReadWriteSettings(t *testing.T) {
+	base := "filesystems:\n  - name: w\n    mount_point: /m\n    source: /x\n    key: {file: k}\n    read_write: true\n"
+	c, err := Parse([]byte(base + "    lease_duration: 30s\n    flush_timeout: 10s\n    dirty_memory: 32Mi\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := c.Filesystems[0]
+	if f.leaseDuration != 30*time.Second || time.Duration(f.FlushTimeout) != 10*time.Second || f.DirtyMemory != 32<<20 {
+		t.Errorf("parsed lease %s, flush timeout %s, dirty memory %d", f.leaseDuration, time.Duration(f.FlushTimeout), f.DirtyMemory)
+	}
+	c, err = Parse([]byte(base + "    lease_duration: infinite\n"))
+	if err != nil || c.Filesystems[0].leaseDuration != blob.InfiniteLease {
+		t.Errorf("lease_duration infinite: %v", err)
+	}
+	for extra, want := range map[string]string{
+		"    lease_duration: 10s\n":     "lease_duration \"10s\" must be whole seconds from 15s to 60s",
+		"    lease_duration: 90s\n":     "lease_duration \"90s\" must be",
+		"    lease_duration: 20.5s\n":   "lease_duration \"20.5s\" must be",
+		"    lease_duration: forever\n": "or infinite",
+		"    flush_timeout: 100ms\n":    "flush_timeout 100ms must be from 1s to 1h0m0s",
+		"    dirty_memory: 64Ki\n":      "dirty_memory 65536 must hold at least two cache blocks (131072 bytes)",
+	} {
+		if _, err := Parse([]byte(base + extra)); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v; want an error containing %q", strings.TrimSpace(extra), err, want)
+		}
+	}
+	ro := strings.Replace(base, "    read_write: true\n", "    require_integrity: false\n", 1)
+	if _, err := Parse([]byte(ro + "    flush_timeout: 10s\n")); err == nil || !strings.Contains(err.Error(), "apply to read_write filesystems only") {
+		t.Errorf("flush_timeout on a read-only filesystem: %v", err)
+	}
+
+	js := `{"azure_filesystems":[{"mount_point":"/m/a","azure_url":"https://a.blob.core.windows.net/c/i.img","raw_key":"00","read_write":true,` +
+		`"lease_duration":"infinite","flush_timeout":"45s","dirty_memory":"128Mi"}]}`
+	lc, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte(js)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f := lc.Filesystems[0]; f.leaseDuration != blob.InfiniteLease || time.Duration(f.FlushTimeout) != 45*time.Second || f.DirtyMemory != 128<<20 {
+		t.Errorf("EncfsSideCarArgs: lease %s, flush timeout %s, dirty memory %d", f.leaseDuration, time.Duration(f.FlushTimeout), f.DirtyMemory)
+	}
+	for field, want := range map[string]string{`"flush_timeout":"soon"`: "flush_timeout \"soon\" is not a duration", `"dirty_memory":"lots"`: "dirty_memory"} {
+		js := `{"azure_filesystems":[{"mount_point":"/m/a","azure_url":"https://a.blob.core.windows.net/c/i.img","raw_key":"00","read_write":true,` + field + `}]}`
+		if _, err := ParseEncfsArgs(base64.StdEncoding.EncodeToString([]byte(js))); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("EncfsSideCarArgs with %s: %v", field, err)
+		}
 	}
 }

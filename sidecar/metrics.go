@@ -18,6 +18,9 @@ type Metrics struct {
 	keyRelease *prometheus.HistogramVec
 	fuseOps    *prometheus.HistogramVec
 	errors     *prometheus.CounterVec
+	// Read-write mounts.
+	leaseLosses   *prometheus.CounterVec
+	flushFailures *prometheus.CounterVec
 }
 
 func newMetrics(s *Sidecar) *Metrics {
@@ -37,11 +40,25 @@ func newMetrics(s *Sidecar) *Metrics {
 			Name: "blobseal_errors_total",
 			Help: "Errors by kind: key_release, open, mount, publish, io.",
 		}, []string{"kind"}),
+		leaseLosses: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "blobseal_lease_losses_total",
+			Help: "Write leases lost (broken by another party or lapsed): the mount turned read-only.",
+		}, []string{"fs"}),
+		flushFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "blobseal_flush_failures_total",
+			Help: "fsync calls on read-write mounts that failed (storage did not acknowledge within flush_timeout, or the lease was lost).",
+		}, []string{"fs"}),
 	}
 	for _, kind := range []string{"key_release", "open", "mount", "publish", "io"} {
 		m.errors.WithLabelValues(kind)
 	}
-	m.registry.MustRegister(m.keyRelease, m.fuseOps, m.errors,
+	for _, f := range s.cfg.Filesystems {
+		if f.ReadWrite {
+			m.leaseLosses.WithLabelValues(f.Name)
+			m.flushFailures.WithLabelValues(f.Name)
+		}
+	}
+	m.registry.MustRegister(m.keyRelease, m.fuseOps, m.errors, m.leaseLosses, m.flushFailures,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		&stateCollector{s: s})
 	return m
@@ -52,6 +69,17 @@ func (m *Metrics) observeFUSE(op string, d time.Duration, errno syscall.Errno) {
 	m.fuseOps.WithLabelValues(op).Observe(d.Seconds())
 	if errno == syscall.EIO {
 		m.errors.WithLabelValues("io").Inc()
+	}
+}
+
+// observer is observeFUSE for filesystem fs, which also counts its failed
+// fsyncs: the flushes an application waited for and did not get.
+func (m *Metrics) observer(fs string) func(op string, d time.Duration, errno syscall.Errno) {
+	return func(op string, d time.Duration, errno syscall.Errno) {
+		m.observeFUSE(op, d, errno)
+		if op == "fsync" && errno != 0 {
+			m.flushFailures.WithLabelValues(fs).Inc()
+		}
 	}
 }
 

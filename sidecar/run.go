@@ -128,6 +128,7 @@ func (s *Sidecar) serve(ctx context.Context, f *Filesystem) error {
 			st.Attempts, st.Ready, st.LastError, st.img = attempt, true, "", m.img
 		})
 		s.checkAllReady(log)
+		go s.watchLease(ctx, f, m)
 		select {
 		case <-ctx.Done():
 			s.setState(f.Name, func(st *fsState) { st.Ready = false; st.img = nil })
@@ -152,6 +153,31 @@ type mounted struct {
 	rw     *image.Writable // read_write mounts
 	server *fs.Server
 	hidden string
+}
+
+// watchLease marks a read-write mount whose lease is lost as not ready,
+// saying why, and counts the loss: the mount stays up read-only, but
+// writes are refused and what was not stored is lost.
+func (s *Sidecar) watchLease(ctx context.Context, f *Filesystem, m *mounted) {
+	select {
+	case <-m.leaseLost():
+	case <-m.server.Done():
+		return
+	case <-ctx.Done():
+		return
+	}
+	s.metrics.leaseLosses.WithLabelValues(f.Name).Inc()
+	reason := fmt.Sprintf("write lease lost, the mount is read-only (restart the sidecar to write again): %v", m.rw.Lease.Err())
+	s.setState(f.Name, func(st *fsState) { st.Ready = false; st.LastError = reason })
+}
+
+// leaseLost is closed when a read-write mount's lease is lost; nil (never)
+// otherwise.
+func (m *mounted) leaseLost() <-chan struct{} {
+	if m.rw == nil || m.rw.Lease == nil {
+		return nil
+	}
+	return m.rw.Lease.Lost()
 }
 
 func (m *mounted) stop(log *slog.Logger, grace time.Duration) {
@@ -278,8 +304,12 @@ func (s *Sidecar) imageSpec(f *Filesystem, log *slog.Logger, key []byte, blobOpt
 		Key:      key,
 		Crypto: crypto.OpenOptions{Format: f.Format, Ciphers: f.Ciphers, SectorSizes: f.SectorSizes,
 			KDF: luks.Policy{MaxIterations: f.KDFMaxIterations, MaxArgonMemoryKiB: int(f.KDFMaxMemory >> 10)}},
-		Blob:   blobOpts,
-		Cache:  s.cacheOptions(f),
+		Blob:  blobOpts,
+		Cache: s.cacheOptions(f),
+		Write: image.WriteOptions{
+			Lease:     blob.LeaseOptions{Duration: f.leaseDuration},
+			WriteBack: blockcache.WriteBackOptions{DirtyBytes: int64(f.DirtyMemory), FlushTimeout: time.Duration(f.FlushTimeout)},
+		},
 		Logger: log,
 	}
 }
@@ -291,7 +321,7 @@ func (s *Sidecar) fuseOptions(f *Filesystem, log *slog.Logger) fs.Options {
 		Logger:       log,
 		Source:       "blobseal:" + f.Name,
 		UnmountGrace: time.Duration(s.cfg.UnmountGrace),
-		Observe:      s.metrics.observeFUSE,
+		Observe:      s.metrics.observer(f.Name),
 		DirectIO:     f.directIO,
 	}
 }

@@ -154,6 +154,14 @@ func scrape(t *testing.T, addr string) map[string]float64 {
 // SIGTERM (killed after 30 s) and mnt must be left unmounted.
 func startSidecarJSON(t *testing.T, e *env, cfg map[string]any, name, mnt string) (exited <-chan error, stderr *syncBuffer) {
 	t.Helper()
+	_, exited, stderr = startSidecarCmd(t, e, cfg, name, mnt)
+	return exited, stderr
+}
+
+// startSidecarCmd is startSidecarJSON that also returns the process, for
+// tests that kill it; exited yields its end to any number of readers.
+func startSidecarCmd(t *testing.T, e *env, cfg map[string]any, name, mnt string) (cmd *exec.Cmd, exited <-chan error, stderr *syncBuffer) {
+	t.Helper()
 	js, err := json.Marshal(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -162,7 +170,7 @@ func startSidecarJSON(t *testing.T, e *env, cfg map[string]any, name, mnt string
 	if err := os.WriteFile(cfgFile, js, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(binary, "sidecar", "--config", cfgFile)
+	cmd = exec.Command(binary, "sidecar", "--config", cfgFile)
 	cmd.Env = append(os.Environ(), "AZURE_STORAGE_CONNECTION_STRING="+e.azurite.ConnectionString())
 	stderr = new(syncBuffer)
 	cmd.Stderr = stderr
@@ -170,7 +178,10 @@ func startSidecarJSON(t *testing.T, e *env, cfg map[string]any, name, mnt string
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	go func() {
+		done <- cmd.Wait()
+		close(done)
+	}()
 	t.Cleanup(func() {
 		cmd.Process.Signal(syscall.SIGTERM)
 		select {
@@ -180,5 +191,5 @@ func startSidecarJSON(t *testing.T, e *env, cfg map[string]any, name, mnt string
 		}
 		notMounted(t, mnt)
 	})
-	return done, stderr
+	return cmd, done, stderr
 }
