@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what blobseal's tests, benchmarks and demo use on Debian 12:
 # cryptsetup, veritysetup and e2fsprogs as independent references, fuse3 for mounts,
-# rclone and fuse2fs as benchmark peers, and Azurite (npm) as the blob storage server.
+# rclone and fuse2fs as benchmark peers, fio for the write benchmark, and Azurite (npm) as the blob storage server.
 #
 # Run it as yourself: it elevates only the steps that need root (apt-get,
 # npm -g), with sudo when you are not root and sudo exists; as root (minimal
@@ -21,7 +21,7 @@ as_root() {
 }
 
 need_apt=()
-for tool in cryptsetup:cryptsetup-bin veritysetup:cryptsetup-bin mkfs.ext4:e2fsprogs debugfs:e2fsprogs fusermount3:fuse3 fuse2fs:fuse2fs rclone:rclone openssl:openssl curl:curl; do
+for tool in cryptsetup:cryptsetup-bin veritysetup:cryptsetup-bin mkfs.ext4:e2fsprogs debugfs:e2fsprogs fusermount3:fuse3 fuse2fs:fuse2fs rclone:rclone openssl:openssl curl:curl fio:fio; do
   cmd=${tool%%:*} pkg=${tool#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || [ -x "/sbin/$cmd" ] || need_apt+=("$pkg")
 done
