@@ -216,19 +216,43 @@ func (w *PageWriter) WritePages(ctx context.Context, writes []PageWrite) error {
 	w.mu.Lock()
 	etag := w.etag
 	w.mu.Unlock()
-	if err := w.putRun(ctx, runs[0], &etag); err != nil {
+	// The first run carries If-Match; the middle ones go in parallel; the
+	// last one goes alone, after them, so its answer carries the blob's
+	// ETag for the next batch (no extra request: one round trip for a
+	// single-run batch such as a journal commit block).
+	last, err := w.putRun(ctx, runs[0], &etag)
+	if err != nil {
 		return err
 	}
-	if err := w.putParallel(ctx, runs[1:]); err != nil {
-		return err
+	if len(runs) > 1 {
+		if err := w.putParallel(ctx, runs[1:len(runs)-1]); err != nil {
+			return err
+		}
+		if last, err = w.putRun(ctx, runs[len(runs)-1], nil); err != nil {
+			return err
+		}
 	}
-	if err := w.refreshETag(ctx); err != nil {
-		return err
+	if last == "" { // storage left it out: ask
+		if err := w.refreshETag(ctx); err != nil {
+			return err
+		}
+		w.mu.Lock()
+		last = w.etag
+		w.mu.Unlock()
 	}
+	w.setETag(last)
+	return nil
+}
+
+// setETag records the blob's ETag after this writer's own complete batch.
+func (w *PageWriter) setETag(etag azcore.ETag) {
 	w.mu.Lock()
+	w.etag = etag
 	w.stale = false
 	w.mu.Unlock()
-	return nil
+	w.p.mu.Lock()
+	w.p.etag = etag
+	w.p.mu.Unlock()
 }
 
 // Err returns nil while the writer can write, and otherwise why not (lease
@@ -267,7 +291,7 @@ func (w *PageWriter) putParallel(ctx context.Context, runs [][]PageWrite) error 
 		go func() {
 			defer wg.Done()
 			defer func() { <-w.sem }()
-			if err := w.putRun(ctx, run, nil); err != nil {
+			if _, err := w.putRun(ctx, run, nil); err != nil {
 				once.Do(func() { firstErr = err; cancel() })
 			}
 		}()
@@ -287,9 +311,9 @@ func (w *PageWriter) putParallel(ctx context.Context, runs [][]PageWrite) error 
 // this writer's own earlier try having landed: the ETag is then re-read
 // under the lease (nobody else can have written) and the same bytes are
 // sent once more under it; a 412 on the first try is a foreign change.
-func (w *PageWriter) putRun(ctx context.Context, run []PageWrite, ifMatch *azcore.ETag) error {
+func (w *PageWriter) putRun(ctx context.Context, run []PageWrite, ifMatch *azcore.ETag) (azcore.ETag, error) {
 	if err := w.usable(); err != nil {
-		return err
+		return "", err
 	}
 	off := run[0].Off
 	var n int64
@@ -313,9 +337,12 @@ func (w *PageWriter) putRun(ctx context.Context, run []PageWrite, ifMatch *azcor
 			cond = &e
 		}
 		tries := 0
+		var etag azcore.ETag
 		err := retry(ctx, w.o, &w.retries, what, func(ctx context.Context) (bool, error) {
 			tries++
-			return false, w.putOnce(ctx, body, off, zero, cond)
+			var err error
+			etag, err = w.putOnce(ctx, body, off, zero, cond)
+			return false, err
 		})
 		if err == nil {
 			w.p.mu.Lock()
@@ -323,15 +350,15 @@ func (w *PageWriter) putRun(ctx context.Context, run []PageWrite, ifMatch *azcor
 				w.p.ranges = insertRange(w.p.ranges, Range{Off: off, Len: n})
 			}
 			w.p.mu.Unlock()
-			return nil
+			return etag, nil
 		}
 		if isLeaseLoss(err) {
-			return w.lease.markLost(leaseCause(err))
+			return "", w.lease.markLost(leaseCause(err))
 		}
 		if bloberror.HasCode(err, bloberror.ConditionNotMet) || isStatus(err, http.StatusPreconditionFailed) {
 			if ifMatch != nil && tries > 1 && round == 0 {
 				if rerr := w.refreshETag(ctx); rerr != nil {
-					return rerr
+					return "", rerr
 				}
 				w.mu.Lock()
 				*ifMatch = w.etag
@@ -347,33 +374,38 @@ func (w *PageWriter) putRun(ctx context.Context, run []PageWrite, ifMatch *azcor
 			w.conflict = fmt.Errorf("%s: %w: someone else changed it since this writer last saw %s; nothing was overwritten: reopen it", what, ErrChanged, seen)
 			err = w.conflict
 			w.mu.Unlock()
-			return err
+			return "", err
 		}
-		return err // retry's and describe's texts name the write and the blob
+		return "", err // retry's and describe's texts name the write and the blob
 	}
 }
 
-// putOnce is one Put Page (or Clear Page) try under the lease.
-func (w *PageWriter) putOnce(ctx context.Context, body []byte, off int64, zero bool, ifMatch *azcore.ETag) error {
+// putOnce is one Put Page (or Clear Page) try under the lease; it returns
+// the blob's ETag after it ("" if storage left it out).
+func (w *PageWriter) putOnce(ctx context.Context, body []byte, off int64, zero bool, ifMatch *azcore.ETag) (azcore.ETag, error) {
 	ctx = w.p.tryContext(ctx)
 	ac := leaseConditions(w.lease.ID(), ifMatch)
 	r := azblobblob.HTTPRange{Offset: off, Count: int64(len(body))}
-	var err error
+	var etag *azcore.ETag
 	if zero {
-		_, err = w.p.c.page.ClearPages(ctx, r, &pageblob.ClearPagesOptions{AccessConditions: ac})
-		if err == nil {
-			w.clears.Add(1)
+		resp, err := w.p.c.page.ClearPages(ctx, r, &pageblob.ClearPagesOptions{AccessConditions: ac})
+		if err != nil {
+			return "", describeAttempt(err, w.p.c.loc, "write pages to")
 		}
+		w.clears.Add(1)
+		etag = resp.ETag
 	} else {
-		_, err = w.p.c.page.UploadPages(ctx, streaming.NopCloser(bytes.NewReader(body)), r, &pageblob.UploadPagesOptions{AccessConditions: ac})
-		if err == nil {
-			w.puts.Add(1)
+		resp, err := w.p.c.page.UploadPages(ctx, streaming.NopCloser(bytes.NewReader(body)), r, &pageblob.UploadPagesOptions{AccessConditions: ac})
+		if err != nil {
+			return "", describeAttempt(err, w.p.c.loc, "write pages to")
 		}
+		w.puts.Add(1)
+		etag = resp.ETag
 	}
-	if err != nil {
-		return describeAttempt(err, w.p.c.loc, "write pages to")
+	if etag == nil {
+		return "", nil
 	}
-	return nil
+	return *etag, nil
 }
 
 // refreshETag reads the blob's current ETag under the lease: with the lease

@@ -314,3 +314,31 @@ func TestLeaseOutlivesItsDuration(t *testing.T) {
 		t.Fatalf("second writer after 17s: err = %v; want ErrLeased", err)
 	}
 }
+
+// TestBatchETagFromLastPut: after batches of one, two and many runs the
+// ETag the writer keeps (taken from the answer to the batch's last Put
+// Page) is storage's, so each next batch's If-Match holds.
+func TestBatchETagFromLastPut(t *testing.T) {
+	s := newStore(t)
+	s.putPage("img", "e.img", randomBytes(1, 4<<20))
+	_, w := openWriter(t, s, s.url("img", "e.img"), LeaseOptions{})
+	for i, runs := range []int{1, 2, 5, 1, 3} {
+		var batch []PageWrite
+		for r := range runs {
+			batch = append(batch, PageWrite{Off: int64(r) * 512 << 10, Data: randomBytes(uint64(10*i+r), 8192)})
+		}
+		if err := w.WritePages(testCtx(t), batch); err != nil {
+			t.Fatalf("batch %d (%d runs): %v", i, runs, err)
+		}
+		props, err := s.pageClient("e.img").GetProperties(testCtx(t), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.mu.Lock()
+		kept, stale := w.etag, w.stale
+		w.mu.Unlock()
+		if stale || props.ETag == nil || kept != *props.ETag {
+			t.Fatalf("after batch %d (%d runs) the writer keeps ETag %s (stale %v); storage's is %v", i, runs, kept, stale, props.ETag)
+		}
+	}
+}
