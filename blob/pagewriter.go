@@ -170,6 +170,44 @@ func planPuts(writes []PageWrite, size int64) ([][]PageWrite, error) {
 	return runs, nil
 }
 
+// splitBatchAbove is the batch size above which its first and last
+// requests are single pages (guardPieces).
+const splitBatchAbove = 1 << 20
+
+func batchBytes(runs [][]PageWrite) int64 {
+	var n int64
+	for _, run := range runs {
+		for _, x := range run {
+			n += int64(len(x.Data))
+		}
+	}
+	return n
+}
+
+// guardPieces splits runs into the first page of the first run, the last
+// page of the last run (as a one-run slice) and the runs between, without
+// copying bytes.
+func guardPieces(runs [][]PageWrite) (head []PageWrite, middle, tail [][]PageWrite) {
+	rest := slices.Clone(runs)
+	first := slices.Clone(rest[0])
+	head = []PageWrite{{Off: first[0].Off, Data: first[0].Data[:PageSize]}}
+	if first[0] = (PageWrite{Off: first[0].Off + PageSize, Data: first[0].Data[PageSize:]}); len(first[0].Data) == 0 {
+		first = first[1:]
+	}
+	rest[0] = first
+	lastRun := slices.Clone(rest[len(rest)-1])
+	x := lastRun[len(lastRun)-1]
+	if end := len(x.Data); end > 0 {
+		tail = [][]PageWrite{{{Off: x.Off + int64(end-PageSize), Data: x.Data[end-PageSize:]}}}
+		if lastRun[len(lastRun)-1].Data = x.Data[:end-PageSize]; len(x.Data) == PageSize {
+			lastRun = lastRun[:len(lastRun)-1]
+		}
+		rest[len(rest)-1] = lastRun
+	}
+	middle = slices.DeleteFunc(rest, func(r []PageWrite) bool { return len(r) == 0 })
+	return head, middle, tail
+}
+
 func cmpInt64(a, b int64) int {
 	switch {
 	case a < b:
@@ -216,19 +254,27 @@ func (w *PageWriter) WritePages(ctx context.Context, writes []PageWrite) error {
 	w.mu.Lock()
 	etag := w.etag
 	w.mu.Unlock()
-	// The first run carries If-Match; the middle ones go in parallel; the
-	// last one goes alone, after them, so its answer carries the blob's
-	// ETag for the next batch (no extra request: one round trip for a
-	// single-run batch such as a journal commit block).
-	last, err := w.putRun(ctx, runs[0], &etag)
+	// The first request carries If-Match; the middle ones go in parallel;
+	// the last one goes alone, after them, so its answer carries the
+	// blob's ETag for the next batch (no extra request: one round trip for
+	// a single-run batch such as a journal commit block). In a large batch
+	// the first and last requests are one page each, so that the two
+	// serialized round trips are short.
+	head, middle, tail := runs[0], runs[1:], [][]PageWrite(nil)
+	if len(runs) > 1 && batchBytes(runs) > splitBatchAbove {
+		head, middle, tail = guardPieces(runs)
+	} else if len(middle) > 0 {
+		middle, tail = middle[:len(middle)-1], middle[len(middle)-1:]
+	}
+	last, err := w.putRun(ctx, head, &etag)
 	if err != nil {
 		return err
 	}
-	if len(runs) > 1 {
-		if err := w.putParallel(ctx, runs[1:len(runs)-1]); err != nil {
-			return err
-		}
-		if last, err = w.putRun(ctx, runs[len(runs)-1], nil); err != nil {
+	if err := w.putParallel(ctx, middle); err != nil {
+		return err
+	}
+	if len(tail) > 0 {
+		if last, err = w.putRun(ctx, tail[0], nil); err != nil {
 			return err
 		}
 	}

@@ -51,5 +51,36 @@ func FuzzPlanPuts(f *testing.F) {
 		if got != want {
 			t.Fatalf("runs cover %d bytes of %d written", got, want)
 		}
+		if len(runs) < 2 {
+			return
+		}
+		// A large batch's guard pieces: one page first, one page last, the
+		// rest between, covering the same bytes.
+		head, middle, tail := guardPieces(runs)
+		lastRun := runs[len(runs)-1]
+		if len(head) != 1 || head[0].Off != runs[0][0].Off || len(head[0].Data) != PageSize {
+			t.Fatalf("head %d bytes at %d; want the first page at %d", len(head[0].Data), head[0].Off, runs[0][0].Off)
+		}
+		if len(tail) != 1 || len(tail[0]) != 1 || tail[0][0].end() != lastRun[len(lastRun)-1].end() || len(tail[0][0].Data) != PageSize {
+			t.Fatalf("tail %+v; want the last page before %d", tail, lastRun[len(lastRun)-1].end())
+		}
+		covered := 2 * int64(PageSize)
+		for _, run := range middle {
+			if len(run) == 0 {
+				t.Fatal("an empty middle run")
+			}
+			for i, x := range run {
+				if len(x.Data) == 0 || len(x.Data)%PageSize != 0 || (i > 0 && x.Off != run[i-1].end()) {
+					t.Fatalf("middle run piece at %d of %d bytes", x.Off, len(x.Data))
+				}
+				if x.Off < head[0].end() || x.end() > tail[0][0].Off {
+					t.Fatalf("middle piece [%d,%d) overlaps the head or tail", x.Off, x.end())
+				}
+				covered += int64(len(x.Data))
+			}
+		}
+		if covered != want {
+			t.Fatalf("guard pieces cover %d bytes of %d", covered, want)
+		}
 	})
 }
