@@ -27,6 +27,7 @@ import (
 
 	"github.com/blobseal/blobseal/blob"
 	"github.com/blobseal/blobseal/crypto"
+	"github.com/blobseal/blobseal/fs/ext4"
 	"github.com/blobseal/blobseal/image"
 	"github.com/blobseal/blobseal/internal/testenv"
 )
@@ -151,6 +152,32 @@ func TestReadWriteOutageLeaseLossAndCrash(t *testing.T) {
 	}
 	if out, err := exec.Command(tools[0], "-fn", plain).CombinedOutput(); err != nil {
 		t.Fatalf("e2fsck -fn after the crash: %v\n%s", err, out)
+	}
+	// blobseal's own reopen (the lease was broken above) replays the same
+	// journal and reads the same bytes.
+	rw, err := image.OpenWritable(ctx, image.Spec{Location: direct, Key: e.key, Blob: bo})
+	if err != nil {
+		t.Fatalf("reopen after the crash: %v", err)
+	}
+	defer rw.Close()
+	fsys := rw.Writer.FS()
+	root, err := fsys.Inode(ext4.RootIno)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string][]byte{"before.bin": before, "during.bin": during} {
+		ino, err := fsys.Lookup(root, name)
+		if err != nil {
+			t.Fatalf("%s after reopening: %v", name, err)
+		}
+		in, err := fsys.Inode(ino)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, in.Size)
+		if _, err := fsys.ReadAt(in, got, 0); err != nil || !bytes.Equal(got, want) {
+			t.Errorf("%s after reopening: %d bytes (%v), want the %d fsynced", name, len(got), err, len(want))
+		}
 	}
 	for name, want := range map[string][]byte{"before.bin": before, "during.bin": during} {
 		out := filepath.Join(t.TempDir(), name)
