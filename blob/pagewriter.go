@@ -1,10 +1,10 @@
 package blob
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"slices"
 	"sync"
@@ -368,12 +368,9 @@ func (w *PageWriter) putRun(ctx context.Context, run []PageWrite, ifMatch *azcor
 		n += int64(len(x.Data))
 		zero = zero && allZero(x.Data)
 	}
-	body := run[0].Data
-	if len(run) > 1 {
-		body = make([]byte, 0, n)
-		for _, x := range run {
-			body = append(body, x.Data...)
-		}
+	body := make([][]byte, len(run)) // sent as one body without copying
+	for i, x := range run {
+		body[i] = x.Data
 	}
 	what := fmt.Sprintf("write %d bytes at %d to %s", n, off, w.p.String())
 	for round := 0; ; round++ {
@@ -428,10 +425,11 @@ func (w *PageWriter) putRun(ctx context.Context, run []PageWrite, ifMatch *azcor
 
 // putOnce is one Put Page (or Clear Page) try under the lease; it returns
 // the blob's ETag after it ("" if storage left it out).
-func (w *PageWriter) putOnce(ctx context.Context, body []byte, off int64, zero bool, ifMatch *azcore.ETag) (azcore.ETag, error) {
+func (w *PageWriter) putOnce(ctx context.Context, body [][]byte, off int64, zero bool, ifMatch *azcore.ETag) (azcore.ETag, error) {
 	ctx = w.p.tryContext(ctx)
 	ac := leaseConditions(w.lease.ID(), ifMatch)
-	r := azblobblob.HTTPRange{Offset: off, Count: int64(len(body))}
+	br := newSlicesReader(body)
+	r := azblobblob.HTTPRange{Offset: off, Count: br.Size()}
 	var etag *azcore.ETag
 	if zero {
 		resp, err := w.p.c.page.ClearPages(ctx, r, &pageblob.ClearPagesOptions{AccessConditions: ac})
@@ -441,7 +439,7 @@ func (w *PageWriter) putOnce(ctx context.Context, body []byte, off int64, zero b
 		w.clears.Add(1)
 		etag = resp.ETag
 	} else {
-		resp, err := w.p.c.page.UploadPages(ctx, streaming.NopCloser(bytes.NewReader(body)), r, &pageblob.UploadPagesOptions{AccessConditions: ac})
+		resp, err := w.p.c.page.UploadPages(ctx, streaming.NopCloser(br), r, &pageblob.UploadPagesOptions{AccessConditions: ac})
 		if err != nil {
 			return "", describeAttempt(err, w.p.c.loc, "write pages to")
 		}
@@ -488,4 +486,60 @@ func (w *PageWriter) refreshETag(ctx context.Context) error {
 func isStatus(err error, code int) bool {
 	var re *azcore.ResponseError
 	return errors.As(err, &re) && re.StatusCode == code
+}
+
+// slicesReader reads several byte slices as one stream, and seeks (the SDK
+// rewinds a body to retry it), so that a run of adjacent writes goes out
+// as one Put Page without being copied into one buffer.
+type slicesReader struct {
+	parts [][]byte
+	size  int64
+	pos   int64
+}
+
+var _ io.ReadSeeker = (*slicesReader)(nil)
+
+func newSlicesReader(parts [][]byte) *slicesReader {
+	r := &slicesReader{parts: parts}
+	for _, p := range parts {
+		r.size += int64(len(p))
+	}
+	return r
+}
+
+// Size returns the total length.
+func (r *slicesReader) Size() int64 { return r.size }
+
+func (r *slicesReader) Read(p []byte) (int, error) {
+	if r.pos >= r.size {
+		return 0, io.EOF
+	}
+	n, base := 0, int64(0)
+	for _, part := range r.parts {
+		end := base + int64(len(part))
+		if r.pos < end && n < len(p) {
+			c := copy(p[n:], part[r.pos-base:])
+			n += c
+			r.pos += int64(c)
+		}
+		base = end
+	}
+	return n, nil
+}
+
+func (r *slicesReader) Seek(offset int64, whence int) (int64, error) {
+	switch whence {
+	case io.SeekStart:
+	case io.SeekCurrent:
+		offset += r.pos
+	case io.SeekEnd:
+		offset += r.size
+	default:
+		return 0, fmt.Errorf("slicesReader: bad whence %d", whence)
+	}
+	if offset < 0 {
+		return 0, fmt.Errorf("slicesReader: seek to %d", offset)
+	}
+	r.pos = offset
+	return offset, nil
 }

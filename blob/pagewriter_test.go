@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"math/rand/v2"
 	"strings"
 	"testing"
@@ -354,5 +355,49 @@ func TestBatchETagFromLastPut(t *testing.T) {
 	got := make([]byte, len(model))
 	if _, err := fresh.ReadAt(testCtx(t), got, 0); err != nil || !bytes.Equal(got, model) {
 		t.Fatalf("a fresh read after the batches differs from what was written (err %v)", err)
+	}
+}
+
+// TestSlicesReader: the body of a coalesced run reads, in any buffer size
+// and after a rewind (the SDK's retry), exactly as the concatenation.
+func TestSlicesReader(t *testing.T) {
+	parts := [][]byte{randomBytes(1, 512), nil, randomBytes(2, 64<<10), randomBytes(3, 1536), {}, randomBytes(4, 4096)}
+	want := bytes.Join(parts, nil)
+	for _, bufSize := range []int{1, 100, 512, 4096, 1 << 20} {
+		r := newSlicesReader(parts)
+		if r.Size() != int64(len(want)) {
+			t.Fatalf("Size %d, want %d", r.Size(), len(want))
+		}
+		for pass := 0; pass < 2; pass++ { // the second after a rewind
+			var got []byte
+			buf := make([]byte, bufSize)
+			for {
+				n, err := r.Read(buf)
+				got = append(got, buf[:n]...)
+				if err == io.EOF {
+					break
+				}
+				if err != nil || n == 0 {
+					t.Fatalf("buffer %d: Read = %d, %v", bufSize, n, err)
+				}
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatalf("buffer %d, pass %d: read %d bytes differing from the %d of the parts", bufSize, pass, len(got), len(want))
+			}
+			if _, err := r.Seek(0, io.SeekStart); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	r := newSlicesReader(parts)
+	if pos, err := r.Seek(-100, io.SeekEnd); err != nil || pos != int64(len(want)-100) {
+		t.Fatalf("Seek from the end: %d, %v", pos, err)
+	}
+	tail, _ := io.ReadAll(r)
+	if !bytes.Equal(tail, want[len(want)-100:]) {
+		t.Fatal("the last 100 bytes after a seek differ")
+	}
+	if _, err := r.Seek(-1, io.SeekStart); err == nil {
+		t.Fatal("a seek before the start was accepted")
 	}
 }
