@@ -79,6 +79,10 @@ type WriteBack struct {
 	bs       int64
 	log      *slog.Logger
 
+	// spare holds the blocks of uploaded batches for reuse, so a stream of
+	// writes does not allocate (and collect) every block it dirties.
+	spare sync.Pool
+
 	flushing chan struct{} // one token: one flush at a time, so batches are ordered
 	kick     chan struct{} // asks the background flusher to run now
 	stop     chan struct{}
@@ -369,7 +373,7 @@ func (w *WriteBack) writeBlock(ctx context.Context, b int64, p []byte, at int) e
 			w.requestFlush()
 		}
 		if d == nil {
-			d = &dirtyBlock{data: make([]byte, w.bs), mask: make([]uint64, (w.bs/blob.PageSize+63)/64)}
+			d = w.newBlock()
 			w.dirty[b] = d
 			w.mem += w.bs
 			w.peak = max(w.peak, w.mem)
@@ -379,6 +383,16 @@ func (w *WriteBack) writeBlock(ctx context.Context, b int64, p []byte, at int) e
 		w.mu.Unlock()
 		return nil
 	}
+}
+
+// newBlock returns an empty dirty block: a spare one (its old bytes are
+// never read: only pages with a mask bit are) or a new one.
+func (w *WriteBack) newBlock() *dirtyBlock {
+	if d, ok := w.spare.Get().(*dirtyBlock); ok {
+		clear(d.mask)
+		return d
+	}
+	return &dirtyBlock{data: make([]byte, w.bs), mask: make([]uint64, (w.bs/blob.PageSize+63)/64)}
 }
 
 func (w *WriteBack) requestFlush() {
@@ -459,6 +473,11 @@ func (w *WriteBack) Flush(ctx context.Context) error {
 	close(w.space)
 	w.space = make(chan struct{})
 	w.mu.Unlock()
+	// Storage has all of it and no map refers to these blocks any more
+	// (readers copy under mu, and the batch is done): reuse them.
+	for _, d := range taken {
+		w.spare.Put(d)
+	}
 	return nil
 }
 
