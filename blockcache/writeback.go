@@ -531,10 +531,12 @@ func (w *WriteBack) flusher() {
 				return
 			}
 			w.log.Warn("blockcache: background flush failed; will retry", "cache", w.c.name, "err", err)
-			select { // do not spin on an outage
+			// Do not spin on an outage, but retry several times within
+			// FlushTimeout, which also bounds a writer waiting for memory.
+			select {
 			case <-w.stop:
 				return
-			case <-time.After(min(time.Second, w.o.FlushTimeout)):
+			case <-time.After(min(time.Second, w.o.FlushTimeout/4)):
 			}
 		}
 	}
