@@ -58,7 +58,8 @@ type HealthConfig struct {
 	// Address serves /healthz, /readyz and /metrics; default 127.0.0.1:9090,
 	// "off" disables.
 	Address string `yaml:"address" json:"address"`
-	// ReadyFile, when set, is created once every filesystem is mounted.
+	// ReadyFile, when set, is created once every filesystem is mounted, and
+	// removed when a read-write filesystem loses its write lease.
 	ReadyFile string `yaml:"ready_file" json:"ready_file"`
 }
 

@@ -133,6 +133,9 @@ func TestReadWriteOutageLeaseLossAndCrash(t *testing.T) {
 	if !strings.Contains(body, "write lease lost") {
 		t.Errorf("/readyz after the lease was broken does not say why:\n%s", body)
 	}
+	if _, err := os.Stat(filepath.Join(mnt, "ready")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the ready file is still there after the lease was lost (stat: %v)", err)
+	}
 	if m := scrape(t, addr); m["blobseal_lease_losses_total"] != 1 {
 		t.Errorf("blobseal_lease_losses_total = %v after one loss", m["blobseal_lease_losses_total"])
 	}

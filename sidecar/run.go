@@ -168,6 +168,13 @@ func (s *Sidecar) watchLease(ctx context.Context, f *Filesystem, m *mounted) {
 	}
 	s.metrics.leaseLosses.WithLabelValues(f.Name).Inc()
 	reason := fmt.Sprintf("write lease lost, the mount is read-only (restart the sidecar to write again): %v", m.rw.Lease.Err())
+	// The ready file says "every filesystem serves"; no longer true. It
+	// goes first, so that whoever sees /readyz fail finds it gone.
+	if p := s.cfg.Health.ReadyFile; p != "" {
+		if err := os.Remove(p); err != nil && !os.IsNotExist(err) {
+			s.log.Warn("remove ready file", "path", p, "err", err)
+		}
+	}
 	s.setState(f.Name, func(st *fsState) { st.Ready = false; st.LastError = reason })
 }
 
