@@ -97,7 +97,7 @@ type WriteBack struct {
 	failed    error         // storage refused the writer for good
 	closed    bool
 
-	flushes, uploaded uint64
+	flushes, uploaded, flushFailures uint64
 }
 
 // dirtyBlock is one cache block's written bytes: data is valid where mask
@@ -202,13 +202,17 @@ type WriteBackStats struct {
 	DirtyBytes, PeakDirtyBytes, DirtyLimit int64
 	Flushes                                uint64 // flushes that uploaded something
 	UploadedBytes                          uint64
+	// FlushFailures counts flushes storage did not acknowledge (timeout,
+	// lost lease), background ones included.
+	FlushFailures uint64
 }
 
 // Stats returns a snapshot of the counters.
 func (w *WriteBack) Stats() WriteBackStats {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return WriteBackStats{DirtyBytes: w.mem, PeakDirtyBytes: w.peak, DirtyLimit: w.o.DirtyBytes, Flushes: w.flushes, UploadedBytes: w.uploaded}
+	return WriteBackStats{DirtyBytes: w.mem, PeakDirtyBytes: w.peak, DirtyLimit: w.o.DirtyBytes, Flushes: w.flushes,
+		UploadedBytes: w.uploaded, FlushFailures: w.flushFailures}
 }
 
 // ReadAt implements io.ReaderAt (bounded by the cache's ReadDeadline).
@@ -450,6 +454,7 @@ func (w *WriteBack) Flush(ctx context.Context) error {
 	err := w.store.WritePages(ctx, writes)
 	if err != nil {
 		w.mu.Lock()
+		w.flushFailures++
 		w.restoreLocked(taken)
 		if errors.Is(err, blob.ErrLeaseLost) || errors.Is(err, blob.ErrChanged) {
 			w.failed = fmt.Errorf("blockcache: %s can no longer be written (%d dirty bytes were not uploaded): %w", w.c.name, w.mem, err)

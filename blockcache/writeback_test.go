@@ -314,8 +314,8 @@ func TestWriteBackStorageOutage(t *testing.T) {
 		t.Fatalf("flush took %s with a 1.5s timeout", d)
 	}
 	t.Logf("flush while down: %v", err)
-	if st := w.wb.Stats(); st.DirtyBytes == 0 {
-		t.Fatal("the dirty bytes were dropped by the failed flush")
+	if st := w.wb.Stats(); st.DirtyBytes == 0 || st.FlushFailures != 1 {
+		t.Fatalf("after the failed flush: %d dirty bytes (want them kept), %d flush failures (want 1)", st.DirtyBytes, st.FlushFailures)
 	}
 	clear(got)
 	if _, err := w.wb.ReadAt(got, 0); err != nil || !bytes.Equal(got, model) {
