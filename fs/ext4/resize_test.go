@@ -1,0 +1,188 @@
+package ext4
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/blobseal/blobseal/internal/testenv"
+)
+
+// growTo checks the growth with CheckGrow, then truncates img to newSize
+// and grows its filesystem with Grow, as image.Resize does.
+func growTo(t *testing.T, img string, newSize int64) (GrowResult, error) {
+	t.Helper()
+	fh, err := os.OpenFile(img, os.O_RDWR, 0)
+	must(t, err)
+	defer fh.Close()
+	st, err := fh.Stat()
+	must(t, err)
+	if _, err := CheckGrow(fh, st.Size(), newSize); err != nil {
+		return GrowResult{}, err
+	}
+	must(t, fh.Truncate(newSize))
+	return Grow(fh, st.Size(), newSize)
+}
+
+// superFields reads dumpe2fs -h's numeric fields.
+func superFields(t *testing.T, img string) map[string]uint64 {
+	t.Helper()
+	tools := testenv.RequireTools(t, "dumpe2fs")
+	out := runCmd(t, nil, tools[0], "-h", img)
+	m := map[string]uint64{}
+	re := regexp.MustCompile(`(?m)^([A-Za-z ]+):\s+(\d+)$`)
+	for _, s := range re.FindAllStringSubmatch(out, -1) {
+		v, _ := strconv.ParseUint(s[2], 10, 64)
+		m[s[1]] = v
+	}
+	return m
+}
+
+// TestGrowMatchesResize2fs grows mke2fs images of several layouts with
+// Grow and, from the same starting image, with resize2fs (the independent
+// reference); e2fsck must accept ours, the key figures must agree, and the
+// kernel must mount it at the new size with every file intact and room for
+// a file larger than the old free space.
+func TestGrowMatchesResize2fs(t *testing.T) {
+	testenv.RequireRoot(t)
+	tools := testenv.RequireTools(t, "resize2fs", "mount", "umount")
+	src := t.TempDir()
+	files := map[string][]byte{}
+	for i := 0; i < 12; i++ {
+		name := fmt.Sprintf("f%02d", i)
+		files[name] = fill(uint64(i)+7, 1000+i*97_000)
+		writeFile(t, filepath.Join(src, name), files[name], 0o644)
+	}
+	cases := []struct {
+		name           string
+		oldMiB, newMiB int
+		args           []string
+	}{
+		// mke2fs.conf's ext4 defaults: flex_bg, metadata_csum, 64bit, resize_inode.
+		{name: "4k-defaults", oldMiB: 48, newMiB: 1024, args: []string{"-b", "4096"}},
+		{name: "1k-blocks", oldMiB: 16, newMiB: 120, args: []string{"-b", "1024"}},
+		{name: "4k-no-flex_bg", oldMiB: 48, newMiB: 600, args: []string{"-b", "4096", "-O", "^flex_bg"}},
+		// 32-byte descriptors with gdt_csum (uninit_bg) instead of metadata_csum.
+		{name: "1k-gdt_csum-32bit", oldMiB: 16, newMiB: 200, args: []string{"-b", "1024", "-O", "^metadata_csum,^64bit,uninit_bg"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			img := mkfs(t, nil, src, c.oldMiB, c.args...)
+			ref := copyFile(t, img)
+			before := superFields(t, img)
+			newSize := int64(c.newMiB) << 20
+
+			res, err := growTo(t, img, newSize)
+			if err != nil {
+				t.Fatalf("Grow: %v", err)
+			}
+			if res.NewBlocks != uint64(newSize)/uint64(res.BlockSize) || res.NewGroups <= res.OldGroups {
+				t.Fatalf("Grow result %+v, want %d blocks in more groups", res, newSize/int64(res.BlockSize))
+			}
+			e2fsckClean(t, img)
+
+			must(t, os.Truncate(ref, newSize))
+			runCmd(t, nil, tools[0], "-f", ref)
+			ours, theirs := superFields(t, img), superFields(t, ref)
+			for _, k := range []string{"Block count", "Inode count", "Free blocks", "Free inodes", "Reserved block count", "Reserved GDT blocks"} {
+				if ours[k] != theirs[k] {
+					t.Errorf("%s: ours %d, resize2fs %d", k, ours[k], theirs[k])
+				}
+			}
+			t.Logf("%d -> %d blocks, %d -> %d groups; free blocks ours %d, resize2fs %d; free inodes %d",
+				res.OldBlocks, res.NewBlocks, res.OldGroups, res.NewGroups, ours["Free blocks"], theirs["Free blocks"], ours["Free inodes"])
+			if ours["Block count"] <= before["Block count"] {
+				t.Fatalf("block count did not grow: %d -> %d", before["Block count"], ours["Block count"])
+			}
+
+			mnt := t.TempDir()
+			runCmd(t, nil, tools[1], "-o", "loop", img, mnt)
+			mounted := true
+			t.Cleanup(func() {
+				if mounted {
+					runCmd(t, nil, tools[2], mnt)
+				}
+			})
+			var st unix.Statfs_t
+			must(t, unix.Statfs(mnt, &st))
+			bs := uint64(st.Bsize)
+			t.Logf("statfs after grow: %d blocks of %d, %d free", st.Blocks, bs, st.Bfree)
+			if total := st.Blocks * bs; total < uint64(newSize)*9/10 || total > uint64(newSize) {
+				t.Errorf("statfs after grow: %d bytes total, want about %d", total, newSize)
+			}
+			for name, want := range files {
+				got, err := os.ReadFile(filepath.Join(mnt, name))
+				must(t, err)
+				if string(got) != string(want) {
+					t.Errorf("%s changed by the resize", name)
+				}
+			}
+			oldFree := before["Free blocks"] * before["Block size"]
+			big := fill(99, int(oldFree)+(1<<20))
+			writeFile(t, filepath.Join(mnt, "bigger-than-old-free"), big, 0o644)
+			runCmd(t, nil, tools[2], mnt)
+			mounted = false
+			e2fsckClean(t, img)
+			f, _ := openImage(t, img)
+			in, err := lookupPath(f, "/bigger-than-old-free")
+			must(t, err)
+			if in.Size != uint64(len(big)) {
+				t.Errorf("big file: size %d, want %d", in.Size, len(big))
+			}
+		})
+	}
+}
+
+// TestGrowRefuses checks the cases Grow must refuse, leaving the image
+// unchanged, with a message naming what to do.
+func TestGrowRefuses(t *testing.T) {
+	tools := testenv.RequireTools(t, "debugfs")
+	t.Run("beyond the descriptor table", func(t *testing.T) {
+		// 1 KiB blocks, 64-byte descriptors: one table block holds 16
+		// groups of 8 MiB.
+		img := mkfs(t, nil, "", 16, "-b", "1024")
+		_, err := growTo(t, img, 1<<30)
+		if !errors.Is(err, ErrTooLarge) || !strings.Contains(err.Error(), "at most 134218752 bytes") {
+			t.Fatalf("Grow to 1 GiB: %v, want ErrTooLarge naming the maximum of 134218752 bytes", err)
+		}
+		if st, err := os.Stat(img); err != nil || st.Size() != 16<<20 {
+			t.Fatalf("a refused grow changed the image's size: %v %v", st.Size(), err)
+		}
+		e2fsckClean(t, img)
+		if _, err := growTo(t, img, 134218752); err != nil {
+			t.Fatalf("Grow to the named maximum: %v", err)
+		}
+		e2fsckClean(t, img)
+	})
+	t.Run("shrink", func(t *testing.T) {
+		img := mkfs(t, nil, "", 16)
+		fh, err := os.OpenFile(img, os.O_RDWR, 0)
+		must(t, err)
+		defer fh.Close()
+		if _, err := Grow(fh, 16<<20, 8<<20); err == nil || !strings.Contains(err.Error(), "cannot shrink") {
+			t.Fatalf("shrink: %v, want a refusal", err)
+		}
+	})
+	t.Run("needs recovery", func(t *testing.T) {
+		img := mkfs(t, nil, "", 16)
+		runCmd(t, nil, tools[0], "-w", "-R", "feature needs_recovery", img)
+		_, err := growTo(t, img, 64<<20)
+		if err == nil || !strings.Contains(err.Error(), "needs_recovery") {
+			t.Fatalf("Grow of a filesystem needing recovery: %v", err)
+		}
+	})
+	t.Run("meta_bg", func(t *testing.T) {
+		img := mkfs(t, nil, "", 16, "-O", "^resize_inode,meta_bg")
+		_, err := growTo(t, img, 64<<20)
+		if !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), "meta_bg") {
+			t.Fatalf("Grow of a meta_bg filesystem: %v", err)
+		}
+	})
+}
