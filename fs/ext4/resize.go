@@ -20,9 +20,21 @@ const (
 )
 
 // ErrTooLarge is wrapped by Grow when the requested size needs more group
-// descriptor blocks than the filesystem has; the message names the largest
-// size it can grow to.
+// descriptor blocks than the filesystem has; the error is a *GrowLimitError
+// naming the largest size it can grow to.
 var ErrTooLarge = errors.New("ext4: filesystem cannot grow that far")
+
+// GrowLimitError says how far a filesystem can grow.
+type GrowLimitError struct {
+	MaxBytes int64 // the largest filesystem size Grow accepts
+	Reason   string
+}
+
+func (e *GrowLimitError) Error() string {
+	return fmt.Sprintf("%v: %s, so it can grow to at most %d bytes", ErrTooLarge, e.Reason, e.MaxBytes)
+}
+
+func (e *GrowLimitError) Unwrap() error { return ErrTooLarge }
 
 // GrowResult describes a completed Grow.
 type GrowResult struct {
@@ -164,8 +176,9 @@ func planGrow(f *FS, want uint64) (*growPlan, error) {
 	}
 	maxBlocks := first + maxGroups*bpg
 	if want > maxBlocks {
-		return nil, fmt.Errorf("%w: its %d group descriptor block(s) hold %d groups, so it can grow to at most %d bytes (%d blocks of %d); asked for %d bytes",
-			ErrTooLarge, p.gdtBlocks, maxGroups, maxBlocks<<f.blockLog, maxBlocks, f.blockSize, want<<f.blockLog)
+		return nil, &GrowLimitError{MaxBytes: int64(maxBlocks << f.blockLog),
+			Reason: fmt.Sprintf("its %d group descriptor block(s) hold %d groups of %d blocks of %d bytes (asked for %d bytes)",
+				p.gdtBlocks, maxGroups, bpg, f.blockSize, want<<f.blockLog)}
 	}
 	groups := uint32((want - first + bpg - 1) / bpg)
 	if groups > f.numGroups {
@@ -464,7 +477,8 @@ func (p *growPlan) growResizeInode(dev Device, wr func(uint64, []byte) error) ([
 	}
 	perInd := bs / 4
 	if oldBackups+newBackups > perInd {
-		return nil, fmt.Errorf("%w: the resize inode's lists hold %d backup groups", ErrTooLarge, perInd)
+		return nil, &GrowLimitError{MaxBytes: int64(f.groupFirstBlock(f.numGroups) << f.blockLog),
+			Reason: fmt.Sprintf("the resize inode's lists hold %d backup groups", perInd)}
 	}
 	var writes []func() error
 	firstReserved := uint64(superblockOffset>>f.blockLog) + 1 + uint64(p.gdtBlocks)
