@@ -149,19 +149,29 @@ func checkGrowable(f *FS, sb []byte) error {
 
 // growPlan is the new geometry and the metadata to write.
 type growPlan struct {
-	f         *FS
-	blocks    uint64
-	groups    uint32
-	gdtBlocks uint32
-	itBlocks  uint64
+	f        *FS
+	blocks   uint64
+	groups   uint32
+	itBlocks uint64
+	// The descriptor table grows into the reserved GDT blocks that follow
+	// it (resize_inode): oldGdt+reserved == newGdt+newReserved.
+	oldGdt, newGdt uint32
+	newReserved    uint32
 }
 
 // planGrow picks the new block count: at most want, whole groups only when
 // a partial last group could not hold its metadata and some data.
 func planGrow(f *FS, want uint64) (*growPlan, error) {
 	perBlock := f.blockSize / f.descSize
-	p := &growPlan{f: f, gdtBlocks: (f.numGroups + perBlock - 1) / perBlock,
+	p := &growPlan{f: f, oldGdt: (f.numGroups + perBlock - 1) / perBlock,
 		itBlocks: (uint64(f.sb.inodesPerGroup)*uint64(f.sb.inodeSize) + uint64(f.blockSize) - 1) >> f.blockLog}
+	p.newGdt, p.newReserved = p.oldGdt, uint32(f.sb.reservedGdt)
+	// Only the resize inode's reserved blocks can become descriptor blocks
+	// (it tracks them and their backups).
+	var reservable uint32
+	if f.compat(compatResizeInode) {
+		reservable = uint32(f.sb.reservedGdt)
+	}
 	if want < f.sb.blocksCount {
 		return nil, fmt.Errorf("ext4: cannot shrink a filesystem of %d blocks to %d", f.sb.blocksCount, want)
 	}
@@ -170,15 +180,15 @@ func planGrow(f *FS, want uint64) (*growPlan, error) {
 	}
 	bpg := uint64(f.sb.blocksPerGroup)
 	first := uint64(f.sb.firstDataBlock)
-	maxGroups := uint64(p.gdtBlocks) * uint64(perBlock)
+	maxGroups := uint64(p.oldGdt+reservable) * uint64(perBlock)
 	if byInodes := uint64(1<<32-1) / uint64(f.sb.inodesPerGroup); byInodes < maxGroups {
 		maxGroups = byInodes
 	}
 	maxBlocks := first + maxGroups*bpg
 	if want > maxBlocks {
 		return nil, &GrowLimitError{MaxBytes: int64(maxBlocks << f.blockLog),
-			Reason: fmt.Sprintf("its %d group descriptor block(s) hold %d groups of %d blocks of %d bytes (asked for %d bytes)",
-				p.gdtBlocks, maxGroups, bpg, f.blockSize, want<<f.blockLog)}
+			Reason: fmt.Sprintf("its %d group descriptor block(s) and %d reserved for growth hold %d groups of %d blocks of %d bytes (asked for %d bytes)",
+				p.oldGdt, reservable, maxGroups, bpg, f.blockSize, want<<f.blockLog)}
 	}
 	groups := uint32((want - first + bpg - 1) / bpg)
 	if groups > f.numGroups {
@@ -189,6 +199,8 @@ func planGrow(f *FS, want uint64) (*growPlan, error) {
 		}
 	}
 	p.blocks, p.groups = want, groups
+	p.newGdt = (groups + perBlock - 1) / perBlock
+	p.newReserved = uint32(f.sb.reservedGdt) - (p.newGdt - p.oldGdt)
 	return p, nil
 }
 
@@ -202,7 +214,7 @@ func (p *growPlan) metaBlocks(g uint32) uint64 {
 	if !p.f.hasSuper(g) {
 		return 0
 	}
-	return 1 + uint64(p.gdtBlocks) + uint64(p.f.sb.reservedGdt)
+	return 1 + uint64(p.oldGdt) + uint64(p.f.sb.reservedGdt)
 }
 
 // overhead is what a new group spends on metadata: backups, two bitmaps and
@@ -231,8 +243,8 @@ func (p *growPlan) write(dev Device, sb []byte) error {
 		return nil
 	}
 	// The descriptor table, old groups as they are.
-	gdt := make([]byte, int(p.gdtBlocks)*bs)
-	for nr := uint32(0); nr < p.gdtBlocks; nr++ {
+	gdt := make([]byte, int(p.newGdt)*bs)
+	for nr := uint32(0); nr < p.oldGdt; nr++ {
 		if err := f.readFull(gdt[int(nr)*bs:int(nr+1)*bs], int64(f.descBlock(nr))<<f.blockLog); err != nil {
 			return fmt.Errorf("ext4: resize: reading group descriptor block %d: %w", nr, err)
 		}
@@ -301,8 +313,8 @@ func (p *growPlan) write(dev Device, sb []byte) error {
 			return err
 		}
 		// Backup reserved GDT blocks start zeroed, as mke2fs leaves them.
-		for i := uint64(0); i < uint64(f.sb.reservedGdt) && f.hasSuper(g); i++ {
-			if err := wr(start+1+uint64(p.gdtBlocks)+i, make([]byte, bs)); err != nil {
+		for i := uint64(0); i < uint64(p.newReserved) && f.hasSuper(g); i++ {
+			if err := wr(start+1+uint64(p.newGdt)+i, make([]byte, bs)); err != nil {
 				return err
 			}
 		}
@@ -373,6 +385,7 @@ func (p *growPlan) write(dev Device, sb []byte) error {
 	le.PutUint32(nsb[0x10:], uint32(freeInodes))
 	// The kernel recomputes the overhead it reports in statfs when this is 0.
 	le.PutUint32(nsb[0x248:], 0)
+	le.PutUint16(nsb[0xCE:], uint16(p.newReserved))
 
 	// 4. The resize inode lists each reserved GDT block's copies in the
 	// backup groups; new backup groups add entries (and blocks to i_blocks).
@@ -441,10 +454,12 @@ func (p *growPlan) write(dev Device, sb []byte) error {
 	return nil
 }
 
-// growResizeInode prepares the resize inode's changes: each reserved GDT
-// block (an indirect block of inode 7's double-indirect block) gets the
-// block numbers of its copies in the new backup groups appended, and the
-// inode's block count grows by them. It returns the writes, to run last.
+// growResizeInode prepares the resize inode's changes. Its
+// double-indirect block lists the reserved GDT blocks; each of those is an
+// indirect block listing its copies in the backup groups. Reserved blocks
+// that become descriptor blocks leave the lists (and the inode's block
+// count, with their copies); the others get their copies in the new backup
+// groups appended. It returns the writes, to run last.
 func (p *growPlan) growResizeInode(dev Device, wr func(uint64, []byte) error) ([]func() error, error) {
 	f := p.f
 	le := binary.LittleEndian
@@ -472,21 +487,34 @@ func (p *growPlan) growResizeInode(dev Device, wr func(uint64, []byte) error) ([
 			}
 		}
 	}
-	if newBackups == 0 {
-		return nil, nil
-	}
 	perInd := bs / 4
 	if oldBackups+newBackups > perInd {
 		return nil, &GrowLimitError{MaxBytes: int64(f.groupFirstBlock(f.numGroups) << f.blockLog),
 			Reason: fmt.Sprintf("the resize inode's lists hold %d backup groups", perInd)}
 	}
+	consumed := p.newGdt - p.oldGdt
 	var writes []func() error
-	firstReserved := uint64(superblockOffset>>f.blockLog) + 1 + uint64(p.gdtBlocks)
+	sectors := uint64(bs / 512) // i_blocks counts 512-byte sectors
+	if le.Uint32(raw[inoFlags:])&flagHugeFile != 0 {
+		sectors = 1 // counted in filesystem blocks
+	}
+	blocks := uint64(le.Uint32(raw[inoBlocksLo:])) | uint64(le.Uint16(raw[inoBlocksHi:]))<<32
+	firstReserved := uint64(superblockOffset>>f.blockLog) + 1 + uint64(p.oldGdt)
 	for i := uint32(0); i < uint32(f.sb.reservedGdt); i++ {
 		pblk := firstReserved + uint64(i)
-		slot := (p.gdtBlocks + i) % perInd
+		slot := (p.oldGdt + i) % perInd
 		if got := uint64(le.Uint32(dind[slot*4:])); got != pblk {
 			return nil, fmt.Errorf("ext4: resize: the resize inode lists block %d where reserved GDT block %d should be; run e2fsck -f: %w", got, pblk, ErrCorrupt)
+		}
+		if i < consumed {
+			// Now a descriptor block (written with the table); its copies
+			// become descriptor copies.
+			le.PutUint32(dind[slot*4:], 0)
+			blocks -= uint64(1+oldBackups) * sectors
+			continue
+		}
+		if newBackups == 0 {
+			continue
 		}
 		ind := make([]byte, bs)
 		if err := f.readFull(ind, int64(pblk)<<f.blockLog); err != nil {
@@ -499,14 +527,12 @@ func (p *growPlan) growResizeInode(dev Device, wr func(uint64, []byte) error) ([
 				k++
 			}
 		}
+		blocks += uint64(newBackups) * sectors
 		writes = append(writes, func() error { return wr(pblk, ind) })
 	}
-	added := uint64(f.sb.reservedGdt) * uint64(newBackups) * uint64(bs/512)
-	blocks := uint64(le.Uint32(raw[inoBlocksLo:])) | uint64(le.Uint16(raw[inoBlocksHi:]))<<32
-	if le.Uint32(raw[inoFlags:])&flagHugeFile != 0 {
-		added /= uint64(bs / 512) // counted in filesystem blocks
+	if consumed > 0 {
+		writes = append(writes, func() error { return wr(dindBlk, dind) })
 	}
-	blocks += added
 	le.PutUint32(raw[inoBlocksLo:], uint32(blocks))
 	le.PutUint16(raw[inoBlocksHi:], uint16(blocks>>32))
 	if f.hasCsum() {

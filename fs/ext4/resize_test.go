@@ -70,7 +70,11 @@ func TestGrowMatchesResize2fs(t *testing.T) {
 		{name: "1k-blocks", oldMiB: 16, newMiB: 120, args: []string{"-b", "1024"}},
 		{name: "4k-no-flex_bg", oldMiB: 48, newMiB: 600, args: []string{"-b", "4096", "-O", "^flex_bg"}},
 		// 32-byte descriptors with gdt_csum (uninit_bg) instead of metadata_csum.
-		{name: "1k-gdt_csum-32bit", oldMiB: 16, newMiB: 200, args: []string{"-b", "1024", "-O", "^metadata_csum,^64bit,uninit_bg"}},
+		{name: "1k-gdt_csum-32bit", oldMiB: 16, newMiB: 400, args: []string{"-b", "1024", "-O", "^metadata_csum,^64bit,uninit_bg"}},
+		// Beyond the descriptor table's blocks: reserved GDT blocks become
+		// descriptor blocks (4 of them here, one at 4 KiB).
+		{name: "1k-reserved-gdt", oldMiB: 16, newMiB: 600, args: []string{"-b", "1024"}},
+		{name: "4k-reserved-gdt", oldMiB: 48, newMiB: 9 << 10, args: []string{"-b", "4096", "-i", "65536"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -144,10 +148,21 @@ func TestGrowMatchesResize2fs(t *testing.T) {
 // unchanged, with a message naming what to do.
 func TestGrowRefuses(t *testing.T) {
 	tools := testenv.RequireTools(t, "debugfs")
-	t.Run("beyond the descriptor table", func(t *testing.T) {
+	t.Run("beyond the reserved GDT blocks", func(t *testing.T) {
 		// 1 KiB blocks, 64-byte descriptors: one table block holds 16
-		// groups of 8 MiB.
+		// groups of 8 MiB; the table and its reserve hold (1+R)*16.
 		img := mkfs(t, nil, "", 16, "-b", "1024")
+		reserved := superFields(t, img)["Reserved GDT blocks"]
+		maxBytes := (1 + (1+reserved)*16*8192) * 1024
+		_, err := growTo(t, img, 1<<40)
+		if !errors.Is(err, ErrTooLarge) || !strings.Contains(err.Error(), fmt.Sprintf("at most %d bytes", maxBytes)) {
+			t.Fatalf("Grow to 1 TiB with %d reserved GDT blocks: %v, want ErrTooLarge naming the maximum of %d bytes", reserved, err, maxBytes)
+		}
+	})
+	t.Run("beyond the descriptor table", func(t *testing.T) {
+		// Without resize_inode nothing is reserved: one table block, 16
+		// groups of 8 MiB.
+		img := mkfs(t, nil, "", 16, "-b", "1024", "-O", "^resize_inode")
 		_, err := growTo(t, img, 1<<30)
 		if !errors.Is(err, ErrTooLarge) || !strings.Contains(err.Error(), "at most 134218752 bytes") {
 			t.Fatalf("Grow to 1 GiB: %v, want ErrTooLarge naming the maximum of 134218752 bytes", err)
