@@ -231,7 +231,7 @@ func TestResizeRefuses(t *testing.T) {
 		{"block blob", Spec{Location: blockURL, Key: key, Blob: bo}, 256 << 20, blob.ErrUnsupported, "image upload --type page"},
 		{"shrink", Spec{Location: rw, Key: key}, 16 << 20, nil, "only grows"},
 		{"unaligned", Spec{Location: rw, Key: key}, 100<<20 + 512, nil, "multiple of 4096"},
-		{"too large", Spec{Location: rw, Key: key}, 64 << 30, ext4.ErrTooLarge, "the image can grow to at most 8606711808 bytes"},
+		{"too large", Spec{Location: rw, Key: key}, 64 << 30, ext4.ErrTooLarge, "the image can grow to at most 34376515584 bytes"},
 		{"wrong key", Spec{Location: rw, Key: make([]byte, 64)}, 256 << 20, nil, "unlock"},
 	} {
 		_, err := Resize(ctx, c.spec, c.size)
