@@ -136,6 +136,9 @@ func checkGrowable(f *FS, sb []byte) error {
 	if state&sbStateError != 0 || (state&sbStateValid == 0 && !f.compat(compatHasJournal)) {
 		return fmt.Errorf("ext4: cannot resize: the filesystem is marked with errors or not cleanly unmounted; run e2fsck -f on it first: %w", ErrCorrupt)
 	}
+	if uint32(f.sb.reservedGdt) > f.blockSize/4 {
+		return fmt.Errorf("ext4: cannot resize: %d reserved GDT blocks is more than one indirect block can list (%d); run e2fsck -f: %w", f.sb.reservedGdt, f.blockSize/4, ErrCorrupt)
+	}
 	if le.Uint32(sb[sbLastOrphan:]) != 0 {
 		return fmt.Errorf("ext4: cannot resize: the filesystem has orphaned inodes; open it read-write once (or run e2fsck) first: %w", ErrUnsupported)
 	}
@@ -189,6 +192,11 @@ func planGrow(f *FS, want uint64) (*growPlan, error) {
 		return nil, &GrowLimitError{MaxBytes: int64(maxBlocks << f.blockLog),
 			Reason: fmt.Sprintf("its %d group descriptor block(s) and %d reserved for growth hold %d groups of %d blocks of %d bytes (asked for %d bytes)",
 				p.oldGdt, reservable, maxGroups, bpg, f.blockSize, want<<f.blockLog)}
+	}
+	// Every new group holds its own metadata, and room for data.
+	// (Group 0 has a superblock backup: the most any group spends.)
+	if p.overhead(0)+minGroupData > bpg {
+		return nil, fmt.Errorf("ext4: cannot resize: a group of %d blocks cannot hold its own metadata (%d blocks with a superblock backup); run e2fsck -f: %w", bpg, p.overhead(0), ErrCorrupt)
 	}
 	groups := uint32((want - first + bpg - 1) / bpg)
 	if groups > f.numGroups {
