@@ -113,6 +113,7 @@ func preparedGrow(r io.ReaderAt, oldSize, newSize int64) (*growPlan, []byte, err
 	if err != nil {
 		return nil, nil, err
 	}
+	p.oldBytes = oldSize
 	return p, sb, nil
 }
 
@@ -160,6 +161,7 @@ type growPlan struct {
 	// it (resize_inode): oldGdt+reserved == newGdt+newReserved.
 	oldGdt, newGdt uint32
 	newReserved    uint32
+	oldBytes       int64 // the device size the filesystem was opened at
 }
 
 // planGrow picks the new block count: at most want, whole groups only when
@@ -321,8 +323,8 @@ func (p *growPlan) write(dev Device, sb []byte) error {
 			return err
 		}
 		// Backup reserved GDT blocks start zeroed, as mke2fs leaves them.
-		for i := uint64(0); i < uint64(p.newReserved) && f.hasSuper(g); i++ {
-			if err := wr(start+1+uint64(p.newGdt)+i, make([]byte, bs)); err != nil {
+		if f.hasSuper(g) && p.newReserved > 0 {
+			if err := wr(start+1+uint64(p.newGdt), make([]byte, int(p.newReserved)*bs)); err != nil {
 				return err
 			}
 		}
@@ -395,15 +397,20 @@ func (p *growPlan) write(dev Device, sb []byte) error {
 	le.PutUint32(nsb[0x248:], 0)
 	le.PutUint16(nsb[0xCE:], uint16(p.newReserved))
 
-	// 4. The resize inode lists each reserved GDT block's copies in the
-	// backup groups; new backup groups add entries (and blocks to i_blocks).
-	var resizeWrites []func() error
+	// 4. The blocks that switch the filesystem to the new geometry, all
+	// inside the old one: the old last group's bitmap, the resize inode's
+	// lists and inode, the primary descriptor table (and the superblock).
+	final := map[uint64][]byte{}
+	if lastBitmap != nil {
+		final[f.groups[last].blockBitmap] = lastBitmap
+	}
 	if f.compat(compatResizeInode) && f.sb.reservedGdt > 0 {
-		ws, err := p.growResizeInode(dev, wr)
-		if err != nil {
+		if err := p.growResizeInode(final); err != nil {
 			return err
 		}
-		resizeWrites = ws
+	}
+	for nr := uint32(0); nr < p.newGdt; nr++ {
+		final[f.descBlock(0)+uint64(nr)] = gdt[int(nr)*bs : int(nr+1)*bs]
 	}
 
 	// Everything beyond the old end and the backup copies first.
@@ -436,19 +443,16 @@ func (p *growPlan) write(dev Device, sb []byte) error {
 	if err := dev.Sync(); err != nil {
 		return fmt.Errorf("ext4: resize: %w", err)
 	}
-	// Then the primary metadata, superblock last.
-	if lastBitmap != nil {
-		if err := wr(f.groups[last].blockBitmap, lastBitmap); err != nil {
+	// Then the switch: one journal transaction when the filesystem has a
+	// journal, so a crash leaves the old filesystem or (after replay) the
+	// new one; without a journal, the blocks in order, superblock last.
+	if f.compat(compatHasJournal) && f.sb.journalInum != 0 {
+		return commitSwitch(dev, p.oldBytes, final, nsb)
+	}
+	for blk, b := range final {
+		if err := wr(blk, b); err != nil {
 			return err
 		}
-	}
-	for _, w := range resizeWrites {
-		if err := w(); err != nil {
-			return err
-		}
-	}
-	if _, err := dev.WriteAt(gdt, int64(f.descBlock(0))<<f.blockLog); err != nil {
-		return fmt.Errorf("ext4: resize: writing the group descriptors: %w", err)
 	}
 	if err := dev.Sync(); err != nil {
 		return fmt.Errorf("ext4: resize: %w", err)
@@ -462,28 +466,62 @@ func (p *growPlan) write(dev Device, sb []byte) error {
 	return nil
 }
 
+// commitSwitch writes the blocks and the new primary superblock as one
+// transaction through the filesystem's journal (the Writer's jbd2 log),
+// then checkpoints it home.
+func commitSwitch(dev Device, oldBytes int64, blocks map[uint64][]byte, sb []byte) error {
+	w, err := OpenWritable(dev, oldBytes)
+	if err != nil {
+		return fmt.Errorf("ext4: resize: opening the journal: %w", err)
+	}
+	if w.jw == nil {
+		return fmt.Errorf("ext4: resize: the filesystem has no usable journal: %w", ErrUnsupported)
+	}
+	if len(blocks)+1 > w.jwChunk() {
+		return fmt.Errorf("ext4: resize: %d blocks do not fit one transaction of the %d-block journal: %w", len(blocks)+1, w.jwChunk(), ErrUnsupported)
+	}
+	unlock := w.lockChange()
+	for blk, b := range blocks {
+		if err := w.writeBlock(blk, b); err != nil {
+			unlock()
+			return err
+		}
+	}
+	copy(w.sb, sb)
+	w.sbD = true
+	err = w.flushMeta()
+	unlock()
+	if err != nil {
+		return err
+	}
+	if err := w.Checkpoint(); err != nil {
+		return fmt.Errorf("ext4: resize: committing the new geometry: %w", err)
+	}
+	return w.Close()
+}
+
 // growResizeInode prepares the resize inode's changes. Its
 // double-indirect block lists the reserved GDT blocks; each of those is an
 // indirect block listing its copies in the backup groups. Reserved blocks
 // that become descriptor blocks leave the lists (and the inode's block
 // count, with their copies); the others get their copies in the new backup
-// groups appended. It returns the writes, to run last.
-func (p *growPlan) growResizeInode(dev Device, wr func(uint64, []byte) error) ([]func() error, error) {
+// groups appended. The changed blocks go into final.
+func (p *growPlan) growResizeInode(final map[uint64][]byte) error {
 	f := p.f
 	le := binary.LittleEndian
 	bs := f.blockSize
 	in, err := f.Inode(resizeIno)
 	if err != nil {
-		return nil, fmt.Errorf("ext4: resize: reading the resize inode: %w", err)
+		return fmt.Errorf("ext4: resize: reading the resize inode: %w", err)
 	}
 	raw := append([]byte(nil), in.raw...)
 	dindBlk := uint64(le.Uint32(raw[inoBlock+13*4:]))
 	if dindBlk == 0 || dindBlk >= f.sb.blocksCount {
-		return nil, fmt.Errorf("ext4: resize: the resize inode has no valid double-indirect block (%d); run e2fsck -f: %w", dindBlk, ErrCorrupt)
+		return fmt.Errorf("ext4: resize: the resize inode has no valid double-indirect block (%d); run e2fsck -f: %w", dindBlk, ErrCorrupt)
 	}
 	dind := make([]byte, bs)
 	if err := f.readFull(dind, int64(dindBlk)<<f.blockLog); err != nil {
-		return nil, fmt.Errorf("ext4: resize: reading the resize inode's block %d: %w", dindBlk, err)
+		return fmt.Errorf("ext4: resize: reading the resize inode's block %d: %w", dindBlk, err)
 	}
 	var oldBackups, newBackups uint32
 	for g := uint32(1); g < p.groups; g++ {
@@ -497,11 +535,10 @@ func (p *growPlan) growResizeInode(dev Device, wr func(uint64, []byte) error) ([
 	}
 	perInd := bs / 4
 	if oldBackups+newBackups > perInd {
-		return nil, &GrowLimitError{MaxBytes: int64(f.groupFirstBlock(f.numGroups) << f.blockLog),
+		return &GrowLimitError{MaxBytes: int64(f.groupFirstBlock(f.numGroups) << f.blockLog),
 			Reason: fmt.Sprintf("the resize inode's lists hold %d backup groups", perInd)}
 	}
 	consumed := p.newGdt - p.oldGdt
-	var writes []func() error
 	sectors := uint64(bs / 512) // i_blocks counts 512-byte sectors
 	if le.Uint32(raw[inoFlags:])&flagHugeFile != 0 {
 		sectors = 1 // counted in filesystem blocks
@@ -512,7 +549,7 @@ func (p *growPlan) growResizeInode(dev Device, wr func(uint64, []byte) error) ([
 		pblk := firstReserved + uint64(i)
 		slot := (p.oldGdt + i) % perInd
 		if got := uint64(le.Uint32(dind[slot*4:])); got != pblk {
-			return nil, fmt.Errorf("ext4: resize: the resize inode lists block %d where reserved GDT block %d should be; run e2fsck -f: %w", got, pblk, ErrCorrupt)
+			return fmt.Errorf("ext4: resize: the resize inode lists block %d where reserved GDT block %d should be; run e2fsck -f: %w", got, pblk, ErrCorrupt)
 		}
 		if i < consumed {
 			// Now a descriptor block (written with the table); its copies
@@ -526,7 +563,7 @@ func (p *growPlan) growResizeInode(dev Device, wr func(uint64, []byte) error) ([
 		}
 		ind := make([]byte, bs)
 		if err := f.readFull(ind, int64(pblk)<<f.blockLog); err != nil {
-			return nil, fmt.Errorf("ext4: resize: reading reserved GDT block %d: %w", pblk, err)
+			return fmt.Errorf("ext4: resize: reading reserved GDT block %d: %w", pblk, err)
 		}
 		k := oldBackups
 		for g := f.numGroups; g < p.groups; g++ {
@@ -536,10 +573,10 @@ func (p *growPlan) growResizeInode(dev Device, wr func(uint64, []byte) error) ([
 			}
 		}
 		blocks += uint64(newBackups) * sectors
-		writes = append(writes, func() error { return wr(pblk, ind) })
+		final[pblk] = ind
 	}
 	if consumed > 0 {
-		writes = append(writes, func() error { return wr(dindBlk, dind) })
+		final[dindBlk] = dind
 	}
 	le.PutUint32(raw[inoBlocksLo:], uint32(blocks))
 	le.PutUint16(raw[inoBlocksHi:], uint16(blocks>>32))
@@ -550,13 +587,16 @@ func (p *growPlan) growResizeInode(dev Device, wr func(uint64, []byte) error) ([
 			le.PutUint16(raw[inoCsumHi:], uint16(c>>16))
 		}
 	}
-	idx := uint64(resizeIno-1) % uint64(f.sb.inodesPerGroup)
-	off := int64(f.groups[(resizeIno-1)/f.sb.inodesPerGroup].inodeTable<<f.blockLog) + int64(idx)*int64(f.sb.inodeSize)
-	writes = append(writes, func() error {
-		if _, err := dev.WriteAt(raw, off); err != nil {
-			return fmt.Errorf("ext4: resize: writing the resize inode: %w", err)
+	off := uint64((resizeIno-1)%f.sb.inodesPerGroup) * uint64(f.sb.inodeSize)
+	blk := f.groups[(resizeIno-1)/f.sb.inodesPerGroup].inodeTable + off>>f.blockLog
+	b, ok := final[blk]
+	if !ok {
+		b = make([]byte, bs)
+		if err := f.readFull(b, int64(blk)<<f.blockLog); err != nil {
+			return fmt.Errorf("ext4: resize: reading the resize inode's table block: %w", err)
 		}
-		return nil
-	})
-	return writes, nil
+	}
+	copy(b[off&uint64(bs-1):], raw)
+	final[blk] = b
+	return nil
 }

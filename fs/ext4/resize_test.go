@@ -1,6 +1,7 @@
 package ext4
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -251,4 +252,52 @@ func FuzzGrow(f *testing.F) {
 			t.Fatalf("Grow reported %+v, the superblock says %d blocks in %d groups", res, fsys.sb.blocksCount, fsys.numGroups)
 		}
 	})
+}
+
+// TestGrowCrash cuts the power at every write of a Grow in turn: each
+// result must be a filesystem e2fsck accepts, the old one until the
+// journal transaction that switches the geometry commits, the new one
+// after (once the journal is replayed, as every read-write open does).
+func TestGrowCrash(t *testing.T) {
+	base := mkfs(t, nil, "", 48, "-b", "4096", "-i", "65536")
+	const newSize = 1 << 30
+	count := func() int {
+		img := copyFile(t, base)
+		fh, err := os.OpenFile(img, os.O_RDWR, 0)
+		must(t, err)
+		defer fh.Close()
+		must(t, fh.Truncate(newSize))
+		d := &cuttingDevice{f: fh, writeBudget: -1}
+		_, err = Grow(d, 48<<20, newSize)
+		must(t, err)
+		return d.writes
+	}
+	total := count()
+	var replayed, grown int
+	defer func() { t.Logf("%d writes: %d cuts needed a journal replay, %d left the grown filesystem", total, replayed, grown) }()
+	for n := 1; n <= total; n++ {
+		img := copyFile(t, base)
+		fh, err := os.OpenFile(img, os.O_RDWR, 0)
+		must(t, err)
+		must(t, fh.Truncate(newSize))
+		_, err = Grow(&cuttingDevice{f: fh, writeBudget: n}, 48<<20, newSize)
+		must(t, err)
+		sb := make([]byte, superblockSize)
+		_, err = fh.ReadAt(sb, superblockOffset)
+		must(t, err)
+		if binary.LittleEndian.Uint32(sb[0x60:])&incompatRecover != 0 {
+			w, err := OpenWritable(fh, newSize)
+			if err != nil {
+				t.Fatalf("cut at write %d: replaying the journal: %v", n, err)
+			}
+			must(t, w.Close())
+			replayed++
+		}
+		fh.Close()
+		e2fsckClean(t, img)
+		if f, _ := openImage(t, img); f.sb.blocksCount == 262144 {
+			grown++
+		}
+		must(t, os.Remove(img))
+	}
 }
