@@ -274,7 +274,9 @@ func TestGrowCrash(t *testing.T) {
 	}
 	total := count()
 	var replayed, grown int
-	defer func() { t.Logf("%d writes: %d cuts needed a journal replay, %d left the grown filesystem", total, replayed, grown) }()
+	defer func() {
+		t.Logf("%d writes: %d cuts needed a journal replay, %d left the grown filesystem", total, replayed, grown)
+	}()
 	for n := 1; n <= total; n++ {
 		img := copyFile(t, base)
 		fh, err := os.OpenFile(img, os.O_RDWR, 0)
