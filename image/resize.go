@@ -37,8 +37,11 @@ type ResizeResult struct {
 // with a verity tree (read-only by design), block blobs, LUKS segments of
 // fixed size, shrinking, and a filesystem that cannot grow that far (the
 // message names the largest size). The device grows first, the new ext4
-// groups next and the superblock last, so a crash part-way leaves the old
-// filesystem in a larger device: running Resize again finishes the job.
+// groups next, and one journal transaction switches the filesystem over,
+// so a crash part-way leaves the old filesystem in a larger device (or,
+// after the journal's replay, the new one): Resize with the same size
+// finishes the job, since it grows the filesystem to whatever the device
+// holds.
 func Resize(ctx context.Context, spec Spec, newSize int64) (res ResizeResult, err error) {
 	name := secret.RedactURL(spec.Location)
 	res.Name = name
@@ -67,7 +70,7 @@ func Resize(ctx context.Context, spec Spec, newSize int64) (res ResizeResult, er
 	if hasTree(dev, oldSize) {
 		return res, fmt.Errorf("%s ends with a verity tree: %w; rebuild it larger (blobseal image create --size), or build a writable image (--read-write)", name, ErrVerityReadOnly)
 	}
-	if newSize <= oldSize {
+	if newSize < oldSize {
 		return res, fmt.Errorf("resize %s: it is already %d bytes; resize only grows images (asked for %d)", name, oldSize, newSize)
 	}
 	if err := checkGrowableVolume(dev, oldSize, spec, name); err != nil {
@@ -81,31 +84,40 @@ func Resize(ctx context.Context, spec Spec, newSize int64) (res ResizeResult, er
 	}
 	defer vol.Close()
 	info := vol.Info()
-	oldFS := alignDown(oldSize-info.DataOffset, int64(info.SectorSize))
+	// The volume as the device is now; the filesystem may be smaller (a
+	// resize interrupted after the device grew): ext4 goes by its own
+	// superblock.
+	curVol := alignDown(oldSize-info.DataOffset, int64(info.SectorSize))
 	newFS := vol.Size()
-	res.OldFSBytes, res.NewFSBytes = oldFS, newFS
 	fsDev := volumeDevice{vol, dev}
 
 	// Replay a journal a crash left, clear orphans, refuse what the writer
 	// cannot maintain: exactly what a read-write mount would do first.
-	w, err := ext4.OpenWritable(fsDev, oldFS)
+	w, err := ext4.OpenWritable(fsDev, curVol)
 	if err != nil {
 		return res, fmt.Errorf("%s: cannot write this filesystem: %w", name, err)
 	}
 	if err := w.Close(); err != nil {
 		return res, fmt.Errorf("%s: %w", name, err)
 	}
-	if _, err := ext4.CheckGrow(fsDev, oldFS, newFS); err != nil {
+	plan, err := ext4.CheckGrow(fsDev, curVol, newFS)
+	if err != nil {
 		var limit *ext4.GrowLimitError
 		if errors.As(err, &limit) {
 			return res, fmt.Errorf("resize %s: %w; the image can grow to at most %d bytes", name, err, limit.MaxBytes+info.DataOffset)
 		}
 		return res, fmt.Errorf("resize %s: %w", name, err)
 	}
-	if err := dev.grow(ctx, newSize); err != nil {
-		return res, err
+	res.OldFSBytes = int64(plan.OldBlocks) * int64(plan.BlockSize)
+	if plan.NewBlocks == plan.OldBlocks && newSize == oldSize {
+		return res, fmt.Errorf("resize %s: it is already %d bytes and its filesystem fills it; resize only grows images", name, oldSize)
 	}
-	g, err := ext4.Grow(fsDev, oldFS, newFS)
+	if newSize > oldSize {
+		if err := dev.grow(ctx, newSize); err != nil {
+			return res, err
+		}
+	}
+	g, err := ext4.Grow(fsDev, curVol, newFS)
 	if err != nil {
 		return res, fmt.Errorf("resize %s: the device grew to %d bytes but its filesystem did not (run resize again): %w", name, newSize, err)
 	}
@@ -223,7 +235,7 @@ func openBlobForResize(ctx context.Context, spec Spec, name string) (_ resizeDev
 	pw, err := blob.NewPageWriter(ctx, src, blob.WriterOptions{Lease: spec.Write.Lease})
 	if errors.Is(err, blob.ErrUnsupported) {
 		closeSrc()
-		return nil, fmt.Errorf("%s is not a page blob: %w; only page blobs can be resized in place: upload the image as one (blobseal image upload --type page)", name, err)
+		return nil, fmt.Errorf("%s cannot be resized: %w; upload the image as a page blob (blobseal image upload --type page)", name, err)
 	}
 	if err != nil {
 		closeSrc()

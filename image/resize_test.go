@@ -244,3 +244,37 @@ func TestResizeRefuses(t *testing.T) {
 		t.Fatalf("refused resizes changed the image's size from %d to %d", before, after)
 	}
 }
+
+// TestResizeFinishesInterrupted: an image whose device grew but whose
+// filesystem did not (a resize interrupted between the two) is finished
+// by running Resize again with the same size; once the filesystem fills
+// the image, the same Resize says there is nothing to do.
+func TestResizeFinishesInterrupted(t *testing.T) {
+	testenv.RequireTools(t, "mkfs.ext4", "debugfs", "e2fsck")
+	ctx := context.Background()
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src")
+	files := makeTree(t, src)
+	key := make([]byte, 64)
+	rand.Read(key)
+	out := filepath.Join(dir, "rw.img")
+	if _, err := Create(ctx, CreateOptions{From: src, Out: out, Key: key, ReadWrite: true, Size: 32 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	const newSize = 96 << 20
+	if err := os.Truncate(out, newSize); err != nil {
+		t.Fatal(err)
+	}
+	spec := Spec{Location: out, Key: key}
+	res, err := Resize(ctx, spec, newSize)
+	if err != nil {
+		t.Fatalf("Resize of an interrupted resize: %v", err)
+	}
+	if res.OldFSBytes != 32<<20 || res.NewFSBytes <= res.OldFSBytes || res.OldBytes != newSize {
+		t.Fatalf("Resize result %+v, want the 32 MiB filesystem grown in the %d-byte image", res, newSize)
+	}
+	if _, err := Resize(ctx, spec, newSize); err == nil || !strings.Contains(err.Error(), "filesystem fills it") {
+		t.Fatalf("Resize to the size it has: %v, want nothing-to-do refusal", err)
+	}
+	checkResized(t, spec, res.NewFSBytes, files)
+}
