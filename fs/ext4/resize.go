@@ -8,11 +8,9 @@ import (
 	"math/bits"
 )
 
-// compatResizeInode marks the reserved GDT blocks kept in inode 7.
 const (
-	compatResizeInode = 0x10
+	compatResizeInode = 0x10 // resize_inode: reserved GDT blocks, listed by inode 7
 	resizeIno         = 7
-	bgInodeUninitFlag = bgInodeUninit
 	sbStateValid      = 0x1 // s_state: cleanly unmounted
 	sbStateError      = 0x2 // s_state: errors detected
 	sbGroupNr         = 0x5A
@@ -43,27 +41,30 @@ type GrowResult struct {
 	BlockSize            uint32
 }
 
-// Grow enlarges the ext4 filesystem on dev, offline, from the oldSize bytes
-// it was made for to at most newSize bytes (the device must already be that
-// large), the way resize2fs does offline: it extends the last block group
-// and appends new ones, each with its bitmaps and a zeroed inode table
-// inside it (valid with or without flex_bg), superblock backups and
-// descriptor copies in the sparse_super groups, and the resize inode's
-// lists of reserved GDT block copies.
+// Grow enlarges the ext4 filesystem on dev offline, to at most newSize
+// bytes (the device must already be that large; oldSize bounds what is
+// read before, the filesystem's own superblock says how large it is), the
+// way resize2fs does offline: it extends the last block group and appends
+// new ones, each with its bitmaps and a zeroed inode table inside it (valid
+// with or without flex_bg), superblock backups and descriptor copies in the
+// sparse_super groups, and keeps the resize inode's lists of reserved GDT
+// block copies up to date.
 //
-// The descriptor table does not move: growth stops where the table's
-// existing blocks are full (reserved GDT blocks stay reserved for the
-// kernel's online resize); beyond that Grow fails with ErrTooLarge naming
+// The descriptor table does not move: it grows into the reserved GDT
+// blocks that follow it (resize_inode), as resize2fs and the kernel's
+// online resize do; beyond them Grow fails with a *GrowLimitError naming
 // the maximum. A trailing group too small to hold its own metadata is left
 // out, as resize2fs does. Grow refuses, unchanged, a filesystem that needs
 // journal recovery or e2fsck, features it does not maintain (meta_bg,
 // bigalloc, sparse_super2, ...), and shrinking.
 //
-// Order makes a crash safe up to the last step: everything beyond the old
-// end and the backups is written and synced first, then the old last
-// group's bitmap, the resize inode, the primary descriptors and the primary
-// superblock, then a final sync. Until that last step the filesystem is the
-// old one.
+// Crashes: everything beyond the old end and the backups is written and
+// synced first; then one jbd2 transaction (the Writer's journal) switches
+// the filesystem over: the old last group's bitmap, the resize inode, the
+// primary descriptors and superblock. A crash leaves the old filesystem,
+// or the new one once the journal is replayed. Without a journal the same
+// blocks go home in order, superblock last, and a crash among them needs
+// e2fsck.
 func Grow(dev Device, oldSize, newSize int64) (GrowResult, error) {
 	if dev == nil {
 		return GrowResult{}, errors.New("ext4: nil device")
@@ -337,7 +338,7 @@ func (p *growPlan) write(dev Device, sb []byte) error {
 		put16x2(d, 0xE, 0x2E, f.sb.inodesPerGroup)
 		if p.csumGroups() {
 			// The table is zeroed, and no inode of it is in use yet.
-			le.PutUint16(d[0x12:], bgInodeUninitFlag|bgItableZeroed)
+			le.PutUint16(d[0x12:], bgInodeUninit|bgItableZeroed)
 			put16x2(d, 0x1C, 0x32, f.sb.inodesPerGroup)
 		}
 		bitmapCsum(d, bbm, false)
