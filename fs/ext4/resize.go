@@ -1,6 +1,7 @@
 package ext4
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -295,6 +296,7 @@ func (p *growPlan) write(dev Device, sb []byte) error {
 
 	// 1. New groups: bitmaps, zeroed inode tables, their descriptors.
 	zeros := make([]byte, min(uint64(1<<20), p.itBlocks<<f.blockLog))
+	seen := make([]byte, len(zeros))
 	for g := f.numGroups; g < p.groups; g++ {
 		start := f.groupFirstBlock(g)
 		meta := p.metaBlocks(g)
@@ -313,7 +315,13 @@ func (p *growPlan) write(dev Device, sb []byte) error {
 		}
 		for off := uint64(0); off < p.itBlocks<<f.blockLog; off += uint64(len(zeros)) {
 			chunk := zeros[:min(uint64(len(zeros)), p.itBlocks<<f.blockLog-off)]
-			if _, err := dev.WriteAt(chunk, int64(it<<f.blockLog+off)); err != nil {
+			at := int64(it<<f.blockLog + off)
+			// A sparse image's never-written sectors read as zeros:
+			// writing them would only fill its holes.
+			if _, err := dev.ReadAt(seen[:len(chunk)], at); err == nil && bytes.Equal(seen[:len(chunk)], chunk) {
+				continue
+			}
+			if _, err := dev.WriteAt(chunk, at); err != nil {
 				return fmt.Errorf("ext4: resize: zeroing group %d's inode table: %w", g, err)
 			}
 		}
