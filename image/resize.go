@@ -93,9 +93,9 @@ func Resize(ctx context.Context, spec Spec, newSize int64) (res ResizeResult, er
 
 	// Replay a journal a crash left, clear orphans, refuse what the writer
 	// cannot maintain: exactly what a read-write mount would do first.
-	w, err := ext4.OpenWritable(fsDev, curVol)
+	w, err := openWriter(spec, name, fsDev)
 	if err != nil {
-		return res, fmt.Errorf("%s: cannot write this filesystem: %w", name, err)
+		return res, err
 	}
 	if err := w.Close(); err != nil {
 		return res, fmt.Errorf("%s: %w", name, err)
@@ -173,7 +173,11 @@ type volumeDevice struct {
 
 func (d volumeDevice) Sync() error { return d.dev.sync() }
 
-var _ ext4.Device = volumeDevice{}
+var (
+	_ ext4.Device  = volumeDevice{}
+	_ resizeDevice = fileDevice{}
+	_ resizeDevice = (*blobDevice)(nil)
+)
 
 // fileDevice is a local image file.
 type fileDevice struct{ *os.File }
