@@ -210,6 +210,19 @@ func planGrow(f *FS, want uint64) (*growPlan, error) {
 			groups--
 		}
 	}
+	if f.compat(compatResizeInode) && f.sb.reservedGdt > 0 {
+		// Each reserved GDT block lists its copies in one indirect block.
+		perInd := f.blockSize / 4
+		var backups uint32
+		for g := uint32(1); g < groups; g++ {
+			if f.hasSuper(g) {
+				if backups++; backups > perInd {
+					return nil, &GrowLimitError{MaxBytes: int64(f.groupFirstBlock(g) << f.blockLog),
+						Reason: fmt.Sprintf("the resize inode lists at most %d backup groups", perInd)}
+				}
+			}
+		}
+	}
 	p.blocks, p.groups = want, groups
 	p.newGdt = (groups + perBlock - 1) / perBlock
 	p.newReserved = uint32(f.sb.reservedGdt) - (p.newGdt - p.oldGdt)
@@ -542,11 +555,7 @@ func (p *growPlan) growResizeInode(final map[uint64][]byte) error {
 			}
 		}
 	}
-	perInd := bs / 4
-	if oldBackups+newBackups > perInd {
-		return &GrowLimitError{MaxBytes: int64(f.groupFirstBlock(f.numGroups) << f.blockLog),
-			Reason: fmt.Sprintf("the resize inode's lists hold %d backup groups", perInd)}
-	}
+	perInd := bs / 4 // planGrow kept oldBackups+newBackups within it
 	consumed := p.newGdt - p.oldGdt
 	sectors := uint64(bs / 512) // i_blocks counts 512-byte sectors
 	if le.Uint32(raw[inoFlags:])&flagHugeFile != 0 {
