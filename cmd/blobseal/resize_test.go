@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -66,14 +67,27 @@ func TestImageResize(t *testing.T) {
 		if err := writeThroughMount(t, loc, key, "big", big); !errors.Is(err, syscall.ENOSPC) {
 			t.Fatalf("%s: a %d-byte write before the resize: %v, want ENOSPC", loc, big, err)
 		}
-		stdout, stderr, code := blobseal(t, "image", "resize", "--size", "160M", "--key-file", key, loc)
+		args := []string{"image", "resize", "--size", "160M", "--key-file", key, loc}
+		if loc == url {
+			args = append(args, "--json")
+		}
+		stdout, stderr, code := blobseal(t, args...)
 		if code != 0 {
 			t.Fatalf("image resize %s: exit %d: %s", loc, code, stderr)
 		}
-		if !strings.Contains(stdout, "-> 167772160 bytes") {
+		t.Logf("%s", stdout)
+		if loc == url {
+			var res struct {
+				NewBytes      int64 `json:"new_bytes"`
+				OldFilesystem int64 `json:"old_filesystem_bytes"`
+				NewFilesystem int64 `json:"new_filesystem_bytes"`
+			}
+			if err := json.Unmarshal([]byte(stdout), &res); err != nil || res.NewBytes != 160<<20 || res.NewFilesystem <= res.OldFilesystem {
+				t.Errorf("image resize --json printed %q (%v), want the new sizes", stdout, err)
+			}
+		} else if !strings.Contains(stdout, "-> 167772160 bytes") {
 			t.Errorf("image resize printed %q, want the new size", stdout)
 		}
-		t.Logf("%s", stdout)
 		if err := writeThroughMount(t, loc, key, "big", big); err != nil {
 			t.Fatalf("%s: the %d-byte write after the resize: %v", loc, big, err)
 		}
