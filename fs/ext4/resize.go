@@ -226,6 +226,15 @@ func planGrow(f *FS, want uint64) (*growPlan, error) {
 	p.blocks, p.groups = want, groups
 	p.newGdt = (groups + perBlock - 1) / perBlock
 	p.newReserved = uint32(f.sb.reservedGdt) - (p.newGdt - p.oldGdt)
+	// The switch is one journal transaction: descriptors, the resize
+	// inode's blocks, the last bitmap, the inode and superblock blocks.
+	if f.compat(compatHasJournal) && f.sb.journalInum != 0 {
+		need := uint64(p.newGdt) + uint64(f.sb.reservedGdt) + 4
+		if 2*need > f.journalBlocks {
+			return nil, fmt.Errorf("ext4: cannot resize: switching to %d groups takes a %d-block journal transaction, too large for the %d-block journal: %w",
+				groups, need, f.journalBlocks, ErrUnsupported)
+		}
+	}
 	return p, nil
 }
 
