@@ -1,6 +1,7 @@
 package ext4
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -301,5 +302,41 @@ func TestGrowCrash(t *testing.T) {
 			grown++
 		}
 		must(t, os.Remove(img))
+	}
+}
+
+// TestGrowThenWriterFillsNewGroups: the Writer uses what Grow made, inodes
+// (uninitialised, zeroed tables) and blocks of the new groups alike, and
+// the result stays e2fsck-clean.
+func TestGrowThenWriterFillsNewGroups(t *testing.T) {
+	img := mkfs(t, nil, "", 48, "-b", "4096", "-i", "65536") // 768 inodes
+	if _, err := growTo(t, img, 1<<30); err != nil {
+		t.Fatal(err)
+	}
+	w := openWritable(t, img)
+	var maxIno uint32
+	for i := 0; i < 1500; i++ {
+		in, err := w.Create(RootIno, fmt.Sprintf("f%04d", i), 0o644, 0, 0)
+		if err != nil {
+			t.Fatalf("create %d: %v", i, err)
+		}
+		maxIno = max(maxIno, in.Ino)
+	}
+	big, err := w.Create(RootIno, "big", 0o644, 0, 0)
+	must(t, err)
+	data := fill(5, 300<<20) // far more than the 48 MiB the filesystem had
+	if _, err := w.WriteAt(big.Ino, data, 0); err != nil {
+		t.Fatalf("write 300 MiB into the grown filesystem: %v", err)
+	}
+	must(t, w.Close())
+	if maxIno <= 768 {
+		t.Errorf("1500 files fit in the old group's 768 inodes? highest inode %d", maxIno)
+	}
+	e2fsckClean(t, img)
+	f, _ := openImage(t, img)
+	in, err := lookupPath(f, "/big")
+	must(t, err)
+	if got := readAll(t, f, in); !bytes.Equal(got, data) {
+		t.Fatal("the 300 MiB file reads back wrong")
 	}
 }
