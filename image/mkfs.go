@@ -133,9 +133,11 @@ func runMke2fs(ctx context.Context, mkfs, dir, path string, size int64, inodes u
 		return nil, fmt.Errorf("stat %s: %w", dir, err)
 	}
 	rootUID, rootGID := st.Uid, st.Gid
-	features := "^resize_inode" // the image is never resized
+	// A read-only image is never resized; one with a journal (read-write)
+	// keeps the reserved GDT blocks that let `image resize` grow it far.
+	features := "resize_inode"
 	if !opts.Journal {
-		features += ",^has_journal"
+		features = "^resize_inode,^has_journal"
 	}
 	args := []string{
 		"-F", "-q",

@@ -9,16 +9,19 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/blobseal/blobseal/blob"
 	"github.com/blobseal/blobseal/crypto"
 	"github.com/blobseal/blobseal/image"
+	"github.com/blobseal/blobseal/internal/secret"
 )
 
 func newImageCmd() *cobra.Command {
 	return newGroup("image", "Build, check, protect and upload encrypted images",
-		newImageCreateCmd(), newImageCheckCmd(), newImageVerityCmd(), newImageUploadCmd())
+		newImageCreateCmd(), newImageCheckCmd(), newImageVerityCmd(), newImageUploadCmd(), newImageResizeCmd())
 }
 
 type imageCreateFlags struct {
@@ -328,5 +331,103 @@ func runImageCheck(cmd *cobra.Command, vf *volumeFlags, inf *integrityFlags, jso
 		return fmt.Errorf("%s: %d problems in %d entries", img.Name, len(problems), count)
 	}
 	fmt.Fprintf(cmd.ErrOrStderr(), "%s: %d entries, all consistent\n", img.Name, count)
+	return nil
+}
+
+type imageResizeFlags struct {
+	vol           volumeFlags
+	rel           releaseFlags
+	size          string
+	leaseDuration time.Duration
+	json          bool
+}
+
+func newImageResizeCmd() *cobra.Command {
+	var o imageResizeFlags
+	cmd := &cobra.Command{
+		Use:   "resize --size SIZE (--key-file KEY | --key-name NAME ...) [flags] IMAGE|URL",
+		Short: "Grow a read-write image (file or page blob) and its ext4 filesystem, offline",
+		Long: "Grows IMAGE (a local file or a page blob URL) to SIZE bytes, then its encrypted volume and the ext4\n" +
+			"filesystem in it, offline (nothing may have it mounted; a page blob is held under a write lease\n" +
+			"meanwhile). The filesystem gains new block groups; files are untouched. A journal left by a crash\n" +
+			"is replayed first. Images with a verity tree, block blobs, LUKS segments of fixed size and\n" +
+			"shrinking are refused; so is growth beyond what the filesystem's group descriptor table can\n" +
+			"describe (the message names the largest size). The key comes from --key-file or, as for\n" +
+			"blobseal mount, from a secure key release.",
+		Example: "  blobseal image resize --size 2G --key-file key.bin data.img\n" +
+			"  blobseal image resize --size 64G --key-file key.bin https://ACCOUNT.blob.core.windows.net/images/data.img",
+		Args: positional("IMAGE|URL"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runImageResize(cmd, &o, args[0])
+		},
+	}
+	f := cmd.Flags()
+	o.vol.register(f)
+	o.rel.register(f)
+	f.StringVar(&o.size, "size", "", "new size of the image (file or blob), e.g. 2G; a multiple of 4 KiB, larger than now")
+	f.DurationVar(&o.leaseDuration, "lease-duration", blob.DefaultLeaseDuration, "page blobs: the write lease held during the resize, 15s to 60s; after a crash the blob stays locked this long")
+	f.BoolVar(&o.json, "json", false, "print the result as JSON")
+	markRequired(cmd, "size")
+	for _, rel := range releaseFlagNames() {
+		cmd.MarkFlagsMutuallyExclusive("key-file", rel)
+	}
+	cmd.MarkFlagsOneRequired("key-file", "key-name")
+	o.rel.declare(cmd)
+	completeValues(cmd, "format", "auto", "luks", "plain")
+	return cmd
+}
+
+func runImageResize(cmd *cobra.Command, o *imageResizeFlags, loc string) error {
+	ctx := cmd.Context()
+	if err := o.vol.validateFormat(); err != nil {
+		return err
+	}
+	size, err := parseSize(o.size)
+	if err != nil {
+		return usageErrorf("--size: %v", err)
+	}
+	if size%image.ResizeAlign != 0 {
+		return usageErrorf("--size %d is not a multiple of %d bytes", size, image.ResizeAlign)
+	}
+	if o.leaseDuration < 15*time.Second || o.leaseDuration > 60*time.Second {
+		return usageErrorf("--lease-duration %v: storage allows 15s to 60s", o.leaseDuration)
+	}
+	release := o.vol.keyFile == ""
+	if release {
+		if err := o.rel.prepare(); err != nil {
+			return err
+		}
+	}
+	logger := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	var key secret.Bytes
+	if release {
+		rel, err := o.rel.release(ctx, logger)
+		if err != nil {
+			return err
+		}
+		key = rel.Secret
+	} else if key, err = readImageKeyFile(o.vol.keyFile); err != nil {
+		return err
+	}
+	defer key.Wipe()
+	spec := o.vol.imageSpec(loc, key)
+	spec.Logger = logger
+	spec.Write.Lease.Duration = o.leaseDuration
+	res, err := image.Resize(ctx, spec, size)
+	if err != nil {
+		return err
+	}
+	if o.json {
+		return printJSON(cmd.OutOrStdout(), struct {
+			Image           string `json:"image"`
+			OldBytes        int64  `json:"old_bytes"`
+			NewBytes        int64  `json:"new_bytes"`
+			OldFilesystem   int64  `json:"old_filesystem_bytes"`
+			NewFilesystem   int64  `json:"new_filesystem_bytes"`
+			FilesystemGroup uint32 `json:"block_groups"`
+		}{res.Name, res.OldBytes, res.NewBytes, res.OldFSBytes, res.NewFSBytes, res.Groups})
+	}
+	fmt.Fprintf(cmd.OutOrStdout(), "resized %s: %d -> %d bytes; ext4 %d -> %d bytes (%d block groups)\n",
+		res.Name, res.OldBytes, res.NewBytes, res.OldFSBytes, res.NewFSBytes, res.Groups)
 	return nil
 }
