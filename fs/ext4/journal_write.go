@@ -1,6 +1,7 @@
 package ext4
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -61,6 +62,15 @@ type journalWriter struct {
 }
 
 // logBlock maps log block i to its volume block.
+// block returns the transaction's or the log's copy of blk, if any.
+func (o *dirtyOverlay) block(blk uint64) ([]byte, bool) {
+	if b, ok := o.dirty[blk]; ok {
+		return b, true
+	}
+	b, ok := o.logged[blk]
+	return b, ok
+}
+
 func (jw *journalWriter) logBlock(i uint32) (uint64, error) { return jw.area.block(i) }
 
 // openJournal prepares the (already recovered, empty) internal journal.
@@ -251,8 +261,15 @@ func (w *Writer) checkpointIO() error {
 	return nil
 }
 
-// checkpointDone forgets the checkpointed blocks. Under both locks.
-func (w *Writer) checkpointDone() { clear(w.logged) }
+// checkpointDone forgets the checkpointed blocks, which are now home; the
+// cache takes them (they no longer change: block copies before a change),
+// replacing any version older than the log's.
+func (w *Writer) checkpointDone() {
+	for blk, b := range w.logged {
+		w.f.blocks.put(blk, b)
+	}
+	clear(w.logged)
+}
 
 // writeTransaction appends the dirty blocks blks to the log and commits them.
 func (w *Writer) writeTransaction(blks []uint64) error {
@@ -293,9 +310,11 @@ func (w *Writer) writeTransaction(blks []uint64) error {
 		copies := make([][]byte, len(group))
 		off := 12
 		for i, blk := range group {
-			data := append([]byte(nil), w.dirty[blk]...)
+			data := w.dirty[blk] // only read while the log is written
 			var flags uint32
 			if be.Uint32(data) == jbd2Magic {
+				// The log's copy is escaped; the block itself stays.
+				data = bytes.Clone(data)
 				flags |= jTagEscape
 				be.PutUint32(data, 0)
 			}

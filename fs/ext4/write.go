@@ -112,6 +112,7 @@ func OpenWritable(dev Device, size int64) (w *Writer, err error) {
 		return nil, err
 	}
 	ov.blockLog = f.blockLog
+	f.txBlock = ov.block
 	sb := make([]byte, superblockSize)
 	if err := f.readFull(sb, superblockOffset); err != nil {
 		return nil, fmt.Errorf("ext4: reading superblock: %w", err)
@@ -318,7 +319,14 @@ func (w *Writer) setClean(clean bool) error {
 // flushMeta writes changed group descriptor blocks and the superblock.
 func (w *Writer) flushMeta() error {
 	for nr := range w.gdtD {
-		if err := w.writeBlock(w.f.descBlock(nr), w.gdt[nr]); err != nil {
+		// A copy: w.gdt keeps changing after the transaction commits.
+		blk := w.f.descBlock(nr)
+		b, ok := w.dirty[blk]
+		if !ok {
+			b = make([]byte, len(w.gdt[nr]))
+		}
+		copy(b, w.gdt[nr])
+		if err := w.writeBlock(blk, b); err != nil {
 			return err
 		}
 		delete(w.gdtD, nr)
@@ -350,8 +358,15 @@ func (w *Writer) flushMeta() error {
 	return nil
 }
 
-// block returns a private, modifiable copy of metadata block blk.
+// block returns metadata block blk for change. A block the open
+// transaction holds is returned as is: changes apply to it in place, no
+// copy per change. Any other block is copied once (the cache's and the
+// committed log's copies never change: a checkpoint may be writing them);
+// the copy joins the transaction when writeBlock is given it.
 func (w *Writer) block(blk uint64) ([]byte, error) {
+	if b, ok := w.dirty[blk]; ok {
+		return b, nil
+	}
 	b, err := w.f.readBlock(blk)
 	if err != nil {
 		return nil, err
@@ -359,18 +374,22 @@ func (w *Writer) block(blk uint64) ([]byte, error) {
 	return bytes.Clone(b), nil
 }
 
-// writeBlock writes a whole metadata block, into the open transaction when
-// there is a journal, and refreshes the reader's cache.
+// writeBlock writes a whole metadata block: with a journal it joins the
+// open transaction, which takes ownership of b (the caller changes it only
+// through block or writeBlock from now on); without one it goes home.
 func (w *Writer) writeBlock(blk uint64, b []byte) error {
 	if w.jw != nil {
-		w.dirty[blk] = bytes.Clone(b)
-		w.f.blocks.put(blk, bytes.Clone(b))
+		if l, ok := w.logged[blk]; ok && len(l) > 0 && &l[0] == &b[0] {
+			b = bytes.Clone(b) // the committed copy stays as committed
+		}
+		w.dirty[blk] = b
 		return nil
 	}
 	if _, err := w.dev.WriteAt(b, int64(blk)<<w.f.blockLog); err != nil {
+		w.f.blocks.remove(blk)
 		return fmt.Errorf("ext4: writing block %d: %w", blk, err)
 	}
-	w.f.blocks.put(blk, bytes.Clone(b))
+	w.f.blocks.put(blk, b)
 	return nil
 }
 
