@@ -91,6 +91,20 @@ func bitSet(b []byte, i uint32) bool { return b[i/8]&(1<<(i%8)) != 0 }
 func setBit(b []byte, i uint32)      { b[i/8] |= 1 << (i % 8) }
 func clearBit(b []byte, i uint32)    { b[i/8] &^= 1 << (i % 8) }
 
+// blockBitmapView is group g's block bitmap for reading only: the
+// transaction's or the cache's copy, or the one blockBitmap builds.
+func (w *Writer) blockBitmapView(g uint32) ([]byte, error) {
+	gd := &w.f.groups[g]
+	if gd.flags&bgBlockUninit != 0 {
+		return w.blockBitmap(g)
+	}
+	b, err := w.f.readBlock(gd.blockBitmap)
+	if err != nil {
+		return nil, fmt.Errorf("ext4: group %d block bitmap: %w", g, err)
+	}
+	return b, nil
+}
+
 // blockBitmap returns a modifiable copy of group g's block bitmap, built
 // the way the kernel's ext4_init_block_bitmap does for a BLOCK_UNINIT group:
 // superblock backup and descriptor copies, every group's bitmaps and inode
@@ -200,27 +214,44 @@ func (w *Writer) allocFree(goal uint64, want uint32) (uint64, uint32, error) {
 		if i == 0 {
 			start = uint32(goal - f.groupFirstBlock(g))
 		}
-		b, err := w.blockBitmap(g)
+		// The search reads the bitmap in place; only a find changes it.
+		b, err := w.blockBitmapView(g)
 		if err != nil {
 			return 0, 0, err
 		}
 		n := f.groupBlocks(g)
 		base := f.groupFirstBlock(g)
+		held := len(w.pendingFree)+len(w.logged) > 0
 		free := func(i uint32) bool {
-			if bitSet(b, i) || w.pendingFree[base+uint64(i)] {
+			if bitSet(b, i) {
+				return false
+			}
+			if !held {
+				return true
+			}
+			if w.pendingFree[base+uint64(i)] {
 				return false
 			}
 			_, logged := w.logged[base+uint64(i)]
 			return !logged
 		}
 		for s := start; s < n; s++ {
+			if s%8 == 0 && b[s/8] == 0xff {
+				s += 7 // a byte of used blocks at once
+				continue
+			}
 			if !free(s) {
 				continue
 			}
 			e := s
 			for e < n && e-s < want && free(e) {
-				setBit(b, e)
 				e++
+			}
+			if b, err = w.blockBitmap(g); err != nil {
+				return 0, 0, err
+			}
+			for i := s; i < e; i++ {
+				setBit(b, i)
 			}
 			if err := w.storeBlockBitmap(g, b); err != nil {
 				return 0, 0, err

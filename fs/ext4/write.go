@@ -86,6 +86,8 @@ type Writer struct {
 	logged      map[uint64][]byte // committed blocks not yet checkpointed home
 	pendingFree map[uint64]bool   // blocks freed in it, not reusable before it commits
 	holds       map[uint32]int    // open handles per inode (Hold, Release)
+
+	unlockChange func() // unlockChangeLocks, as lockChange returns it
 }
 
 // ReplayedTransactions is the number of journal transactions that
@@ -127,6 +129,7 @@ func OpenWritable(dev Device, size int64) (w *Writer, err error) {
 	}
 	w = &Writer{f: f, dev: &trackedDevice{Device: dev}, sb: sb, gdtD: map[uint32]bool{}, now: time.Now, replayed: replayed,
 		dirty: ov.dirty, logged: ov.logged, pendingFree: map[uint64]bool{}, holds: map[uint32]int{}}
+	w.unlockChange = w.unlockChangeLocks
 	if f.compat(compatHasJournal) && f.sb.journalInum != 0 {
 		if err := w.openJournal(); err != nil {
 			return nil, err
@@ -223,14 +226,16 @@ func (w *Writer) View(fn func(f *FS) error) error {
 
 // lockChange serializes a change: changeMu orders the changers (Sync's
 // device I/O included), mu keeps readers out while memory changes. It
-// returns the unlock.
+// returns the unlock (made once, so no operation allocates one).
 func (w *Writer) lockChange() func() {
 	w.changeMu.Lock()
 	w.mu.Lock()
-	return func() {
-		w.mu.Unlock()
-		w.changeMu.Unlock()
-	}
+	return w.unlockChange
+}
+
+func (w *Writer) unlockChangeLocks() {
+	w.mu.Unlock()
+	w.changeMu.Unlock()
 }
 
 // Sync commits the open transaction and makes everything durable; when it

@@ -380,6 +380,15 @@ func (w *Writer) replaceEntry(dirIno uint32, name string, ino uint32, ft uint8) 
 // lookup finds name in directory dirIno through the reader (hash index
 // included), mapping "not found" to ENOENT.
 func (w *Writer) lookup(dirIno uint32, name string) (uint32, error) {
+	ino, err := w.find(dirIno, name)
+	if err == nil && ino == 0 {
+		return 0, errno(syscall.ENOENT, "inode %d: %q", dirIno, name)
+	}
+	return ino, err
+}
+
+// find is lookup returning 0 without an error when name is not there.
+func (w *Writer) find(dirIno uint32, name string) (uint32, error) {
 	dir, err := w.f.Inode(dirIno)
 	if err != nil {
 		return 0, err
@@ -387,7 +396,7 @@ func (w *Writer) lookup(dirIno uint32, name string) (uint32, error) {
 	if !dir.IsDir() {
 		return 0, errno(syscall.ENOTDIR, "inode %d", dirIno)
 	}
-	ino, err := w.f.Lookup(dir, name)
+	ino, err := w.f.find(dir, name)
 	if errors.Is(err, ErrNotFound) {
 		return 0, fmt.Errorf("%w: %w", err, syscall.ENOENT)
 	}

@@ -151,14 +151,14 @@ func (w *Writer) create(dir uint32, name string, mode uint16, uid, gid uint32, f
 
 // checkAbsent fails with EEXIST when dir already holds name.
 func (w *Writer) checkAbsent(dir uint32, name string) error {
-	_, err := w.lookup(dir, name)
+	ino, err := w.find(dir, name)
 	switch {
-	case err == nil || name == "." || name == "..":
+	case err != nil:
+		return err
+	case ino != 0 || name == "." || name == "..":
 		return errno(syscall.EEXIST, "inode %d: %q", dir, name)
-	case isErrno(err, syscall.ENOENT):
-		return nil
 	}
-	return err
+	return nil
 }
 
 func isErrno(err error, e syscall.Errno) bool {
