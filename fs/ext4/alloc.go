@@ -32,8 +32,8 @@ func (w *Writer) put16x2(d []byte, lo, hi int, v uint32) {
 // updateDesc applies fn to group g's descriptor, re-checksums it and marks
 // its block for writing; the reader's decoded copy follows.
 func (w *Writer) updateDesc(g uint32, fn func(gd *groupDesc)) {
-	gd := w.f.groups[g]
-	fn(&gd)
+	gd := &w.f.groups[g] // readers are out: the change holds mu
+	fn(gd)
 	d := w.desc(g)
 	le := binary.LittleEndian
 	w.put16x2(d, 0xC, 0x2C, gd.freeBlocks)
@@ -44,7 +44,6 @@ func (w *Writer) updateDesc(g uint32, fn func(gd *groupDesc)) {
 	if c, ok := w.f.groupDescCsum(g, d); ok {
 		le.PutUint16(d[0x1E:], c)
 	}
-	w.f.groups[g] = gd
 	w.gdtD[g/(w.f.blockSize/w.f.descSize)] = true
 }
 
