@@ -281,13 +281,15 @@ func (w *Writer) sync(checkpoint bool) error {
 	return w.dev.retryableSync() // everything before is committed
 }
 
-// endOp ends an operation: its descriptor and superblock changes join the
-// transaction, which commits once it holds a quarter of the journal.
+// endOp ends an operation. With a journal, the transaction commits once
+// it holds a quarter of the log; its descriptor and superblock changes
+// join it then (prepareCommit), not once per operation. Without one they
+// go home now.
 func (w *Writer) endOp() error {
-	if err := w.flushMeta(); err != nil {
-		return err
+	if w.jw == nil {
+		return w.flushMeta()
 	}
-	if w.jw != nil && len(w.dirty) >= w.jw.limit {
+	if len(w.dirty)+len(w.gdtD)+1 >= w.jw.limit {
 		return w.commit()
 	}
 	return nil
