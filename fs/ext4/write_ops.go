@@ -12,21 +12,38 @@ import (
 // counts 1 ("many").
 const linkMax = 65000
 
-// Create makes a regular file (mode holds the permission bits) and returns it.
+// Create makes a regular file (mode holds the permission bits) and returns
+// its attributes as of the change.
 func (w *Writer) Create(dir uint32, name string, perm uint32, uid, gid uint32) (*Inode, error) {
 	return w.Mknod(dir, name, sIFREG|perm&0o7777, 0, uid, gid)
+}
+
+// CreateHeld is Create that also holds the new file (Hold) in the same
+// change, for a caller that opens it: an unlink racing the open cannot
+// free it before the handle exists. The caller Releases it.
+func (w *Writer) CreateHeld(dir uint32, name string, perm uint32, uid, gid uint32) (*Inode, error) {
+	return w.mknod(dir, name, sIFREG|perm&0o7777, 0, uid, gid, true)
 }
 
 // Mknod makes a regular file, FIFO, socket or device node; mode includes
 // the S_IFMT type, rdev is the device number in Linux's new_encode_dev form.
 func (w *Writer) Mknod(dir uint32, name string, mode uint32, rdev uint32, uid, gid uint32) (*Inode, error) {
+	return w.mknod(dir, name, mode, rdev, uid, gid, false)
+}
+
+// MknodHeld is Mknod that also holds the new inode (see CreateHeld).
+func (w *Writer) MknodHeld(dir uint32, name string, mode uint32, rdev uint32, uid, gid uint32) (*Inode, error) {
+	return w.mknod(dir, name, mode, rdev, uid, gid, true)
+}
+
+func (w *Writer) mknod(dir uint32, name string, mode uint32, rdev uint32, uid, gid uint32, hold bool) (*Inode, error) {
 	switch uint16(mode) & sIFMT {
 	case sIFREG, sIFIFO, sIFSOCK, sIFCHR, sIFBLK:
 	default:
 		return nil, errno(syscall.EINVAL, "mknod %q: mode %#o is not a file, FIFO, socket or device", name, mode)
 	}
 	defer w.lockChange()()
-	return w.create(dir, name, uint16(mode), uid, gid, func(in wInode) error {
+	return w.held(hold)(w.create(dir, name, uint16(mode), uid, gid, func(in wInode) error {
 		switch in.Mode & sIFMT {
 		case sIFREG:
 			return w.storeExtents(in, &extentMap{})
@@ -40,11 +57,31 @@ func (w *Writer) Mknod(dir uint32, name string, mode uint32, rdev uint32, uid, g
 			}
 		}
 		return w.storeInode(in)
-	})
+	}))
+}
+
+// held returns what passes a creating operation's result through, holding
+// the inode first when hold is set. Under the change lock.
+func (w *Writer) held(hold bool) func(*Inode, error) (*Inode, error) {
+	return func(in *Inode, err error) (*Inode, error) {
+		if err == nil && hold {
+			w.holds[in.Ino]++
+		}
+		return in, err
+	}
 }
 
 // Mkdir makes a directory with "." and ".." in one block.
 func (w *Writer) Mkdir(dir uint32, name string, perm uint32, uid, gid uint32) (*Inode, error) {
+	return w.mkdir(dir, name, perm, uid, gid, false)
+}
+
+// MkdirHeld is Mkdir that also holds the new directory (see CreateHeld).
+func (w *Writer) MkdirHeld(dir uint32, name string, perm uint32, uid, gid uint32) (*Inode, error) {
+	return w.mkdir(dir, name, perm, uid, gid, true)
+}
+
+func (w *Writer) mkdir(dir uint32, name string, perm uint32, uid, gid uint32, hold bool) (*Inode, error) {
 	defer w.lockChange()()
 	parent, err := w.f.Inode(dir)
 	if err != nil {
@@ -73,12 +110,24 @@ func (w *Writer) Mkdir(dir uint32, name string, perm uint32, uid, gid uint32) (*
 	if err := w.addLinks(dir, 1); err != nil {
 		return nil, err
 	}
-	return in, w.endOp()
+	if err := w.endOp(); err != nil {
+		return nil, err
+	}
+	return w.held(hold)(in, nil)
 }
 
 // Symlink makes a symbolic link: a fast one (target in i_block) below 60
 // bytes, else one data block, as the kernel does.
 func (w *Writer) Symlink(dir uint32, name, target string, uid, gid uint32) (*Inode, error) {
+	return w.symlink(dir, name, target, uid, gid, false)
+}
+
+// SymlinkHeld is Symlink that also holds the new link (see CreateHeld).
+func (w *Writer) SymlinkHeld(dir uint32, name, target string, uid, gid uint32) (*Inode, error) {
+	return w.symlink(dir, name, target, uid, gid, true)
+}
+
+func (w *Writer) symlink(dir uint32, name, target string, uid, gid uint32, hold bool) (*Inode, error) {
 	if len(target) == 0 {
 		return nil, errno(syscall.ENOENT, "symlink %q: empty target", name)
 	}
@@ -86,7 +135,7 @@ func (w *Writer) Symlink(dir uint32, name, target string, uid, gid uint32) (*Ino
 		return nil, errno(syscall.ENAMETOOLONG, "symlink %q: target of %d bytes", name, len(target))
 	}
 	defer w.lockChange()()
-	return w.create(dir, name, sIFLNK|0o777, uid, gid, func(in wInode) error {
+	return w.held(hold)(w.create(dir, name, sIFLNK|0o777, uid, gid, func(in wInode) error {
 		in.setSize(uint64(len(target)))
 		if len(target) < 60 {
 			copy(in.iblock(), target)
@@ -104,7 +153,7 @@ func (w *Writer) Symlink(dir uint32, name, target string, uid, gid uint32) (*Ino
 		m := &extentMap{}
 		m.insert(extent{lblk: 0, len: 1, pblk: blk})
 		return w.storeExtents(in, m)
-	})
+	}))
 }
 
 // create allocates an inode of the given mode, lets fill give it content
@@ -168,33 +217,50 @@ func isErrno(err error, e syscall.Errno) bool {
 
 // Link adds name in dir for the existing non-directory ino.
 func (w *Writer) Link(ino, dir uint32, name string) error {
+	_, err := w.link(ino, dir, name, false)
+	return err
+}
+
+// LinkHeld is Link that returns the inode's attributes as of the change
+// (the new link count) and holds it (see CreateHeld).
+func (w *Writer) LinkHeld(ino, dir uint32, name string) (*Inode, error) {
+	return w.link(ino, dir, name, true)
+}
+
+func (w *Writer) link(ino, dir uint32, name string, hold bool) (*Inode, error) {
 	if err := checkName(name); err != nil {
-		return err
+		return nil, err
 	}
 	defer w.lockChange()()
 	in, err := w.loadInode(ino)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	// The kernel checks the new name before the source's type.
 	if err := w.checkAbsent(dir, name); err != nil {
-		return err
+		return nil, err
 	}
 	if in.IsDir() {
-		return errno(syscall.EPERM, "link to directory inode %d", ino)
+		return nil, errno(syscall.EPERM, "link to directory inode %d", ino)
 	}
 	if in.Links >= linkMax {
-		return errno(syscall.EMLINK, "inode %d has %d links", ino, in.Links)
+		return nil, errno(syscall.EMLINK, "inode %d has %d links", ino, in.Links)
 	}
 	if err := w.addEntry(dir, name, ino, w.fileType(in.Mode)); err != nil {
-		return err
+		return nil, err
 	}
 	in.setLinks(in.Links + 1)
 	w.touch(in, false)
 	if err := w.storeInode(in); err != nil {
-		return err
+		return nil, err
 	}
-	return w.endOp()
+	if err := w.endOp(); err != nil {
+		return nil, err
+	}
+	if !hold {
+		return nil, nil
+	}
+	return w.held(true)(w.f.Inode(ino))
 }
 
 // Unlink removes name, a non-directory, from dir; the inode and its blocks
