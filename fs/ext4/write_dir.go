@@ -98,14 +98,24 @@ func (w *Writer) dirBlocks(dir wInode, m *extentMap) ([]dirBlock, error) {
 	if n > w.f.sb.blocksCount {
 		return nil, fmt.Errorf("ext4: inode %d: directory size %d exceeds the filesystem: %w", dir.Ino, dir.Size, ErrCorrupt)
 	}
-	out := make([]dirBlock, 0, n)
-	for l := uint64(0); l < n; l++ {
-		i, ok := m.find(uint32(l))
-		if !ok || m.exts[i].unwritten {
-			return nil, fmt.Errorf("ext4: inode %d: directory has a hole at block %d: %w", dir.Ino, l, ErrCorrupt)
+	// Extent by extent, not a search per block: a large directory maps
+	// thousands of blocks on every change.
+	out := make([]dirBlock, n)
+	l := uint64(0)
+	for _, x := range m.exts {
+		if l >= n {
+			break
 		}
-		p := m.exts[i].pblk + l - uint64(m.exts[i].lblk)
-		out = append(out, dirBlock{lblk: l, pblk: p})
+		if uint64(x.lblk) != l || x.unwritten {
+			break // a hole or an unwritten block at l
+		}
+		for j := uint64(0); j < uint64(x.len) && l < n; j++ {
+			out[l] = dirBlock{lblk: l, pblk: x.pblk + j}
+			l++
+		}
+	}
+	if l < n {
+		return nil, fmt.Errorf("ext4: inode %d: directory has a hole at block %d: %w", dir.Ino, l, ErrCorrupt)
 	}
 	return out, nil
 }

@@ -191,84 +191,103 @@ func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string,
 		return w.finishDx(dir, m, blocks, map[int]bool{leafIdx: true})
 	}
 
-	// The leaf is full: make room in its parent for one more index entry.
-	newBlock := func() (int, error) {
-		lblk := uint32(len(blocks))
+	// The leaf is full: its parent needs room for one more index entry.
+	// As the kernel's ext4_dx_add_entry: full index nodes split, from the
+	// lowest one on the path with room downward; when every node up to the
+	// root is full, the tree grows a level (the root's entries move to a
+	// new node under it), up to 2 levels below the root with large_dir and
+	// 1 without; past that the directory is full (ENOSPC).
+	limit := func(n dxNode) int { return int(le.Uint16(blocks[n.blk].b[n.off:])) }
+	k := len(path) - 1 // the lowest node with room
+	for k >= 0 && count(path[k]) == limit(path[k]) {
+		k--
+	}
+	grow := k < 0
+	maxLevels := 1
+	if f.incompat(incompatLargeDir) {
+		maxLevels = 2
+	}
+	if grow && levels >= maxLevels {
+		hint := ""
+		if maxLevels < 2 {
+			hint = " (the large_dir feature allows one more level)"
+		}
+		return errno(syscall.ENOSPC, "inode %d: directory index full at %d levels%s", dir.Ino, levels+1, hint)
+	}
+	// Every block this takes comes first: on ENOSPC nothing has changed.
+	need := len(path) - 1 - k + 1 // split index nodes and the new leaf
+	if grow {
+		need = 1 + len(path) - 1 + 1 // the new node, every node below the root, the leaf
+	}
+	fresh := make([]uint64, 0, need)
+	for range need {
+		lblk := uint32(len(blocks) + len(fresh))
 		goal := m.goalFor(lblk)
 		if goal == 0 {
 			goal = w.inodeGoal(dir.Ino)
 		}
 		p, _, err := w.allocBlocks(goal, 1)
 		if err != nil {
-			return 0, err
+			for _, p := range fresh {
+				if ferr := w.freeBlocks(p, 1); ferr != nil {
+					return fmt.Errorf("%w (and freeing block %d again: %v)", err, p, ferr)
+				}
+			}
+			return err
 		}
+		fresh = append(fresh, p)
 		m.insert(extent{lblk: lblk, len: 1, pblk: p})
-		blocks = append(blocks, dirBlock{lblk: uint64(lblk), pblk: p, b: make([]byte, bs)})
-		dir.setSize(uint64(len(blocks)) * uint64(bs))
-		return len(blocks) - 1, nil
 	}
-	newIndexNode := func() (int, error) {
-		i, err := newBlock()
-		if err != nil {
-			return 0, err
-		}
+	newBlock := func() int {
+		blocks = append(blocks, dirBlock{lblk: uint64(len(blocks)), pblk: fresh[0], b: make([]byte, bs)})
+		fresh = fresh[1:]
+		dir.setSize(uint64(len(blocks)) * uint64(bs))
+		return len(blocks) - 1
+	}
+	newIndexNode := func() int {
+		i := newBlock()
 		b := blocks[i].b
 		le.PutUint16(b[4:], uint16(bs)) // a fake empty entry spanning the block
 		le.PutUint16(b[dxNodeCountOff:], uint16(w.dxLimit(bs, dxNodeCountOff)))
-		return i, nil
+		return i
 	}
-	limit := func(n dxNode) int { return int(le.Uint16(blocks[n.blk].b[n.off:])) }
+	if grow {
+		ni := newIndexNode()
+		c := count(path[0])
+		copy(blocks[ni].b[dxNodeCountOff+4:], root[dxRootCountOff+4:dxRootCountOff+8*c])
+		le.PutUint16(blocks[ni].b[dxNodeCountOff+2:], uint16(c))
+		le.PutUint16(root[dxRootCountOff+2:], 1)
+		le.PutUint32(root[dxRootCountOff+4:], uint32(ni))
+		levels++
+		root[0x1E] = byte(levels)
+		child := dxNode{blk: ni, off: dxNodeCountOff, at: path[0].at}
+		path = append([]dxNode{{blk: 0, off: dxRootCountOff, at: 0}, child}, path[1:]...)
+		changed[0], changed[ni] = true, true
+		k = 1 // the new node has room: a node holds more entries than the root
+	}
+	for i := k + 1; i < len(path); i++ {
+		// Split full node path[i]; its upper half goes to a new node that
+		// its parent, which has room by now, indexes after it.
+		up, n := &path[i-1], path[i]
+		ni := newIndexNode()
+		c := count(n)
+		half := c / 2
+		moved := blocks[n.blk].b[n.off+8*half : n.off+8*c]
+		splitHash := le.Uint32(moved)
+		// Entry 0 of the new node holds count/limit, then its block.
+		nb := blocks[ni].b
+		le.PutUint32(nb[dxNodeCountOff+4:], le.Uint32(moved[4:]))
+		copy(nb[dxNodeCountOff+8:], moved[8:])
+		le.PutUint16(nb[dxNodeCountOff+2:], uint16(c-half))
+		le.PutUint16(blocks[n.blk].b[n.off+2:], uint16(half))
+		w.dxInsert(blocks[up.blk].b, up.off, up.at+1, splitHash, uint32(ni))
+		changed[up.blk], changed[n.blk], changed[ni] = true, true, true
+		if n.at >= half {
+			path[i] = dxNode{blk: ni, off: dxNodeCountOff, at: n.at - half}
+			up.at++
+		}
+	}
 	parent := path[len(path)-1]
-	if count(parent) == limit(parent) {
-		maxLevels := 1
-		if f.incompat(incompatLargeDir) {
-			maxLevels = 2
-		}
-		switch {
-		case len(path) == 1 && levels < maxLevels:
-			// Grow: the root's entries move to a new node under it.
-			ni, err := newIndexNode()
-			if err != nil {
-				return err
-			}
-			c := count(parent)
-			copy(blocks[ni].b[dxNodeCountOff+4:], root[dxRootCountOff+4:dxRootCountOff+8*c])
-			le.PutUint16(blocks[ni].b[dxNodeCountOff+2:], uint16(c))
-			le.PutUint16(root[dxRootCountOff+2:], 1)
-			le.PutUint32(root[dxRootCountOff+4:], uint32(ni))
-			root[0x1E] = byte(levels + 1)
-			levels++
-			child := dxNode{blk: ni, off: dxNodeCountOff, at: parent.at}
-			path = []dxNode{{blk: 0, off: dxRootCountOff, at: 0}, child}
-			changed[0], changed[ni] = true, true
-		case len(path) >= 2 && count(path[len(path)-2]) < limit(path[len(path)-2]):
-			// Split the full node; its upper half goes to a new node
-			// indexed from the grandparent.
-			gp := &path[len(path)-2]
-			ni, err := newIndexNode()
-			if err != nil {
-				return err
-			}
-			c := count(parent)
-			half := c / 2
-			moved := blocks[parent.blk].b[parent.off+8*half : parent.off+8*c]
-			splitHash := le.Uint32(moved)
-			// Entry 0 of the new node holds count/limit, then its block.
-			nb := blocks[ni].b
-			le.PutUint32(nb[dxNodeCountOff+4:], le.Uint32(moved[4:]))
-			copy(nb[dxNodeCountOff+8:], moved[8:])
-			le.PutUint16(nb[dxNodeCountOff+2:], uint16(c-half))
-			le.PutUint16(blocks[parent.blk].b[parent.off+2:], uint16(half))
-			w.dxInsert(blocks[gp.blk].b, gp.off, gp.at+1, splitHash, uint32(ni))
-			changed[gp.blk], changed[parent.blk], changed[ni] = true, true, true
-			if parent.at >= half {
-				path[len(path)-1] = dxNode{blk: ni, off: dxNodeCountOff, at: parent.at - half}
-			}
-		default:
-			return errno(syscall.ENOSPC, "inode %d: directory index full", dir.Ino)
-		}
-		parent = path[len(path)-1]
-	}
 
 	// Split the leaf at the median hash.
 	type named struct {
@@ -304,10 +323,7 @@ func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string,
 	if mid > 0 && ents[mid-1].hash == splitHash {
 		continued = 1 // the same hash continues in the new leaf
 	}
-	ni, err := newBlock()
-	if err != nil {
-		return err
-	}
+	ni := newBlock()
 	fillLeaf := func(b []byte, es []named) {
 		clear(b)
 		region := w.dirRegion()
