@@ -2,6 +2,7 @@ package ext4
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -69,7 +70,7 @@ const WritableFeatures = "has_journal (internal), ext_attr, resize_inode, dir_in
 // Without one, metadata goes straight home and the filesystem is marked
 // not clean until Close, so a crash sends it to e2fsck.
 type Writer struct {
-	changeMu sync.Mutex // see lockChange
+	changeMu changeLock // see lockChange
 	mu       sync.RWMutex
 	f        *FS
 	dev      *trackedDevice // the volume; remembers its first error
@@ -130,6 +131,7 @@ func OpenWritable(dev Device, size int64) (w *Writer, err error) {
 	w = &Writer{f: f, dev: &trackedDevice{Device: dev}, sb: sb, gdtD: map[uint32]bool{}, now: time.Now, replayed: replayed,
 		dirty: ov.dirty, logged: ov.logged, pendingFree: map[uint64]bool{}, holds: map[uint32]int{}}
 	w.unlockChange = w.unlockChangeLocks
+	w.changeMu = make(changeLock, 1)
 	if f.compat(compatHasJournal) && f.sb.journalInum != 0 {
 		if err := w.openJournal(); err != nil {
 			return nil, err
@@ -233,24 +235,78 @@ func (w *Writer) lockChange() func() {
 	return w.unlockChange
 }
 
+// lockChangeContext is lockChange for an operation on behalf of ctx: it
+// gives up waiting when ctx ends, and refuses to start a change for an
+// ended ctx. Once it returns the unlock, the change runs to its end
+// whatever ctx does (no metadata change stops halfway).
+func (w *Writer) lockChangeContext(ctx context.Context, what string) (func(), error) {
+	if err := w.changeMu.LockContext(ctx); err != nil {
+		return nil, cancelled(what, err)
+	}
+	w.mu.Lock()
+	return w.unlockChange, nil
+}
+
+// cancelled is the error of an operation not done because its context
+// ended: it matches both the context's error and EINTR (the FUSE
+// request's answer).
+func cancelled(what string, err error) error {
+	return fmt.Errorf("ext4: %s not done: %w (%w)", what, err, syscall.EINTR)
+}
+
 func (w *Writer) unlockChangeLocks() {
 	w.mu.Unlock()
 	w.changeMu.Unlock()
+}
+
+// changeLock is a mutex whose Lock can give up when a context ends: a
+// change waiting behind a long commit returns when its request is
+// interrupted.
+type changeLock chan struct{}
+
+func (l changeLock) Lock()   { l <- struct{}{} }
+func (l changeLock) Unlock() { <-l }
+
+// LockContext locks unless ctx has ended, before or while waiting.
+func (l changeLock) LockContext(ctx context.Context) error {
+	select {
+	case l <- struct{}{}:
+		if err := ctx.Err(); err != nil { // both were ready; select chose at random
+			<-l
+			return err
+		}
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // Sync commits the open transaction and makes everything durable; when it
 // returns, a crash loses nothing written before it (fsync, syncfs).
 // Readers (View) go on while it writes the log and waits for the device:
 // no other change runs then, so nothing they see moves.
-func (w *Writer) Sync() error { return w.sync(false) }
+func (w *Writer) Sync() error { return w.SyncContext(context.Background()) }
+
+// SyncContext is Sync for ctx: it gives up waiting for other changes when
+// ctx ends; a commit, once begun, completes.
+func (w *Writer) SyncContext(ctx context.Context) error {
+	if err := w.changeMu.LockContext(ctx); err != nil {
+		return cancelled("sync", err)
+	}
+	return w.sync(false)
+}
 
 // Checkpoint is Sync that also writes every committed block home and
 // empties the journal, leaving an image that needs no recovery (for
 // e2fsck, the kernel, or a copy).
-func (w *Writer) Checkpoint() error { return w.sync(true) }
-
-func (w *Writer) sync(checkpoint bool) error {
+func (w *Writer) Checkpoint() error {
 	w.changeMu.Lock()
+	return w.sync(true)
+}
+
+// sync commits, and checkpoints if asked; the caller holds changeMu,
+// which sync releases.
+func (w *Writer) sync(checkpoint bool) error {
 	defer w.changeMu.Unlock()
 	w.mu.Lock()
 	blks, err := w.prepareCommit()
@@ -442,6 +498,26 @@ func (d *trackedDevice) WriteAt(p []byte, off int64) (int, error) {
 }
 
 func (d *trackedDevice) Sync() error { return d.note(d.Device.Sync()) }
+
+// contextWriterAt is the volume's optional interruptible write
+// (crypto.Volume has it, and passes ctx on to a write-back cache).
+type contextWriterAt interface {
+	WriteAtContext(ctx context.Context, p []byte, off int64) (int, error)
+}
+
+// writeAtContext writes file data on behalf of ctx. A write that ends
+// because ctx did is the caller's to undo, not a failure of the device.
+func (d *trackedDevice) writeAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	cw, ok := d.Device.(contextWriterAt)
+	if !ok {
+		return d.WriteAt(p, off)
+	}
+	n, err := cw.WriteAtContext(ctx, p, off)
+	if err != nil && ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+		return n, err
+	}
+	return n, d.note(err)
+}
 
 // ErrSyncRetryable marks a device Sync failure that lost nothing: the
 // device still holds every write it took and a later Sync may succeed (a

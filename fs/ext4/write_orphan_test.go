@@ -2,6 +2,7 @@ package ext4
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"runtime"
 	"strings"
@@ -73,6 +74,7 @@ func TestWriterOrphans(t *testing.T) {
 // change that makes it, so removing its name at once (before the caller's
 // first use) leaves it usable until Release, which frees it.
 func TestWriterHeldCreation(t *testing.T) {
+	ctx := context.Background()
 	img := mkfs(t, nil, "", 16)
 	w := openWritable(t, img)
 	free0 := w.FS().StatFS()
@@ -82,10 +84,10 @@ func TestWriterHeldCreation(t *testing.T) {
 		make func() (*Inode, error)
 		mode uint16
 	}{
-		{"create", func() (*Inode, error) { return w.CreateHeld(RootIno, "f", 0o640, 1, 2) }, sIFREG | 0o640},
-		{"mknod", func() (*Inode, error) { return w.MknodHeld(RootIno, "f", sIFIFO|0o600, 0, 0, 0) }, sIFIFO | 0o600},
-		{"mkdir", func() (*Inode, error) { return w.MkdirHeld(RootIno, "f", 0o750, 0, 0) }, sIFDIR | 0o750},
-		{"symlink", func() (*Inode, error) { return w.SymlinkHeld(RootIno, "f", target, 0, 0) }, sIFLNK | 0o777},
+		{"create", func() (*Inode, error) { return w.CreateHeld(ctx, RootIno, "f", 0o640, 1, 2) }, sIFREG | 0o640},
+		{"mknod", func() (*Inode, error) { return w.MknodHeld(ctx, RootIno, "f", sIFIFO|0o600, 0, 0, 0) }, sIFIFO | 0o600},
+		{"mkdir", func() (*Inode, error) { return w.MkdirHeld(ctx, RootIno, "f", 0o750, 0, 0) }, sIFDIR | 0o750},
+		{"symlink", func() (*Inode, error) { return w.SymlinkHeld(ctx, RootIno, "f", target, 0, 0) }, sIFLNK | 0o777},
 	} {
 		in, err := c.make()
 		if err != nil {
@@ -120,7 +122,7 @@ func TestWriterHeldCreation(t *testing.T) {
 	// LinkHeld returns the new link count and holds the file.
 	in, err := w.Create(RootIno, "a", 0o644, 0, 0)
 	must(t, err)
-	linked, err := w.LinkHeld(in.Ino, RootIno, "b")
+	linked, err := w.LinkHeld(ctx, in.Ino, RootIno, "b")
 	must(t, err)
 	if linked.Ino != in.Ino || linked.Links != 2 {
 		t.Fatalf("LinkHeld returned inode %d with %d links, want %d with 2", linked.Ino, linked.Links, in.Ino)
@@ -147,6 +149,7 @@ func TestWriterCreateHeldRace(t *testing.T) {
 		return root.Blocks / uint64(w.FS().BlockSize()/512)
 	}
 	root0 := rootBlocks()
+	ctx := context.Background()
 	const n = 200
 	names := make(chan string, n)
 	done := make(chan struct{})
@@ -161,7 +164,7 @@ func TestWriterCreateHeldRace(t *testing.T) {
 	for i := 0; i < n; i++ {
 		name := fmt.Sprintf("race-%d", i)
 		names <- name // the unlinker may win the moment the name exists
-		in, err := w.CreateHeld(RootIno, name, 0o644, 0, 0)
+		in, err := w.CreateHeld(ctx, RootIno, name, 0o644, 0, 0)
 		must(t, err)
 		if _, err := w.WriteAt(in.Ino, fill(uint64(i), 5000), 0); err != nil {
 			t.Fatalf("write %d to a held new file: %v", i, err)
