@@ -153,6 +153,9 @@ func (w *Writer) logNeed(n int) uint32 {
 // needs_recovery, so no crash during a later checkpoint finds the flag
 // gone too early. Under both locks.
 func (w *Writer) prepareCommit() ([]uint64, error) {
+	// Overwrites in flight finish first: the blocks this commit frees for
+	// reuse may be theirs.
+	w.dataInFlight.Wait()
 	if w.jw != nil {
 		if err := w.dev.failed(); err != nil {
 			return nil, err

@@ -89,6 +89,11 @@ type Writer struct {
 	holds       map[uint32]int    // open handles per inode (Hold, Release)
 
 	unlockChange func() // unlockChangeLocks, as lockChange returns it
+
+	// Overwrites outside the change lock (write_data.go).
+	concurrentData bool           // the volume allows them
+	dataLocks      inodeLocks     // per inode, taken before the change lock
+	dataInFlight   sync.WaitGroup // added to under the change lock; commits wait
 }
 
 // ReplayedTransactions is the number of journal transactions that
@@ -132,6 +137,7 @@ func OpenWritable(dev Device, size int64) (w *Writer, err error) {
 		dirty: ov.dirty, logged: ov.logged, pendingFree: map[uint64]bool{}, holds: map[uint32]int{}}
 	w.unlockChange = w.unlockChangeLocks
 	w.changeMu = make(changeLock, 1)
+	w.concurrentData = concurrentData(dev, f.blockSize)
 	if f.compat(compatHasJournal) && f.sb.journalInum != 0 {
 		if err := w.openJournal(); err != nil {
 			return nil, err
@@ -308,6 +314,7 @@ func (w *Writer) Checkpoint() error {
 // which sync releases.
 func (w *Writer) sync(checkpoint bool) error {
 	defer w.changeMu.Unlock()
+	w.dataInFlight.Wait() // readers go on meanwhile
 	w.mu.Lock()
 	blks, err := w.prepareCommit()
 	if err == nil && len(blks) > w.jwChunk() {
