@@ -264,12 +264,13 @@ func (w *Writer) checkpointIO() error {
 	return nil
 }
 
-// checkpointDone forgets the checkpointed blocks, which are now home; the
-// cache takes them (they no longer change: block copies before a change),
-// replacing any version older than the log's.
+// checkpointDone forgets the checkpointed blocks, which are now home. The
+// cache drops its older versions of them; it does not take the log's
+// buffers, which an operation that committed midway (allocBlocks) may
+// still be changing.
 func (w *Writer) checkpointDone() {
-	for blk, b := range w.logged {
-		w.f.blocks.put(blk, b)
+	for blk := range w.logged {
+		w.f.blocks.remove(blk)
 	}
 	clear(w.logged)
 }
