@@ -45,10 +45,11 @@ func concurrentData(dev Device, blockSize uint32) bool {
 }
 
 // inodeLocks serializes the data changes (writes, truncates) of each
-// inode; entries live while someone holds or waits.
+// inode; entries live while someone holds or waits, and are reused.
 type inodeLocks struct {
-	mu sync.Mutex
-	m  map[uint32]*inodeLock
+	mu    sync.Mutex
+	m     map[uint32]*inodeLock
+	spare []*inodeLock
 }
 
 type inodeLock struct {
@@ -57,15 +58,19 @@ type inodeLock struct {
 }
 
 // lock takes ino's data lock unless ctx ends first; it comes before the
-// change lock, never after it.
-func (il *inodeLocks) lock(ctx context.Context, ino uint32) (func(), error) {
+// change lock, never after it. The caller passes the entry to unlock.
+func (il *inodeLocks) lock(ctx context.Context, ino uint32) (*inodeLock, error) {
 	il.mu.Lock()
 	if il.m == nil {
 		il.m = map[uint32]*inodeLock{}
 	}
 	e := il.m[ino]
 	if e == nil {
-		e = &inodeLock{l: make(changeLock, 1)}
+		if n := len(il.spare); n > 0 {
+			e, il.spare = il.spare[n-1], il.spare[:n-1]
+		} else {
+			e = &inodeLock{l: make(changeLock, 1)}
+		}
 		il.m[ino] = e
 	}
 	e.refs++
@@ -74,10 +79,12 @@ func (il *inodeLocks) lock(ctx context.Context, ino uint32) (func(), error) {
 		il.drop(ino, e)
 		return nil, err
 	}
-	return func() {
-		e.l.Unlock()
-		il.drop(ino, e)
-	}, nil
+	return e, nil
+}
+
+func (il *inodeLocks) unlock(ino uint32, e *inodeLock) {
+	e.l.Unlock()
+	il.drop(ino, e)
 }
 
 func (il *inodeLocks) drop(ino uint32, e *inodeLock) {
@@ -85,6 +92,9 @@ func (il *inodeLocks) drop(ino uint32, e *inodeLock) {
 	defer il.mu.Unlock()
 	if e.refs--; e.refs == 0 {
 		delete(il.m, ino)
+		if len(il.spare) < 64 {
+			il.spare = append(il.spare, e)
+		}
 	}
 }
 

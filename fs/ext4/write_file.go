@@ -19,11 +19,11 @@ func (w *Writer) WriteAt(ino uint32, p []byte, off int64) (int, error) {
 // WriteAtContext with the file data; a write it interrupts frees the blocks
 // it took and changes no metadata.
 func (w *Writer) WriteAtContext(ctx context.Context, ino uint32, p []byte, off int64) (int, error) {
-	unlockData, err := w.dataLocks.lock(ctx, ino)
+	dataLock, err := w.dataLocks.lock(ctx, ino)
 	if err != nil {
 		return 0, cancelled("write", err)
 	}
-	defer unlockData()
+	defer w.dataLocks.unlock(ino, dataLock)
 	unlock, cerr := w.lockChangeContext(ctx, "write")
 	if cerr != nil {
 		return 0, cerr
@@ -135,11 +135,11 @@ func (w *Writer) Truncate(ino uint32, size uint64) error {
 // TruncateContext is Truncate for ctx: it gives up when ctx ends before the
 // change starts (see lockChangeContext).
 func (w *Writer) TruncateContext(ctx context.Context, ino uint32, size uint64) error {
-	unlockData, err := w.dataLocks.lock(ctx, ino)
+	dataLock, err := w.dataLocks.lock(ctx, ino)
 	if err != nil {
 		return cancelled("truncate", err)
 	}
-	defer unlockData()
+	defer w.dataLocks.unlock(ino, dataLock)
 	unlock, cerr := w.lockChangeContext(ctx, "truncate")
 	if cerr != nil {
 		return cerr
