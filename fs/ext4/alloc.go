@@ -86,6 +86,26 @@ func (w *Writer) addSBFree(blocks, inodes int64) {
 	w.sbD = true
 }
 
+// allocHints holds, per group, a bit of its block or inode bitmap below
+// which every bit is set, so a search for a free one starts there instead
+// of at the group's start each time. Allocations move it up past what they
+// saw in use; frees move it down. The zero value is valid (no knowledge).
+type allocHints []uint32
+
+func (h allocHints) get(g uint32) uint32 {
+	if int(g) < len(h) {
+		return h[g]
+	}
+	return 0
+}
+
+func (h *allocHints) set(g, v uint32) {
+	for int(g) >= len(*h) {
+		*h = append(*h, 0)
+	}
+	(*h)[g] = v
+}
+
 func bitSet(b []byte, i uint32) bool { return b[i/8]&(1<<(i%8)) != 0 }
 func setBit(b []byte, i uint32)      { b[i/8] |= 1 << (i % 8) }
 func clearBit(b []byte, i uint32)    { b[i/8] &^= 1 << (i % 8) }
@@ -234,10 +254,17 @@ func (w *Writer) allocFree(goal uint64, want uint32) (uint64, uint32, error) {
 			_, logged := w.logged[base+uint64(i)]
 			return !logged
 		}
-		for s := start; s < n; s++ {
+		// Below the group's hint every block is in use: start there.
+		hint := w.blockHint.get(g)
+		fromHint := start <= hint
+		firstClear := n // the first clear bit seen from the hint on
+		for s := max(start, hint); s < n; s++ {
 			if s%8 == 0 && b[s/8] == 0xff {
 				s += 7 // a byte of used blocks at once
 				continue
+			}
+			if !bitSet(b, s) && firstClear == n {
+				firstClear = s
 			}
 			if !free(s) {
 				continue
@@ -245,6 +272,12 @@ func (w *Writer) allocFree(goal uint64, want uint32) (uint64, uint32, error) {
 			e := s
 			for e < n && e-s < want && free(e) {
 				e++
+			}
+			if fromHint {
+				if firstClear == s {
+					firstClear = e
+				}
+				w.blockHint.set(g, firstClear)
 			}
 			if b, err = w.blockBitmap(g); err != nil {
 				return 0, 0, err
@@ -265,6 +298,9 @@ func (w *Writer) allocFree(goal uint64, want uint32) (uint64, uint32, error) {
 			}
 			return first, e - s, nil
 		}
+		if fromHint {
+			w.blockHint.set(g, firstClear)
+		}
 	}
 	return 0, 0, errno(syscall.ENOSPC, "no free block for %d more", want)
 }
@@ -282,6 +318,9 @@ func (w *Writer) freeBlocks(blk, count uint64) error {
 		b, err := w.blockBitmap(g)
 		if err != nil {
 			return err
+		}
+		if bit := uint32(blk - first); bit < w.blockHint.get(g) {
+			w.blockHint.set(g, bit)
 		}
 		for i := uint64(0); i < n; i++ {
 			bit := uint32(blk + i - first)
@@ -356,14 +395,19 @@ func (w *Writer) allocInode(pref uint32, dir bool) (uint32, error) {
 		if err != nil {
 			return 0, err
 		}
-		start := uint32(0)
+		start := w.inodeHint.get(g) // every inode below it is in use
 		if g == 0 {
-			start = f.sb.firstIno - 1
+			start = max(start, f.sb.firstIno-1)
 		}
 		for idx := start; idx < ipg; idx++ {
+			if idx%8 == 0 && b[idx/8] == 0xff {
+				idx += 7 // a byte of used inodes at once
+				continue
+			}
 			if bitSet(b, idx) {
 				continue
 			}
+			w.inodeHint.set(g, idx+1)
 			setBit(b, idx)
 			if err := w.storeInodeBitmap(g, b); err != nil {
 				return 0, err
@@ -398,6 +442,9 @@ func (w *Writer) freeInode(ino uint32, dir bool) error {
 		return fmt.Errorf("ext4: freeing inode %d, which is already free: %w", ino, ErrCorrupt)
 	}
 	clearBit(b, idx)
+	if idx < w.inodeHint.get(g) {
+		w.inodeHint.set(g, idx)
+	}
 	if err := w.storeInodeBitmap(g, b); err != nil {
 		return err
 	}

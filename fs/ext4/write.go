@@ -87,6 +87,8 @@ type Writer struct {
 	logged      map[uint64][]byte // committed blocks not yet checkpointed home
 	pendingFree map[uint64]bool   // blocks freed in it, not reusable before it commits
 	holds       map[uint32]int    // open handles per inode (Hold, Release)
+	blockHint   allocHints        // where block searches start, per group
+	inodeHint   allocHints        // where inode searches start, per group
 
 	unlockChange func() // unlockChangeLocks, as lockChange returns it
 

@@ -2,10 +2,12 @@ package ext4
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -337,6 +339,48 @@ func TestWriterConcurrentData(t *testing.T) {
 		if !bytes.Equal(readBack(f.ino, len(f.want)), f.want) {
 			t.Errorf("inode %d does not hold what its writers wrote", f.ino)
 		}
+	}
+	must(t, w.Close())
+	e2fsckClean(t, img)
+}
+
+// TestWriterAllocHintsReuse: searches start past the blocks and inodes in
+// use, yet what is freed anywhere is found again: a full filesystem with
+// every third file deleted fills up again to the same free counts.
+func TestWriterAllocHintsReuse(t *testing.T) {
+	img := mkfs(t, nil, "", 4, "-b", "1024", "-N", "256")
+	w := openWritable(t, img)
+	fillUp := func(prefix string) []string {
+		var names []string
+		for i := 0; ; i++ {
+			name := fmt.Sprintf("%s%d", prefix, i)
+			in, err := w.Create(RootIno, name, 0o644, 0, 0)
+			if errors.Is(err, syscall.ENOSPC) {
+				return names
+			}
+			must(t, err)
+			names = append(names, name)
+			if _, err := w.WriteAt(in.Ino, fill(uint64(i), 20_000), 0); errors.Is(err, syscall.ENOSPC) {
+				return names
+			} else if err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	names := fillUp("a")
+	full := w.FS().StatFS()
+	if len(names) < 30 {
+		t.Fatalf("only %d files fit; the test needs more", len(names))
+	}
+	for i := 0; i < len(names); i += 3 {
+		must(t, w.Unlink(RootIno, names[i]))
+	}
+	must(t, w.Sync())
+	again := fillUp("b")
+	refull := w.FS().StatFS()
+	if refull.FreeBlocks > full.FreeBlocks+20 || refull.FreeInodes > full.FreeInodes+1 {
+		t.Fatalf("refilled to %d blocks, %d inodes free (with %d new files); first fill left %d, %d",
+			refull.FreeBlocks, refull.FreeInodes, len(again), full.FreeBlocks, full.FreeInodes)
 	}
 	must(t, w.Close())
 	e2fsckClean(t, img)
