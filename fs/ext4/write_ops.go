@@ -62,7 +62,7 @@ func (w *Writer) mknod(ctx context.Context, dir uint32, name string, mode uint32
 		return nil, cerr
 	}
 	defer unlock()
-	return w.held(hold)(w.create(dir, name, uint16(mode), uid, gid, func(in wInode) error {
+	in, err := w.create(dir, name, uint16(mode), uid, gid, func(in wInode) error {
 		switch in.Mode & sIFMT {
 		case sIFREG:
 			return w.storeExtents(in, &extentMap{})
@@ -76,18 +76,11 @@ func (w *Writer) mknod(ctx context.Context, dir uint32, name string, mode uint32
 			}
 		}
 		return w.storeInode(in)
-	}))
-}
-
-// held returns what passes a creating operation's result through, holding
-// the inode first when hold is set. Under the change lock.
-func (w *Writer) held(hold bool) func(*Inode, error) (*Inode, error) {
-	return func(in *Inode, err error) (*Inode, error) {
-		if err == nil && hold {
-			w.holds[in.Ino]++
-		}
-		return in, err
+	})
+	if err == nil && hold {
+		w.holds[in.Ino]++ // in the change that made it: no unlink comes between
 	}
+	return in, err
 }
 
 // Mkdir makes a directory with "." and ".." in one block.
@@ -142,7 +135,10 @@ func (w *Writer) mkdir(ctx context.Context, dir uint32, name string, perm uint32
 	if err := w.endOp(); err != nil {
 		return nil, err
 	}
-	return w.held(hold)(in, nil)
+	if hold {
+		w.holds[in.Ino]++
+	}
+	return in, nil
 }
 
 // Symlink makes a symbolic link: a fast one (target in i_block) below 60
@@ -174,7 +170,7 @@ func (w *Writer) symlink(ctx context.Context, dir uint32, name, target string, u
 		return nil, cerr
 	}
 	defer unlock()
-	return w.held(hold)(w.create(dir, name, sIFLNK|0o777, uid, gid, func(in wInode) error {
+	in, err := w.create(dir, name, sIFLNK|0o777, uid, gid, func(in wInode) error {
 		in.setSize(uint64(len(target)))
 		if len(target) < 60 {
 			copy(in.iblock(), target)
@@ -192,7 +188,11 @@ func (w *Writer) symlink(ctx context.Context, dir uint32, name, target string, u
 		m := &extentMap{}
 		m.insert(extent{lblk: 0, len: 1, pblk: blk})
 		return w.storeExtents(in, m)
-	}))
+	})
+	if err == nil && hold {
+		w.holds[in.Ino]++
+	}
+	return in, err
 }
 
 // create allocates an inode of the given mode, lets fill give it content
@@ -308,7 +308,11 @@ func (w *Writer) link(ctx context.Context, ino, dir uint32, name string, hold bo
 	if !hold {
 		return nil, nil
 	}
-	return w.held(true)(w.f.Inode(ino))
+	got, err := w.f.Inode(ino)
+	if err == nil {
+		w.holds[ino]++
+	}
+	return got, err
 }
 
 // Unlink removes name, a non-directory, from dir; the inode and its blocks
