@@ -105,6 +105,29 @@ func TestWriterHtreeThirdLevel(t *testing.T) {
 	t.Logf("%d names make 3 index levels", n)
 	must(t, w.Close())
 	checkBigDir(t, img, n)
+
+	// The kernel keeps adding to the three-level index we built, and we
+	// read what it added.
+	const more = 300
+	tools := testenv.RequireTools(t, "mount", "umount")
+	mnt := t.TempDir()
+	runCmd(t, nil, tools[0], "-o", "loop", img, mnt)
+	for i := n; i < n+more; i++ {
+		if err := os.Link(filepath.Join(mnt, "target"), filepath.Join(mnt, "big", longName(i))); err != nil {
+			runCmd(t, nil, tools[1], mnt)
+			t.Fatalf("the kernel's link %d into our index: %v", i, err)
+		}
+	}
+	runCmd(t, nil, tools[1], mnt)
+	checkBigDir(t, img, n+more)
+	f, _ := openImage(t, img)
+	big, err := lookupPath(f, "/big")
+	must(t, err)
+	for i := 0; i < n+more; i += 97 {
+		if _, err := f.Lookup(big, longName(i)); err != nil {
+			t.Fatalf("our lookup of name %d after the kernel's additions: %v", i, err)
+		}
+	}
 }
 
 // TestWriterHtreeFullWithoutLargeDir: without large_dir the index stops at
