@@ -91,50 +91,74 @@ type dirBlock struct {
 	b          []byte
 }
 
-// dirBlocks maps every block of directory dir for change; dirData reads them.
-func (w *Writer) dirBlocks(dir wInode, m *extentMap) ([]dirBlock, error) {
+// dirBlocks is the blocks of a directory being changed, each mapped (and,
+// through dirData, read) on first use: a change to an indexed directory
+// costs its index path, not the directory's size.
+type dirBlocks struct {
+	m     *extentMap // maps every block below n (checked by mapDirBlocks)
+	n     int
+	byIdx map[int]*dirBlock
+}
+
+func (d *dirBlocks) len() int { return d.n }
+
+// at returns block i (below len).
+func (d *dirBlocks) at(i int) *dirBlock {
+	if b, ok := d.byIdx[i]; ok {
+		return b
+	}
+	j, _ := d.m.find(uint32(i))
+	x := d.m.exts[j]
+	b := &dirBlock{lblk: uint64(i), pblk: x.pblk + uint64(i) - uint64(x.lblk)}
+	d.byIdx[i] = b
+	return b
+}
+
+// add appends a new block, which m already maps, and returns its index.
+func (d *dirBlocks) add(b dirBlock) int {
+	d.byIdx[d.n] = &b
+	d.n++
+	return d.n - 1
+}
+
+// mapDirBlocks checks that m maps every block of directory dir, with no
+// hole or unwritten extent, and returns them for change.
+func (w *Writer) mapDirBlocks(dir wInode, m *extentMap) (*dirBlocks, error) {
 	bs := uint64(w.f.blockSize)
 	n := (dir.Size + bs - 1) / bs
 	if n > w.f.sb.blocksCount {
 		return nil, fmt.Errorf("ext4: inode %d: directory size %d exceeds the filesystem: %w", dir.Ino, dir.Size, ErrCorrupt)
 	}
-	// Extent by extent, not a search per block: a large directory maps
-	// thousands of blocks on every change.
-	out := make([]dirBlock, n)
+	// Extent by extent: a large directory has thousands of blocks and few
+	// extents.
 	l := uint64(0)
 	for _, x := range m.exts {
-		if l >= n {
+		if l >= n || uint64(x.lblk) != l || x.unwritten {
 			break
 		}
-		if uint64(x.lblk) != l || x.unwritten {
-			break // a hole or an unwritten block at l
-		}
-		for j := uint64(0); j < uint64(x.len) && l < n; j++ {
-			out[l] = dirBlock{lblk: l, pblk: x.pblk + j}
-			l++
-		}
+		l += uint64(x.len)
 	}
 	if l < n {
 		return nil, fmt.Errorf("ext4: inode %d: directory has a hole at block %d: %w", dir.Ino, l, ErrCorrupt)
 	}
-	return out, nil
+	return &dirBlocks{m: m, n: int(n), byIdx: map[int]*dirBlock{}}, nil
 }
 
 // dirData returns block i of a directory being changed, reading a private
 // copy on first use: an indexed directory's change touches only its path.
-func (w *Writer) dirData(dir wInode, blocks []dirBlock, i int) ([]byte, error) {
-	if blocks[i].b == nil {
-		b, err := w.block(blocks[i].pblk)
+func (w *Writer) dirData(dir wInode, blocks *dirBlocks, i int) ([]byte, error) {
+	if blocks.at(i).b == nil {
+		b, err := w.block(blocks.at(i).pblk)
 		if err != nil {
-			return nil, fmt.Errorf("ext4: inode %d: directory block %d: %w", dir.Ino, blocks[i].lblk, err)
+			return nil, fmt.Errorf("ext4: inode %d: directory block %d: %w", dir.Ino, blocks.at(i).lblk, err)
 		}
-		blocks[i].b = b
+		blocks.at(i).b = b
 	}
-	return blocks[i].b, nil
+	return blocks.at(i).b, nil
 }
 
 // loadDir loads a directory for change, converting an indexed one to linear.
-func (w *Writer) loadDir(ino uint32) (wInode, *extentMap, []dirBlock, error) {
+func (w *Writer) loadDir(ino uint32) (wInode, *extentMap, *dirBlocks, error) {
 	dir, err := w.loadInode(ino)
 	if err != nil {
 		return wInode{}, nil, nil, err
@@ -146,14 +170,14 @@ func (w *Writer) loadDir(ino uint32) (wInode, *extentMap, []dirBlock, error) {
 	if err != nil {
 		return wInode{}, nil, nil, err
 	}
-	blocks, err := w.dirBlocks(dir, m)
+	blocks, err := w.mapDirBlocks(dir, m)
 	if err != nil {
 		return wInode{}, nil, nil, err
 	}
 	if !dir.hasFlag(flagIndex) {
 		return dir, m, blocks, nil
 	}
-	if w.f.isIndexed(dir.Inode) && len(blocks) > 0 {
+	if w.f.isIndexed(dir.Inode) && blocks.len() > 0 {
 		b0, err := w.dirData(dir, blocks, 0)
 		if err != nil {
 			return wInode{}, nil, nil, err
@@ -165,7 +189,7 @@ func (w *Writer) loadDir(ino uint32) (wInode, *extentMap, []dirBlock, error) {
 	// An index the writer cannot maintain (unknown hash, bad root): linear.
 	le := binary.LittleEndian
 	region := w.dirRegion()
-	for i := range blocks {
+	for i := range blocks.len() {
 		b, err := w.dirData(dir, blocks, i)
 		if err != nil {
 			return wInode{}, nil, nil, err
@@ -183,7 +207,7 @@ func (w *Writer) loadDir(ino uint32) (wInode, *extentMap, []dirBlock, error) {
 			continue
 		}
 		w.sealDirBlock(dir, b)
-		if err := w.writeBlock(blocks[i].pblk, b); err != nil {
+		if err := w.writeBlock(blocks.at(i).pblk, b); err != nil {
 			return wInode{}, nil, nil, err
 		}
 	}
@@ -225,11 +249,11 @@ func (w *Writer) forEachDirent(dir wInode, lblk uint64, b []byte, fn func(off, p
 
 // findDirent locates name in the directory's blocks: through the hash
 // index when it has one, else by scanning.
-func (w *Writer) findDirent(dir wInode, blocks []dirBlock, name string) (direntAt, error) {
+func (w *Writer) findDirent(dir wInode, blocks *dirBlocks, name string) (direntAt, error) {
 	if dir.hasFlag(flagIndex) {
 		return w.dxFind(dir, blocks, name)
 	}
-	for i := range blocks {
+	for i := range blocks.len() {
 		at, ok, err := w.findInBlock(dir, blocks, i, name)
 		if err != nil || ok {
 			return at, err
@@ -239,14 +263,14 @@ func (w *Writer) findDirent(dir wInode, blocks []dirBlock, name string) (direntA
 }
 
 // findInBlock looks for name in one linear block.
-func (w *Writer) findInBlock(dir wInode, blocks []dirBlock, i int, name string) (direntAt, bool, error) {
+func (w *Writer) findInBlock(dir wInode, blocks *dirBlocks, i int, name string) (direntAt, bool, error) {
 	le := binary.LittleEndian
 	b, err := w.dirData(dir, blocks, i)
 	if err != nil {
 		return direntAt{}, false, err
 	}
 	var found *direntAt
-	err = w.forEachDirent(dir, blocks[i].lblk, b, func(off, prev, rec int) bool {
+	err = w.forEachDirent(dir, blocks.at(i).lblk, b, func(off, prev, rec int) bool {
 		ino := le.Uint32(b[off:])
 		nl := int(b[off+6])
 		if ino != 0 && string(b[off+8:off+8+nl]) == name {
@@ -271,11 +295,11 @@ func (w *Writer) addEntry(dirIno uint32, name string, ino uint32, ft uint8) erro
 	if dir.hasFlag(flagIndex) {
 		return w.dxAdd(dir, m, blocks, name, ino, ft)
 	}
-	for i := range blocks {
+	for i := range blocks.len() {
 		if _, err := w.dirData(dir, blocks, i); err != nil {
 			return err
 		}
-		db := blocks[i]
+		db := *blocks.at(i)
 		done, err := w.insertInBlock(dir, db, name, ino, ft)
 		if err != nil {
 			return err
@@ -289,11 +313,11 @@ func (w *Writer) addEntry(dirIno uint32, name string, ino uint32, ft uint8) erro
 			return w.storeInode(dir)
 		}
 	}
-	if len(blocks) == 1 && w.f.compat(compatDirIndex) {
+	if blocks.len() == 1 && w.f.compat(compatDirIndex) {
 		return w.makeIndexed(dir, m, blocks, name, ino, ft)
 	}
 	// No room: append a block.
-	lblk := uint32(len(blocks))
+	lblk := uint32(blocks.len())
 	goal := m.goalFor(lblk)
 	if goal == 0 {
 		goal = w.inodeGoal(dir.Ino)
@@ -350,7 +374,7 @@ func (w *Writer) removeEntry(dirIno uint32, name string) (uint32, error) {
 		return 0, err
 	}
 	le := binary.LittleEndian
-	b := blocks[at.blk].b
+	b := blocks.at(at.blk).b
 	if at.prevOff >= 0 {
 		rec := decodeRecLen(le.Uint16(b[at.off+4:]), len(b))
 		prevRec := decodeRecLen(le.Uint16(b[at.prevOff+4:]), len(b))
@@ -359,7 +383,7 @@ func (w *Writer) removeEntry(dirIno uint32, name string) (uint32, error) {
 		le.PutUint32(b[at.off:], 0)
 	}
 	w.sealDirBlock(dir, b)
-	if err := w.writeBlock(blocks[at.blk].pblk, b); err != nil {
+	if err := w.writeBlock(blocks.at(at.blk).pblk, b); err != nil {
 		return 0, err
 	}
 	w.touch(dir, true)
@@ -376,11 +400,11 @@ func (w *Writer) replaceEntry(dirIno uint32, name string, ino uint32, ft uint8) 
 	if err != nil {
 		return err
 	}
-	b := blocks[at.blk].b
+	b := blocks.at(at.blk).b
 	binary.LittleEndian.PutUint32(b[at.off:], ino)
 	b[at.off+7] = ft
 	w.sealDirBlock(dir, b)
-	if err := w.writeBlock(blocks[at.blk].pblk, b); err != nil {
+	if err := w.writeBlock(blocks.at(at.blk).pblk, b); err != nil {
 		return err
 	}
 	w.touch(dir, true)
@@ -441,7 +465,7 @@ func (w *Writer) setDotDot(ino, parent uint32) error {
 	} else {
 		w.sealDirBlock(dir, b)
 	}
-	return w.writeBlock(blocks[0].pblk, b)
+	return w.writeBlock(blocks.at(0).pblk, b)
 }
 
 // isEmptyDir reports whether directory ino holds only "." and "..".

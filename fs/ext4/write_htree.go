@@ -51,12 +51,12 @@ func (w *Writer) sealDx(dir wInode, b []byte, off int) {
 type dxTree struct {
 	w      *Writer
 	dir    wInode
-	blocks []dirBlock
+	blocks *dirBlocks
 	hv     uint8
 	levels int
 }
 
-func (w *Writer) dxOpen(dir wInode, blocks []dirBlock) (*dxTree, error) {
+func (w *Writer) dxOpen(dir wInode, blocks *dirBlocks) (*dxTree, error) {
 	root, err := w.dirData(dir, blocks, 0)
 	if err != nil {
 		return nil, err
@@ -77,16 +77,16 @@ func (t *dxTree) hash(name []byte) (uint32, error) {
 }
 
 func (t *dxTree) count(n dxNode) int {
-	return int(binary.LittleEndian.Uint16(t.blocks[n.blk].b[n.off+2:]))
+	return int(binary.LittleEndian.Uint16(t.blocks.at(n.blk).b[n.off+2:]))
 }
 func (t *dxTree) entry(n dxNode, i int) []byte {
-	return t.blocks[n.blk].b[n.off+8*i:]
+	return t.blocks.at(n.blk).b[n.off+8*i:]
 }
 func (t *dxTree) hashAt(n dxNode, i int) uint32 { return binary.LittleEndian.Uint32(t.entry(n, i)) }
 func (t *dxTree) blockAt(n dxNode, i int) (int, error) {
 	l := uint64(binary.LittleEndian.Uint32(t.entry(n, i)[4:]) & 0x0fffffff)
-	if l >= uint64(len(t.blocks)) {
-		return 0, fmt.Errorf("ext4: inode %d: htree points at block %d of %d: %w", t.dir.Ino, l, len(t.blocks), ErrCorrupt)
+	if l >= uint64(t.blocks.len()) {
+		return 0, fmt.Errorf("ext4: inode %d: htree points at block %d of %d: %w", t.dir.Ino, l, t.blocks.len(), ErrCorrupt)
 	}
 	return int(l), nil
 }
@@ -128,7 +128,7 @@ func (t *dxTree) descend(path []dxNode, hash uint32, byHash bool) ([]dxNode, int
 
 // dxFind locates name through the index, following a hash collision into
 // the next leaves as the kernel does.
-func (w *Writer) dxFind(dir wInode, blocks []dirBlock, name string) (direntAt, error) {
+func (w *Writer) dxFind(dir wInode, blocks *dirBlocks, name string) (direntAt, error) {
 	t, err := w.dxOpen(dir, blocks)
 	if err != nil {
 		return direntAt{}, err
@@ -164,7 +164,7 @@ func (w *Writer) dxFind(dir wInode, blocks []dirBlock, name string) (direntAt, e
 	return direntAt{}, errno(syscall.ENOENT, "inode %d: %q", dir.Ino, name)
 }
 
-func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string, ino uint32, ft uint8) error {
+func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks *dirBlocks, name string, ino uint32, ft uint8) error {
 	le := binary.LittleEndian
 	f := w.f
 	bs := int(f.blockSize)
@@ -172,22 +172,22 @@ func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string,
 	if err != nil {
 		return err
 	}
-	root := blocks[0].b
+	root := blocks.at(0).b
 	hv, levels := t.hv, t.levels
 	hash, err := t.hash([]byte(name))
 	if err != nil {
 		return err
 	}
-	count := func(n dxNode) int { return int(le.Uint16(blocks[n.blk].b[n.off+2:])) }
+	count := func(n dxNode) int { return int(le.Uint16(blocks.at(n.blk).b[n.off+2:])) }
 	path, leafIdx, err := t.descend([]dxNode{{blk: 0, off: dxRootCountOff}}, hash, true)
 	if err != nil {
 		return err
 	}
 	changed := map[int]bool{}
-	if done, err := w.insertInBlock(dir, blocks[leafIdx], name, ino, ft); err != nil {
+	if done, err := w.insertInBlock(dir, *blocks.at(leafIdx), name, ino, ft); err != nil {
 		return err
 	} else if done {
-		w.sealDirBlock(dir, blocks[leafIdx].b)
+		w.sealDirBlock(dir, blocks.at(leafIdx).b)
 		return w.finishDx(dir, m, blocks, map[int]bool{leafIdx: true})
 	}
 
@@ -197,7 +197,7 @@ func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string,
 	// root is full, the tree grows a level (the root's entries move to a
 	// new node under it), up to 2 levels below the root with large_dir and
 	// 1 without; past that the directory is full (ENOSPC).
-	limit := func(n dxNode) int { return int(le.Uint16(blocks[n.blk].b[n.off:])) }
+	limit := func(n dxNode) int { return int(le.Uint16(blocks.at(n.blk).b[n.off:])) }
 	k := len(path) - 1 // the lowest node with room
 	for k >= 0 && count(path[k]) == limit(path[k]) {
 		k--
@@ -221,7 +221,7 @@ func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string,
 	}
 	fresh := make([]uint64, 0, need)
 	for range need {
-		lblk := uint32(len(blocks) + len(fresh))
+		lblk := uint32(blocks.len() + len(fresh))
 		goal := m.goalFor(lblk)
 		if goal == 0 {
 			goal = w.inodeGoal(dir.Ino)
@@ -239,14 +239,14 @@ func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string,
 		m.insert(extent{lblk: lblk, len: 1, pblk: p})
 	}
 	newBlock := func() int {
-		blocks = append(blocks, dirBlock{lblk: uint64(len(blocks)), pblk: fresh[0], b: make([]byte, bs)})
+		i := blocks.add(dirBlock{lblk: uint64(blocks.len()), pblk: fresh[0], b: make([]byte, bs)})
 		fresh = fresh[1:]
-		dir.setSize(uint64(len(blocks)) * uint64(bs))
-		return len(blocks) - 1
+		dir.setSize(uint64(blocks.len()) * uint64(bs))
+		return i
 	}
 	newIndexNode := func() int {
 		i := newBlock()
-		b := blocks[i].b
+		b := blocks.at(i).b
 		le.PutUint16(b[4:], uint16(bs)) // a fake empty entry spanning the block
 		le.PutUint16(b[dxNodeCountOff:], uint16(w.dxLimit(bs, dxNodeCountOff)))
 		return i
@@ -254,8 +254,8 @@ func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string,
 	if grow {
 		ni := newIndexNode()
 		c := count(path[0])
-		copy(blocks[ni].b[dxNodeCountOff+4:], root[dxRootCountOff+4:dxRootCountOff+8*c])
-		le.PutUint16(blocks[ni].b[dxNodeCountOff+2:], uint16(c))
+		copy(blocks.at(ni).b[dxNodeCountOff+4:], root[dxRootCountOff+4:dxRootCountOff+8*c])
+		le.PutUint16(blocks.at(ni).b[dxNodeCountOff+2:], uint16(c))
 		le.PutUint16(root[dxRootCountOff+2:], 1)
 		le.PutUint32(root[dxRootCountOff+4:], uint32(ni))
 		levels++
@@ -272,15 +272,15 @@ func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string,
 		ni := newIndexNode()
 		c := count(n)
 		half := c / 2
-		moved := blocks[n.blk].b[n.off+8*half : n.off+8*c]
+		moved := blocks.at(n.blk).b[n.off+8*half : n.off+8*c]
 		splitHash := le.Uint32(moved)
 		// Entry 0 of the new node holds count/limit, then its block.
-		nb := blocks[ni].b
+		nb := blocks.at(ni).b
 		le.PutUint32(nb[dxNodeCountOff+4:], le.Uint32(moved[4:]))
 		copy(nb[dxNodeCountOff+8:], moved[8:])
 		le.PutUint16(nb[dxNodeCountOff+2:], uint16(c-half))
-		le.PutUint16(blocks[n.blk].b[n.off+2:], uint16(half))
-		w.dxInsert(blocks[up.blk].b, up.off, up.at+1, splitHash, uint32(ni))
+		le.PutUint16(blocks.at(n.blk).b[n.off+2:], uint16(half))
+		w.dxInsert(blocks.at(up.blk).b, up.off, up.at+1, splitHash, uint32(ni))
 		changed[up.blk], changed[n.blk], changed[ni] = true, true, true
 		if n.at >= half {
 			path[i] = dxNode{blk: ni, off: dxNodeCountOff, at: n.at - half}
@@ -295,8 +295,8 @@ func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string,
 		bytes []byte
 	}
 	var ents []named
-	lb := blocks[leafIdx].b
-	err = w.forEachDirent(dir, blocks[leafIdx].lblk, lb, func(off, _, rec int) bool {
+	lb := blocks.at(leafIdx).b
+	err = w.forEachDirent(dir, blocks.at(leafIdx).lblk, lb, func(off, _, rec int) bool {
 		if le.Uint32(lb[off:]) == 0 {
 			return true
 		}
@@ -341,21 +341,21 @@ func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string,
 			putDirent(b, 0, region, "", 0)
 		}
 	}
-	fillLeaf(blocks[leafIdx].b, ents[:mid])
-	fillLeaf(blocks[ni].b, ents[mid:])
-	w.dxInsert(blocks[parent.blk].b, parent.off, parent.at+1, splitHash|continued, uint32(ni))
+	fillLeaf(blocks.at(leafIdx).b, ents[:mid])
+	fillLeaf(blocks.at(ni).b, ents[mid:])
+	w.dxInsert(blocks.at(parent.blk).b, parent.off, parent.at+1, splitHash|continued, uint32(ni))
 	changed[parent.blk] = true
 	target := leafIdx
 	if hash >= splitHash {
 		target = ni
 	}
-	if done, err := w.insertInBlock(dir, blocks[target], name, ino, ft); err != nil {
+	if done, err := w.insertInBlock(dir, *blocks.at(target), name, ino, ft); err != nil {
 		return err
 	} else if !done {
 		return errno(syscall.ENOSPC, "inode %d: no room for %q after splitting a directory leaf", dir.Ino, name)
 	}
-	w.sealDirBlock(dir, blocks[leafIdx].b)
-	w.sealDirBlock(dir, blocks[ni].b)
+	w.sealDirBlock(dir, blocks.at(leafIdx).b)
+	w.sealDirBlock(dir, blocks.at(ni).b)
 	changed[leafIdx], changed[ni] = true, true
 	return w.finishDx(dir, m, blocks, changed)
 }
@@ -373,16 +373,16 @@ func (w *Writer) dxInsert(b []byte, off, at int, hash, blk uint32) {
 }
 
 // finishDx seals and writes the changed blocks and stores the directory.
-func (w *Writer) finishDx(dir wInode, m *extentMap, blocks []dirBlock, changed map[int]bool) error {
+func (w *Writer) finishDx(dir wInode, m *extentMap, blocks *dirBlocks, changed map[int]bool) error {
 	for i := range changed {
-		b := blocks[i].b
+		b := blocks.at(i).b
 		switch {
 		case i == 0:
 			w.sealDx(dir, b, dxRootCountOff)
 		case w.f.isDxNode(b) && binary.LittleEndian.Uint16(b[dxNodeCountOff:]) == uint16(w.dxLimit(len(b), dxNodeCountOff)):
 			w.sealDx(dir, b, dxNodeCountOff)
 		}
-		if err := w.writeBlock(blocks[i].pblk, b); err != nil {
+		if err := w.writeBlock(blocks.at(i).pblk, b); err != nil {
 			return err
 		}
 	}
@@ -394,10 +394,10 @@ func (w *Writer) finishDx(dir wInode, m *extentMap, blocks []dirBlock, changed m
 // kernel's make_indexed_dir: block 0 keeps "." and ".." and becomes the
 // index root; the other entries move to a new leaf, block 1; then the name
 // is added through the index.
-func (w *Writer) makeIndexed(dir wInode, m *extentMap, blocks []dirBlock, name string, ino uint32, ft uint8) error {
+func (w *Writer) makeIndexed(dir wInode, m *extentMap, blocks *dirBlocks, name string, ino uint32, ft uint8) error {
 	le := binary.LittleEndian
 	bs := int(w.f.blockSize)
-	b0 := blocks[0].b
+	b0 := blocks.at(0).b
 	if le.Uint16(b0[4:]) != 12 || b0[8] != '.' || b0[12+6] != 2 || b0[12+8] != '.' || b0[12+9] != '.' {
 		return fmt.Errorf("ext4: inode %d: directory does not start with . and ..: %w", dir.Ino, ErrCorrupt)
 	}
@@ -435,7 +435,7 @@ func (w *Writer) makeIndexed(dir wInode, m *extentMap, blocks []dirBlock, name s
 	}
 	m.insert(extent{lblk: lblk, len: 1, pblk: p})
 	w.sealDirBlock(dir, leaf)
-	blocks = append(blocks, dirBlock{lblk: 1, pblk: p, b: leaf})
+	blocks.add(dirBlock{lblk: 1, pblk: p, b: leaf})
 	dir.setSize(2 * uint64(bs))
 
 	root := make([]byte, bs)
@@ -446,10 +446,10 @@ func (w *Writer) makeIndexed(dir wInode, m *extentMap, blocks []dirBlock, name s
 	le.PutUint16(root[dxRootCountOff:], uint16(w.dxLimit(bs, dxRootCountOff)))
 	le.PutUint16(root[dxRootCountOff+2:], 1)
 	le.PutUint32(root[dxRootCountOff+4:], 1)
-	blocks[0].b = root
+	blocks.at(0).b = root
 	dir.setFlags(dir.Flags | flagIndex)
 	w.sealDx(dir, root, dxRootCountOff)
-	if err := w.writeBlock(blocks[0].pblk, root); err != nil {
+	if err := w.writeBlock(blocks.at(0).pblk, root); err != nil {
 		return err
 	}
 	if err := w.writeBlock(p, leaf); err != nil {
