@@ -95,28 +95,49 @@ type dirBlock struct {
 // through dirData, read) on first use: a change to an indexed directory
 // costs its index path, not the directory's size.
 type dirBlocks struct {
-	m     *extentMap // maps every block below n (checked by mapDirBlocks)
-	n     int
-	byIdx map[int]*dirBlock
+	m *extentMap // maps every block below n (checked by mapDirBlocks)
+	n int
+	// The first few blocks used (most changes touch no more) live here,
+	// the rest in more.
+	near  [6]dirBlock
+	nearN int
+	more  map[int]*dirBlock
 }
 
 func (d *dirBlocks) len() int { return d.n }
 
 // at returns block i (below len).
 func (d *dirBlocks) at(i int) *dirBlock {
-	if b, ok := d.byIdx[i]; ok {
+	for k := range d.nearN {
+		if d.near[k].lblk == uint64(i) {
+			return &d.near[k]
+		}
+	}
+	if b, ok := d.more[i]; ok {
 		return b
 	}
 	j, _ := d.m.find(uint32(i))
 	x := d.m.exts[j]
-	b := &dirBlock{lblk: uint64(i), pblk: x.pblk + uint64(i) - uint64(x.lblk)}
-	d.byIdx[i] = b
-	return b
+	return d.keep(dirBlock{lblk: uint64(i), pblk: x.pblk + uint64(i) - uint64(x.lblk)})
+}
+
+func (d *dirBlocks) keep(b dirBlock) *dirBlock {
+	if d.nearN < len(d.near) {
+		d.near[d.nearN] = b
+		d.nearN++
+		return &d.near[d.nearN-1]
+	}
+	if d.more == nil {
+		d.more = map[int]*dirBlock{}
+	}
+	d.more[int(b.lblk)] = &b
+	return &b
 }
 
 // add appends a new block, which m already maps, and returns its index.
 func (d *dirBlocks) add(b dirBlock) int {
-	d.byIdx[d.n] = &b
+	b.lblk = uint64(d.n)
+	d.keep(b)
 	d.n++
 	return d.n - 1
 }
@@ -141,7 +162,7 @@ func (w *Writer) mapDirBlocks(dir wInode, m *extentMap) (*dirBlocks, error) {
 	if l < n {
 		return nil, fmt.Errorf("ext4: inode %d: directory has a hole at block %d: %w", dir.Ino, l, ErrCorrupt)
 	}
-	return &dirBlocks{m: m, n: int(n), byIdx: map[int]*dirBlock{}}, nil
+	return &dirBlocks{m: m, n: int(n)}, nil
 }
 
 // dirData returns block i of a directory being changed, reading a private
