@@ -32,8 +32,8 @@ func (w *Writer) put16x2(d []byte, lo, hi int, v uint32) {
 // updateDesc applies fn to group g's descriptor, re-checksums it and marks
 // its block for writing; the reader's decoded copy follows.
 func (w *Writer) updateDesc(g uint32, fn func(gd *groupDesc)) {
-	gd := w.f.groups[g]
-	fn(&gd)
+	gd := &w.f.groups[g] // readers are out: the change holds mu
+	fn(gd)
 	d := w.desc(g)
 	le := binary.LittleEndian
 	w.put16x2(d, 0xC, 0x2C, gd.freeBlocks)
@@ -44,7 +44,6 @@ func (w *Writer) updateDesc(g uint32, fn func(gd *groupDesc)) {
 	if c, ok := w.f.groupDescCsum(g, d); ok {
 		le.PutUint16(d[0x1E:], c)
 	}
-	w.f.groups[g] = gd
 	w.gdtD[g/(w.f.blockSize/w.f.descSize)] = true
 }
 
@@ -87,9 +86,43 @@ func (w *Writer) addSBFree(blocks, inodes int64) {
 	w.sbD = true
 }
 
+// allocHints holds, per group, a bit of its block or inode bitmap below
+// which every bit is set, so a search for a free one starts there instead
+// of at the group's start each time. Allocations move it up past what they
+// saw in use; frees move it down. The zero value is valid (no knowledge).
+type allocHints []uint32
+
+func (h allocHints) get(g uint32) uint32 {
+	if int(g) < len(h) {
+		return h[g]
+	}
+	return 0
+}
+
+func (h *allocHints) set(g, v uint32) {
+	for int(g) >= len(*h) {
+		*h = append(*h, 0)
+	}
+	(*h)[g] = v
+}
+
 func bitSet(b []byte, i uint32) bool { return b[i/8]&(1<<(i%8)) != 0 }
 func setBit(b []byte, i uint32)      { b[i/8] |= 1 << (i % 8) }
 func clearBit(b []byte, i uint32)    { b[i/8] &^= 1 << (i % 8) }
+
+// blockBitmapView is group g's block bitmap for reading only: the
+// transaction's or the cache's copy, or the one blockBitmap builds.
+func (w *Writer) blockBitmapView(g uint32) ([]byte, error) {
+	gd := &w.f.groups[g]
+	if gd.flags&bgBlockUninit != 0 {
+		return w.blockBitmap(g)
+	}
+	b, err := w.f.readBlock(gd.blockBitmap)
+	if err != nil {
+		return nil, fmt.Errorf("ext4: group %d block bitmap: %w", g, err)
+	}
+	return b, nil
+}
 
 // blockBitmap returns a modifiable copy of group g's block bitmap, built
 // the way the kernel's ext4_init_block_bitmap does for a BLOCK_UNINIT group:
@@ -200,27 +233,57 @@ func (w *Writer) allocFree(goal uint64, want uint32) (uint64, uint32, error) {
 		if i == 0 {
 			start = uint32(goal - f.groupFirstBlock(g))
 		}
-		b, err := w.blockBitmap(g)
+		// The search reads the bitmap in place; only a find changes it.
+		b, err := w.blockBitmapView(g)
 		if err != nil {
 			return 0, 0, err
 		}
 		n := f.groupBlocks(g)
 		base := f.groupFirstBlock(g)
+		held := len(w.pendingFree)+len(w.logged) > 0
 		free := func(i uint32) bool {
-			if bitSet(b, i) || w.pendingFree[base+uint64(i)] {
+			if bitSet(b, i) {
+				return false
+			}
+			if !held {
+				return true
+			}
+			if w.pendingFree[base+uint64(i)] {
 				return false
 			}
 			_, logged := w.logged[base+uint64(i)]
 			return !logged
 		}
-		for s := start; s < n; s++ {
+		// Below the group's hint every block is in use: start there.
+		hint := w.blockHint.get(g)
+		fromHint := start <= hint
+		firstClear := n // the first clear bit seen from the hint on
+		for s := max(start, hint); s < n; s++ {
+			if s%8 == 0 && b[s/8] == 0xff {
+				s += 7 // a byte of used blocks at once
+				continue
+			}
+			if !bitSet(b, s) && firstClear == n {
+				firstClear = s
+			}
 			if !free(s) {
 				continue
 			}
 			e := s
 			for e < n && e-s < want && free(e) {
-				setBit(b, e)
 				e++
+			}
+			if fromHint {
+				if firstClear == s {
+					firstClear = e
+				}
+				w.blockHint.set(g, firstClear)
+			}
+			if b, err = w.blockBitmap(g); err != nil {
+				return 0, 0, err
+			}
+			for i := s; i < e; i++ {
+				setBit(b, i)
 			}
 			if err := w.storeBlockBitmap(g, b); err != nil {
 				return 0, 0, err
@@ -234,6 +297,9 @@ func (w *Writer) allocFree(goal uint64, want uint32) (uint64, uint32, error) {
 				delete(w.dirty, first+i)
 			}
 			return first, e - s, nil
+		}
+		if fromHint {
+			w.blockHint.set(g, firstClear)
 		}
 	}
 	return 0, 0, errno(syscall.ENOSPC, "no free block for %d more", want)
@@ -252,6 +318,9 @@ func (w *Writer) freeBlocks(blk, count uint64) error {
 		b, err := w.blockBitmap(g)
 		if err != nil {
 			return err
+		}
+		if bit := uint32(blk - first); bit < w.blockHint.get(g) {
+			w.blockHint.set(g, bit)
 		}
 		for i := uint64(0); i < n; i++ {
 			bit := uint32(blk + i - first)
@@ -326,14 +395,19 @@ func (w *Writer) allocInode(pref uint32, dir bool) (uint32, error) {
 		if err != nil {
 			return 0, err
 		}
-		start := uint32(0)
+		start := w.inodeHint.get(g) // every inode below it is in use
 		if g == 0 {
-			start = f.sb.firstIno - 1
+			start = max(start, f.sb.firstIno-1)
 		}
 		for idx := start; idx < ipg; idx++ {
+			if idx%8 == 0 && b[idx/8] == 0xff {
+				idx += 7 // a byte of used inodes at once
+				continue
+			}
 			if bitSet(b, idx) {
 				continue
 			}
+			w.inodeHint.set(g, idx+1)
 			setBit(b, idx)
 			if err := w.storeInodeBitmap(g, b); err != nil {
 				return 0, err
@@ -368,6 +442,9 @@ func (w *Writer) freeInode(ino uint32, dir bool) error {
 		return fmt.Errorf("ext4: freeing inode %d, which is already free: %w", ino, ErrCorrupt)
 	}
 	clearBit(b, idx)
+	if idx < w.inodeHint.get(g) {
+		w.inodeHint.set(g, idx)
+	}
 	if err := w.storeInodeBitmap(g, b); err != nil {
 		return err
 	}

@@ -1,9 +1,6 @@
 package ext4
 
-import (
-	"encoding/binary"
-	"hash/crc32"
-)
+import "hash/crc32"
 
 // castagnoli is the CRC32C table used by every metadata_csum checksum.
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -14,10 +11,22 @@ func crc32cRaw(crc uint32, p []byte) uint32 {
 	return ^crc32.Update(^crc, castagnoli, p)
 }
 
+// crc32cU32 continues crc over v's four little-endian bytes. Byte by byte
+// through the table: crc32.Update's assembly would move a local buffer to
+// the heap, one allocation per inode checksum.
 func crc32cU32(crc, v uint32) uint32 {
-	var b [4]byte
-	binary.LittleEndian.PutUint32(b[:], v)
-	return crc32cRaw(crc, b[:])
+	for i := 0; i < 4; i++ {
+		crc = castagnoli[byte(crc)^byte(v>>(8*i))] ^ crc>>8
+	}
+	return crc
+}
+
+// crc32cZeros continues crc over n zero bytes (a checksum field itself).
+func crc32cZeros(crc uint32, n int) uint32 {
+	for ; n > 0; n-- {
+		crc = castagnoli[byte(crc)] ^ crc>>8
+	}
+	return crc
 }
 
 // crc16 is the reflected CRC-16 (polynomial 0x8005, "CRC-16/ARC" without

@@ -265,6 +265,17 @@ func (f *FS) ReadDir(dir *Inode) ([]DirEntry, error) {
 // Lookup returns the inode number of name in dir, or an error wrapping
 // ErrNotFound. Indexed (htree) directories are searched by hash.
 func (f *FS) Lookup(dir *Inode, name string) (uint32, error) {
+	ino, err := f.find(dir, name)
+	if err == nil && ino == 0 {
+		return 0, fmt.Errorf("ext4: inode %d: %q: %w", dir.Ino, name, ErrNotFound)
+	}
+	return ino, err
+}
+
+// find is Lookup that returns 0 and no error for a name that is not there:
+// the writer checks every new name's absence, and an error per check
+// would cost more than the search.
+func (f *FS) find(dir *Inode, name string) (uint32, error) {
 	if err := checkInode(dir); err != nil {
 		return 0, err
 	}
@@ -293,13 +304,7 @@ func (f *FS) Lookup(dir *Inode, name string) (uint32, error) {
 		}
 		return true
 	})
-	if err != nil {
-		return 0, err
-	}
-	if found == 0 {
-		return 0, fmt.Errorf("ext4: inode %d: %q: %w", dir.Ino, name, ErrNotFound)
-	}
-	return found, nil
+	return found, err
 }
 
 // dxLevel is one index node on the path from the root to a leaf.
@@ -368,7 +373,8 @@ func (f *FS) verifyDxRoot(dir *Inode, b []byte) error {
 }
 
 // dxLookup finds name through the hash index: O(levels) block reads plus
-// any leaves that continue a hash collision.
+// any leaves that continue a hash collision. It returns 0 when name is not
+// there.
 func (f *FS) dxLookup(dir *Inode, name []byte) (uint32, error) {
 	b, err := f.dirBlockAt(dir, 0)
 	if err != nil {
@@ -448,7 +454,7 @@ func (f *FS) dxLookup(dir *Inode, name []byte) (uint32, error) {
 			return 0, err
 		}
 	}
-	return 0, fmt.Errorf("ext4: inode %d: %q: %w", dir.Ino, name, ErrNotFound)
+	return 0, nil // not there
 }
 
 // dxNext advances path to the next leaf position: the deepest level with a

@@ -127,6 +127,11 @@ type FS struct {
 
 	blocks *lru[uint64, []byte] // metadata blocks (inode tables, tree, dir, xattr)
 	inodes *lru[uint32, *Inode]
+
+	// txBlock, set by a Writer, returns the newest version of a block the
+	// journal holds in memory (open or committed, not yet home), so reads
+	// of changed metadata need neither a copy nor the device.
+	txBlock func(blk uint64) ([]byte, bool)
 }
 
 // Open reads and checks the superblock and group descriptors of the ext4
@@ -303,6 +308,11 @@ func (f *FS) BlockSize() uint32 { return f.blockSize }
 // readBlock returns block blk, from the metadata cache if possible. The
 // returned slice is shared: callers must not modify it.
 func (f *FS) readBlock(blk uint64) ([]byte, error) {
+	if f.txBlock != nil {
+		if b, ok := f.txBlock(blk); ok {
+			return b, nil
+		}
+	}
 	if b, ok := f.blocks.get(blk); ok {
 		return b, nil
 	}

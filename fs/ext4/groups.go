@@ -137,17 +137,16 @@ func (f *FS) parseGroupDesc(g uint32, d []byte) groupDesc {
 // groupDescCsum computes the descriptor checksum; ok is false when the
 // filesystem has neither metadata_csum nor gdt_csum.
 func (f *FS) groupDescCsum(g uint32, d []byte) (uint16, bool) {
-	var gle [4]byte
-	binary.LittleEndian.PutUint32(gle[:], g)
-	zero := []byte{0, 0}
 	switch {
 	case f.hasCsum():
-		c := crc32cRaw(f.csumSeed, gle[:])
+		c := crc32cU32(f.csumSeed, g)
 		c = crc32cRaw(c, d[:0x1E])
-		c = crc32cRaw(c, zero)
+		c = crc32cZeros(c, 2)
 		c = crc32cRaw(c, d[0x20:f.descSize])
 		return uint16(c), true
 	case f.roCompat(roCompatGdtCsum):
+		var gle [4]byte
+		binary.LittleEndian.PutUint32(gle[:], g)
 		c := crc16(0xFFFF, f.sb.uuid[:])
 		c = crc16(c, gle[:])
 		c = crc16(c, d[:0x1E])

@@ -145,8 +145,8 @@ func TestHtreeLargeDirectory(t *testing.T) {
 			seen := map[uint32]bool{}
 			for _, n := range names {
 				ino, err := f.dxLookup(dir, []byte(n))
-				if err != nil {
-					t.Fatalf("htree lookup %q: %v", n, err)
+				if err != nil || ino == 0 {
+					t.Fatalf("htree lookup %q: inode %d, %v", n, ino, err)
 				}
 				if seen[ino] {
 					t.Fatalf("inode %d returned twice", ino)

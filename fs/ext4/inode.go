@@ -204,9 +204,8 @@ func (f *FS) verifyInodeCsum(in *Inode) error {
 // when the inode has no room for the high half) and returns the stored one.
 func inodeCsum(seed uint32, raw []byte, extra uint16) (computed, stored uint32) {
 	le := binary.LittleEndian
-	zero := []byte{0, 0}
 	c := crc32cRaw(seed, raw[:0x7C])
-	c = crc32cRaw(c, zero)
+	c = crc32cZeros(c, 2)
 	c = crc32cRaw(c, raw[0x7E:128])
 	stored = uint32(le.Uint16(raw[0x7C:]))
 	full := false
@@ -214,7 +213,7 @@ func inodeCsum(seed uint32, raw []byte, extra uint16) (computed, stored uint32) 
 		c = crc32cRaw(c, raw[128:0x82])
 		off := 0x82
 		if 128+int(extra) >= 0x84 {
-			c = crc32cRaw(c, zero)
+			c = crc32cZeros(c, 2)
 			off = 0x84
 			stored |= uint32(le.Uint16(raw[0x82:])) << 16
 			full = true

@@ -1,6 +1,7 @@
 package ext4
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -63,6 +64,15 @@ type journalWriter struct {
 }
 
 // logBlock maps log block i to its volume block.
+// block returns the transaction's or the log's copy of blk, if any.
+func (o *dirtyOverlay) block(blk uint64) ([]byte, bool) {
+	if b, ok := o.dirty[blk]; ok {
+		return b, true
+	}
+	b, ok := o.logged[blk]
+	return b, ok
+}
+
 func (jw *journalWriter) logBlock(i uint32) (uint64, error) { return jw.area.block(i) }
 
 // openJournal prepares the (already recovered, empty) internal journal.
@@ -145,6 +155,9 @@ func (w *Writer) logNeed(n int) uint32 {
 // needs_recovery, so no crash during a later checkpoint finds the flag
 // gone too early. Under both locks.
 func (w *Writer) prepareCommit() ([]uint64, error) {
+	// Overwrites in flight finish first: the blocks this commit frees for
+	// reuse may be theirs.
+	w.dataInFlight.Wait()
 	if w.jw != nil {
 		if err := w.dev.failed(); err != nil {
 			return nil, err
@@ -253,8 +266,16 @@ func (w *Writer) checkpointIO() error {
 	return nil
 }
 
-// checkpointDone forgets the checkpointed blocks. Under both locks.
-func (w *Writer) checkpointDone() { clear(w.logged) }
+// checkpointDone forgets the checkpointed blocks, which are now home. The
+// cache drops its older versions of them; it does not take the log's
+// buffers, which an operation that committed midway (allocBlocks) may
+// still be changing.
+func (w *Writer) checkpointDone() {
+	for blk := range w.logged {
+		w.f.blocks.remove(blk)
+	}
+	clear(w.logged)
+}
 
 // writeTransaction appends the dirty blocks blks to the log and commits them.
 func (w *Writer) writeTransaction(blks []uint64) error {
@@ -295,9 +316,11 @@ func (w *Writer) writeTransaction(blks []uint64) error {
 		copies := make([][]byte, len(group))
 		off := 12
 		for i, blk := range group {
-			data := append([]byte(nil), w.dirty[blk]...)
+			data := w.dirty[blk] // only read while the log is written
 			var flags uint32
 			if be.Uint32(data) == jbd2Magic {
+				// The log's copy is escaped; the block itself stays.
+				data = bytes.Clone(data)
 				flags |= jTagEscape
 				be.PutUint32(data, 0)
 			}

@@ -2,6 +2,7 @@ package ext4
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -69,7 +70,7 @@ const WritableFeatures = "has_journal (internal), ext_attr, resize_inode, dir_in
 // Without one, metadata goes straight home and the filesystem is marked
 // not clean until Close, so a crash sends it to e2fsck.
 type Writer struct {
-	changeMu sync.Mutex // see lockChange
+	changeMu changeLock // see lockChange
 	mu       sync.RWMutex
 	f        *FS
 	dev      *trackedDevice // the volume; remembers its first error
@@ -86,6 +87,15 @@ type Writer struct {
 	logged      map[uint64][]byte // committed blocks not yet checkpointed home
 	pendingFree map[uint64]bool   // blocks freed in it, not reusable before it commits
 	holds       map[uint32]int    // open handles per inode (Hold, Release)
+	blockHint   allocHints        // where block searches start, per group
+	inodeHint   allocHints        // where inode searches start, per group
+
+	unlockChange func() // unlockChangeLocks, as lockChange returns it
+
+	// Overwrites outside the change lock (write_data.go).
+	concurrentData bool           // the volume allows them
+	dataLocks      inodeLocks     // per inode, taken before the change lock
+	dataInFlight   sync.WaitGroup // added to under the change lock; commits wait
 }
 
 // ReplayedTransactions is the number of journal transactions that
@@ -112,6 +122,7 @@ func OpenWritable(dev Device, size int64) (w *Writer, err error) {
 		return nil, err
 	}
 	ov.blockLog = f.blockLog
+	f.txBlock = ov.block
 	sb := make([]byte, superblockSize)
 	if err := f.readFull(sb, superblockOffset); err != nil {
 		return nil, fmt.Errorf("ext4: reading superblock: %w", err)
@@ -126,6 +137,9 @@ func OpenWritable(dev Device, size int64) (w *Writer, err error) {
 	}
 	w = &Writer{f: f, dev: &trackedDevice{Device: dev}, sb: sb, gdtD: map[uint32]bool{}, now: time.Now, replayed: replayed,
 		dirty: ov.dirty, logged: ov.logged, pendingFree: map[uint64]bool{}, holds: map[uint32]int{}}
+	w.unlockChange = w.unlockChangeLocks
+	w.changeMu = make(changeLock, 1)
+	w.concurrentData = concurrentData(dev, f.blockSize)
 	if f.compat(compatHasJournal) && f.sb.journalInum != 0 {
 		if err := w.openJournal(); err != nil {
 			return nil, err
@@ -222,13 +236,56 @@ func (w *Writer) View(fn func(f *FS) error) error {
 
 // lockChange serializes a change: changeMu orders the changers (Sync's
 // device I/O included), mu keeps readers out while memory changes. It
-// returns the unlock.
+// returns the unlock (made once, so no operation allocates one).
 func (w *Writer) lockChange() func() {
 	w.changeMu.Lock()
 	w.mu.Lock()
-	return func() {
-		w.mu.Unlock()
-		w.changeMu.Unlock()
+	return w.unlockChange
+}
+
+// lockChangeContext is lockChange for an operation on behalf of ctx: it
+// gives up waiting when ctx ends, and refuses to start a change for an
+// ended ctx. Once it returns the unlock, the change runs to its end
+// whatever ctx does (no metadata change stops halfway).
+func (w *Writer) lockChangeContext(ctx context.Context, what string) (func(), error) {
+	if err := w.changeMu.LockContext(ctx); err != nil {
+		return nil, cancelled(what, err)
+	}
+	w.mu.Lock()
+	return w.unlockChange, nil
+}
+
+// cancelled is the error of an operation not done because its context
+// ended: it matches both the context's error and EINTR (the FUSE
+// request's answer).
+func cancelled(what string, err error) error {
+	return fmt.Errorf("ext4: %s not done: %w (%w)", what, err, syscall.EINTR)
+}
+
+func (w *Writer) unlockChangeLocks() {
+	w.mu.Unlock()
+	w.changeMu.Unlock()
+}
+
+// changeLock is a mutex whose Lock can give up when a context ends: a
+// change waiting behind a long commit returns when its request is
+// interrupted.
+type changeLock chan struct{}
+
+func (l changeLock) Lock()   { l <- struct{}{} }
+func (l changeLock) Unlock() { <-l }
+
+// LockContext locks unless ctx has ended, before or while waiting.
+func (l changeLock) LockContext(ctx context.Context) error {
+	select {
+	case l <- struct{}{}:
+		if err := ctx.Err(); err != nil { // both were ready; select chose at random
+			<-l
+			return err
+		}
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
@@ -236,16 +293,30 @@ func (w *Writer) lockChange() func() {
 // returns, a crash loses nothing written before it (fsync, syncfs).
 // Readers (View) go on while it writes the log and waits for the device:
 // no other change runs then, so nothing they see moves.
-func (w *Writer) Sync() error { return w.sync(false) }
+func (w *Writer) Sync() error { return w.SyncContext(context.Background()) }
+
+// SyncContext is Sync for ctx: it gives up waiting for other changes when
+// ctx ends; a commit, once begun, completes.
+func (w *Writer) SyncContext(ctx context.Context) error {
+	if err := w.changeMu.LockContext(ctx); err != nil {
+		return cancelled("sync", err)
+	}
+	return w.sync(false)
+}
 
 // Checkpoint is Sync that also writes every committed block home and
 // empties the journal, leaving an image that needs no recovery (for
 // e2fsck, the kernel, or a copy).
-func (w *Writer) Checkpoint() error { return w.sync(true) }
-
-func (w *Writer) sync(checkpoint bool) error {
+func (w *Writer) Checkpoint() error {
 	w.changeMu.Lock()
+	return w.sync(true)
+}
+
+// sync commits, and checkpoints if asked; the caller holds changeMu,
+// which sync releases.
+func (w *Writer) sync(checkpoint bool) error {
 	defer w.changeMu.Unlock()
+	w.dataInFlight.Wait() // readers go on meanwhile
 	w.mu.Lock()
 	blks, err := w.prepareCommit()
 	if err == nil && len(blks) > w.jwChunk() {
@@ -275,13 +346,15 @@ func (w *Writer) sync(checkpoint bool) error {
 	return w.dev.retryableSync() // everything before is committed
 }
 
-// endOp ends an operation: its descriptor and superblock changes join the
-// transaction, which commits once it holds a quarter of the journal.
+// endOp ends an operation. With a journal, the transaction commits once
+// it holds a quarter of the log; its descriptor and superblock changes
+// join it then (prepareCommit), not once per operation. Without one they
+// go home now.
 func (w *Writer) endOp() error {
-	if err := w.flushMeta(); err != nil {
-		return err
+	if w.jw == nil {
+		return w.flushMeta()
 	}
-	if w.jw != nil && len(w.dirty) >= w.jw.limit {
+	if len(w.dirty)+len(w.gdtD)+1 >= w.jw.limit {
 		return w.commit()
 	}
 	return nil
@@ -318,7 +391,14 @@ func (w *Writer) setClean(clean bool) error {
 // flushMeta writes changed group descriptor blocks and the superblock.
 func (w *Writer) flushMeta() error {
 	for nr := range w.gdtD {
-		if err := w.writeBlock(w.f.descBlock(nr), w.gdt[nr]); err != nil {
+		// A copy: w.gdt keeps changing after the transaction commits.
+		blk := w.f.descBlock(nr)
+		b, ok := w.dirty[blk]
+		if !ok {
+			b = make([]byte, len(w.gdt[nr]))
+		}
+		copy(b, w.gdt[nr])
+		if err := w.writeBlock(blk, b); err != nil {
 			return err
 		}
 		delete(w.gdtD, nr)
@@ -350,8 +430,15 @@ func (w *Writer) flushMeta() error {
 	return nil
 }
 
-// block returns a private, modifiable copy of metadata block blk.
+// block returns metadata block blk for change. A block the open
+// transaction holds is returned as is: changes apply to it in place, no
+// copy per change. Any other block is copied once (the cache's and the
+// committed log's copies never change: a checkpoint may be writing them);
+// the copy joins the transaction when writeBlock is given it.
 func (w *Writer) block(blk uint64) ([]byte, error) {
+	if b, ok := w.dirty[blk]; ok {
+		return b, nil
+	}
 	b, err := w.f.readBlock(blk)
 	if err != nil {
 		return nil, err
@@ -359,18 +446,22 @@ func (w *Writer) block(blk uint64) ([]byte, error) {
 	return bytes.Clone(b), nil
 }
 
-// writeBlock writes a whole metadata block, into the open transaction when
-// there is a journal, and refreshes the reader's cache.
+// writeBlock writes a whole metadata block: with a journal it joins the
+// open transaction, which takes ownership of b (the caller changes it only
+// through block or writeBlock from now on); without one it goes home.
 func (w *Writer) writeBlock(blk uint64, b []byte) error {
 	if w.jw != nil {
-		w.dirty[blk] = bytes.Clone(b)
-		w.f.blocks.put(blk, bytes.Clone(b))
+		if l, ok := w.logged[blk]; ok && len(l) > 0 && &l[0] == &b[0] {
+			b = bytes.Clone(b) // the committed copy stays as committed
+		}
+		w.dirty[blk] = b
 		return nil
 	}
 	if _, err := w.dev.WriteAt(b, int64(blk)<<w.f.blockLog); err != nil {
+		w.f.blocks.remove(blk)
 		return fmt.Errorf("ext4: writing block %d: %w", blk, err)
 	}
-	w.f.blocks.put(blk, bytes.Clone(b))
+	w.f.blocks.put(blk, b)
 	return nil
 }
 
@@ -416,6 +507,26 @@ func (d *trackedDevice) WriteAt(p []byte, off int64) (int, error) {
 }
 
 func (d *trackedDevice) Sync() error { return d.note(d.Device.Sync()) }
+
+// contextWriterAt is the volume's optional interruptible write
+// (crypto.Volume has it, and passes ctx on to a write-back cache).
+type contextWriterAt interface {
+	WriteAtContext(ctx context.Context, p []byte, off int64) (int, error)
+}
+
+// writeAtContext writes file data on behalf of ctx. A write that ends
+// because ctx did is the caller's to undo, not a failure of the device.
+func (d *trackedDevice) writeAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	cw, ok := d.Device.(contextWriterAt)
+	if !ok {
+		return d.WriteAt(p, off)
+	}
+	n, err := cw.WriteAtContext(ctx, p, off)
+	if err != nil && ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+		return n, err
+	}
+	return n, d.note(err)
+}
 
 // ErrSyncRetryable marks a device Sync failure that lost nothing: the
 // device still holds every write it took and a later Sync may succeed (a

@@ -91,40 +91,95 @@ type dirBlock struct {
 	b          []byte
 }
 
-// dirBlocks maps every block of directory dir for change; dirData reads them.
-func (w *Writer) dirBlocks(dir wInode, m *extentMap) ([]dirBlock, error) {
+// dirBlocks is the blocks of a directory being changed, each mapped (and,
+// through dirData, read) on first use: a change to an indexed directory
+// costs its index path, not the directory's size.
+type dirBlocks struct {
+	m *extentMap // maps every block below n (checked by mapDirBlocks)
+	n int
+	// The first few blocks used (most changes touch no more) live here,
+	// the rest in more.
+	near  [6]dirBlock
+	nearN int
+	more  map[int]*dirBlock
+}
+
+func (d *dirBlocks) len() int { return d.n }
+
+// at returns block i (below len).
+func (d *dirBlocks) at(i int) *dirBlock {
+	for k := range d.nearN {
+		if d.near[k].lblk == uint64(i) {
+			return &d.near[k]
+		}
+	}
+	if b, ok := d.more[i]; ok {
+		return b
+	}
+	j, _ := d.m.find(uint32(i))
+	x := d.m.exts[j]
+	return d.keep(dirBlock{lblk: uint64(i), pblk: x.pblk + uint64(i) - uint64(x.lblk)})
+}
+
+func (d *dirBlocks) keep(b dirBlock) *dirBlock {
+	if d.nearN < len(d.near) {
+		d.near[d.nearN] = b
+		d.nearN++
+		return &d.near[d.nearN-1]
+	}
+	if d.more == nil {
+		d.more = map[int]*dirBlock{}
+	}
+	d.more[int(b.lblk)] = &b
+	return &b
+}
+
+// add appends a new block, which m already maps, and returns its index.
+func (d *dirBlocks) add(b dirBlock) int {
+	b.lblk = uint64(d.n)
+	d.keep(b)
+	d.n++
+	return d.n - 1
+}
+
+// mapDirBlocks checks that m maps every block of directory dir, with no
+// hole or unwritten extent, and returns them for change.
+func (w *Writer) mapDirBlocks(dir wInode, m *extentMap) (*dirBlocks, error) {
 	bs := uint64(w.f.blockSize)
 	n := (dir.Size + bs - 1) / bs
 	if n > w.f.sb.blocksCount {
 		return nil, fmt.Errorf("ext4: inode %d: directory size %d exceeds the filesystem: %w", dir.Ino, dir.Size, ErrCorrupt)
 	}
-	out := make([]dirBlock, 0, n)
-	for l := uint64(0); l < n; l++ {
-		i, ok := m.find(uint32(l))
-		if !ok || m.exts[i].unwritten {
-			return nil, fmt.Errorf("ext4: inode %d: directory has a hole at block %d: %w", dir.Ino, l, ErrCorrupt)
+	// Extent by extent: a large directory has thousands of blocks and few
+	// extents.
+	l := uint64(0)
+	for _, x := range m.exts {
+		if l >= n || uint64(x.lblk) != l || x.unwritten {
+			break
 		}
-		p := m.exts[i].pblk + l - uint64(m.exts[i].lblk)
-		out = append(out, dirBlock{lblk: l, pblk: p})
+		l += uint64(x.len)
 	}
-	return out, nil
+	if l < n {
+		return nil, fmt.Errorf("ext4: inode %d: directory has a hole at block %d: %w", dir.Ino, l, ErrCorrupt)
+	}
+	return &dirBlocks{m: m, n: int(n)}, nil
 }
 
 // dirData returns block i of a directory being changed, reading a private
 // copy on first use: an indexed directory's change touches only its path.
-func (w *Writer) dirData(dir wInode, blocks []dirBlock, i int) ([]byte, error) {
-	if blocks[i].b == nil {
-		b, err := w.block(blocks[i].pblk)
+func (w *Writer) dirData(dir wInode, blocks *dirBlocks, i int) ([]byte, error) {
+	if blocks.at(i).b == nil {
+		b, err := w.block(blocks.at(i).pblk)
 		if err != nil {
-			return nil, fmt.Errorf("ext4: inode %d: directory block %d: %w", dir.Ino, blocks[i].lblk, err)
+			return nil, fmt.Errorf("ext4: inode %d: directory block %d: %w", dir.Ino, blocks.at(i).lblk, err)
 		}
-		blocks[i].b = b
+		blocks.at(i).b = b
 	}
-	return blocks[i].b, nil
+	return blocks.at(i).b, nil
 }
 
 // loadDir loads a directory for change, converting an indexed one to linear.
-func (w *Writer) loadDir(ino uint32) (wInode, *extentMap, []dirBlock, error) {
+func (w *Writer) loadDir(ino uint32) (wInode, *extentMap, *dirBlocks, error) {
 	dir, err := w.loadInode(ino)
 	if err != nil {
 		return wInode{}, nil, nil, err
@@ -136,14 +191,14 @@ func (w *Writer) loadDir(ino uint32) (wInode, *extentMap, []dirBlock, error) {
 	if err != nil {
 		return wInode{}, nil, nil, err
 	}
-	blocks, err := w.dirBlocks(dir, m)
+	blocks, err := w.mapDirBlocks(dir, m)
 	if err != nil {
 		return wInode{}, nil, nil, err
 	}
 	if !dir.hasFlag(flagIndex) {
 		return dir, m, blocks, nil
 	}
-	if w.f.isIndexed(dir.Inode) && len(blocks) > 0 {
+	if w.f.isIndexed(dir.Inode) && blocks.len() > 0 {
 		b0, err := w.dirData(dir, blocks, 0)
 		if err != nil {
 			return wInode{}, nil, nil, err
@@ -155,7 +210,7 @@ func (w *Writer) loadDir(ino uint32) (wInode, *extentMap, []dirBlock, error) {
 	// An index the writer cannot maintain (unknown hash, bad root): linear.
 	le := binary.LittleEndian
 	region := w.dirRegion()
-	for i := range blocks {
+	for i := range blocks.len() {
 		b, err := w.dirData(dir, blocks, i)
 		if err != nil {
 			return wInode{}, nil, nil, err
@@ -173,7 +228,7 @@ func (w *Writer) loadDir(ino uint32) (wInode, *extentMap, []dirBlock, error) {
 			continue
 		}
 		w.sealDirBlock(dir, b)
-		if err := w.writeBlock(blocks[i].pblk, b); err != nil {
+		if err := w.writeBlock(blocks.at(i).pblk, b); err != nil {
 			return wInode{}, nil, nil, err
 		}
 	}
@@ -215,11 +270,11 @@ func (w *Writer) forEachDirent(dir wInode, lblk uint64, b []byte, fn func(off, p
 
 // findDirent locates name in the directory's blocks: through the hash
 // index when it has one, else by scanning.
-func (w *Writer) findDirent(dir wInode, blocks []dirBlock, name string) (direntAt, error) {
+func (w *Writer) findDirent(dir wInode, blocks *dirBlocks, name string) (direntAt, error) {
 	if dir.hasFlag(flagIndex) {
 		return w.dxFind(dir, blocks, name)
 	}
-	for i := range blocks {
+	for i := range blocks.len() {
 		at, ok, err := w.findInBlock(dir, blocks, i, name)
 		if err != nil || ok {
 			return at, err
@@ -229,14 +284,14 @@ func (w *Writer) findDirent(dir wInode, blocks []dirBlock, name string) (direntA
 }
 
 // findInBlock looks for name in one linear block.
-func (w *Writer) findInBlock(dir wInode, blocks []dirBlock, i int, name string) (direntAt, bool, error) {
+func (w *Writer) findInBlock(dir wInode, blocks *dirBlocks, i int, name string) (direntAt, bool, error) {
 	le := binary.LittleEndian
 	b, err := w.dirData(dir, blocks, i)
 	if err != nil {
 		return direntAt{}, false, err
 	}
 	var found *direntAt
-	err = w.forEachDirent(dir, blocks[i].lblk, b, func(off, prev, rec int) bool {
+	err = w.forEachDirent(dir, blocks.at(i).lblk, b, func(off, prev, rec int) bool {
 		ino := le.Uint32(b[off:])
 		nl := int(b[off+6])
 		if ino != 0 && string(b[off+8:off+8+nl]) == name {
@@ -261,11 +316,11 @@ func (w *Writer) addEntry(dirIno uint32, name string, ino uint32, ft uint8) erro
 	if dir.hasFlag(flagIndex) {
 		return w.dxAdd(dir, m, blocks, name, ino, ft)
 	}
-	for i := range blocks {
+	for i := range blocks.len() {
 		if _, err := w.dirData(dir, blocks, i); err != nil {
 			return err
 		}
-		db := blocks[i]
+		db := *blocks.at(i)
 		done, err := w.insertInBlock(dir, db, name, ino, ft)
 		if err != nil {
 			return err
@@ -279,11 +334,11 @@ func (w *Writer) addEntry(dirIno uint32, name string, ino uint32, ft uint8) erro
 			return w.storeInode(dir)
 		}
 	}
-	if len(blocks) == 1 && w.f.compat(compatDirIndex) {
+	if blocks.len() == 1 && w.f.compat(compatDirIndex) {
 		return w.makeIndexed(dir, m, blocks, name, ino, ft)
 	}
 	// No room: append a block.
-	lblk := uint32(len(blocks))
+	lblk := uint32(blocks.len())
 	goal := m.goalFor(lblk)
 	if goal == 0 {
 		goal = w.inodeGoal(dir.Ino)
@@ -340,7 +395,7 @@ func (w *Writer) removeEntry(dirIno uint32, name string) (uint32, error) {
 		return 0, err
 	}
 	le := binary.LittleEndian
-	b := blocks[at.blk].b
+	b := blocks.at(at.blk).b
 	if at.prevOff >= 0 {
 		rec := decodeRecLen(le.Uint16(b[at.off+4:]), len(b))
 		prevRec := decodeRecLen(le.Uint16(b[at.prevOff+4:]), len(b))
@@ -349,7 +404,7 @@ func (w *Writer) removeEntry(dirIno uint32, name string) (uint32, error) {
 		le.PutUint32(b[at.off:], 0)
 	}
 	w.sealDirBlock(dir, b)
-	if err := w.writeBlock(blocks[at.blk].pblk, b); err != nil {
+	if err := w.writeBlock(blocks.at(at.blk).pblk, b); err != nil {
 		return 0, err
 	}
 	w.touch(dir, true)
@@ -366,11 +421,11 @@ func (w *Writer) replaceEntry(dirIno uint32, name string, ino uint32, ft uint8) 
 	if err != nil {
 		return err
 	}
-	b := blocks[at.blk].b
+	b := blocks.at(at.blk).b
 	binary.LittleEndian.PutUint32(b[at.off:], ino)
 	b[at.off+7] = ft
 	w.sealDirBlock(dir, b)
-	if err := w.writeBlock(blocks[at.blk].pblk, b); err != nil {
+	if err := w.writeBlock(blocks.at(at.blk).pblk, b); err != nil {
 		return err
 	}
 	w.touch(dir, true)
@@ -380,6 +435,15 @@ func (w *Writer) replaceEntry(dirIno uint32, name string, ino uint32, ft uint8) 
 // lookup finds name in directory dirIno through the reader (hash index
 // included), mapping "not found" to ENOENT.
 func (w *Writer) lookup(dirIno uint32, name string) (uint32, error) {
+	ino, err := w.find(dirIno, name)
+	if err == nil && ino == 0 {
+		return 0, errno(syscall.ENOENT, "inode %d: %q", dirIno, name)
+	}
+	return ino, err
+}
+
+// find is lookup returning 0 without an error when name is not there.
+func (w *Writer) find(dirIno uint32, name string) (uint32, error) {
 	dir, err := w.f.Inode(dirIno)
 	if err != nil {
 		return 0, err
@@ -387,7 +451,7 @@ func (w *Writer) lookup(dirIno uint32, name string) (uint32, error) {
 	if !dir.IsDir() {
 		return 0, errno(syscall.ENOTDIR, "inode %d", dirIno)
 	}
-	ino, err := w.f.Lookup(dir, name)
+	ino, err := w.f.find(dir, name)
 	if errors.Is(err, ErrNotFound) {
 		return 0, fmt.Errorf("%w: %w", err, syscall.ENOENT)
 	}
@@ -422,7 +486,7 @@ func (w *Writer) setDotDot(ino, parent uint32) error {
 	} else {
 		w.sealDirBlock(dir, b)
 	}
-	return w.writeBlock(blocks[0].pblk, b)
+	return w.writeBlock(blocks.at(0).pblk, b)
 }
 
 // isEmptyDir reports whether directory ino holds only "." and "..".

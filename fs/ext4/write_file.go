@@ -1,7 +1,9 @@
 package ext4
 
 import (
+	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"syscall"
 )
@@ -10,7 +12,28 @@ import (
 // blocks near the file's existing ones so it stays contiguous, and extends
 // the size if needed. On ENOSPC it returns the bytes written before it.
 func (w *Writer) WriteAt(ino uint32, p []byte, off int64) (int, error) {
-	defer w.lockChange()()
+	return w.WriteAtContext(context.Background(), ino, p, off)
+}
+
+// WriteAtContext is WriteAt for ctx: ctx also reaches the volume's
+// WriteAtContext with the file data; a write it interrupts frees the blocks
+// it took and changes no metadata.
+func (w *Writer) WriteAtContext(ctx context.Context, ino uint32, p []byte, off int64) (int, error) {
+	dataLock, err := w.dataLocks.lock(ctx, ino)
+	if err != nil {
+		return 0, cancelled("write", err)
+	}
+	defer w.dataLocks.unlock(ino, dataLock)
+	unlock, cerr := w.lockChangeContext(ctx, "write")
+	if cerr != nil {
+		return 0, cerr
+	}
+	locked := true
+	defer func() {
+		if locked {
+			unlock()
+		}
+	}()
 	in, err := w.loadInode(ino)
 	if err != nil {
 		return 0, err
@@ -32,6 +55,29 @@ func (w *Writer) WriteAt(ino uint32, p []byte, off int64) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	if plan, ok := w.overwritePlan(m, p, uint64(off)); ok && w.concurrentData && w.jw != nil && uint64(off)+uint64(len(p)) <= in.Size {
+		// Only the times change: they go first, then the data without
+		// the change lock (write_data.go).
+		w.touch(in, true)
+		if err := w.storeInode(in); err != nil {
+			return 0, err
+		}
+		if err := w.endOp(); err != nil {
+			return 0, err
+		}
+		w.dataInFlight.Add(1)
+		locked = false
+		unlock()
+		err := w.writeOut(ctx, in, plan)
+		w.dataInFlight.Done()
+		if err != nil && ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+			return 0, cancelled("write", err)
+		}
+		if err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
 	var plan []dataWrite
 	if uint64(off) > in.Size {
 		if z, ok := w.tailZero(m, in.Size); ok {
@@ -44,8 +90,24 @@ func (w *Writer) WriteAt(ino uint32, p []byte, off int64) (int, error) {
 	// serialized): readers see the file as it was until its inode is
 	// stored below.
 	w.mu.Unlock()
-	ioErr := w.writeOut(in, plan)
+	ioErr := w.writeOut(ctx, in, plan)
 	w.mu.Lock()
+	if ioErr != nil && ctx.Err() != nil && errors.Is(ioErr, ctx.Err()) {
+		// Interrupted (not a device failure): the blocks taken go back and
+		// no metadata changes. Bytes already written over the file's own
+		// blocks stay, as after an interrupted write(2).
+		for _, d := range plan {
+			if d.fresh {
+				if err := w.freeBlocks(uint64(d.off)>>w.f.blockLog, uint64(len(d.b))>>w.f.blockLog); err != nil {
+					return 0, err
+				}
+			}
+		}
+		if err := w.endOp(); err != nil {
+			return 0, err
+		}
+		return 0, cancelled("write", ioErr)
+	}
 	if ioErr != nil {
 		return 0, ioErr // the device failed: nothing more is committed
 	}
@@ -67,7 +129,22 @@ func (w *Writer) WriteAt(ino uint32, p []byte, off int64) (int, error) {
 // Truncate sets regular file ino's size, freeing blocks past the end when
 // it shrinks; when it grows the new range is a hole.
 func (w *Writer) Truncate(ino uint32, size uint64) error {
-	defer w.lockChange()()
+	return w.TruncateContext(context.Background(), ino, size)
+}
+
+// TruncateContext is Truncate for ctx: it gives up when ctx ends before the
+// change starts (see lockChangeContext).
+func (w *Writer) TruncateContext(ctx context.Context, ino uint32, size uint64) error {
+	dataLock, err := w.dataLocks.lock(ctx, ino)
+	if err != nil {
+		return cancelled("truncate", err)
+	}
+	defer w.dataLocks.unlock(ino, dataLock)
+	unlock, cerr := w.lockChangeContext(ctx, "truncate")
+	if cerr != nil {
+		return cerr
+	}
+	defer unlock()
 	in, err := w.loadInode(ino)
 	if err != nil {
 		return err
@@ -135,14 +212,15 @@ func (w *Writer) setSize(in wInode, size uint64) {
 
 // dataWrite is file data (or zeros) for the device at a volume offset.
 type dataWrite struct {
-	b   []byte
-	off int64
+	b     []byte
+	off   int64
+	fresh bool // to blocks allocated for it, whole blocks
 }
 
-// writeOut writes planned data in order.
-func (w *Writer) writeOut(in wInode, plan []dataWrite) error {
+// writeOut writes planned data in order, on behalf of ctx.
+func (w *Writer) writeOut(ctx context.Context, in wInode, plan []dataWrite) error {
 	for _, d := range plan {
-		if _, err := w.dev.WriteAt(d.b, d.off); err != nil {
+		if _, err := w.dev.writeAtContext(ctx, d.b, d.off); err != nil {
 			return fmt.Errorf("ext4: inode %d: writing data: %w", in.Ino, err)
 		}
 	}
@@ -162,13 +240,13 @@ func (w *Writer) tailZero(m *extentMap, size uint64) (dataWrite, bool) {
 		return dataWrite{}, false
 	}
 	phys := (m.exts[i].pblk+uint64(lblk-m.exts[i].lblk))*bs + size%bs
-	return dataWrite{make([]byte, bs-size%bs), int64(phys)}, true
+	return dataWrite{b: make([]byte, bs-size%bs), off: int64(phys)}, true
 }
 
 // zeroTail clears the bytes after size in size's block now.
 func (w *Writer) zeroTail(in wInode, m *extentMap, size uint64) error {
 	if z, ok := w.tailZero(m, size); ok {
-		return w.writeOut(in, []dataWrite{z})
+		return w.writeOut(context.Background(), in, []dataWrite{z})
 	}
 	return nil
 }
@@ -189,7 +267,7 @@ func (w *Writer) planData(in wInode, m *extentMap, p []byte, off uint64) ([]data
 			x := m.exts[i]
 			segEnd := min(end, (uint64(x.lblk)+uint64(x.len))*bs)
 			phys := (x.pblk+uint64(lblk-x.lblk))*bs + pos%bs
-			plan = append(plan, dataWrite{p[pos-off : segEnd-off], int64(phys)})
+			plan = append(plan, dataWrite{b: p[pos-off : segEnd-off], off: int64(phys)})
 			pos = segEnd
 			continue
 		}
@@ -220,7 +298,7 @@ func (w *Writer) planData(in wInode, m *extentMap, p []byte, off uint64) ([]data
 		base := uint64(lblk) * bs
 		segEnd := min(end, base+uint64(len(buf)))
 		copy(buf[pos-base:], p[pos-off:segEnd-off])
-		plan = append(plan, dataWrite{buf, int64(pblk * bs)})
+		plan = append(plan, dataWrite{b: buf, off: int64(pblk * bs), fresh: !found})
 		m.insert(extent{lblk: lblk, len: count, pblk: pblk})
 		pos = segEnd
 	}
@@ -237,7 +315,17 @@ func (w *Writer) inodeGoal(ino uint32) uint64 {
 // file ino as unwritten extents, which read as zeros (fallocate(2) mode 0,
 // or FALLOC_FL_KEEP_SIZE with keepSize). Blocks already mapped stay.
 func (w *Writer) Fallocate(ino uint32, off, length uint64, keepSize bool) error {
-	defer w.lockChange()()
+	return w.FallocateContext(context.Background(), ino, off, length, keepSize)
+}
+
+// FallocateContext is Fallocate for ctx: it gives up when ctx ends before
+// the change starts (see lockChangeContext).
+func (w *Writer) FallocateContext(ctx context.Context, ino uint32, off, length uint64, keepSize bool) error {
+	unlock, cerr := w.lockChangeContext(ctx, "fallocate")
+	if cerr != nil {
+		return cerr
+	}
+	defer unlock()
 	in, err := w.loadInode(ino)
 	if err != nil {
 		return err

@@ -51,12 +51,12 @@ func (w *Writer) sealDx(dir wInode, b []byte, off int) {
 type dxTree struct {
 	w      *Writer
 	dir    wInode
-	blocks []dirBlock
+	blocks *dirBlocks
 	hv     uint8
 	levels int
 }
 
-func (w *Writer) dxOpen(dir wInode, blocks []dirBlock) (*dxTree, error) {
+func (w *Writer) dxOpen(dir wInode, blocks *dirBlocks) (*dxTree, error) {
 	root, err := w.dirData(dir, blocks, 0)
 	if err != nil {
 		return nil, err
@@ -77,16 +77,16 @@ func (t *dxTree) hash(name []byte) (uint32, error) {
 }
 
 func (t *dxTree) count(n dxNode) int {
-	return int(binary.LittleEndian.Uint16(t.blocks[n.blk].b[n.off+2:]))
+	return int(binary.LittleEndian.Uint16(t.blocks.at(n.blk).b[n.off+2:]))
 }
 func (t *dxTree) entry(n dxNode, i int) []byte {
-	return t.blocks[n.blk].b[n.off+8*i:]
+	return t.blocks.at(n.blk).b[n.off+8*i:]
 }
 func (t *dxTree) hashAt(n dxNode, i int) uint32 { return binary.LittleEndian.Uint32(t.entry(n, i)) }
 func (t *dxTree) blockAt(n dxNode, i int) (int, error) {
 	l := uint64(binary.LittleEndian.Uint32(t.entry(n, i)[4:]) & 0x0fffffff)
-	if l >= uint64(len(t.blocks)) {
-		return 0, fmt.Errorf("ext4: inode %d: htree points at block %d of %d: %w", t.dir.Ino, l, len(t.blocks), ErrCorrupt)
+	if l >= uint64(t.blocks.len()) {
+		return 0, fmt.Errorf("ext4: inode %d: htree points at block %d of %d: %w", t.dir.Ino, l, t.blocks.len(), ErrCorrupt)
 	}
 	return int(l), nil
 }
@@ -128,7 +128,7 @@ func (t *dxTree) descend(path []dxNode, hash uint32, byHash bool) ([]dxNode, int
 
 // dxFind locates name through the index, following a hash collision into
 // the next leaves as the kernel does.
-func (w *Writer) dxFind(dir wInode, blocks []dirBlock, name string) (direntAt, error) {
+func (w *Writer) dxFind(dir wInode, blocks *dirBlocks, name string) (direntAt, error) {
 	t, err := w.dxOpen(dir, blocks)
 	if err != nil {
 		return direntAt{}, err
@@ -164,7 +164,7 @@ func (w *Writer) dxFind(dir wInode, blocks []dirBlock, name string) (direntAt, e
 	return direntAt{}, errno(syscall.ENOENT, "inode %d: %q", dir.Ino, name)
 }
 
-func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string, ino uint32, ft uint8) error {
+func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks *dirBlocks, name string, ino uint32, ft uint8) error {
 	le := binary.LittleEndian
 	f := w.f
 	bs := int(f.blockSize)
@@ -172,103 +172,122 @@ func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string,
 	if err != nil {
 		return err
 	}
-	root := blocks[0].b
+	root := blocks.at(0).b
 	hv, levels := t.hv, t.levels
 	hash, err := t.hash([]byte(name))
 	if err != nil {
 		return err
 	}
-	count := func(n dxNode) int { return int(le.Uint16(blocks[n.blk].b[n.off+2:])) }
+	count := func(n dxNode) int { return int(le.Uint16(blocks.at(n.blk).b[n.off+2:])) }
 	path, leafIdx, err := t.descend([]dxNode{{blk: 0, off: dxRootCountOff}}, hash, true)
 	if err != nil {
 		return err
 	}
 	changed := map[int]bool{}
-	if done, err := w.insertInBlock(dir, blocks[leafIdx], name, ino, ft); err != nil {
+	if done, err := w.insertInBlock(dir, *blocks.at(leafIdx), name, ino, ft); err != nil {
 		return err
 	} else if done {
-		w.sealDirBlock(dir, blocks[leafIdx].b)
+		w.sealDirBlock(dir, blocks.at(leafIdx).b)
 		return w.finishDx(dir, m, blocks, map[int]bool{leafIdx: true})
 	}
 
-	// The leaf is full: make room in its parent for one more index entry.
-	newBlock := func() (int, error) {
-		lblk := uint32(len(blocks))
+	// The leaf is full: its parent needs room for one more index entry.
+	// As the kernel's ext4_dx_add_entry: full index nodes split, from the
+	// lowest one on the path with room downward; when every node up to the
+	// root is full, the tree grows a level (the root's entries move to a
+	// new node under it), up to 2 levels below the root with large_dir and
+	// 1 without; past that the directory is full (ENOSPC).
+	limit := func(n dxNode) int { return int(le.Uint16(blocks.at(n.blk).b[n.off:])) }
+	k := len(path) - 1 // the lowest node with room
+	for k >= 0 && count(path[k]) == limit(path[k]) {
+		k--
+	}
+	grow := k < 0
+	maxLevels := 1
+	if f.incompat(incompatLargeDir) {
+		maxLevels = 2
+	}
+	if grow && levels >= maxLevels {
+		hint := ""
+		if maxLevels < 2 {
+			hint = " (the large_dir feature allows one more level)"
+		}
+		return errno(syscall.ENOSPC, "inode %d: directory index full at %d levels%s", dir.Ino, levels+1, hint)
+	}
+	// Every block this takes comes first: on ENOSPC nothing has changed.
+	need := len(path) - 1 - k + 1 // split index nodes and the new leaf
+	if grow {
+		need = 1 + len(path) - 1 + 1 // the new node, every node below the root, the leaf
+	}
+	fresh := make([]uint64, 0, need)
+	for range need {
+		lblk := uint32(blocks.len() + len(fresh))
 		goal := m.goalFor(lblk)
 		if goal == 0 {
 			goal = w.inodeGoal(dir.Ino)
 		}
 		p, _, err := w.allocBlocks(goal, 1)
 		if err != nil {
-			return 0, err
+			for _, p := range fresh {
+				if ferr := w.freeBlocks(p, 1); ferr != nil {
+					return fmt.Errorf("%w (and freeing block %d again: %v)", err, p, ferr)
+				}
+			}
+			return err
 		}
+		fresh = append(fresh, p)
 		m.insert(extent{lblk: lblk, len: 1, pblk: p})
-		blocks = append(blocks, dirBlock{lblk: uint64(lblk), pblk: p, b: make([]byte, bs)})
-		dir.setSize(uint64(len(blocks)) * uint64(bs))
-		return len(blocks) - 1, nil
 	}
-	newIndexNode := func() (int, error) {
-		i, err := newBlock()
-		if err != nil {
-			return 0, err
-		}
-		b := blocks[i].b
+	newBlock := func() int {
+		i := blocks.add(dirBlock{lblk: uint64(blocks.len()), pblk: fresh[0], b: make([]byte, bs)})
+		fresh = fresh[1:]
+		dir.setSize(uint64(blocks.len()) * uint64(bs))
+		return i
+	}
+	newIndexNode := func() int {
+		i := newBlock()
+		b := blocks.at(i).b
 		le.PutUint16(b[4:], uint16(bs)) // a fake empty entry spanning the block
 		le.PutUint16(b[dxNodeCountOff:], uint16(w.dxLimit(bs, dxNodeCountOff)))
-		return i, nil
+		return i
 	}
-	limit := func(n dxNode) int { return int(le.Uint16(blocks[n.blk].b[n.off:])) }
+	if grow {
+		ni := newIndexNode()
+		c := count(path[0])
+		copy(blocks.at(ni).b[dxNodeCountOff+4:], root[dxRootCountOff+4:dxRootCountOff+8*c])
+		le.PutUint16(blocks.at(ni).b[dxNodeCountOff+2:], uint16(c))
+		le.PutUint16(root[dxRootCountOff+2:], 1)
+		le.PutUint32(root[dxRootCountOff+4:], uint32(ni))
+		levels++
+		root[0x1E] = byte(levels)
+		child := dxNode{blk: ni, off: dxNodeCountOff, at: path[0].at}
+		path = append([]dxNode{{blk: 0, off: dxRootCountOff, at: 0}, child}, path[1:]...)
+		changed[0], changed[ni] = true, true
+		k = 1 // the new node has room: a node holds more entries than the root
+	}
+	for i := k + 1; i < len(path); i++ {
+		// Split full node path[i]; its upper half goes to a new node that
+		// its parent, which has room by now, indexes after it.
+		up, n := &path[i-1], path[i]
+		ni := newIndexNode()
+		c := count(n)
+		half := c / 2
+		moved := blocks.at(n.blk).b[n.off+8*half : n.off+8*c]
+		splitHash := le.Uint32(moved)
+		// Entry 0 of the new node holds count/limit, then its block.
+		nb := blocks.at(ni).b
+		le.PutUint32(nb[dxNodeCountOff+4:], le.Uint32(moved[4:]))
+		copy(nb[dxNodeCountOff+8:], moved[8:])
+		le.PutUint16(nb[dxNodeCountOff+2:], uint16(c-half))
+		le.PutUint16(blocks.at(n.blk).b[n.off+2:], uint16(half))
+		w.dxInsert(blocks.at(up.blk).b, up.off, up.at+1, splitHash, uint32(ni))
+		changed[up.blk], changed[n.blk], changed[ni] = true, true, true
+		if n.at >= half {
+			path[i] = dxNode{blk: ni, off: dxNodeCountOff, at: n.at - half}
+			up.at++
+		}
+	}
 	parent := path[len(path)-1]
-	if count(parent) == limit(parent) {
-		maxLevels := 1
-		if f.incompat(incompatLargeDir) {
-			maxLevels = 2
-		}
-		switch {
-		case len(path) == 1 && levels < maxLevels:
-			// Grow: the root's entries move to a new node under it.
-			ni, err := newIndexNode()
-			if err != nil {
-				return err
-			}
-			c := count(parent)
-			copy(blocks[ni].b[dxNodeCountOff+4:], root[dxRootCountOff+4:dxRootCountOff+8*c])
-			le.PutUint16(blocks[ni].b[dxNodeCountOff+2:], uint16(c))
-			le.PutUint16(root[dxRootCountOff+2:], 1)
-			le.PutUint32(root[dxRootCountOff+4:], uint32(ni))
-			root[0x1E] = byte(levels + 1)
-			levels++
-			child := dxNode{blk: ni, off: dxNodeCountOff, at: parent.at}
-			path = []dxNode{{blk: 0, off: dxRootCountOff, at: 0}, child}
-			changed[0], changed[ni] = true, true
-		case len(path) >= 2 && count(path[len(path)-2]) < limit(path[len(path)-2]):
-			// Split the full node; its upper half goes to a new node
-			// indexed from the grandparent.
-			gp := &path[len(path)-2]
-			ni, err := newIndexNode()
-			if err != nil {
-				return err
-			}
-			c := count(parent)
-			half := c / 2
-			moved := blocks[parent.blk].b[parent.off+8*half : parent.off+8*c]
-			splitHash := le.Uint32(moved)
-			// Entry 0 of the new node holds count/limit, then its block.
-			nb := blocks[ni].b
-			le.PutUint32(nb[dxNodeCountOff+4:], le.Uint32(moved[4:]))
-			copy(nb[dxNodeCountOff+8:], moved[8:])
-			le.PutUint16(nb[dxNodeCountOff+2:], uint16(c-half))
-			le.PutUint16(blocks[parent.blk].b[parent.off+2:], uint16(half))
-			w.dxInsert(blocks[gp.blk].b, gp.off, gp.at+1, splitHash, uint32(ni))
-			changed[gp.blk], changed[parent.blk], changed[ni] = true, true, true
-			if parent.at >= half {
-				path[len(path)-1] = dxNode{blk: ni, off: dxNodeCountOff, at: parent.at - half}
-			}
-		default:
-			return errno(syscall.ENOSPC, "inode %d: directory index full", dir.Ino)
-		}
-		parent = path[len(path)-1]
-	}
 
 	// Split the leaf at the median hash.
 	type named struct {
@@ -276,8 +295,8 @@ func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string,
 		bytes []byte
 	}
 	var ents []named
-	lb := blocks[leafIdx].b
-	err = w.forEachDirent(dir, blocks[leafIdx].lblk, lb, func(off, _, rec int) bool {
+	lb := blocks.at(leafIdx).b
+	err = w.forEachDirent(dir, blocks.at(leafIdx).lblk, lb, func(off, _, rec int) bool {
 		if le.Uint32(lb[off:]) == 0 {
 			return true
 		}
@@ -304,10 +323,7 @@ func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string,
 	if mid > 0 && ents[mid-1].hash == splitHash {
 		continued = 1 // the same hash continues in the new leaf
 	}
-	ni, err := newBlock()
-	if err != nil {
-		return err
-	}
+	ni := newBlock()
 	fillLeaf := func(b []byte, es []named) {
 		clear(b)
 		region := w.dirRegion()
@@ -325,21 +341,21 @@ func (w *Writer) dxAdd(dir wInode, m *extentMap, blocks []dirBlock, name string,
 			putDirent(b, 0, region, "", 0)
 		}
 	}
-	fillLeaf(blocks[leafIdx].b, ents[:mid])
-	fillLeaf(blocks[ni].b, ents[mid:])
-	w.dxInsert(blocks[parent.blk].b, parent.off, parent.at+1, splitHash|continued, uint32(ni))
+	fillLeaf(blocks.at(leafIdx).b, ents[:mid])
+	fillLeaf(blocks.at(ni).b, ents[mid:])
+	w.dxInsert(blocks.at(parent.blk).b, parent.off, parent.at+1, splitHash|continued, uint32(ni))
 	changed[parent.blk] = true
 	target := leafIdx
 	if hash >= splitHash {
 		target = ni
 	}
-	if done, err := w.insertInBlock(dir, blocks[target], name, ino, ft); err != nil {
+	if done, err := w.insertInBlock(dir, *blocks.at(target), name, ino, ft); err != nil {
 		return err
 	} else if !done {
 		return errno(syscall.ENOSPC, "inode %d: no room for %q after splitting a directory leaf", dir.Ino, name)
 	}
-	w.sealDirBlock(dir, blocks[leafIdx].b)
-	w.sealDirBlock(dir, blocks[ni].b)
+	w.sealDirBlock(dir, blocks.at(leafIdx).b)
+	w.sealDirBlock(dir, blocks.at(ni).b)
 	changed[leafIdx], changed[ni] = true, true
 	return w.finishDx(dir, m, blocks, changed)
 }
@@ -357,16 +373,16 @@ func (w *Writer) dxInsert(b []byte, off, at int, hash, blk uint32) {
 }
 
 // finishDx seals and writes the changed blocks and stores the directory.
-func (w *Writer) finishDx(dir wInode, m *extentMap, blocks []dirBlock, changed map[int]bool) error {
+func (w *Writer) finishDx(dir wInode, m *extentMap, blocks *dirBlocks, changed map[int]bool) error {
 	for i := range changed {
-		b := blocks[i].b
+		b := blocks.at(i).b
 		switch {
 		case i == 0:
 			w.sealDx(dir, b, dxRootCountOff)
 		case w.f.isDxNode(b) && binary.LittleEndian.Uint16(b[dxNodeCountOff:]) == uint16(w.dxLimit(len(b), dxNodeCountOff)):
 			w.sealDx(dir, b, dxNodeCountOff)
 		}
-		if err := w.writeBlock(blocks[i].pblk, b); err != nil {
+		if err := w.writeBlock(blocks.at(i).pblk, b); err != nil {
 			return err
 		}
 	}
@@ -378,10 +394,10 @@ func (w *Writer) finishDx(dir wInode, m *extentMap, blocks []dirBlock, changed m
 // kernel's make_indexed_dir: block 0 keeps "." and ".." and becomes the
 // index root; the other entries move to a new leaf, block 1; then the name
 // is added through the index.
-func (w *Writer) makeIndexed(dir wInode, m *extentMap, blocks []dirBlock, name string, ino uint32, ft uint8) error {
+func (w *Writer) makeIndexed(dir wInode, m *extentMap, blocks *dirBlocks, name string, ino uint32, ft uint8) error {
 	le := binary.LittleEndian
 	bs := int(w.f.blockSize)
-	b0 := blocks[0].b
+	b0 := blocks.at(0).b
 	if le.Uint16(b0[4:]) != 12 || b0[8] != '.' || b0[12+6] != 2 || b0[12+8] != '.' || b0[12+9] != '.' {
 		return fmt.Errorf("ext4: inode %d: directory does not start with . and ..: %w", dir.Ino, ErrCorrupt)
 	}
@@ -419,7 +435,7 @@ func (w *Writer) makeIndexed(dir wInode, m *extentMap, blocks []dirBlock, name s
 	}
 	m.insert(extent{lblk: lblk, len: 1, pblk: p})
 	w.sealDirBlock(dir, leaf)
-	blocks = append(blocks, dirBlock{lblk: 1, pblk: p, b: leaf})
+	blocks.add(dirBlock{lblk: 1, pblk: p, b: leaf})
 	dir.setSize(2 * uint64(bs))
 
 	root := make([]byte, bs)
@@ -430,10 +446,10 @@ func (w *Writer) makeIndexed(dir wInode, m *extentMap, blocks []dirBlock, name s
 	le.PutUint16(root[dxRootCountOff:], uint16(w.dxLimit(bs, dxRootCountOff)))
 	le.PutUint16(root[dxRootCountOff+2:], 1)
 	le.PutUint32(root[dxRootCountOff+4:], 1)
-	blocks[0].b = root
+	blocks.at(0).b = root
 	dir.setFlags(dir.Flags | flagIndex)
 	w.sealDx(dir, root, dxRootCountOff)
-	if err := w.writeBlock(blocks[0].pblk, root); err != nil {
+	if err := w.writeBlock(blocks.at(0).pblk, root); err != nil {
 		return err
 	}
 	if err := w.writeBlock(p, leaf); err != nil {

@@ -1,6 +1,7 @@
 package ext4
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -12,21 +13,56 @@ import (
 // counts 1 ("many").
 const linkMax = 65000
 
-// Create makes a regular file (mode holds the permission bits) and returns it.
+// Create makes a regular file (mode holds the permission bits) and returns
+// its attributes as of the change.
 func (w *Writer) Create(dir uint32, name string, perm uint32, uid, gid uint32) (*Inode, error) {
-	return w.Mknod(dir, name, sIFREG|perm&0o7777, 0, uid, gid)
+	return w.mknod(context.Background(), dir, name, sIFREG|perm&0o7777, 0, uid, gid, false)
+}
+
+// CreateContext is Create for ctx: it gives up when ctx ends before the
+// change starts (see lockChangeContext).
+func (w *Writer) CreateContext(ctx context.Context, dir uint32, name string, perm uint32, uid, gid uint32) (*Inode, error) {
+	return w.mknod(ctx, dir, name, sIFREG|perm&0o7777, 0, uid, gid, false)
+}
+
+// CreateHeld is CreateContext that also holds the new file (Hold) in the
+// same change, for a caller that opens it: an unlink racing the open
+// cannot free it before the handle exists. The caller Releases it. This,
+// and the other *Held operations, are what a FUSE layer calls: the
+// returned attributes are the ones of the change, and the inode stays
+// until Release.
+func (w *Writer) CreateHeld(ctx context.Context, dir uint32, name string, perm uint32, uid, gid uint32) (*Inode, error) {
+	return w.mknod(ctx, dir, name, sIFREG|perm&0o7777, 0, uid, gid, true)
 }
 
 // Mknod makes a regular file, FIFO, socket or device node; mode includes
 // the S_IFMT type, rdev is the device number in Linux's new_encode_dev form.
 func (w *Writer) Mknod(dir uint32, name string, mode uint32, rdev uint32, uid, gid uint32) (*Inode, error) {
+	return w.mknod(context.Background(), dir, name, mode, rdev, uid, gid, false)
+}
+
+// MknodContext is Mknod for ctx (see CreateContext).
+func (w *Writer) MknodContext(ctx context.Context, dir uint32, name string, mode uint32, rdev uint32, uid, gid uint32) (*Inode, error) {
+	return w.mknod(ctx, dir, name, mode, rdev, uid, gid, false)
+}
+
+// MknodHeld is MknodContext that also holds the new inode (see CreateHeld).
+func (w *Writer) MknodHeld(ctx context.Context, dir uint32, name string, mode uint32, rdev uint32, uid, gid uint32) (*Inode, error) {
+	return w.mknod(ctx, dir, name, mode, rdev, uid, gid, true)
+}
+
+func (w *Writer) mknod(ctx context.Context, dir uint32, name string, mode uint32, rdev uint32, uid, gid uint32, hold bool) (*Inode, error) {
 	switch uint16(mode) & sIFMT {
 	case sIFREG, sIFIFO, sIFSOCK, sIFCHR, sIFBLK:
 	default:
 		return nil, errno(syscall.EINVAL, "mknod %q: mode %#o is not a file, FIFO, socket or device", name, mode)
 	}
-	defer w.lockChange()()
-	return w.create(dir, name, uint16(mode), uid, gid, func(in wInode) error {
+	unlock, cerr := w.lockChangeContext(ctx, "mknod")
+	if cerr != nil {
+		return nil, cerr
+	}
+	defer unlock()
+	in, err := w.create(dir, name, uint16(mode), uid, gid, func(in wInode) error {
 		switch in.Mode & sIFMT {
 		case sIFREG:
 			return w.storeExtents(in, &extentMap{})
@@ -41,11 +77,34 @@ func (w *Writer) Mknod(dir uint32, name string, mode uint32, rdev uint32, uid, g
 		}
 		return w.storeInode(in)
 	})
+	if err == nil && hold {
+		w.holds[in.Ino]++ // in the change that made it: no unlink comes between
+	}
+	return in, err
 }
 
 // Mkdir makes a directory with "." and ".." in one block.
 func (w *Writer) Mkdir(dir uint32, name string, perm uint32, uid, gid uint32) (*Inode, error) {
-	defer w.lockChange()()
+	return w.mkdir(context.Background(), dir, name, perm, uid, gid, false)
+}
+
+// MkdirContext is Mkdir for ctx (see CreateContext).
+func (w *Writer) MkdirContext(ctx context.Context, dir uint32, name string, perm uint32, uid, gid uint32) (*Inode, error) {
+	return w.mkdir(ctx, dir, name, perm, uid, gid, false)
+}
+
+// MkdirHeld is MkdirContext that also holds the new directory (see
+// CreateHeld).
+func (w *Writer) MkdirHeld(ctx context.Context, dir uint32, name string, perm uint32, uid, gid uint32) (*Inode, error) {
+	return w.mkdir(ctx, dir, name, perm, uid, gid, true)
+}
+
+func (w *Writer) mkdir(ctx context.Context, dir uint32, name string, perm uint32, uid, gid uint32, hold bool) (*Inode, error) {
+	unlock, cerr := w.lockChangeContext(ctx, "mkdir")
+	if cerr != nil {
+		return nil, cerr
+	}
+	defer unlock()
 	parent, err := w.f.Inode(dir)
 	if err != nil {
 		return nil, err
@@ -73,20 +132,45 @@ func (w *Writer) Mkdir(dir uint32, name string, perm uint32, uid, gid uint32) (*
 	if err := w.addLinks(dir, 1); err != nil {
 		return nil, err
 	}
-	return in, w.endOp()
+	if err := w.endOp(); err != nil {
+		return nil, err
+	}
+	if hold {
+		w.holds[in.Ino]++
+	}
+	return in, nil
 }
 
 // Symlink makes a symbolic link: a fast one (target in i_block) below 60
 // bytes, else one data block, as the kernel does.
 func (w *Writer) Symlink(dir uint32, name, target string, uid, gid uint32) (*Inode, error) {
+	return w.symlink(context.Background(), dir, name, target, uid, gid, false)
+}
+
+// SymlinkContext is Symlink for ctx (see CreateContext).
+func (w *Writer) SymlinkContext(ctx context.Context, dir uint32, name, target string, uid, gid uint32) (*Inode, error) {
+	return w.symlink(ctx, dir, name, target, uid, gid, false)
+}
+
+// SymlinkHeld is SymlinkContext that also holds the new link (see
+// CreateHeld).
+func (w *Writer) SymlinkHeld(ctx context.Context, dir uint32, name, target string, uid, gid uint32) (*Inode, error) {
+	return w.symlink(ctx, dir, name, target, uid, gid, true)
+}
+
+func (w *Writer) symlink(ctx context.Context, dir uint32, name, target string, uid, gid uint32, hold bool) (*Inode, error) {
 	if len(target) == 0 {
 		return nil, errno(syscall.ENOENT, "symlink %q: empty target", name)
 	}
 	if len(target) >= maxSymlinkLen || len(target) > int(w.f.blockSize) {
 		return nil, errno(syscall.ENAMETOOLONG, "symlink %q: target of %d bytes", name, len(target))
 	}
-	defer w.lockChange()()
-	return w.create(dir, name, sIFLNK|0o777, uid, gid, func(in wInode) error {
+	unlock, cerr := w.lockChangeContext(ctx, "symlink")
+	if cerr != nil {
+		return nil, cerr
+	}
+	defer unlock()
+	in, err := w.create(dir, name, sIFLNK|0o777, uid, gid, func(in wInode) error {
 		in.setSize(uint64(len(target)))
 		if len(target) < 60 {
 			copy(in.iblock(), target)
@@ -105,6 +189,10 @@ func (w *Writer) Symlink(dir uint32, name, target string, uid, gid uint32) (*Ino
 		m.insert(extent{lblk: 0, len: 1, pblk: blk})
 		return w.storeExtents(in, m)
 	})
+	if err == nil && hold {
+		w.holds[in.Ino]++
+	}
+	return in, err
 }
 
 // create allocates an inode of the given mode, lets fill give it content
@@ -151,14 +239,14 @@ func (w *Writer) create(dir uint32, name string, mode uint16, uid, gid uint32, f
 
 // checkAbsent fails with EEXIST when dir already holds name.
 func (w *Writer) checkAbsent(dir uint32, name string) error {
-	_, err := w.lookup(dir, name)
+	ino, err := w.find(dir, name)
 	switch {
-	case err == nil || name == "." || name == "..":
+	case err != nil:
+		return err
+	case ino != 0 || name == "." || name == "..":
 		return errno(syscall.EEXIST, "inode %d: %q", dir, name)
-	case isErrno(err, syscall.ENOENT):
-		return nil
 	}
-	return err
+	return nil
 }
 
 func isErrno(err error, e syscall.Errno) bool {
@@ -168,43 +256,83 @@ func isErrno(err error, e syscall.Errno) bool {
 
 // Link adds name in dir for the existing non-directory ino.
 func (w *Writer) Link(ino, dir uint32, name string) error {
+	return w.LinkContext(context.Background(), ino, dir, name)
+}
+
+// LinkContext is Link for ctx (see CreateContext).
+func (w *Writer) LinkContext(ctx context.Context, ino, dir uint32, name string) error {
+	_, err := w.link(ctx, ino, dir, name, false)
+	return err
+}
+
+// LinkHeld is LinkContext that returns the inode's attributes as of the
+// change (the new link count) and holds it (see CreateHeld).
+func (w *Writer) LinkHeld(ctx context.Context, ino, dir uint32, name string) (*Inode, error) {
+	return w.link(ctx, ino, dir, name, true)
+}
+
+func (w *Writer) link(ctx context.Context, ino, dir uint32, name string, hold bool) (*Inode, error) {
 	if err := checkName(name); err != nil {
-		return err
+		return nil, err
 	}
-	defer w.lockChange()()
+	unlock, cerr := w.lockChangeContext(ctx, "link")
+	if cerr != nil {
+		return nil, cerr
+	}
+	defer unlock()
 	in, err := w.loadInode(ino)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	// The kernel checks the new name before the source's type.
 	if err := w.checkAbsent(dir, name); err != nil {
-		return err
+		return nil, err
 	}
 	if in.IsDir() {
-		return errno(syscall.EPERM, "link to directory inode %d", ino)
+		return nil, errno(syscall.EPERM, "link to directory inode %d", ino)
 	}
 	if in.Links >= linkMax {
-		return errno(syscall.EMLINK, "inode %d has %d links", ino, in.Links)
+		return nil, errno(syscall.EMLINK, "inode %d has %d links", ino, in.Links)
 	}
 	if err := w.addEntry(dir, name, ino, w.fileType(in.Mode)); err != nil {
-		return err
+		return nil, err
 	}
 	in.setLinks(in.Links + 1)
 	w.touch(in, false)
 	if err := w.storeInode(in); err != nil {
-		return err
+		return nil, err
 	}
-	return w.endOp()
+	if err := w.endOp(); err != nil {
+		return nil, err
+	}
+	if !hold {
+		return nil, nil
+	}
+	got, err := w.f.Inode(ino)
+	if err == nil {
+		w.holds[ino]++
+	}
+	return got, err
 }
 
 // Unlink removes name, a non-directory, from dir; the inode and its blocks
 // are freed with its last link. (Orphan handling for files still open comes
 // with the journal.)
 func (w *Writer) Unlink(dir uint32, name string) error {
+	return w.UnlinkContext(context.Background(), dir, name)
+}
+
+// UnlinkContext is Unlink for ctx: it gives up when ctx ends before the
+// change starts (see lockChangeContext).
+func (w *Writer) UnlinkContext(ctx context.Context, dir uint32, name string) error {
 	if name == "." || name == ".." {
 		return errno(syscall.EISDIR, "unlink %q", name)
 	}
-	defer w.lockChange()()
+	unlock, cerr := w.lockChangeContext(ctx, "unlink")
+	if cerr != nil {
+		return cerr
+	}
+	defer unlock()
 	ino, err := w.lookup(dir, name)
 	if err != nil {
 		return err
@@ -241,13 +369,23 @@ func (w *Writer) dropLink(ino uint32) error {
 
 // Rmdir removes the empty directory name from dir.
 func (w *Writer) Rmdir(dir uint32, name string) error {
+	return w.RmdirContext(context.Background(), dir, name)
+}
+
+// RmdirContext is Rmdir for ctx: it gives up when ctx ends before the
+// change starts (see lockChangeContext).
+func (w *Writer) RmdirContext(ctx context.Context, dir uint32, name string) error {
 	switch name {
 	case ".":
 		return errno(syscall.EINVAL, "rmdir %q", name)
 	case "..":
 		return errno(syscall.ENOTEMPTY, "rmdir %q", name)
 	}
-	defer w.lockChange()()
+	unlock, cerr := w.lockChangeContext(ctx, "rmdir")
+	if cerr != nil {
+		return cerr
+	}
+	defer unlock()
 	ino, err := w.lookup(dir, name)
 	if err != nil {
 		return err
@@ -391,6 +529,12 @@ const (
 // as rename(2) does (a non-directory by a non-directory, an empty directory
 // by a directory), or as renameat2(2) does with flags.
 func (w *Writer) Rename(olddir uint32, oldname string, newdir uint32, newname string, flags uint32) error {
+	return w.RenameContext(context.Background(), olddir, oldname, newdir, newname, flags)
+}
+
+// RenameContext is Rename for ctx: it gives up when ctx ends before the
+// change starts (see lockChangeContext).
+func (w *Writer) RenameContext(ctx context.Context, olddir uint32, oldname string, newdir uint32, newname string, flags uint32) error {
 	if flags&^(RenameNoReplace|RenameExchange) != 0 || flags == RenameNoReplace|RenameExchange {
 		return errno(syscall.EINVAL, "rename flags %#x", flags)
 	}
@@ -402,7 +546,11 @@ func (w *Writer) Rename(olddir uint32, oldname string, newdir uint32, newname st
 	if err := checkName(newname); err != nil {
 		return err
 	}
-	defer w.lockChange()()
+	unlock, cerr := w.lockChangeContext(ctx, "rename")
+	if cerr != nil {
+		return cerr
+	}
+	defer unlock()
 	src, err := w.lookup(olddir, oldname)
 	if err != nil {
 		return err
@@ -590,7 +738,17 @@ type SetAttr struct {
 
 // Setattr applies a to inode ino.
 func (w *Writer) Setattr(ino uint32, a SetAttr) (*Inode, error) {
-	defer w.lockChange()()
+	return w.SetattrContext(context.Background(), ino, a)
+}
+
+// SetattrContext is Setattr for ctx: it gives up when ctx ends before the
+// change starts (see lockChangeContext).
+func (w *Writer) SetattrContext(ctx context.Context, ino uint32, a SetAttr) (*Inode, error) {
+	unlock, cerr := w.lockChangeContext(ctx, "setattr")
+	if cerr != nil {
+		return nil, cerr
+	}
+	defer unlock()
 	in, err := w.loadInode(ino)
 	if err != nil {
 		return nil, err

@@ -1,6 +1,7 @@
 package ext4
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
 )
@@ -21,7 +22,17 @@ func (w *Writer) Hold(ino uint32) {
 
 // Release drops a hold; an inode left without links and holds is freed.
 func (w *Writer) Release(ino uint32) error {
-	defer w.lockChange()()
+	return w.ReleaseContext(context.Background(), ino)
+}
+
+// ReleaseContext is Release for ctx: it gives up when ctx ends before the
+// change starts (see lockChangeContext).
+func (w *Writer) ReleaseContext(ctx context.Context, ino uint32) error {
+	unlock, cerr := w.lockChangeContext(ctx, "release")
+	if cerr != nil {
+		return cerr
+	}
+	defer unlock()
 	if w.holds[ino] == 0 {
 		return fmt.Errorf("ext4: release of inode %d, which is not held", ino)
 	}

@@ -492,8 +492,8 @@ func writerOnMke2fsTree(t *testing.T, args []string, wantLevels int) {
 	}
 	// Every name is found through the index, by us as by the kernel above.
 	for i := 0; i < 4000; i += 97 {
-		if _, err := f.dxLookup(in, []byte(fmt.Sprintf("new-%d-%s", i, strings.Repeat("x", i%50)))); err != nil {
-			t.Errorf("index lookup of new-%d: %v", i, err)
+		if ino, err := f.dxLookup(in, []byte(fmt.Sprintf("new-%d-%s", i, strings.Repeat("x", i%50)))); err != nil || ino == 0 {
+			t.Errorf("index lookup of new-%d: inode %d, %v", i, ino, err)
 		}
 	}
 }

@@ -2,6 +2,7 @@ package ext4
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"fmt"
 	"slices"
@@ -75,6 +76,12 @@ func encodeXattrs(area []byte, entryOff, base int, es []xattrEntry) bool {
 // SetXattr sets attribute name of inode ino (flags: XattrCreate,
 // XattrReplace). POSIX ACLs are given in the Linux xattr format.
 func (w *Writer) SetXattr(ino uint32, name string, value []byte, flags int) error {
+	return w.SetXattrContext(context.Background(), ino, name, value, flags)
+}
+
+// SetXattrContext is SetXattr for ctx: it gives up when ctx ends before the
+// change starts (see lockChangeContext).
+func (w *Writer) SetXattrContext(ctx context.Context, ino uint32, name string, value []byte, flags int) error {
 	idx, suffix, err := w.xattrName(name)
 	if err != nil {
 		return err
@@ -87,7 +94,11 @@ func (w *Writer) SetXattr(ino uint32, name string, value []byte, flags int) erro
 			return err
 		}
 	}
-	defer w.lockChange()()
+	unlock, cerr := w.lockChangeContext(ctx, "setxattr")
+	if cerr != nil {
+		return cerr
+	}
+	defer unlock()
 	return w.changeXattrs(ino, name, func(es []xattrEntry, at int) ([]xattrEntry, error) {
 		switch {
 		case at >= 0 && flags&XattrCreate != 0:
@@ -104,11 +115,21 @@ func (w *Writer) SetXattr(ino uint32, name string, value []byte, flags int) erro
 
 // RemoveXattr removes attribute name of inode ino.
 func (w *Writer) RemoveXattr(ino uint32, name string) error {
+	return w.RemoveXattrContext(context.Background(), ino, name)
+}
+
+// RemoveXattrContext is RemoveXattr for ctx: it gives up when ctx ends
+// before the change starts (see lockChangeContext).
+func (w *Writer) RemoveXattrContext(ctx context.Context, ino uint32, name string) error {
 	idx, suffix, err := w.xattrName(name)
 	if err != nil {
 		return err
 	}
-	defer w.lockChange()()
+	unlock, cerr := w.lockChangeContext(ctx, "removexattr")
+	if cerr != nil {
+		return cerr
+	}
+	defer unlock()
 	return w.changeXattrs(ino, name, func(es []xattrEntry, at int) ([]xattrEntry, error) {
 		if at < 0 {
 			return nil, errno(syscall.ENODATA, "inode %d: xattr %q", ino, name)

@@ -1,6 +1,7 @@
 package ext4
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -213,8 +214,8 @@ func splitXattrName(name string) (uint8, string, bool) {
 	return 0, "", false
 }
 
-// getXattrRaw returns the stored value of attribute (index, name), a copy
-// when it comes from an EA inode.
+// getXattrRaw returns a copy of the stored value of attribute (index,
+// name).
 func (f *FS) getXattrRaw(in *Inode, index uint8, name string) ([]byte, error) {
 	es, err := f.allXattrs(in)
 	if err != nil {
@@ -225,7 +226,9 @@ func (f *FS) getXattrRaw(in *Inode, index uint8, name string) ([]byte, error) {
 			continue
 		}
 		if e.valueInum == 0 {
-			return e.value, nil
+			// A copy: the block may be the writer's open transaction
+			// buffer, which changes in place after the caller's View.
+			return bytes.Clone(e.value), nil
 		}
 		return f.eaInodeValue(in, e)
 	}
