@@ -10,6 +10,7 @@ package fs
 import (
 	"context"
 	"errors"
+	"io"
 	"syscall"
 
 	"github.com/blobseal/blobseal/fs/ext4"
@@ -67,8 +68,12 @@ var fsErrnos = map[syscall.Errno]bool{
 
 // writerTree reads a filesystem that an ext4.Writer changes: each read
 // runs in Writer.View, against the current inode rather than the copy the
-// caller looked up earlier.
-type writerTree struct{ w *ext4.Writer }
+// caller looked up earlier, with the data still in the dirty cache laid
+// over it (sizes, times and contents), so a write is visible at once.
+type writerTree struct {
+	w     *ext4.Writer
+	dirty *dirtyCache
+}
 
 var _ Tree = writerTree{}
 
@@ -77,6 +82,9 @@ func (t writerTree) Inode(ino uint32) (in *ext4.Inode, err error) {
 		in, err = f.Inode(ino)
 		return err
 	})
+	if err == nil && in.IsRegular() {
+		in = t.dirty.overlay(in)
+	}
 	return in, err
 }
 
@@ -103,6 +111,9 @@ func (t writerTree) Lookup(dir *ext4.Inode, name string) (ino uint32, err error)
 }
 
 func (t writerTree) ReadAtContext(ctx context.Context, file *ext4.Inode, p []byte, off int64) (n int, err error) {
+	// The dirty bytes are copied before the stored ones are read: a flush
+	// finishing in between then leaves both views the same.
+	pieces, dirtyEnd := t.dirty.pieces(file.Ino, off, len(p))
 	err = t.w.View(func(f *ext4.FS) error {
 		cur, err := f.Inode(file.Ino)
 		if err == nil {
@@ -110,6 +121,21 @@ func (t writerTree) ReadAtContext(ctx context.Context, file *ext4.Inode, p []byt
 		}
 		return err
 	})
+	if err != nil && !errors.Is(err, io.EOF) {
+		return n, err
+	}
+	if covered := int(min(int64(len(p)), dirtyEnd-off)); covered > n {
+		// Written but not yet stored past the stored end: zeros up to
+		// each piece, as in a hole.
+		clear(p[n:covered])
+		n = covered
+	}
+	for _, pc := range pieces {
+		copy(p[pc.off-off:], pc.data)
+	}
+	if n == len(p) {
+		err = nil
+	}
 	return n, err
 }
 
