@@ -8,10 +8,13 @@
 #              cryptsetup (aes-xts-plain64, 4096-byte sectors), so blobseal
 #              also pays for encryption.
 # Workloads, each ending in an fsync that commits the journal:
-#   sequential write of SIZE_MIB + fsync; FILES files of 4 KiB + fsync;
-#   untar of a tarball of $(go env GOROOT)/src + fsync; rm -rf of it + fsync.
+#   sequential write of SIZE_MIB + fsync; FILES files of 4 KiB, each
+#   created, written and fsynced; untar of a tarball of $(go env GOROOT)/src
+#   + fsync; rm -rf of it + fsync.
 # Caches are dropped before each. Printed: MB/s (where it means something),
-# wall seconds, and CPU seconds (the command's, plus the FUSE server's).
+# wall seconds, CPU seconds (the command's, plus the FUSE server's, which
+# for blobseal is also the ext4 writer and the encryption; the kernel's own
+# work in kworkers is not counted), and that CPU per GiB of file data.
 #
 # Needs root (loop mount, drop_caches), cryptsetup, e2fsprogs, fuse2fs,
 # fuse3, go, python3.
@@ -92,7 +95,8 @@ cpu_ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; 
 fsync_path() { python3 -c 'import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); os.fsync(fd)' "$1"; }
 
 # measure SIDE LABEL MIB CMD... — runs CMD (a shell snippet) with caches
-# dropped first and prints one result line.
+# dropped first and prints one result line. MIB is the file data written
+# (MiB, or bytes with a B suffix: no MB/s then), 0 for none.
 measure() {
 	local side=$1 label=$2 mib=$3 script=$4
 	local spid=${server[$side]:-}
@@ -111,27 +115,31 @@ measure() {
 	awk -v side="$side" -v label="$label" -v mib="$mib" -v t0="$t0" -v t1="$t1" -v tm="$tm" \
 		-v c0="$c0" -v c1="$c1" -v hz="$ticks" 'BEGIN {
 		split(tm, u, " "); s = t1 - t0; cpu = u[1] + u[2] + (c1 - c0) / hz
-		rate = mib > 0 ? sprintf("%8.1f MB/s", mib * 1048576 / s / 1e6) : sprintf("%13s", "")
-		printf "%-9s %-22s %s  %7.2f s  %6.2f CPU-s\n", side, label, rate, s, cpu }'
+		bytes = mib ~ /B$/ ? substr(mib, 1, length(mib) - 1) : mib * 1048576
+		rate = bytes > 0 && mib !~ /B$/ ? sprintf("%8.1f MB/s", bytes / s / 1e6) : sprintf("%13s", "")
+		perGiB = bytes > 0 ? sprintf("%7.2f CPU-s/GiB", cpu / (bytes / 1073741824)) : ""
+		printf "%-9s %-24s %s  %7.2f s  %6.2f CPU-s  %s\n", side, label, rate, s, cpu, perGiB }'
 }
 
 fsync_py=$(declare -f fsync_path)
 echo
 echo "== workloads (SIZE_MIB=$SIZE_MIB, FILES=$FILES, tarball ${tar_mib} MiB; caches dropped before each)"
+echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) CPUs"
 for side in kernel fuse2fs blobseal; do
 	d=${mnt[$side]}
 	measure "$side" "write ${SIZE_MIB} MiB + fsync" "$SIZE_MIB" \
 		"dd if=/dev/zero of=$d/seq bs=1M count=$SIZE_MIB conv=fsync status=none"
-	measure "$side" "${FILES} files + fsync" 0 \
+	measure "$side" "${FILES} files, fsync each" "$((FILES * 4096))B" \
 		"python3 -c 'import os, sys
 d = sys.argv[1]; os.mkdir(d); data = b\"s\" * 4096
 for i in range(int(sys.argv[2])):
-    with open(os.path.join(d, \"f%05d\" % i), \"wb\") as f: f.write(data)
+    with open(os.path.join(d, \"f%05d\" % i), \"wb\") as f: f.write(data); os.fsync(f.fileno())
 fd = os.open(d, os.O_RDONLY); os.fsync(fd)' $d/small $FILES"
 	measure "$side" "untar Go src + fsync" "$tar_mib" "$fsync_py; tar -xf $tarball -C $d && fsync_path $d/src"
 	measure "$side" "rm -rf it + fsync" 0 "$fsync_py; rm -rf $d/src && fsync_path $d"
 	echo
 done
+echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # Unmount and check all three images.
 fusermount3 -u "${mnt[blobseal]}"

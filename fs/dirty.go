@@ -44,8 +44,12 @@ type dirtyCache struct {
 
 	mu    sync.Mutex
 	cond  *sync.Cond // signalled when used drops or a file stops being busy
-	used  int64      // bytes in runs and in flight
+	used  int64      // capacity of the runs buffered and in flight
 	files map[uint32]*dirtyFile
+
+	// spare keeps a few emptied streaming-run buffers (not counted in
+	// used), so a stream reuses memory instead of clearing new buffers.
+	spare [][]byte
 
 	kick chan struct{} // wakes the background flusher
 	stop chan struct{}
@@ -54,10 +58,11 @@ type dirtyCache struct {
 
 // dirtyFile is one inode's unflushed data.
 type dirtyFile struct {
-	ino      uint32
-	runs     []dirtyRun // sorted by offset, neither overlapping nor adjacent
+	ino  uint32
+	runs []dirtyRun // sorted by offset, not overlapping
+
 	inflight []dirtyRun // taken by the flush in progress, still visible to readers
-	bytes    int64      // in runs
+	bytes    int64      // capacity of runs (what the cache accounts)
 	end      int64      // largest offset+len of runs and inflight: the size they imply
 	mtime    time.Time  // of the last buffered write
 	busy     bool       // a flush of this file is running
@@ -97,10 +102,11 @@ func (c *dirtyCache) background() int64 { return c.limit / 4 }
 // and answers a flush error not yet reported instead of buffering more
 // (a writer filling a full filesystem stops at once, not at close).
 func (c *dirtyCache) write(ino uint32, data []byte, off int64) error {
-	need := int64(len(data))
-	if need == 0 {
+	if len(data) == 0 {
 		return nil
 	}
+	// At most what add can grow by: the data, or a fresh streaming run.
+	need := max(int64(len(data)), c.runCap())
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for {
@@ -118,8 +124,7 @@ func (c *dirtyCache) write(ino uint32, data []byte, off int64) error {
 		f = &dirtyFile{ino: ino}
 		c.files[ino] = f
 	}
-	grown := f.add(data, off)
-	c.used += grown
+	c.used += f.add(data, off, int(c.runCap()), c.buffer)
 	f.mtime = time.Now()
 	if c.used >= c.background() {
 		c.wake()
@@ -127,38 +132,55 @@ func (c *dirtyCache) write(ino uint32, data []byte, off int64) error {
 	return nil
 }
 
-// add merges data at off into the runs and returns how many bytes the
-// runs grew by.
-func (f *dirtyFile) add(data []byte, off int64) int64 {
+// runCap is the capacity a streaming write's run is given up front, so a
+// sequence of writes fills one buffer instead of regrowing it, and the
+// size of the contiguous runs the Writer then gets.
+func (c *dirtyCache) runCap() int64 { return min(8<<20, c.limit/8) }
+
+// streamingWrite is the smallest write taken for part of a stream (the
+// kernel sends large sequential writes in pieces of up to 1 MiB).
+const streamingWrite = 128 << 10
+
+// add merges data at off into the runs and returns how much their
+// capacity grew: the memory the cache accounts.
+func (f *dirtyFile) add(data []byte, off int64, runCap int, buffer func(size int) []byte) int64 {
 	end := off + int64(len(data))
-	// The runs that overlap or touch [off, end).
-	lo := sort.Search(len(f.runs), func(i int) bool { return f.runs[i].end() >= off })
+	// The runs that overlap [off, end).
+	lo := sort.Search(len(f.runs), func(i int) bool { return f.runs[i].end() > off })
 	hi := lo
-	for hi < len(f.runs) && f.runs[hi].off <= end {
+	for hi < len(f.runs) && f.runs[hi].off < end {
 		hi++
 	}
 	var grown int64
 	switch {
+	case lo == hi && lo > 0 && f.runs[lo-1].end() == off && int64(cap(f.runs[lo-1].data)) >= end-f.runs[lo-1].off:
+		// The next piece of a stream, with room in its run.
+		r := &f.runs[lo-1]
+		r.data = append(r.data, data...)
 	case lo == hi: // a new run
+		size := len(data)
+		if len(data) >= streamingWrite {
+			size = max(size, runCap)
+		}
+		buf := append(buffer(size), data...)
 		f.runs = append(f.runs, dirtyRun{})
 		copy(f.runs[lo+1:], f.runs[lo:])
-		f.runs[lo] = dirtyRun{off: off, data: append([]byte(nil), data...)}
-		grown = int64(len(data))
-	case hi == lo+1 && f.runs[lo].off <= off: // inside or extending one run: the sequential case
+		f.runs[lo] = dirtyRun{off: off, data: buf}
+		grown = int64(size)
+	case hi == lo+1 && f.runs[lo].off <= off && end-f.runs[lo].off <= int64(cap(f.runs[lo].data)):
+		// Inside one run, or extending it within its capacity.
 		r := &f.runs[lo]
-		if end <= r.end() {
-			copy(r.data[off-r.off:], data)
-		} else {
-			grown = end - r.end()
-			r.data = append(r.data[:off-r.off], data...)
+		if n := end - r.off; n > int64(len(r.data)) {
+			r.data = r.data[:n]
 		}
-	default: // spanning several runs or starting before one: rebuild
+		copy(r.data[off-r.off:], data)
+	default: // over several runs, or growing one: rebuild them as one
 		start, stop := min(off, f.runs[lo].off), max(end, f.runs[hi-1].end())
 		buf := make([]byte, stop-start)
 		var old int64
 		for _, r := range f.runs[lo:hi] {
 			copy(buf[r.off-start:], r.data)
-			old += int64(len(r.data))
+			old += int64(cap(r.data))
 		}
 		copy(buf[off-start:], data)
 		f.runs[lo] = dirtyRun{off: start, data: buf}
@@ -169,6 +191,21 @@ func (f *dirtyFile) add(data []byte, off int64) int64 {
 	f.end = max(f.end, end)
 	return grown
 }
+
+// buffer returns an empty buffer of capacity size, a spare one when it
+// fits. Called with mu held.
+func (c *dirtyCache) buffer(size int) []byte {
+	if n := len(c.spare); n > 0 && cap(c.spare[n-1]) == size {
+		b := c.spare[n-1]
+		c.spare = c.spare[:n-1]
+		return b
+	}
+	return make([]byte, 0, size)
+}
+
+// maxSpare bounds the idle buffers kept (memory beyond the limit): enough
+// for a stream to alternate between filling one and writing another out.
+const maxSpare = 2
 
 // wake nudges the flusher without waiting.
 func (c *dirtyCache) wake() {
@@ -239,7 +276,10 @@ func (c *dirtyCache) flushFile(ino uint32) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, r := range runs {
-		c.used -= int64(len(r.data))
+		c.used -= int64(cap(r.data))
+		if int64(cap(r.data)) == c.runCap() && len(c.spare) < maxSpare {
+			c.spare = append(c.spare, r.data[:0])
+		}
 	}
 	f.inflight, f.busy = nil, false
 	if err != nil && f.err == nil {
