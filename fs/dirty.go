@@ -44,11 +44,12 @@ type dirtyCache struct {
 
 	mu    sync.Mutex
 	cond  *sync.Cond // signalled when used drops or a file stops being busy
-	used  int64      // capacity of the runs buffered and in flight
+	used  int64      // capacity of the runs buffered and in flight, and of spare
 	files map[uint32]*dirtyFile
 
-	// spare keeps a few emptied streaming-run buffers (not counted in
-	// used), so a stream reuses memory instead of clearing new buffers.
+	// spare keeps emptied streaming-run buffers (counted in used, and
+	// let go when a writer needs the room), so a stream reuses memory
+	// instead of clearing fresh buffers.
 	spare [][]byte
 
 	kick chan struct{} // wakes the background flusher
@@ -116,6 +117,10 @@ func (c *dirtyCache) write(ino uint32, data []byte, off int64) error {
 		if c.used+need <= c.limit {
 			break
 		}
+		if len(c.spare) > 0 {
+			c.dropSpare()
+			continue
+		}
 		c.wake()
 		c.cond.Wait()
 	}
@@ -134,8 +139,10 @@ func (c *dirtyCache) write(ino uint32, data []byte, off int64) error {
 
 // runCap is the capacity a streaming write's run is given up front, so a
 // sequence of writes fills one buffer instead of regrowing it, and the
-// size of the contiguous runs the Writer then gets.
-func (c *dirtyCache) runCap() int64 { return min(8<<20, c.limit/8) }
+// size of the contiguous runs the Writer then gets: 4 MiB, which is also
+// the largest write the encrypting volume below serves from its buffer
+// pool (a larger one costs it a fresh buffer, cleared, per write).
+func (c *dirtyCache) runCap() int64 { return min(4<<20, c.limit/8) }
 
 // streamingWrite is the smallest write taken for part of a stream (the
 // kernel sends large sequential writes in pieces of up to 1 MiB).
@@ -143,7 +150,7 @@ const streamingWrite = 128 << 10
 
 // add merges data at off into the runs and returns how much their
 // capacity grew: the memory the cache accounts.
-func (f *dirtyFile) add(data []byte, off int64, runCap int, buffer func(size int) []byte) int64 {
+func (f *dirtyFile) add(data []byte, off int64, runCap int, buffer func(size int) ([]byte, int64)) int64 {
 	end := off + int64(len(data))
 	// The runs that overlap [off, end).
 	lo := sort.Search(len(f.runs), func(i int) bool { return f.runs[i].end() > off })
@@ -162,11 +169,13 @@ func (f *dirtyFile) add(data []byte, off int64, runCap int, buffer func(size int
 		if len(data) >= streamingWrite {
 			size = max(size, runCap)
 		}
-		buf := append(buffer(size), data...)
+		buf, fresh := buffer(size)
+		buf = append(buf, data...)
 		f.runs = append(f.runs, dirtyRun{})
 		copy(f.runs[lo+1:], f.runs[lo:])
 		f.runs[lo] = dirtyRun{off: off, data: buf}
-		grown = int64(size)
+		f.bytes += int64(size) - fresh // a spare buffer was counted already
+		grown = fresh
 	case hi == lo+1 && f.runs[lo].off <= off && end-f.runs[lo].off <= int64(cap(f.runs[lo].data)):
 		// Inside one run, or extending it within its capacity.
 		r := &f.runs[lo]
@@ -192,20 +201,24 @@ func (f *dirtyFile) add(data []byte, off int64, runCap int, buffer func(size int
 	return grown
 }
 
-// buffer returns an empty buffer of capacity size, a spare one when it
-// fits. Called with mu held.
-func (c *dirtyCache) buffer(size int) []byte {
+// buffer returns an empty buffer of capacity size and how much it adds
+// to used: nothing for a spare one. Called with mu held.
+func (c *dirtyCache) buffer(size int) ([]byte, int64) {
 	if n := len(c.spare); n > 0 && cap(c.spare[n-1]) == size {
 		b := c.spare[n-1]
 		c.spare = c.spare[:n-1]
-		return b
+		return b, 0
 	}
-	return make([]byte, 0, size)
+	return make([]byte, 0, size), int64(size)
 }
 
-// maxSpare bounds the idle buffers kept (memory beyond the limit): enough
-// for a stream to alternate between filling one and writing another out.
-const maxSpare = 2
+// dropSpare lets the spare buffers go. Called with mu held.
+func (c *dirtyCache) dropSpare() {
+	for _, b := range c.spare {
+		c.used -= int64(cap(b))
+	}
+	c.spare = nil
+}
 
 // wake nudges the flusher without waiting.
 func (c *dirtyCache) wake() {
@@ -276,9 +289,10 @@ func (c *dirtyCache) flushFile(ino uint32) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, r := range runs {
-		c.used -= int64(cap(r.data))
-		if int64(cap(r.data)) == c.runCap() && len(c.spare) < maxSpare {
+		if int64(cap(r.data)) == c.runCap() {
 			c.spare = append(c.spare, r.data[:0])
+		} else {
+			c.used -= int64(cap(r.data))
 		}
 	}
 	f.inflight, f.busy = nil, false
@@ -351,6 +365,14 @@ func (c *dirtyCache) discard(ino uint32) bool {
 	c.forgetIfClean(f)
 	c.cond.Broadcast()
 	return lost
+}
+
+// trim lets idle memory go: the spare buffers, between bursts.
+func (c *dirtyCache) trim() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.dropSpare()
+	c.cond.Broadcast()
 }
 
 // close stops the background flusher; what is dirty stays for flushAll.

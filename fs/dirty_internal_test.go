@@ -52,7 +52,7 @@ func TestDirtyRunsMergeLikeAFlatFile(t *testing.T) {
 			for i := range data {
 				data[i] = byte(rng.Uint32())
 			}
-			accounted += f.add(data, int64(off), runCap, func(c int) []byte { return make([]byte, 0, c) })
+			accounted += f.add(data, int64(off), runCap, func(c int) ([]byte, int64) { return make([]byte, 0, c), int64(c) })
 			copy(flat[off:], data)
 			for i := off; i < off+n; i++ {
 				written[i] = true
@@ -181,6 +181,7 @@ func TestDirtyCacheStaysWithinItsBound(t *testing.T) {
 	if err := c.flushAll(); err != nil {
 		t.Fatal(err)
 	}
+	c.trim()
 	c.mu.Lock()
 	used, files := c.used, len(c.files)
 	c.mu.Unlock()

@@ -418,6 +418,7 @@ func (s *Server) commitEvery(w *ext4.Writer, dirty *dirtyCache, interval time.Du
 			if err := dirty.flushAll(); err != nil {
 				s.log.Error("periodic flush of written data failed; reported at the file's next fsync or close", "err", err)
 			}
+			dirty.trim()
 			if err := w.Sync(); err != nil {
 				s.log.Error("periodic journal commit failed", "err", err)
 			}
