@@ -20,7 +20,9 @@
 # fuse3, go, python3.
 # Usage: bench/rw.sh [WORKDIR]   (default: a new dir under /var/tmp)
 # Environment: SIZE_MIB (default 1024), FILES (default 10000),
-#   BLOBSEAL_BIN (use this binary instead of building one).
+#   BLOBSEAL_BIN (use this binary instead of building one),
+#   BASELINE_BIN (also measure this blobseal binary, on a fourth copy, as
+#   side "baseline": an earlier build, for before/after in one run).
 set -euo pipefail
 
 SIZE_MIB=${SIZE_MIB:-1024}
@@ -34,14 +36,16 @@ for tool in cryptsetup mkfs.ext4 fuse2fs fusermount3 python3 go; do
 done
 
 bin=$work/blobseal
-declare -A mnt=([kernel]=$work/kernel-mnt [fuse2fs]=$work/fuse2fs-mnt [blobseal]=$work/blobseal-mnt)
+declare -A mnt=([kernel]=$work/kernel-mnt [fuse2fs]=$work/fuse2fs-mnt [blobseal]=$work/blobseal-mnt [baseline]=$work/baseline-mnt)
 declare -A server=()
+sides="kernel fuse2fs blobseal"
+[ -n "${BASELINE_BIN:-}" ] && sides="$sides baseline"
 mkdir -p "${mnt[@]}"
 cleanup() {
-	for side in blobseal fuse2fs; do
+	for side in baseline blobseal fuse2fs; do
 		if mountpoint -q "${mnt[$side]}"; then fusermount3 -u "${mnt[$side]}" || true; fi
 	done
-	for side in blobseal fuse2fs; do
+	for side in baseline blobseal fuse2fs; do
 		[ -n "${server[$side]:-}" ] && wait "${server[$side]}" 2>/dev/null || true
 	done
 	if mountpoint -q "${mnt[kernel]}"; then umount "${mnt[kernel]}" || true; fi
@@ -64,7 +68,7 @@ size_mib=$((SIZE_MIB + FILES * 8 / 1024 + tar_mib * 3 + 256))
 echo "== ${size_mib} MiB journaled ext4 image; three copies"
 key=$work/key
 head -c 32 /dev/urandom >"$key"
-rm -f "$work"/*.ext4 "$work/luks.img"
+rm -f "$work"/*.ext4 "$work/luks.img" "$work/baseline.img" "$work/ready" "$work/baseline-ready"
 mkfs.ext4 -q -F -b 4096 -I 256 -m 0 -O ^resize_inode "$work/kernel.ext4" "${size_mib}M" >/dev/null
 cp --sparse=always "$work/kernel.ext4" "$work/fuse2fs.ext4"
 cp --sparse=always "$work/kernel.ext4" "$work/luks.img"
@@ -72,6 +76,8 @@ truncate -s +32M "$work/luks.img"
 cryptsetup reencrypt --encrypt --batch-mode --type luks2 --cipher aes-xts-plain64 \
 	--sector-size 4096 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
 	--reduce-device-size 32M --key-file "$key" "$work/luks.img"
+
+[ -n "${BASELINE_BIN:-}" ] && cp --sparse=always "$work/luks.img" "$work/baseline.img"
 
 mount -o loop "$work/kernel.ext4" "${mnt[kernel]}"
 fuse2fs "$work/fuse2fs.ext4" "${mnt[fuse2fs]}" -f -o rw >"$work/fuse2fs.log" 2>&1 &
@@ -84,6 +90,13 @@ for _ in $(seq 300); do
 	sleep 0.1
 done
 [ -f "$work/ready" ] || { echo "blobseal mount did not become ready:"; cat "$work/blobseal.log"; exit 1; }
+if [ -n "${BASELINE_BIN:-}" ]; then
+	"$BASELINE_BIN" mount --read-write --ready-file "$work/baseline-ready" --key-file "$key" "$work/baseline.img" "${mnt[baseline]}" \
+		>/dev/null 2>"$work/baseline.log" &
+	server[baseline]=$!
+	for _ in $(seq 300); do [ -f "$work/baseline-ready" ] && break; sleep 0.1; done
+	[ -f "$work/baseline-ready" ] || { echo "baseline mount did not become ready:"; cat "$work/baseline.log"; exit 1; }
+fi
 mountpoint -q "${mnt[fuse2fs]}" || { echo "fuse2fs did not mount:"; cat "$work/fuse2fs.log"; exit 1; }
 
 drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
@@ -125,7 +138,7 @@ fsync_py=$(declare -f fsync_path)
 echo
 echo "== workloads (SIZE_MIB=$SIZE_MIB, FILES=$FILES, tarball ${tar_mib} MiB; caches dropped before each)"
 echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) CPUs"
-for side in kernel fuse2fs blobseal; do
+for side in $sides; do
 	d=${mnt[$side]}
 	measure "$side" "write ${SIZE_MIB} MiB + fsync" "$SIZE_MIB" \
 		"dd if=/dev/zero of=$d/seq bs=1M count=$SIZE_MIB conv=fsync status=none"
@@ -141,9 +154,13 @@ fd = os.open(d, os.O_RDONLY); os.fsync(fd)' $d/small $FILES"
 done
 echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-# Unmount and check all three images.
+# Unmount and check the images.
 fusermount3 -u "${mnt[blobseal]}"
 wait "${server[blobseal]}" && server[blobseal]=
+if [ -n "${BASELINE_BIN:-}" ]; then
+	fusermount3 -u "${mnt[baseline]}"
+	wait "${server[baseline]}" && server[baseline]=
+fi
 fusermount3 -u "${mnt[fuse2fs]}"
 wait "${server[fuse2fs]}" || true
 server[fuse2fs]=
@@ -152,5 +169,12 @@ echo "== e2fsck -fn after unmount"
 for img in kernel.ext4 fuse2fs.ext4; do
 	e2fsck -fn "$work/$img" >/dev/null 2>&1 && echo "$img: clean" || echo "$img: e2fsck found errors"
 done
-grep -q "flushed and clean" "$work/blobseal.log" && echo "luks.img: blobseal flushed and clean (decrypt it to e2fsck)"
+for side in blobseal baseline; do
+	[ -f "$work/$side.log" ] || continue
+	grep -q "flushed and clean" "$work/$side.log" && echo "$side: flushed and clean" || echo "$side: NOT flushed clean (see $work/$side.log)"
+done
+# blobseal's image: unlocked, every entry and byte read back (e2fsck needs
+# the plaintext; the fs tests run it on plaintext images).
+"$bin" image check --key-file "$key" "$work/luks.img" >/dev/null 2>"$work/check.err" &&
+	echo "luks.img: blobseal image check read every entry" || echo "luks.img: image check failed: $(tail -n1 "$work/check.err")"
 echo "(workdir $work)"
