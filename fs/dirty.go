@@ -17,14 +17,6 @@ const DefaultDirtyLimit = 64 << 20
 // a writer always fits once the cache has drained.
 const minDirtyLimit = 4 << 20
 
-// dataWriter is what the cache flushes to; *ext4.Writer implements it.
-// Tests put a failing one in front to see errors reach the application.
-type dataWriter interface {
-	WriteAt(ino uint32, p []byte, off int64) (int, error)
-}
-
-var _ dataWriter = (*ext4.Writer)(nil)
-
 // dirtyCache holds data written through a writable mount until it is
 // flushed to the ext4 Writer in large contiguous runs, so the allocator
 // sees whole extents and a write(2) costs a copy rather than a journaled
@@ -38,7 +30,7 @@ var _ dataWriter = (*ext4.Writer)(nil)
 // One mutex guards the bookkeeping and is never held across a Writer call;
 // a per-file busy flag keeps that file's flushes in order.
 type dirtyCache struct {
-	w     dataWriter
+	w     *ext4.Writer
 	log   *slog.Logger
 	limit int64
 
@@ -77,7 +69,7 @@ type dirtyRun struct {
 
 func (r dirtyRun) end() int64 { return r.off + int64(len(r.data)) }
 
-func newDirtyCache(w dataWriter, limit int64, log *slog.Logger) *dirtyCache {
+func newDirtyCache(w *ext4.Writer, limit int64, log *slog.Logger) *dirtyCache {
 	if limit <= 0 {
 		limit = DefaultDirtyLimit
 	}
@@ -106,13 +98,17 @@ func (c *dirtyCache) write(ino uint32, data []byte, off int64) error {
 	if len(data) == 0 {
 		return nil
 	}
-	// At most what add can grow by: the data, or a fresh streaming run.
-	need := max(int64(len(data)), c.runCap())
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for {
 		if f := c.files[ino]; f != nil && f.err != nil {
 			return f.err
+		}
+		// At most what add can grow by: the data, or a fresh streaming
+		// run when no spare one is left.
+		need := int64(len(data))
+		if len(c.spare) == 0 {
+			need = max(need, c.runCap())
 		}
 		if c.used+need <= c.limit {
 			break
