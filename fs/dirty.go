@@ -13,6 +13,11 @@ import (
 // memory before writers wait for it to reach the filesystem.
 const DefaultDirtyLimit = 64 << 20
 
+// mtimeSlack is how much later than the last write a flush may stamp a
+// file's mtime before the flush puts the write's time back (one more
+// journaled inode change, not worth making at every close).
+const mtimeSlack = 50 * time.Millisecond
+
 // minDirtyLimit keeps room for a few maximal FUSE writes (1 MiB each), so
 // a writer always fits once the cache has drained.
 const minDirtyLimit = 4 << 20
@@ -271,7 +276,7 @@ func (c *dirtyCache) flushFile(ino uint32) error {
 		return nil
 	}
 	f.busy = true
-	runs := f.runs
+	runs, mtime := f.runs, f.mtime
 	f.runs, f.inflight, f.bytes = nil, runs, 0
 	c.mu.Unlock()
 
@@ -280,6 +285,11 @@ func (c *dirtyCache) flushFile(ino uint32) error {
 		if _, err = c.w.WriteAt(ino, r.data, r.off); err != nil {
 			break
 		}
+	}
+	if err == nil && time.Since(mtime) > mtimeSlack {
+		// The Writer stamped the flush's time; the file was last written
+		// earlier, and that is what stat showed meanwhile.
+		_, err = c.w.Setattr(ino, ext4.SetAttr{Mtime: &mtime})
 	}
 
 	c.mu.Lock()

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -171,5 +172,43 @@ func TestDirtyCacheEIOReachesFsyncAndClose(t *testing.T) {
 	}
 	if err := srv.Err(); err == nil {
 		t.Error("the flush at unmount succeeded on a failing device")
+	}
+}
+
+// TestDirtyCacheKeepsTheWritesMtime: a file's mtime is the time of its
+// last write, both while the data waits in the cache and once a later
+// flush (here the close, 300 ms on) stored it: the image keeps what stat
+// showed, not the time of the flush.
+func TestDirtyCacheKeepsTheWritesMtime(t *testing.T) {
+	img := makeWritableImage(t, "")
+	m := mountWritable(t, img)
+	f, err := os.Create(m.p("f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := time.Now()
+	if _, err := f.Write([]byte("data")); err != nil {
+		t.Fatal(err)
+	}
+	after := time.Now()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	dirty := time.Unix(st.Mtim.Unix())
+	if dirty.Before(before) || dirty.After(after) || st.Size != 4 {
+		t.Errorf("while dirty: mtime %v, size %d; want a time within the write (%v..%v), size 4", dirty, st.Size, before, after)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	m.unmount(t)
+	again := mountWritable(t, img)
+	if err := unix.Stat(again.p("f"), &st); err != nil {
+		t.Fatal(err)
+	}
+	if stored := time.Unix(st.Mtim.Unix()); !stored.Equal(dirty) {
+		t.Errorf("mtime stored %v, stat showed %v before the flush", stored, dirty)
 	}
 }

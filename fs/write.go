@@ -40,9 +40,10 @@ import (
 // reaches the Writer at close at the latest, so what a stat shows after
 // close is what the image keeps.
 //
-// Limits: a file's mtime and ctime move from the time of its last write
-// to the time of its flush (microseconds later at close); st_blocks counts
-// only stored blocks; syncfs(2) does not reach this process (go-fuse has
+// Limits: a file's ctime becomes the time of its flush (microseconds
+// after the last write when that is a close), and so does its mtime when
+// the flush comes within mtimeSlack (later ones put the write's time
+// back); st_blocks counts only stored blocks; syncfs(2) does not reach this process (go-fuse has
 // no SYNCFS), so it is the periodic commit that stores such data within
 // commitInterval.
 //
