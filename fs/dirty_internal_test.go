@@ -21,6 +21,58 @@ import (
 	"github.com/blobseal/blobseal/internal/testenv"
 )
 
+// flatModel is what a file's dirty runs must amount to: the bytes
+// written so far, laid out flat.
+type flatModel struct {
+	f         *dirtyFile
+	runCap    int
+	flat      []byte
+	written   []bool
+	accounted int64
+}
+
+func newFlatModel(size, runCap int) *flatModel {
+	return &flatModel{f: &dirtyFile{}, runCap: runCap, flat: make([]byte, size), written: make([]bool, size)}
+}
+
+func (m *flatModel) write(data []byte, off int) {
+	m.accounted += m.f.add(data, int64(off), m.runCap, func(c int) ([]byte, int64) { return make([]byte, 0, c), int64(c) })
+	copy(m.flat[off:], data)
+	for i := off; i < off+len(data); i++ {
+		m.written[i] = true
+	}
+}
+
+// check fails unless the runs are sorted and disjoint, cover exactly the
+// bytes written, hold their latest values, and are accounted exactly.
+func (m *flatModel) check(t testing.TB, where string) {
+	t.Helper()
+	covered := make([]bool, len(m.flat))
+	var capSum, end int64
+	for i, r := range m.f.runs {
+		if i > 0 && r.off < m.f.runs[i-1].end() {
+			t.Fatalf("%s: run %d at %d overlaps the one before (ends %d)", where, i, r.off, m.f.runs[i-1].end())
+		}
+		if !bytes.Equal(r.data, m.flat[r.off:r.end()]) {
+			t.Fatalf("%s: run at %d (%d bytes) holds other bytes than were written there", where, r.off, len(r.data))
+		}
+		for j := r.off; j < r.end(); j++ {
+			covered[j] = true
+		}
+		capSum += int64(cap(r.data))
+		end = max(end, r.end())
+	}
+	if !slices.Equal(covered, m.written) {
+		t.Fatalf("%s: the runs cover other bytes than were written", where)
+	}
+	if capSum != m.accounted || capSum != m.f.bytes {
+		t.Fatalf("%s: runs hold %d bytes of capacity, accounted %d, file says %d", where, capSum, m.accounted, m.f.bytes)
+	}
+	if m.f.end != end {
+		t.Fatalf("%s: end %d, runs end at %d", where, m.f.end, end)
+	}
+}
+
 // TestDirtyRunsMergeLikeAFlatFile: random writes merged into runs hold
 // exactly what the same writes leave in a flat buffer, the runs stay
 // sorted and disjoint, and the accounted capacity is what the runs hold.
@@ -28,16 +80,13 @@ func TestDirtyRunsMergeLikeAFlatFile(t *testing.T) {
 	const size, runCap = 1 << 20, 256 << 10
 	for seed := range uint64(8) {
 		rng := rand.New(rand.NewPCG(seed, 1))
-		flat := make([]byte, size)
-		written := make([]bool, size)
-		f := &dirtyFile{}
-		var accounted int64
+		m := newFlatModel(size, runCap)
 		for step := range 120 {
 			var off, n int
 			switch rng.IntN(3) {
 			case 0: // the next piece of a stream
-				if len(f.runs) > 0 {
-					off = int(f.runs[len(f.runs)-1].end())
+				if len(m.f.runs) > 0 {
+					off = int(m.f.runs[len(m.f.runs)-1].end())
 				}
 				n = streamingWrite
 			case 1: // small and anywhere
@@ -52,42 +101,36 @@ func TestDirtyRunsMergeLikeAFlatFile(t *testing.T) {
 			for i := range data {
 				data[i] = byte(rng.Uint32())
 			}
-			accounted += f.add(data, int64(off), runCap, func(c int) ([]byte, int64) { return make([]byte, 0, c), int64(c) })
-			copy(flat[off:], data)
-			for i := off; i < off+n; i++ {
-				written[i] = true
-			}
-
-			got := make([]byte, size)
-			covered := make([]bool, size)
-			var capSum, end int64
-			for i, r := range f.runs {
-				if i > 0 && r.off < f.runs[i-1].end() {
-					t.Fatalf("seed %d step %d: run %d at %d overlaps the one before (ends %d)", seed, step, i, r.off, f.runs[i-1].end())
-				}
-				copy(got[r.off:], r.data)
-				for j := r.off; j < r.end(); j++ {
-					covered[j] = true
-				}
-				capSum += int64(cap(r.data))
-				end = max(end, r.end())
-			}
-			if !slices.Equal(covered, written) {
-				t.Fatalf("seed %d step %d: the runs cover other bytes than were written", seed, step)
-			}
-			for i := range got {
-				if written[i] && got[i] != flat[i] {
-					t.Fatalf("seed %d step %d: byte %d is %d, want %d", seed, step, i, got[i], flat[i])
-				}
-			}
-			if capSum != accounted || capSum != f.bytes {
-				t.Fatalf("seed %d step %d: runs hold %d bytes of capacity, accounted %d, file says %d", seed, step, capSum, accounted, f.bytes)
-			}
-			if f.end != end {
-				t.Fatalf("seed %d step %d: end %d, runs end at %d", seed, step, f.end, end)
-			}
+			m.write(data, off)
+			m.check(t, fmt.Sprintf("seed %d step %d", seed, step))
 		}
 	}
+}
+
+// FuzzDirtyRunsMerge: any sequence of writes (6 bytes each: a stream flag
+// and offset in 3, a length in 2, a fill in 1) merges into runs that
+// match the flat model.
+func FuzzDirtyRunsMerge(f *testing.F) {
+	f.Add([]byte{0x80, 0, 0, 0x80, 0, 1, 0x80, 0, 0, 0x80, 0, 2})
+	f.Add([]byte{0, 0x10, 0, 0, 0x10, 3, 0, 0x08, 0, 0x40, 0, 4, 0x80, 0, 0, 0xff, 0xff, 5})
+	f.Fuzz(func(t *testing.T, ops []byte) {
+		const size, runCap = 512 << 10, 160 << 10
+		m := newFlatModel(size, runCap)
+		for i := 0; i+6 <= len(ops) && i < 6*64; i += 6 {
+			op := ops[i : i+6]
+			off := (int(op[0]&0x7f)<<16 | int(op[1])<<8 | int(op[2])) % size
+			if op[0]&0x80 != 0 && len(m.f.runs) > 0 { // the next piece of a stream
+				off = int(m.f.runs[len(m.f.runs)-1].end()) % size
+			}
+			n := min(1+(int(op[3])<<8|int(op[4]))*4, size-off)
+			data := make([]byte, n)
+			for j := range data {
+				data[j] = op[5] + byte(j*7)
+			}
+			m.write(data, off)
+			m.check(t, fmt.Sprintf("op %d", i/6))
+		}
+	})
 }
 
 // TestDirtyCacheStaysWithinItsBound: writers putting eight times the
