@@ -6,6 +6,7 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync/atomic"
 	"syscall"
@@ -210,5 +211,47 @@ func TestDirtyCacheKeepsTheWritesMtime(t *testing.T) {
 	}
 	if stored := time.Unix(st.Mtim.Unix()); !stored.Equal(dirty) {
 		t.Errorf("mtime stored %v, stat showed %v before the flush", stored, dirty)
+	}
+}
+
+// TestDirtyCacheCommittedByTheTimer: data written to a file that stays
+// open, never fsynced, reaches the image with the periodic commit: a copy
+// of the image taken after it (a crash, as the kernel sees it: the
+// journal is replayed at mount) holds the data.
+func TestDirtyCacheCommittedByTheTimer(t *testing.T) {
+	testenv.RequireRoot(t)
+	tools := testenv.RequireTools(t, "mount", "umount")
+	img := makeWritableImage(t, "")
+	m := mountWritable(t, img)
+	f, err := os.Create(m.p("open"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	data := bytes.Repeat([]byte("committed by the timer;"), 5000)
+	if _, err := f.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(6500 * time.Millisecond) // one commit interval (5 s) and slack
+	crashed := filepath.Join(t.TempDir(), "crashed.ext4")
+	raw, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(crashed, raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if out, err := exec.Command(tools[0], "-t", "ext4", "-o", "loop", crashed, dir).CombinedOutput(); err != nil {
+		t.Fatalf("kernel mount of the copy (replaying its journal): %v: %s", err, out)
+	}
+	defer func() {
+		if out, err := exec.Command(tools[1], dir).CombinedOutput(); err != nil {
+			t.Errorf("umount: %v: %s", err, out)
+		}
+	}()
+	got, err := os.ReadFile(filepath.Join(dir, "open"))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Errorf("the copy holds %d bytes (%v), want the %d written before the commit", len(got), err, len(data))
 	}
 }
