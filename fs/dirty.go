@@ -35,9 +35,10 @@ const minDirtyLimit = 4 << 20
 // One mutex guards the bookkeeping and is never held across a Writer call;
 // a per-file busy flag keeps that file's flushes in order.
 type dirtyCache struct {
-	w     *ext4.Writer
-	log   *slog.Logger
-	limit int64
+	w         *ext4.Writer
+	log       *slog.Logger
+	limit     int64
+	blockSize uint32
 
 	mu    sync.Mutex
 	cond  *sync.Cond // signalled when used drops or a file stops being busy
@@ -74,13 +75,13 @@ type dirtyRun struct {
 
 func (r dirtyRun) end() int64 { return r.off + int64(len(r.data)) }
 
-func newDirtyCache(w *ext4.Writer, limit int64, log *slog.Logger) *dirtyCache {
+func newDirtyCache(w *ext4.Writer, limit int64, blockSize uint32, log *slog.Logger) *dirtyCache {
 	if limit <= 0 {
 		limit = DefaultDirtyLimit
 	}
 	limit = max(limit, minDirtyLimit)
 	c := &dirtyCache{
-		w: w, log: log, limit: limit,
+		w: w, log: log, limit: limit, blockSize: blockSize,
 		files: map[uint32]*dirtyFile{},
 		kick:  make(chan struct{}, 1),
 		stop:  make(chan struct{}),
@@ -399,7 +400,13 @@ func (c *dirtyCache) overlay(in *ext4.Inode) *ext4.Inode {
 	if f == nil || f.end == 0 && len(f.runs) == 0 {
 		return in
 	}
-	in.Size = max(in.Size, uint64(f.end))
+	if end := uint64(f.end); end > in.Size {
+		// Appended data counts as the blocks it will take, as ext4's
+		// delayed allocation reserves them: du sees a file grow.
+		bs := uint64(c.blockSize)
+		in.Blocks += (end - in.Size + bs - 1) / bs * bs / 512
+		in.Size = end
+	}
 	if !f.mtime.IsZero() && f.mtime.After(in.Mtime) {
 		in.Mtime, in.Ctime = f.mtime, f.mtime
 	}

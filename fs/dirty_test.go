@@ -197,8 +197,9 @@ func TestDirtyCacheKeepsTheWritesMtime(t *testing.T) {
 		t.Fatal(err)
 	}
 	dirty := time.Unix(st.Mtim.Unix())
-	if dirty.Before(before) || dirty.After(after) || st.Size != 4 {
-		t.Errorf("while dirty: mtime %v, size %d; want a time within the write (%v..%v), size 4", dirty, st.Size, before, after)
+	if dirty.Before(before) || dirty.After(after) || st.Size != 4 || st.Blocks != 8 {
+		t.Errorf("while dirty: mtime %v, size %d, %d blocks; want a time within the write (%v..%v), size 4 in one 4 KiB block",
+			dirty, st.Size, st.Blocks, before, after)
 	}
 	time.Sleep(300 * time.Millisecond)
 	if err := f.Close(); err != nil {

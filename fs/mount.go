@@ -215,7 +215,7 @@ func mount(ctx context.Context, mountpoint string, tree Tree, w *ext4.Writer, op
 
 	var dirty *dirtyCache
 	if w != nil {
-		dirty = newDirtyCache(w, opts.DirtyLimit, logger)
+		dirty = newDirtyCache(w, opts.DirtyLimit, tree.StatFS().BlockSize, logger)
 		tree = writerTree{w: w, dirty: dirty}
 	}
 	started := false
