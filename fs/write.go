@@ -43,9 +43,9 @@ import (
 // Limits: a file's ctime becomes the time of its flush (microseconds
 // after the last write when that is a close), and so does its mtime when
 // the flush comes within mtimeSlack (later ones put the write's time
-// back); st_blocks counts appended dirty data, not holes filled; syncfs(2) does not reach this process (go-fuse has
-// no SYNCFS), so it is the periodic commit that stores such data within
-// commitInterval.
+// back); st_blocks counts appended dirty data, not holes filled; syncfs(2)
+// does not reach this process (go-fuse has no SYNCFS), so it is the
+// periodic commit that stores such data within commitInterval.
 //
 // A read-only mount answers every write operation with EROFS.
 
