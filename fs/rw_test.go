@@ -302,14 +302,11 @@ func workload(t testing.TB, root string) {
 	must(unix.Close(fd))
 	// A shared writable mapping reaches the file through page writeback.
 	must(os.WriteFile(j("mapped"), make([]byte, 3*4096), 0o644))
-	mfd, err := unix.Open(j("mapped"), unix.O_RDWR, 0)
+	mf, err := os.OpenFile(j("mapped"), os.O_RDWR, 0)
 	must(err)
-	mem, err := unix.Mmap(mfd, 0, 3*4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	_, err = mmapWrite(mf, 4090, "across a page boundary")
 	must(err)
-	copy(mem[4090:], "across a page boundary")
-	must(unix.Msync(mem, unix.MS_SYNC))
-	must(unix.Munmap(mem))
-	must(unix.Close(mfd))
+	must(mf.Close())
 	if b, err := os.ReadFile(j("mapped")); err != nil || string(b[4090:4112]) != "across a page boundary" {
 		t.Fatalf("mapped write reads back %q (%v)", b[4090:4112], err)
 	}
@@ -350,8 +347,8 @@ func TestWritableWorkloadMatchesKernel(t *testing.T) {
 // to the mount and to a host directory; after each batch both trees must
 // hold the same names, types, modes, sizes, contents and link counts.
 // Besides path operations (each a whole open-write-close), long-lived
-// handles write, read, truncate, stat and fsync while their data is still
-// in the dirty cache, whose bound is the smallest (4 MiB) so writes of up
+// handles write, read, truncate, fallocate, stat, fsync and write through
+// shared mappings while their data is still in the dirty cache, whose bound is the smallest (4 MiB) so writes of up
 // to 1 MiB cross it and wait for the flusher: reads after writes across
 // runs, truncation below dirty data, sizes of unflushed files.
 func TestWritableRandomOpsMatchReference(t *testing.T) {
@@ -381,7 +378,7 @@ func TestWritableRandomOpsMatchReference(t *testing.T) {
 	}
 	for batch := range 20 {
 		for step := range 60 {
-			op := rng.IntN(14)
+			op := rng.IntN(16)
 			a, b := names[rng.IntN(len(names))], names[rng.IntN(len(names))]
 			off := rng.Int64N(300 << 10)
 			size := rng.IntN(70 << 10)
@@ -426,6 +423,20 @@ func TestWritableRandomOpsMatchReference(t *testing.T) {
 					})
 				case 13:
 					h.both(where+" fsync", k, func(f *os.File) (string, error) { return "", f.Sync() })
+				case 14: // fallocate over or past dirty data
+					mode := uint32(0)
+					if rng.IntN(2) == 0 {
+						mode = unix.FALLOC_FL_KEEP_SIZE
+					}
+					at, n := rng.Int64N(1<<20), 1+rng.Int64N(256<<10)
+					h.both(where+" fallocate", k, func(f *os.File) (string, error) {
+						return "", unix.Fallocate(int(f.Fd()), mode, at, n)
+					})
+				case 15: // a shared mapping writes into the file's pages
+					at, text := rng.IntN(1<<20), fmt.Sprintf("mapped %d.%d;", batch, step)
+					h.both(where+" mmap write", k, func(f *os.File) (string, error) {
+						return mmapWrite(f, at, text)
+					})
 				}
 				continue
 			}
@@ -473,6 +484,29 @@ func TestWritableRandomOpsMatchReference(t *testing.T) {
 	h.closeAll()
 	m.unmount(t)
 	e2fsckClean(t, m.img)
+}
+
+// mmapWrite stores text at offset at of f through a shared mapping and
+// msyncs it, in a python3 child: a page fault on a FUSE file served by
+// this very process could stall it (the Go runtime waits for the faulting
+// thread to stop the world, the serving threads wait for the runtime).
+func mmapWrite(f *os.File, at int, text string) (string, error) {
+	st, err := f.Stat()
+	if err != nil || st.Size() < int64(at+len(text)) {
+		return "beyond the end", err // a store there would be SIGBUS
+	}
+	script := `import mmap, os, sys
+fd = int(sys.argv[1]); at = int(sys.argv[2]); text = sys.argv[3].encode()
+m = mmap.mmap(fd, at + len(text), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+m[at:at + len(text)] = text
+m.flush()
+m.close()`
+	cmd := exec.Command("python3", "-c", script, "3", fmt.Sprint(at), text)
+	cmd.ExtraFiles = []*os.File{f}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("%w: %s", err, out)
+	}
+	return "", nil
 }
 
 // fsxHandles are files open on the mount and on the reference at once.
