@@ -3,7 +3,8 @@
 // statfs, with inode numbers taken from ext4. Mount serves an immutable
 // image read-only, with long kernel cache lifetimes, and answers every
 // write with EROFS; MountWritable serves an ext4.Writer and its write
-// operations too (write.go). A damaged structure fails only the operation that met it
+// operations too (write.go), file data through a bounded dirty-data cache
+// (dirty.go). A damaged structure fails only the operation that met it
 // (EIO plus a log line naming the inode); the mount stays up.
 package fs
 
