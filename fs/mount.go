@@ -80,6 +80,10 @@ type Options struct {
 	// write operations get EROFS and fsync EIO, since what was not yet
 	// stored never will be.
 	ReadOnlyAfter <-chan struct{}
+	// DirtyLimit bounds the written data a writable mount holds in memory
+	// before it reaches the filesystem (bytes; 0 means DefaultDirtyLimit,
+	// at least 4 MiB). Writers wait while it is full.
+	DirtyLimit int64
 }
 
 // DirectIOMode chooses which regular files are opened with FOPEN_DIRECT_IO:
@@ -176,7 +180,7 @@ func MountWritable(ctx context.Context, mountpoint string, w *ext4.Writer, opts 
 	if w == nil {
 		return nil, errors.New("mount read-write: no writer")
 	}
-	return mount(ctx, mountpoint, writerTree{w}, w, opts)
+	return mount(ctx, mountpoint, writerTree{w: w}, w, opts)
 }
 
 func mount(ctx context.Context, mountpoint string, tree Tree, w *ext4.Writer, opts Options) (*Server, error) {
@@ -209,6 +213,17 @@ func mount(ctx context.Context, mountpoint string, tree Tree, w *ext4.Writer, op
 		return nil, fmt.Errorf("mount point %s is not a directory", abs)
 	}
 
+	var dirty *dirtyCache
+	if w != nil {
+		dirty = newDirtyCache(w, opts.DirtyLimit, tree.StatFS().BlockSize, logger)
+		tree = writerTree{w: w, dirty: dirty}
+	}
+	started := false
+	defer func() {
+		if !started && dirty != nil {
+			dirty.close()
+		}
+	}()
 	root, err := tree.Inode(ext4.RootIno)
 	if err != nil {
 		return nil, fmt.Errorf("read the root directory of the image: %w", err)
@@ -280,13 +295,14 @@ func mount(ctx context.Context, mountpoint string, tree Tree, w *ext4.Writer, op
 	s := &Server{fuse: server, mountpoint: abs, log: logger, grace: opts.UnmountGrace, done: make(chan struct{})}
 	stopCommits := make(chan struct{})
 	if w != nil {
-		go s.commitEvery(w, commitInterval, stopCommits, opts.ReadOnlyAfter)
+		go s.commitEvery(w, dirty, commitInterval, stopCommits, opts.ReadOnlyAfter)
 	}
+	started = true // from here the closing goroutine owns the cache
 	go func() {
 		server.Wait()
 		close(stopCommits)
 		if w != nil {
-			s.closeWriter(w)
+			s.closeWriter(w, dirty)
 		}
 		close(s.done)
 	}()

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"math/rand/v2"
@@ -56,6 +57,13 @@ type rwMount struct {
 // the test has not) and checks the flush at unmount succeeded.
 func mountWritable(t testing.TB, img string) *rwMount {
 	t.Helper()
+	return mountWritableWith(t, img, bfs.Options{})
+}
+
+// mountWritableWith is mountWritable with options (logger and source are
+// the test's).
+func mountWritableWith(t testing.TB, img string, opts bfs.Options) *rwMount {
+	t.Helper()
 	testenv.RequireFUSE(t)
 	f, err := os.OpenFile(img, os.O_RDWR, 0)
 	if err != nil {
@@ -71,10 +79,9 @@ func mountWritable(t testing.TB, img string) *rwMount {
 		t.Fatalf("OpenWritable: %v", err)
 	}
 	dir := t.TempDir()
-	srv, err := bfs.MountWritable(context.Background(), dir, w, bfs.Options{
-		Logger: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn})),
-		Source: "test-rw",
-	})
+	opts.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	opts.Source = "test-rw"
+	srv, err := bfs.MountWritable(context.Background(), dir, w, opts)
 	if err != nil {
 		f.Close()
 		t.Fatalf("MountWritable: %v", err)
@@ -295,14 +302,11 @@ func workload(t testing.TB, root string) {
 	must(unix.Close(fd))
 	// A shared writable mapping reaches the file through page writeback.
 	must(os.WriteFile(j("mapped"), make([]byte, 3*4096), 0o644))
-	mfd, err := unix.Open(j("mapped"), unix.O_RDWR, 0)
+	mf, err := os.OpenFile(j("mapped"), os.O_RDWR, 0)
 	must(err)
-	mem, err := unix.Mmap(mfd, 0, 3*4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	_, err = mmapWrite(mf, 4090, "across a page boundary")
 	must(err)
-	copy(mem[4090:], "across a page boundary")
-	must(unix.Msync(mem, unix.MS_SYNC))
-	must(unix.Munmap(mem))
-	must(unix.Close(mfd))
+	must(mf.Close())
 	if b, err := os.ReadFile(j("mapped")); err != nil || string(b[4090:4112]) != "across a page boundary" {
 		t.Fatalf("mapped write reads back %q (%v)", b[4090:4112], err)
 	}
@@ -342,11 +346,16 @@ func TestWritableWorkloadMatchesKernel(t *testing.T) {
 // TestWritableRandomOpsMatchReference is fsx-style: random operations go
 // to the mount and to a host directory; after each batch both trees must
 // hold the same names, types, modes, sizes, contents and link counts.
+// Besides path operations (each a whole open-write-close), long-lived
+// handles write, read, truncate, fallocate, stat, fsync and write through
+// shared mappings while their data is still in the dirty cache, whose bound is the smallest (4 MiB) so writes of up
+// to 1 MiB cross it and wait for the flusher: reads after writes across
+// runs, truncation below dirty data, sizes of unflushed files.
 func TestWritableRandomOpsMatchReference(t *testing.T) {
 	seed := testSeed(t, "BLOBSEAL_RW_SEED", 13)
 	t.Logf("seed %d (BLOBSEAL_RW_SEED=%d reproduces)", seed, seed)
 	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
-	m := mountWritable(t, makeWritableImage(t, ""))
+	m := mountWritableWith(t, makeWritableImage(t, ""), bfs.Options{DirtyLimit: 4 << 20})
 	ref := t.TempDir()
 	roots := []string{m.dir, ref}
 	names := []string{"f0", "f1", "f2", "d0/f3", "d0/f4", "d1/f5", "d0/d2/f6"}
@@ -358,16 +367,80 @@ func TestWritableRandomOpsMatchReference(t *testing.T) {
 			}
 		}
 	}
+	h := &fsxHandles{t: t}
+	t.Cleanup(h.closeAll) // before the unmount (cleanups run last first)
+	randomData := func(n int) []byte {
+		data := make([]byte, n)
+		for i := range data {
+			data[i] = byte(rng.Uint32())
+		}
+		return data
+	}
 	for batch := range 20 {
-		for range 40 {
-			op := rng.IntN(8)
+		for step := range 60 {
+			op := rng.IntN(16)
 			a, b := names[rng.IntN(len(names))], names[rng.IntN(len(names))]
 			off := rng.Int64N(300 << 10)
 			size := rng.IntN(70 << 10)
-			data := make([]byte, size)
-			for i := range data {
-				data[i] = byte(rng.Uint32())
+			if op >= 8 {
+				if len(h.open) == 0 {
+					op = 8
+				}
+				where := fmt.Sprintf("batch %d step %d", batch, step)
+				k := rng.IntN(max(1, len(h.open)))
+				switch op {
+				case 8:
+					h.openBoth(where, roots, a)
+				case 9: // pwrite, now and then large enough to cross the bound
+					if rng.IntN(4) == 0 {
+						size = 1 + rng.IntN(1<<20)
+					}
+					data := randomData(size)
+					h.both(where+" pwrite", k, func(f *os.File) (string, error) {
+						n, err := f.WriteAt(data, off)
+						return fmt.Sprint(n), err
+					})
+				case 10: // pread what may still be dirty
+					at, n := rng.Int64N(1<<20), 1+rng.IntN(200<<10)
+					h.both(where+" pread", k, func(f *os.File) (string, error) {
+						buf := make([]byte, n)
+						got, err := f.ReadAt(buf, at)
+						if errors.Is(err, io.EOF) {
+							err = nil
+						}
+						return fmt.Sprintf("%d %x", got, sha256.Sum256(buf[:got])), err
+					})
+				case 11: // ftruncate, often below dirty data
+					to := rng.Int64N(1 << 20)
+					h.both(where+" ftruncate", k, func(f *os.File) (string, error) { return "", f.Truncate(to) })
+				case 12:
+					h.both(where+" fstat", k, func(f *os.File) (string, error) {
+						st, err := f.Stat()
+						if err != nil {
+							return "", err
+						}
+						return fmt.Sprint(st.Size()), nil
+					})
+				case 13:
+					h.both(where+" fsync", k, func(f *os.File) (string, error) { return "", f.Sync() })
+				case 14: // fallocate over or past dirty data
+					mode := uint32(0)
+					if rng.IntN(2) == 0 {
+						mode = unix.FALLOC_FL_KEEP_SIZE
+					}
+					at, n := rng.Int64N(1<<20), 1+rng.Int64N(256<<10)
+					h.both(where+" fallocate", k, func(f *os.File) (string, error) {
+						return "", unix.Fallocate(int(f.Fd()), mode, at, n)
+					})
+				case 15: // a shared mapping writes into the file's pages
+					at, text := rng.IntN(1<<20), fmt.Sprintf("mapped %d.%d;", batch, step)
+					h.both(where+" mmap write", k, func(f *os.File) (string, error) {
+						return mmapWrite(f, at, text)
+					})
+				}
+				continue
 			}
+			data := randomData(size)
 			var errs [2]error
 			for i, r := range roots {
 				pa, pb := filepath.Join(r, a), filepath.Join(r, b)
@@ -405,8 +478,84 @@ func TestWritableRandomOpsMatchReference(t *testing.T) {
 			return
 		}
 	}
+	if h.ops < 100 {
+		t.Errorf("only %d operations went through open handles", h.ops)
+	}
+	h.closeAll()
 	m.unmount(t)
 	e2fsckClean(t, m.img)
+}
+
+// mmapWrite stores text at offset at of f through a shared mapping and
+// msyncs it, in a python3 child: a page fault on a FUSE file served by
+// this very process could stall it (the Go runtime waits for the faulting
+// thread to stop the world, the serving threads wait for the runtime).
+func mmapWrite(f *os.File, at int, text string) (string, error) {
+	st, err := f.Stat()
+	if err != nil || st.Size() < int64(at+len(text)) {
+		return "beyond the end", err // a store there would be SIGBUS
+	}
+	script := `import mmap, os, sys
+fd = int(sys.argv[1]); at = int(sys.argv[2]); text = sys.argv[3].encode()
+m = mmap.mmap(fd, at + len(text), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+m[at:at + len(text)] = text
+m.flush()
+m.close()`
+	cmd := exec.Command("python3", "-c", script, "3", fmt.Sprint(at), text)
+	cmd.ExtraFiles = []*os.File{f}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("%w: %s", err, out)
+	}
+	return "", nil
+}
+
+// fsxHandles are files open on the mount and on the reference at once.
+type fsxHandles struct {
+	t    *testing.T
+	open [][2]*os.File
+	ops  int
+}
+
+// openBoth opens name on both roots; past four handles the oldest closes.
+func (h *fsxHandles) openBoth(where string, roots []string, name string) {
+	var fs [2]*os.File
+	var errs [2]error
+	for i, r := range roots {
+		fs[i], errs[i] = os.OpenFile(filepath.Join(r, name), os.O_CREATE|os.O_RDWR, 0o644)
+	}
+	if errnoOf(errs[0]) != errnoOf(errs[1]) {
+		h.t.Fatalf("%s: open %s: mount %v, reference %v", where, name, errs[0], errs[1])
+	}
+	if errs[0] != nil {
+		return
+	}
+	h.open = append(h.open, fs)
+	if len(h.open) > 4 {
+		h.both(where+" close", 0, func(f *os.File) (string, error) { return "", f.Close() })
+		h.open = h.open[1:]
+	}
+}
+
+// both runs op on handle k of each side; results and errnos must agree.
+func (h *fsxHandles) both(what string, k int, op func(*os.File) (string, error)) {
+	h.t.Helper()
+	h.ops++
+	mount, merr := op(h.open[k][0])
+	ref, rerr := op(h.open[k][1])
+	if errnoOf(merr) != errnoOf(rerr) || mount != ref {
+		h.t.Fatalf("%s: mount %q %v, reference %q %v", what, mount, merr, ref, rerr)
+	}
+}
+
+func (h *fsxHandles) closeAll() {
+	for _, fs := range h.open {
+		for _, f := range fs {
+			if err := f.Close(); err != nil {
+				h.t.Errorf("close: %v", err)
+			}
+		}
+	}
+	h.open = nil
 }
 
 func errnoOf(err error) syscall.Errno {

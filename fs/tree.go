@@ -3,13 +3,15 @@
 // statfs, with inode numbers taken from ext4. Mount serves an immutable
 // image read-only, with long kernel cache lifetimes, and answers every
 // write with EROFS; MountWritable serves an ext4.Writer and its write
-// operations too (write.go). A damaged structure fails only the operation that met it
+// operations too (write.go), file data through a bounded dirty-data cache
+// (dirty.go). A damaged structure fails only the operation that met it
 // (EIO plus a log line naming the inode); the mount stays up.
 package fs
 
 import (
 	"context"
 	"errors"
+	"io"
 	"syscall"
 
 	"github.com/blobseal/blobseal/fs/ext4"
@@ -67,8 +69,12 @@ var fsErrnos = map[syscall.Errno]bool{
 
 // writerTree reads a filesystem that an ext4.Writer changes: each read
 // runs in Writer.View, against the current inode rather than the copy the
-// caller looked up earlier.
-type writerTree struct{ w *ext4.Writer }
+// caller looked up earlier, with the data still in the dirty cache laid
+// over it (sizes, times and contents), so a write is visible at once.
+type writerTree struct {
+	w     *ext4.Writer
+	dirty *dirtyCache
+}
 
 var _ Tree = writerTree{}
 
@@ -77,6 +83,9 @@ func (t writerTree) Inode(ino uint32) (in *ext4.Inode, err error) {
 		in, err = f.Inode(ino)
 		return err
 	})
+	if err == nil && in.IsRegular() {
+		in = t.dirty.overlay(in)
+	}
 	return in, err
 }
 
@@ -103,6 +112,9 @@ func (t writerTree) Lookup(dir *ext4.Inode, name string) (ino uint32, err error)
 }
 
 func (t writerTree) ReadAtContext(ctx context.Context, file *ext4.Inode, p []byte, off int64) (n int, err error) {
+	// The dirty bytes are copied before the stored ones are read: a flush
+	// finishing in between then leaves both views the same.
+	pieces, dirtyEnd := t.dirty.pieces(file.Ino, off, len(p))
 	err = t.w.View(func(f *ext4.FS) error {
 		cur, err := f.Inode(file.Ino)
 		if err == nil {
@@ -110,6 +122,21 @@ func (t writerTree) ReadAtContext(ctx context.Context, file *ext4.Inode, p []byt
 		}
 		return err
 	})
+	if err != nil && !errors.Is(err, io.EOF) {
+		return n, err
+	}
+	if covered := int(min(int64(len(p)), dirtyEnd-off)); covered > n {
+		// Written but not yet stored past the stored end: zeros up to
+		// each piece, as in a hole.
+		clear(p[n:covered])
+		n = covered
+	}
+	for _, pc := range pieces {
+		copy(p[pc.off-off:], pc.data)
+	}
+	if n == len(p) {
+		err = nil
+	}
 	return n, err
 }
 

@@ -2,6 +2,7 @@ package fs
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"syscall"
 	"time"
@@ -13,18 +14,40 @@ import (
 	"github.com/blobseal/blobseal/fs/ext4"
 )
 
-// The write operations. Each goes straight to the ext4 Writer, which
-// journals the metadata (committed by fsync, by the periodic commit, or
-// when a transaction fills a quarter of the journal) and writes file data
-// in place before the metadata that points at it commits (ordered mode).
-// The choice is write-through: no dirty-data cache in this process, and
-// the kernel's writeback cache is off, so each write(2) (split at 1 MiB)
-// reaches the Writer as it happens. Nothing waits in memory that a crash
-// could lose beyond the uncommitted transaction, and fsync needs only a
-// journal commit. The cost is a round trip per small write; the kernel's
-// writeback cache would batch them, but it then owns sizes and mtimes,
-// which this layer would have to reconcile. A read-only mount answers
-// every write operation with EROFS.
+// The write operations. Metadata changes go straight to the ext4 Writer,
+// which journals them (committed by fsync, by the periodic commit, or when
+// a transaction fills a quarter of the journal) and writes file data in
+// place before the metadata that points at it commits (ordered mode).
+//
+// File data goes through a dirty-data cache in this process (dirty.go):
+// write(2) (split at 1 MiB by the kernel) lands in a per-file buffer and
+// returns; the buffers reach the Writer in large contiguous runs, so the
+// allocator sees whole extents and the journal one change per run rather
+// than per write. They are flushed by fsync of the file (then the journal
+// commits), by close (FLUSH, and RELEASE after the last mmap goes: close-
+// to-open consistency, and the place writeback errors are reported), by
+// any truncate, fallocate or attribute change of the file (which must
+// follow its data), by the background flusher past a quarter of the bound
+// and by a writer waiting at the bound, by the periodic commit, and at
+// unmount. Getattr and read see dirty sizes and data at once (writerTree).
+//
+// Why not the kernel's writeback cache (FUSE_WRITEBACK_CACHE)? It would
+// batch small writes for less code, but the kernel then owns mtime and
+// ctime and sends them back later as SETATTR, and the Writer can set mtime
+// but not ctime: every ctime on disk would be the time of writeback, which
+// the differential tests against the kernel's ext4 catch (tried: every
+// written file's ctime differed, by the writeback delay). Here the data
+// reaches the Writer at close at the latest, so what a stat shows after
+// close is what the image keeps.
+//
+// Limits: a file's ctime becomes the time of its flush (microseconds
+// after the last write when that is a close), and so does its mtime when
+// the flush comes within mtimeSlack (later ones put the write's time
+// back); st_blocks counts appended dirty data, not holes filled; syncfs(2)
+// does not reach this process (go-fuse has no SYNCFS), so it is the
+// periodic commit that stores such data within commitInterval.
+//
+// A read-only mount answers every write operation with EROFS.
 
 // writable reports whether the mount changes the image: a writable mount
 // whose ReadOnlyAfter closed no longer does.
@@ -53,6 +76,14 @@ func (v *volume) attrTimeout() time.Duration {
 }
 
 const writableAttrTimeout = time.Second
+
+// dirty returns the mount's dirty-data cache; nil on a read-only mount.
+func (v *volume) dirty() *dirtyCache {
+	if t, ok := v.tree.(writerTree); ok {
+		return t.dirty
+	}
+	return nil
+}
 
 // heldFile is an open regular file of a writable mount; it holds its inode
 // (ext4.Writer.Hold) until released, so an unlinked open file lives on.
@@ -204,6 +235,11 @@ func (n *node) Setattr(ctx context.Context, f gofs.FileHandle, in *fuse.SetAttrI
 		return syscall.EROFS
 	}
 	ino := n.ino.Ino
+	if n.ino.IsRegular() {
+		// Data first: a truncate or an explicit mtime must come after the
+		// writes before it. A failure stays for fsync or close to report.
+		_ = n.vol.dirty().flushFile(ino)
+	}
 	if size, ok := in.GetSize(); ok {
 		if err := n.vol.w.Truncate(ino, size); err != nil {
 			return n.vol.fail("setattr", ino, err)
@@ -246,11 +282,13 @@ func (n *node) Write(ctx context.Context, f gofs.FileHandle, data []byte, off in
 	if !n.vol.writable() {
 		return 0, syscall.EROFS
 	}
-	got, err := n.vol.w.WriteAt(n.ino.Ino, data, off)
-	if err != nil && got == 0 {
+	if off < 0 {
+		return 0, syscall.EINVAL
+	}
+	if err := n.vol.dirty().write(n.ino.Ino, data, off); err != nil {
 		return 0, n.vol.fail("write", n.ino.Ino, err)
 	}
-	return uint32(got), 0 // a short write (ENOSPC midway) reports what landed
+	return uint32(len(data)), 0
 }
 
 // Allocate is fallocate(2): mode 0 and FALLOC_FL_KEEP_SIZE.
@@ -262,6 +300,7 @@ func (n *node) Allocate(ctx context.Context, f gofs.FileHandle, off uint64, size
 	if mode&^unix.FALLOC_FL_KEEP_SIZE != 0 {
 		return syscall.EOPNOTSUPP
 	}
+	_ = n.vol.dirty().flushFile(n.ino.Ino) // the size must include what was written
 	return n.vol.failed0("allocate", n.ino.Ino, n.vol.w.Fallocate(n.ino.Ino, off, size, mode&unix.FALLOC_FL_KEEP_SIZE != 0))
 }
 
@@ -293,8 +332,11 @@ func (n *node) Removexattr(ctx context.Context, attr string) (errno syscall.Errn
 	return n.vol.failed0("removexattr", n.ino.Ino, n.vol.w.RemoveXattr(n.ino.Ino, attr))
 }
 
-// Fsync commits the journal: everything written so far, not only this
-// file, is durable when it returns (as with ext4's single journal).
+// Fsync writes out the file's dirty data, then commits the journal: all
+// metadata so far, not only this file's, is durable when it returns (as
+// with ext4's single journal). Fsync of a directory writes out every
+// file's data first. A flush failure since the last report is answered
+// here (and cleared), as the kernel reports writeback errors.
 func (n *node) Fsync(ctx context.Context, f gofs.FileHandle, flags uint32) (errno syscall.Errno) {
 	defer n.change("fsync", &errno)()
 	if n.vol.w == nil {
@@ -303,22 +345,55 @@ func (n *node) Fsync(ctx context.Context, f gofs.FileHandle, flags uint32) (errn
 	if n.vol.demoted() {
 		// Writes not stored before the mount turned read-only are lost:
 		// fsync must not claim them.
+		n.vol.dirty().discard(n.ino.Ino)
 		return syscall.EIO
 	}
-	return n.vol.failed0("fsync", n.ino.Ino, n.vol.w.Sync())
+	var flushErr error
+	if n.ino.IsRegular() {
+		flushErr = n.vol.dirty().sync(n.ino.Ino)
+	} else {
+		_ = n.vol.dirty().flushAll() // each file's error waits for its own fsync or close
+	}
+	if err := n.vol.w.Sync(); err != nil {
+		return n.vol.fail("fsync", n.ino.Ino, err)
+	}
+	return n.vol.failed0("fsync", n.ino.Ino, flushErr)
 }
 
-// Flush (every close) has nothing to do: writes are already in the Writer,
-// and close(2) promises no durability.
-func (n *node) Flush(ctx context.Context, f gofs.FileHandle) syscall.Errno { return 0 }
+// Flush (every close) writes out the file's dirty data and reports a
+// failure to store it, so close(2) is where a writer learns of ENOSPC or
+// EIO it has not yet seen; it promises no durability (no journal commit).
+func (n *node) Flush(ctx context.Context, f gofs.FileHandle) (errno syscall.Errno) {
+	if _, ok := f.(*heldFile); !ok || n.vol.w == nil {
+		return 0
+	}
+	defer n.change("flush", &errno)()
+	if n.vol.demoted() {
+		if n.vol.dirty().discard(n.ino.Ino) {
+			return syscall.EIO
+		}
+		return 0
+	}
+	return n.vol.failed0("flush", n.ino.Ino, n.vol.dirty().sync(n.ino.Ino))
+}
 
-// Release drops the handle's hold; a file unlinked while open is freed now.
+// Release writes out what a shared mapping dirtied after the last close,
+// then drops the handle's hold; a file unlinked while open is freed now.
+// The kernel ignores RELEASE's answer, so a flush failure here is logged.
 func (n *node) Release(ctx context.Context, f gofs.FileHandle) (errno syscall.Errno) {
 	h, ok := f.(*heldFile)
-	if !ok || !n.vol.writable() {
+	if !ok || n.vol.w == nil {
+		return 0
+	}
+	if !n.vol.writable() {
+		n.vol.dirty().discard(h.ino)
 		return 0
 	}
 	defer n.change("release", &errno)()
+	if err := n.vol.dirty().sync(h.ino); err != nil {
+		n.vol.log.Error("data written to a file could not be stored, and no close or fsync was left to report it",
+			"inode", h.ino, "err", err)
+	}
 	return n.vol.failed0("release", h.ino, n.vol.w.Release(h.ino))
 }
 
@@ -335,9 +410,10 @@ func (v *volume) failed0(op string, ino uint32, err error) syscall.Errno {
 // was not fsynced.
 const commitInterval = 5 * time.Second
 
-// commitEvery syncs w every interval until stop closes, or until the
-// mount turned read-only (its writer can store nothing more).
-func (s *Server) commitEvery(w *ext4.Writer, interval time.Duration, stop, readOnly <-chan struct{}) {
+// commitEvery writes out dirty data and syncs w every interval until stop
+// closes, or until the mount turned read-only (its writer can store
+// nothing more).
+func (s *Server) commitEvery(w *ext4.Writer, dirty *dirtyCache, interval time.Duration, stop, readOnly <-chan struct{}) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -347,6 +423,10 @@ func (s *Server) commitEvery(w *ext4.Writer, interval time.Duration, stop, readO
 		case <-readOnly: // nil: never
 			return
 		case <-t.C:
+			if err := dirty.flushAll(); err != nil {
+				s.log.Error("periodic flush of written data failed; reported at the file's next fsync or close", "err", err)
+			}
+			dirty.trim()
 			if err := w.Sync(); err != nil {
 				s.log.Error("periodic journal commit failed", "err", err)
 			}
@@ -354,14 +434,22 @@ func (s *Server) commitEvery(w *ext4.Writer, interval time.Duration, stop, readO
 	}
 }
 
-// closeWriter flushes the filesystem once the kernel has let go of it.
-func (s *Server) closeWriter(w *ext4.Writer) {
+// closeWriter writes out what is still dirty and flushes the filesystem
+// once the kernel has let go of it.
+func (s *Server) closeWriter(w *ext4.Writer, dirty *dirtyCache) {
+	dirty.close()
+	if err := dirty.flushAll(); err != nil {
+		s.flushErr = fmt.Errorf("write out file data at unmount: %w", err)
+		s.log.Error("writing out file data at unmount failed", "err", err)
+	}
 	if err := w.Close(); err != nil {
-		s.flushErr = fmt.Errorf("flush the filesystem at unmount: %w", err)
+		s.flushErr = errors.Join(s.flushErr, fmt.Errorf("flush the filesystem at unmount: %w", err))
 		s.log.Error("flushing the filesystem at unmount failed; the image replays its journal at the next mount", "err", err)
 		return
 	}
-	s.log.Info("filesystem flushed and clean")
+	if s.flushErr == nil {
+		s.log.Info("filesystem flushed and clean")
+	}
 }
 
 // Err reports, once Done is closed, whether a writable mount's filesystem
