@@ -503,17 +503,25 @@ func (c *Cache) release(es []*extent) {
 	}
 }
 
-// adoptBuffers hands the mappings of evicted extents to new extents of the
-// same size, sparing an unmap, a map and the kernel zeroing the pages; it
-// returns the evicted extents whose mappings are still to be released. Both
-// sides are private to the caller: the evicted ones are detached and
+// adoptBuffers hands the mappings of evicted extents to new extents,
+// sparing an unmap, a map and the kernel zeroing the pages; it returns the
+// evicted extents whose mappings are still to be released. A mapping of
+// the same size is preferred; failing that any is taken, and fetch resizes
+// it (random reads make extents of many sizes: an mmap reader's 1 MiB
+// read-around windows start on any page, and exact sizes rarely met).
+// Both sides are private to the caller: the evicted ones are detached and
 // unpinned, the new ones not yet fetched.
 func adoptBuffers(fresh, evicted []*extent) []*extent {
-	for _, e := range fresh {
-		for _, old := range evicted {
-			if old.buf != nil && int64(len(old.buf)) == e.mem {
-				e.buf, old.buf = old.buf, nil
-				break
+	for _, exact := range []bool{true, false} {
+		for _, e := range fresh {
+			if e.buf != nil {
+				continue
+			}
+			for _, old := range evicted {
+				if old.buf != nil && (!exact || int64(len(old.buf)) == e.mem) {
+					e.buf, old.buf = old.buf, nil
+					break
+				}
 			}
 		}
 	}
@@ -574,6 +582,20 @@ func (c *Cache) fetch(e *extent, haveSlot bool) {
 		}
 	}
 	buf, err := e.buf, error(nil) // set when adopted from an evicted extent
+	if buf != nil && int64(len(buf)) != e.mem {
+		have := int64(len(buf))
+		resized, rerr := resizeBuffer(buf, e.mem)
+		if rerr != nil {
+			c.log.Warn("blockcache: cannot reuse block memory; mapping anew", "err", rerr)
+			if err := unmapBuffer(resized); err != nil {
+				c.log.Error("blockcache: releasing block memory", "err", err)
+			}
+			resized = nil
+		} else if e.mem > have {
+			c.st.mappedBytes.Add(uint64(e.mem - have))
+		}
+		buf, e.buf = resized, nil // finish sets e.buf again
+	}
 	if buf == nil {
 		buf, err = mapBuffer(e.mem)
 		if err == nil {
