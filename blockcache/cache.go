@@ -843,6 +843,9 @@ func (c *Cache) finish(e *extent, buf []byte, err error) {
 	}
 	var free bool
 	e.buf = buf
+	if s := e.stream; s != nil && s.valid && s.id == e.streamID {
+		s.inFlight -= e.length
+	}
 	if err != nil {
 		if !errors.Is(err, ErrClosed) && !errors.Is(err, errAbandoned) {
 			c.st.fetchErrors.Add(1)
@@ -954,6 +957,12 @@ func (c *Cache) observe(off, n int64) (int64, error) {
 		c.mu.Unlock()
 		return off + n, nil
 	}
+	// Fetched read-ahead the reader has not reached yet may take up to
+	// three quarters of the stream's share of memory, and at least its
+	// window: room for the window to be in flight again while the reader
+	// drains the last one (see readAheadLocked).
+	share := c.o.MemoryBytes / max(c.streams.activeSequential(4*maxStreams), 1)
+	s.reach = max(s.window, min(2*s.window, share*3/4))
 	horizon := min(s.next+s.window, c.size)
 	started, freed := c.readAheadLocked(s, off)
 	c.mu.Unlock()
@@ -973,15 +982,24 @@ func (c *Cache) readAheadLocked(s *stream, off int64) (started, freed []*extent)
 	// window is larger), as soon as one step of the window is free: a
 	// server that answers parallel requests together (Azurite does) must
 	// never find the pipeline empty while the reader drains what arrived.
+	//
+	// The window bounds the bytes in flight, not the distance ahead of the
+	// reader: a fetch that ends is replaced at once although the reader
+	// has not consumed it yet (up to reach ahead). Bounding the distance
+	// made a sawtooth on connections capped in throughput: the window's
+	// fetches, started together, ended together; the reader drained them
+	// all, and only then did the next window start, so on average half of
+	// it was in flight.
 	step := min(s.window, c.fetchUnit())
-	if s.raEnd-end > s.window-step {
+	reach := max(s.reach, s.window)
+	if s.raEnd-end > reach-step || s.window-s.inFlight < step {
 		return nil, nil
 	}
-	// The window's end is rounded up to a multiple of step, so successive
+	// The reach's end is rounded up to a multiple of step, so successive
 	// batches of read-ahead meet at the same aligned boundaries as
 	// missingRunLocked's cuts and no fetch is split in two.
 	from := max(s.raEnd, off)
-	to := min((end+s.window+step-1)/step*step, c.size)
+	to := min((end+reach+step-1)/step*step, c.size)
 	b, last := from/c.bs, (to-1)/c.bs
 issue:
 	for b <= last {
@@ -993,6 +1011,9 @@ issue:
 			break
 		}
 		nb := c.missingRunLocked(b, last)
+		if s.inFlight > 0 && s.inFlight+(min((b+nb)*c.bs, c.size)-b*c.bs) > s.window {
+			break // whole fetches only: splitting one would add a request
+		}
 		mem := c.extentMem(b, nb)
 		ok, f := c.reserveLocked(mem)
 		freed = append(freed, f...)
@@ -1007,6 +1028,7 @@ issue:
 		}
 		e := c.newExtentLocked(b, nb, true)
 		e.stream, e.streamID = s, s.id
+		s.inFlight += e.length
 		c.st.readAhead.Add(uint64(nb))
 		started = append(started, e)
 		c.wg.Add(1)

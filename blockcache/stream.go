@@ -16,11 +16,16 @@ type stream struct {
 	// covered is how many bytes the stream's reads brought, so
 	// covered/(next-start) is how densely they fill its span.
 	covered int64
-	window  int64  // current read-ahead window; 0 until the stream is sequential
-	raEnd   int64  // read-ahead has been issued up to here
-	runs    int    // consecutive continuations seen
-	tick    uint64 // last use, for replacement and for counting active streams
-	id      uint64 // tick at creation: tells a stream from a later one in its entry
+	window  int64 // current read-ahead window; 0 until the stream is sequential
+	raEnd   int64 // read-ahead has been issued up to here
+	// inFlight is the bytes of the stream's read-ahead being fetched, at
+	// most window; reach is how far ahead of next read-ahead may go,
+	// fetched or not (see Cache.readAheadLocked). Both kept by the cache.
+	inFlight int64
+	reach    int64
+	runs     int    // consecutive continuations seen
+	tick     uint64 // last use, for replacement and for counting active streams
+	id       uint64 // tick at creation: tells a stream from a later one in its entry
 }
 
 type streamTable struct {
