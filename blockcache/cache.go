@@ -363,7 +363,18 @@ func (c *Cache) acquire(ctx context.Context, b, end int64) (*extent, error) {
 			e.refs++
 			e.waiters++
 			if e.elem != nil {
-				c.lru.MoveToFront(e.elem)
+				// Read-ahead keeps the place it got when it arrived: a
+				// sequential reader consumes it in about that order, so
+				// what it consumed is evicted before what it has yet to
+				// read. Moved to the front on every read, consumed
+				// extents looked newer than read-ahead that arrived
+				// before the reader reached them, which eviction then
+				// took and the reader fetched again (a stream reads
+				// ahead up to 5/8 of its memory share, see observe):
+				// 1840 MiB fetched for 1 GiB read sequentially.
+				if !e.ahead {
+					c.lru.MoveToFront(e.elem)
+				}
 				c.st.hits.Add(1)
 			} else {
 				c.st.pendingHits.Add(1)
@@ -958,11 +969,13 @@ func (c *Cache) observe(off, n int64) (int64, error) {
 		return off + n, nil
 	}
 	// Fetched read-ahead the reader has not reached yet may take up to
-	// three quarters of the stream's share of memory, and at least its
+	// five eighths of the stream's share of memory, and at least its
 	// window: room for the window to be in flight again while the reader
-	// drains the last one (see readAheadLocked).
+	// drains the last one (see readAheadLocked). The rest holds the
+	// extent being read, one step of rounding and demand fetches; with
+	// 3/4 a 1 GiB sequential read still fetched some read-ahead twice.
 	share := c.o.MemoryBytes / max(c.streams.activeSequential(4*maxStreams), 1)
-	s.reach = max(s.window, min(2*s.window, share*3/4))
+	s.reach = max(s.window, min(2*s.window, share*5/8))
 	horizon := min(s.next+s.window, c.size)
 	started, freed := c.readAheadLocked(s, off)
 	c.mu.Unlock()

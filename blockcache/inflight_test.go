@@ -263,3 +263,29 @@ func TestEndedFetchesAreReplacedWhileReaderWaits(t *testing.T) {
 		t.Errorf("peak memory %d over the bound %d", st.PeakMemoryBytes, st.MemoryLimit)
 	}
 }
+
+// TestLongSequentialReadFetchesEachBlockOnce: a stream's read-ahead
+// reaches up to 5/8 of its memory share ahead of the reader, so in a read
+// longer than the memory bound eviction must take what the reader consumed
+// before what it has yet to read. In plain LRU order it did not (consumed
+// extents were touched after read-ahead arrived) and a 1 GiB read fetched
+// 1840 MiB. Over connections capped at 50 MB/s each, so that read-ahead
+// runs far ahead while the reader waits.
+func TestLongSequentialReadFetchesEachBlockOnce(t *testing.T) {
+	const (
+		bound = 256 << 20
+		size  = 4 * bound
+	)
+	src := newVirtualSource(size, DefaultBlockSize)
+	src.latency, src.connRate = 4*time.Millisecond, 50e6
+	c := newCache(t, src, Options{MemoryBytes: bound})
+	took := readSequentially(t, c)
+	st := c.Stats()
+	t.Logf("%.0f MB/s, %d MiB fetched for %d MiB, %d requests, %d evictions", size/took.Seconds()/1e6, st.BytesFetched>>20, size>>20, st.Requests, st.Evictions)
+	if st.BytesFetched != size {
+		t.Errorf("fetched %d bytes to read %d once: read-ahead was evicted before the reader reached it", st.BytesFetched, size)
+	}
+	if st.PeakMemoryBytes > st.MemoryLimit {
+		t.Errorf("peak memory %d over the bound %d", st.PeakMemoryBytes, st.MemoryLimit)
+	}
+}
