@@ -301,8 +301,9 @@ func (v *Volume) decryptRun(dst, src []byte, off int64) error {
 	// serves its reads concurrently already, and handing half of each
 	// 1 MiB read to another core cost CPU in wake-ups and switches (cold
 	// 1 GiB reads through a verified mount, three alternating pairs on 2
-	// shared cores: 1.50 against 1.58 mount CPU-s/GiB, and faster in every
-	// pair). Larger runs (tools reading big chunks) spread over all cores.
+	// shared cores: medians 1.50 against 1.56 mount CPU-s/GiB, and faster
+	// in every pair). Larger runs (tools reading big chunks) spread over
+	// all cores.
 	decrypt := v.cipher.Decrypt
 	if len(src) > serialDecryptMax {
 		decrypt = v.cipher.DecryptParallel
