@@ -1,6 +1,7 @@
 package blockcache
 
 import (
+	"context"
 	"net/http"
 	"testing"
 	"time"
@@ -187,4 +188,104 @@ func TestSharedServerKeepsLargeFetches(t *testing.T) {
 		t.Errorf("%d of %d requests were %d MiB, want at least %d: a shared server was taken for slow connections", large, st.Requests, DefaultMaxFetchSize>>20, want)
 	}
 	t.Logf("%d requests, %d of them %d MiB", st.Requests, large, DefaultMaxFetchSize>>20)
+}
+
+// heldSource holds every request that starts at offset held until release
+// is closed; other requests go straight to the testSource.
+type heldSource struct {
+	*testSource
+	held    int64
+	release chan struct{}
+}
+
+func (s heldSource) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	if off == s.held {
+		select {
+		case <-s.release:
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
+	return s.testSource.ReadAt(ctx, p, off)
+}
+
+// TestEndedFetchesAreReplacedWhileReaderWaits: the read-ahead window bounds
+// the bytes in flight, not the distance ahead of the reader. While the
+// reader waits for the oldest fetch, fetches behind it that end are
+// replaced at once, so on connections capped in throughput the requests in
+// flight stay at the window instead of draining to the one the reader
+// waits for (the sawtooth that kept the Azure-like mount at half the raw
+// download). Deterministic: one request is held, the rest answer at once.
+func TestEndedFetchesAreReplacedWhileReaderWaits(t *testing.T) {
+	checkNoLeak(t)
+	const (
+		bs     = 64 << 10
+		unit   = 1 << 20
+		window = 8 << 20
+		held   = 16 << 20
+	)
+	src := heldSource{newVirtualSource(64<<20, bs), held, make(chan struct{})}
+	c := newCache(t, src, Options{BlockSize: bs, MaxFetchSize: unit, MaxReadAhead: window, MemoryBytes: 64 << 20})
+	done := make(chan error, 1)
+	go func() {
+		p := make([]byte, 1<<20)
+		for off := int64(0); off < held+unit; off += int64(len(p)) {
+			if _, err := c.ReadAt(p, off); err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	// The reader reaches the held fetch and waits there; every other fetch
+	// of its window ends. The window is then refilled beyond it.
+	furthest := func() (end int64) {
+		for _, r := range src.requests() {
+			end = max(end, r.End())
+		}
+		return end
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for furthest() < held+window+window/2 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	got := furthest()
+	close(src.release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("read-ahead reached %d MiB while the reader waited at %d MiB", got>>20, held>>20)
+	if got < held+window+window/2 {
+		t.Errorf("while the reader waited at %d MiB, read-ahead reached only %d MiB: ended fetches were not replaced (a window of %d MiB from the reader ends at %d MiB)",
+			held>>20, got>>20, window>>20, (held+window)>>20)
+	}
+	if st := c.Stats(); st.PeakMemoryBytes > st.MemoryLimit {
+		t.Errorf("peak memory %d over the bound %d", st.PeakMemoryBytes, st.MemoryLimit)
+	}
+}
+
+// TestLongSequentialReadFetchesEachBlockOnce: a stream's read-ahead
+// reaches up to 5/8 of its memory share ahead of the reader, so in a read
+// longer than the memory bound eviction must take what the reader consumed
+// before what it has yet to read. In plain LRU order it did not (consumed
+// extents were touched after read-ahead arrived) and a 1 GiB read fetched
+// 1840 MiB. Over connections capped at 50 MB/s each, so that read-ahead
+// runs far ahead while the reader waits.
+func TestLongSequentialReadFetchesEachBlockOnce(t *testing.T) {
+	const (
+		bound = 256 << 20
+		size  = 4 * bound
+	)
+	src := newVirtualSource(size, DefaultBlockSize)
+	src.latency, src.connRate = 4*time.Millisecond, 50e6
+	c := newCache(t, src, Options{MemoryBytes: bound})
+	took := readSequentially(t, c)
+	st := c.Stats()
+	t.Logf("%.0f MB/s, %d MiB fetched for %d MiB, %d requests, %d evictions", size/took.Seconds()/1e6, st.BytesFetched>>20, size>>20, st.Requests, st.Evictions)
+	if st.BytesFetched != size {
+		t.Errorf("fetched %d bytes to read %d once: read-ahead was evicted before the reader reached it", st.BytesFetched, size)
+	}
+	if st.PeakMemoryBytes > st.MemoryLimit {
+		t.Errorf("peak memory %d over the bound %d", st.PeakMemoryBytes, st.MemoryLimit)
+	}
 }

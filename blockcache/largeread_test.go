@@ -125,3 +125,80 @@ func TestAbandonedFetchIsCancelled(t *testing.T) {
 		t.Errorf("%d fetches abandoned in all, %d requests for the shared block; want 1 and 1", st.Abandoned, len(src.requests()))
 	}
 }
+
+// TestScatteredLargeReadsDoNotReadAhead: an mmap reader faulting pages in
+// a shuffled order makes the kernel read 1 MiB around each fault. Such
+// reads are large enough for the out-of-order tolerance of
+// TestConcurrentPiecesOfLargeReadsReadAhead and always land within its
+// reach of some stream, but they are random: they must fetch what they
+// read and nothing ahead of it. Before the density rule, a 1 GiB file read
+// this way fetched 6.9 GB (docs/PERFORMANCE.md, issue 16).
+func TestScatteredLargeReadsDoNotReadAhead(t *testing.T) {
+	checkNoLeak(t)
+	const (
+		bs    = 64 << 10
+		piece = 1 << 20
+		total = 512 << 20
+	)
+	src := newVirtualSource(total, bs)
+	c := newCache(t, src, Options{BlockSize: bs, MemoryBytes: 64 << 20})
+	rng := rand.New(rand.NewPCG(7, 16))
+	buf, want := make([]byte, piece), make([]byte, piece)
+	const reads = 400
+	for range reads {
+		// Read-around windows start on any page.
+		off := rng.Int64N((total-piece)/4096) * 4096
+		if _, err := c.ReadAt(buf, off); err != nil {
+			t.Fatal(err)
+		}
+		pattern(want, off)
+		if !bytes.Equal(buf, want) {
+			t.Fatalf("wrong bytes at %d", off)
+		}
+	}
+	st := c.Stats()
+	// Each read needs at most 17 blocks (an unaligned MiB); overlaps with
+	// earlier reads need fewer.
+	limit := uint64(reads * (piece/bs + 1) * bs)
+	t.Logf("%d reads of 1 MiB: %d MiB fetched, %d blocks read ahead", reads, st.BytesFetched>>20, st.ReadAhead)
+	if st.BytesFetched > limit || st.ReadAhead > 0 {
+		t.Errorf("%d bytes fetched (at most %d wanted), %d blocks read ahead (want 0): scattered reads were taken for a stream", st.BytesFetched, limit, st.ReadAhead)
+	}
+}
+
+// TestScatteredReadsReuseMemory: an mmap reader's 1 MiB read-around
+// windows start on any page, so their extents are 16 or 17 blocks and often
+// do not match an evicted one's size; their mappings are resized and reused rather than unmapped
+// and mapped anew with the kernel zeroing every page again. The bytes
+// stay right through the reuse.
+func TestScatteredReadsReuseMemory(t *testing.T) {
+	checkNoLeak(t)
+	const (
+		bs    = 64 << 10
+		bound = 16 << 20
+		total = 256 << 20
+	)
+	src := newVirtualSource(total, bs)
+	c := newCache(t, src, Options{BlockSize: bs, MemoryBytes: bound})
+	rng := rand.New(rand.NewPCG(3, 5))
+	for range 300 {
+		const n = 1 << 20
+		off := rng.Int64N((total-n)/4096) * 4096
+		readChecked(t, c, make([]byte, n), off)
+	}
+	st := c.Stats()
+	t.Logf("%d MiB fetched, %d MiB mapped, %d evictions", st.BytesFetched>>20, st.MappedBytes>>20, st.Evictions)
+	if st.Evictions == 0 {
+		t.Fatal("nothing was evicted: the reads did not exceed the bound")
+	}
+	// Reusing only mappings of equal size mapped 58 % of what was fetched
+	// (174 of 301 MiB); resizing brings it to 28 %. The rest: a 17-block
+	// extent evicts two of 16 blocks and reuses one, so the next fetch
+	// finds room without evicting and has nothing to reuse.
+	if st.MappedBytes*100 > st.BytesFetched*40 {
+		t.Errorf("mapped %d bytes of fresh memory for %d fetched (bound %d): evicted mappings of other sizes were not reused", st.MappedBytes, st.BytesFetched, bound)
+	}
+	if st.PeakMemoryBytes > st.MemoryLimit {
+		t.Errorf("peak memory %d over the bound %d", st.PeakMemoryBytes, st.MemoryLimit)
+	}
+}

@@ -45,6 +45,32 @@ func mapBuffer(n int64) ([]byte, error) {
 	return b, nil
 }
 
+// resizeBuffer gives a buffer from mapBuffer the length n (a multiple of
+// the page size), keeping the pages it has: an evicted extent's memory is
+// reused by a new extent of another size without the kernel zeroing it
+// again. Pages it grows by are faulted in as mapBuffer does. The contents
+// are left as they were: callers overwrite every byte. On failure it
+// returns the mapping that is left, for the caller to release.
+func resizeBuffer(b []byte, n int64) ([]byte, error) {
+	old := int64(len(b))
+	if old == n {
+		return b, nil
+	}
+	nb, err := unix.Mremap(b, int(n), unix.MREMAP_MAYMOVE)
+	if err != nil {
+		return b, fmt.Errorf("blockcache: resizing block memory from %d to %d bytes: %w", old, n, err)
+	}
+	if n > old {
+		if n >= hugePage {
+			_ = unix.Madvise(nb, unix.MADV_HUGEPAGE)
+		}
+		if err := unix.Madvise(nb[old:], unix.MADV_POPULATE_WRITE); err != nil && !errors.Is(err, unix.EINVAL) {
+			return nb, fmt.Errorf("blockcache: resizing block memory from %d to %d bytes: %w", old, n, err)
+		}
+	}
+	return nb, nil
+}
+
 // unmapBuffer releases a buffer from mapBuffer. Callers guarantee no reader
 // still uses it (the extent's reference count is zero).
 func unmapBuffer(b []byte) error {

@@ -10,13 +10,22 @@ package blockcache
 const maxStreams = 32
 
 type stream struct {
-	valid  bool
-	next   int64  // offset just past the stream's last read
-	window int64  // current read-ahead window; 0 until the stream is sequential
-	raEnd  int64  // read-ahead has been issued up to here
-	runs   int    // consecutive continuations seen
-	tick   uint64 // last use, for replacement and for counting active streams
-	id     uint64 // tick at creation: tells a stream from a later one in its entry
+	valid bool
+	next  int64 // offset just past the stream's last read
+	start int64 // lowest offset of the reads counted in covered
+	// covered is how many bytes the stream's reads brought, so
+	// covered/(next-start) is how densely they fill its span.
+	covered int64
+	window  int64 // current read-ahead window; 0 until the stream is sequential
+	raEnd   int64 // read-ahead has been issued up to here
+	// inFlight is the bytes of the stream's read-ahead being fetched, at
+	// most window; reach is how far ahead of next read-ahead may go,
+	// fetched or not (see Cache.readAheadLocked). Both kept by the cache.
+	inFlight int64
+	reach    int64
+	runs     int    // consecutive continuations seen
+	tick     uint64 // last use, for replacement and for counting active streams
+	id       uint64 // tick at creation: tells a stream from a later one in its entry
 }
 
 type streamTable struct {
@@ -37,6 +46,22 @@ const (
 	reorderPieces = 64
 	minPiece      = 512 << 10
 )
+
+// A stream reads ahead only while its reads fill at least 1/minDensity
+// (half) of the span they lie in. Pieces of large reads, however shuffled,
+// fill theirs; the tolerance above would otherwise also gather unrelated large
+// random reads into a "stream": an mmap reader faulting pages in a
+// shuffled order makes the kernel read 1 MiB around each fault, and every
+// such read lands within 64 MiB of one of the table's streams. Before this
+// rule they opened read-ahead windows that fetched 6.9 GB to serve a 1 GiB
+// file. A quarter was not enough: 400 random 1 MiB reads of 512 MiB still
+// read 108 MiB ahead (TestScatteredLargeReadsDoNotReadAhead).
+const minDensity = 2
+
+// densitySpan is the span beyond which a stream's density is rescaled to
+// its recent half, so a long sequential past does not vouch for later
+// random reads.
+const densitySpan = 256 << 20
 
 // observe records a read of n bytes at off and returns the stream it belongs
 // to, and whether it continued an existing stream. A read continues a stream
@@ -72,7 +97,19 @@ func (t *streamTable) observe(off, n, initial, maxWindow int64) (st *stream, seq
 	if best >= 0 {
 		s := &t.s[best]
 		s.tick = t.tick
+		s.start = min(s.start, off)
 		s.next = max(s.next, off+n)
+		s.covered += n
+		if span := s.next - s.start; span > densitySpan {
+			s.start = s.next - span/2
+			s.covered /= 2
+		}
+		if !s.dense() {
+			// Scattered reads: no read-ahead (and whatever is in flight
+			// is not topped up), until reads fill the span again.
+			s.runs, s.window = 0, 0
+			return s, false
+		}
 		s.runs++
 		switch {
 		case s.runs < 2:
@@ -84,8 +121,14 @@ func (t *streamTable) observe(off, n, initial, maxWindow int64) (st *stream, seq
 		s.window = min(s.window, maxWindow)
 		return s, true
 	}
-	t.s[victim] = stream{valid: true, next: off + n, tick: t.tick, id: t.tick}
+	t.s[victim] = stream{valid: true, next: off + n, start: off, covered: n, tick: t.tick, id: t.tick}
 	return &t.s[victim], false
+}
+
+// dense reports whether the stream's reads fill enough of their span to be
+// one reader's sequential pass (see minDensity).
+func (s *stream) dense() bool {
+	return s.covered*minDensity >= s.next-s.start
 }
 
 // activeSequential counts streams with read-ahead that were used within the
