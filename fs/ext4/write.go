@@ -506,6 +506,23 @@ func (d *trackedDevice) WriteAt(p []byte, off int64) (int, error) {
 	return n, d.note(err)
 }
 
+// ErrWriteRetryable marks a device write failure that lost nothing the
+// device took before: storage is unavailable for now (a write-back cache
+// whose dirty memory could not be flushed during an outage) and a later
+// write may succeed. Some of the failed write's bytes may have been taken.
+var ErrWriteRetryable = errors.New("the device keeps every earlier write and may take this one later")
+
+// retryableWriteAt is WriteAt for writes the journal redoes on its own
+// (log blocks before their commit, the journal superblock, checkpoints): a
+// failure marked ErrWriteRetryable is not recorded, so the writer goes on.
+func (d *trackedDevice) retryableWriteAt(p []byte, off int64) (int, error) {
+	n, err := d.Device.WriteAt(p, off)
+	if errors.Is(err, ErrWriteRetryable) {
+		return n, err
+	}
+	return n, d.note(err)
+}
+
 func (d *trackedDevice) Sync() error { return d.note(d.Device.Sync()) }
 
 // contextWriterAt is the volume's optional interruptible write
@@ -515,17 +532,27 @@ type contextWriterAt interface {
 }
 
 // writeAtContext writes file data on behalf of ctx. A write that ends
-// because ctx did is the caller's to undo, not a failure of the device.
+// because ctx did, or that failed retryably (ErrWriteRetryable), is the
+// caller's to undo, not a failure of the device.
 func (d *trackedDevice) writeAtContext(ctx context.Context, p []byte, off int64) (int, error) {
-	cw, ok := d.Device.(contextWriterAt)
-	if !ok {
-		return d.WriteAt(p, off)
+	var n int
+	var err error
+	if cw, ok := d.Device.(contextWriterAt); ok {
+		n, err = cw.WriteAtContext(ctx, p, off)
+	} else {
+		n, err = d.Device.WriteAt(p, off)
 	}
-	n, err := cw.WriteAtContext(ctx, p, off)
-	if err != nil && ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+	if err != nil && undoable(ctx, err) {
 		return n, err
 	}
 	return n, d.note(err)
+}
+
+// undoable reports whether a failed data write leaves the device usable:
+// ctx ended, or the device failed retryably. The write's caller undoes
+// what it planned and reports the error; the writer goes on.
+func undoable(ctx context.Context, err error) bool {
+	return errors.Is(err, ErrWriteRetryable) || (ctx.Err() != nil && errors.Is(err, ctx.Err()))
 }
 
 // ErrSyncRetryable marks a device Sync failure that lost nothing: the
