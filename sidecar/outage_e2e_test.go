@@ -96,6 +96,18 @@ func TestReadWriteOutageLeaseLossAndCrash(t *testing.T) {
 	if _, err := f.Write(during); err != nil {
 		t.Fatalf("write during the outage (within dirty_memory): %v", err)
 	}
+	// The background flush (every 5s) fails too, and /metrics counts it
+	// before any fsync did.
+	deadline := time.Now().Add(20 * time.Second)
+	for m := scrape(t, addr); m["blobseal_writeback_flush_failures_total"] < 1; m = scrape(t, addr) {
+		if m["blobseal_flush_failures_total"] != 0 {
+			t.Fatalf("an fsync failed before any was called: %v", m["blobseal_flush_failures_total"])
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no background flush failure counted within 20s of the outage: %v", m)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 	start := time.Now()
 	err = f.Sync()
 	took := time.Since(start)
@@ -112,8 +124,10 @@ func TestReadWriteOutageLeaseLossAndCrash(t *testing.T) {
 	if err := f.Sync(); err != nil {
 		t.Fatalf("fsync after storage came back: %v\n%s", err, stderr)
 	}
-	if m := scrape(t, addr); m["blobseal_flush_failures_total"] < 1 || m["blobseal_lease_losses_total"] != 0 {
-		t.Errorf("after the outage: flush failures %v (want ≥ 1), lease losses %v (want 0)", m["blobseal_flush_failures_total"], m["blobseal_lease_losses_total"])
+	if m := scrape(t, addr); m["blobseal_flush_failures_total"] < 1 || m["blobseal_lease_losses_total"] != 0 ||
+		m["blobseal_writeback_flush_failures_total"] < 2 || m["blobseal_uploaded_bytes_total"] < float64(len(during)) {
+		t.Errorf("after the outage: fsync failures %v (want ≥ 1), lease losses %v (want 0), flush failures %v (want ≥ 2: background and fsync), uploaded %v bytes (want ≥ %d)",
+			m["blobseal_flush_failures_total"], m["blobseal_lease_losses_total"], m["blobseal_writeback_flush_failures_total"], m["blobseal_uploaded_bytes_total"], len(during))
 	}
 
 	// Another party breaks the lease: the mount is no longer ready.
