@@ -252,7 +252,36 @@ func (w *Writer) lockChangeContext(ctx context.Context, what string) (func(), er
 		return nil, cancelled(what, err)
 	}
 	w.mu.Lock()
+	if err := w.roomForChange(); err != nil {
+		w.unlockChange()
+		return nil, fmt.Errorf("ext4: %s not done: the open transaction is full and could not be committed: %w", what, asEIO(err))
+	}
 	return w.unlockChange, nil
+}
+
+// roomForChange commits a full open transaction before the next change
+// starts. It is full only when a commit at the end of an operation failed
+// retryably (an outage, see endOp): then the change is refused whole, so
+// the transaction stays bounded while storage is away.
+func (w *Writer) roomForChange() error {
+	if w.jw == nil || len(w.dirty)+len(w.gdtD)+1 < w.jw.limit {
+		return nil
+	}
+	return w.commit()
+}
+
+// retryable reports whether a device error lost nothing and a later
+// attempt may succeed (an outage of a write-back device).
+func retryable(err error) bool {
+	return errors.Is(err, ErrWriteRetryable) || errors.Is(err, ErrSyncRetryable)
+}
+
+// asEIO makes sure err maps to EIO for the caller (a FUSE answer).
+func asEIO(err error) error {
+	if errors.Is(err, syscall.EIO) {
+		return err
+	}
+	return fmt.Errorf("%w (%w)", err, syscall.EIO)
 }
 
 // cancelled is the error of an operation not done because its context
@@ -355,7 +384,12 @@ func (w *Writer) endOp() error {
 		return w.flushMeta()
 	}
 	if len(w.dirty)+len(w.gdtD)+1 >= w.jw.limit {
-		return w.commit()
+		if err := w.commit(); err != nil && !retryable(err) {
+			return err
+		}
+		// A retryable failure keeps the operation, done in memory, in the
+		// open transaction: the next sync, or the next change
+		// (roomForChange), commits it.
 	}
 	return nil
 }

@@ -260,10 +260,10 @@ func (w *Writer) zeroTail(in wInode, m *extentMap, size uint64) error {
 // retryableEIO is the error of a data write that failed retryably: EIO for
 // this write, while the writer goes on.
 func retryableEIO(err error) error {
-	if !errors.Is(err, ErrWriteRetryable) || errors.Is(err, syscall.EIO) {
+	if !errors.Is(err, ErrWriteRetryable) {
 		return err
 	}
-	return fmt.Errorf("%w (%w)", err, syscall.EIO)
+	return asEIO(err)
 }
 
 // planData maps p at off through m: in place over initialized extents,

@@ -49,7 +49,9 @@ func newBackPressureDevice(t *testing.T, img string, limit int) *backPressureDev
 // TestWriterResumesAfterBackPressure: during an outage writes fill the
 // device's dirty memory until one fails with EIO (data writes and the
 // journal's own, from commits at the end of operations); the writer is not
-// stopped: once storage is back the same writes, fsync and Close succeed,
+// stopped, and metadata changes go on until the open transaction is full
+// (then one is refused whole): once storage is back the same writes, fsync
+// and Close succeed,
 // a failed write left no trace (e2fsck finds no leaked blocks), and the
 // stored image holds every byte of every successful write.
 func TestWriterResumesAfterBackPressure(t *testing.T) {
@@ -100,6 +102,23 @@ func TestWriterResumesAfterBackPressure(t *testing.T) {
 	if len(failed) == 0 || dev.refused == 0 {
 		t.Fatal("no write failed during the outage: the test did not fill dirty memory")
 	}
+	// Metadata changes go on in memory until the open transaction is full
+	// and cannot be committed; then the next change is refused whole.
+	var made []string
+	var refused error
+	for i := range 5000 {
+		p := fmt.Sprintf("dir%d", i)
+		if refused = o.mkdir(p, 0o755); refused != nil {
+			if _, err := lookupPath(w.FS(), p); err == nil {
+				t.Errorf("the refused mkdir %s is there", p)
+			}
+			break
+		}
+		made = append(made, p)
+	}
+	if !errors.Is(refused, syscall.EIO) || len(made) == 0 {
+		t.Fatalf("mkdirs during the outage: %d made, then %v; want EIO once the transaction is full", len(made), refused)
+	}
 	if err := w.Sync(); !errors.Is(err, syscall.EIO) && !errors.Is(err, ErrSyncRetryable) {
 		t.Fatalf("Sync during the outage: %v, want EIO", err)
 	}
@@ -122,7 +141,12 @@ func TestWriterResumesAfterBackPressure(t *testing.T) {
 			t.Errorf("%s: %d bytes, %v; want the %d written", p, len(got), err, len(want))
 		}
 	}
-	t.Logf("%d writes refused during the outage (%d device writes)", len(failed), dev.refused)
+	for _, p := range made {
+		if _, err := lookupPath(w2.FS(), p); err != nil {
+			t.Errorf("%s, made during the outage, lost: %v", p, err)
+		}
+	}
+	t.Logf("%d writes refused during the outage (%d device writes); %d mkdirs before one was refused", len(failed), dev.refused, len(made))
 }
 
 // TestWriterCheckpointOutage: an outage in the middle of a checkpoint
