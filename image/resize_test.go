@@ -76,6 +76,13 @@ func checkResized(t *testing.T, spec Spec, fsBytes int64, files map[string][]byt
 			t.Fatalf("%s reads back wrong after the resize (%v)", rel, err)
 		}
 	}
+	e2fsckDecrypted(t, img)
+}
+
+// e2fsckDecrypted writes img's plaintext (the decrypted download) to a
+// file and fails the test unless e2fsck -fn finds it clean.
+func e2fsckDecrypted(t *testing.T, img *Image) {
+	t.Helper()
 	plain := filepath.Join(t.TempDir(), "plain.ext4")
 	out, err := os.Create(plain)
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/blobseal/blobseal/blob"
@@ -30,6 +31,8 @@ type Writable struct {
 	// channel closes when another party breaks it or it lapses, after
 	// which nothing more reaches storage.
 	Lease *blob.Lease
+
+	writeBack *blockcache.WriteBack // nil for a local file
 
 	closers []func() error // in order of opening; Close runs them in reverse
 	closed  chan struct{}  // closed by Close: stops WatchLease
@@ -58,6 +61,16 @@ func (i *Writable) WatchLease(log *slog.Logger) <-chan struct{} {
 	return lost
 }
 
+// WriteBackStats returns the counters of a page blob's write-back cache
+// (dirty memory, uploads, flushes that failed, background ones included);
+// false for a local file, which has none.
+func (i *Writable) WriteBackStats() (blockcache.WriteBackStats, bool) {
+	if i.writeBack == nil {
+		return blockcache.WriteBackStats{}, false
+	}
+	return i.writeBack.Stats(), true
+}
+
 // ErrVerityReadOnly refuses to write an image that has a verity tree: the
 // tree would no longer match, and the root hash is pinned elsewhere.
 var ErrVerityReadOnly = errors.New("a dm-verity tree makes an image read-only")
@@ -81,7 +94,19 @@ type syncedVolume struct {
 
 func (d syncedVolume) Sync() error { return d.file.Sync() }
 
-var _ ext4.Device = syncedVolume{}
+// SectorSize is the volume's write unit: the Writer overwrites file data
+// outside its metadata lock when it divides the filesystem block (writes
+// of different files then never share a sector).
+func (d syncedVolume) SectorSize() int { return d.Volume.Info().SectorSize }
+
+// sectorSizer is what ext4.OpenWritable looks for to run data overwrites
+// concurrently (fs/ext4/write_data.go).
+type sectorSizer interface{ SectorSize() int }
+
+var (
+	_ ext4.Device = syncedVolume{}
+	_ sectorSizer = syncedVolume{}
+)
 
 // flushedVolume is the Writer's device over a page blob: the volume
 // encrypts into the write-back cache, whose Flush is the durability
@@ -103,7 +128,33 @@ func (d flushedVolume) Sync() error {
 	return err
 }
 
-var _ ext4.Device = flushedVolume{}
+// WriteAt is WriteAtContext without cancellation.
+func (d flushedVolume) WriteAt(p []byte, off int64) (int, error) {
+	return d.WriteAtContext(context.Background(), p, off)
+}
+
+// WriteAtContext writes through the volume into the write-back cache. A
+// write refused with EIO while the lease holds (dirty memory full and
+// storage not taking the flush: an outage) is marked
+// ext4.ErrWriteRetryable: the cache kept every earlier write, so the
+// Writer undoes this one and goes on, and writes succeed again once
+// storage is back.
+func (d flushedVolume) WriteAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	n, err := d.Volume.WriteAtContext(ctx, p, off)
+	if err != nil && ctx.Err() == nil && errors.Is(err, syscall.EIO) && d.pw.Err() == nil {
+		return n, fmt.Errorf("%w (%w)", err, ext4.ErrWriteRetryable)
+	}
+	return n, err
+}
+
+// SectorSize is the volume's write unit (see syncedVolume.SectorSize); the
+// write-back cache takes concurrent writes to different ranges.
+func (d flushedVolume) SectorSize() int { return d.Volume.Info().SectorSize }
+
+var (
+	_ ext4.Device = flushedVolume{}
+	_ sectorSizer = flushedVolume{}
+)
 
 // OpenWritable opens an image for writing: a local file, or a page blob
 // (under a renewed write lease, through a write-back cache; see
@@ -233,6 +284,7 @@ func openWritableBlob(ctx context.Context, spec Spec) (_ *Writable, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("write-back cache for %s: %w", name, err)
 	}
+	img.writeBack = wb
 	img.closers = append(img.closers, func() error { return wb.Close(context.Background()) })
 	if spec.Crypto.Format == "" && crypto.Detect(wb) == "" {
 		return nil, fmt.Errorf("%s has no LUKS header: if it is a headerless image, pass --format plain", name)

@@ -652,23 +652,59 @@ func (c *Config) validateWriteSettings(f *Filesystem, where string, bad func(str
 		}
 		return
 	}
-	switch d, err := time.ParseDuration(f.LeaseDuration); {
-	case f.LeaseDuration == "":
-	case f.LeaseDuration == "infinite":
-		f.leaseDuration = blob.InfiniteLease
-	case err != nil || d < 15*time.Second || d > 60*time.Second || d%time.Second != 0:
-		bad("%s: lease_duration %q must be whole seconds from 15s to 60s (storage's limits), or infinite", where, f.LeaseDuration)
-	default:
+	if f.LeaseDuration != "" {
+		d, err := ParseLeaseDuration(f.LeaseDuration)
+		if err != nil {
+			bad("%s: lease_duration %v", where, err)
+		}
 		f.leaseDuration = d
 	}
-	if ft := time.Duration(f.FlushTimeout); ft != 0 && (ft < minFlushTimeout || ft > maxFlushTimeout) {
-		bad("%s: flush_timeout %s must be from %s to %s (or left out for the default, %s)", where, ft, minFlushTimeout, maxFlushTimeout, blockcache.DefaultFlushTimeout)
+	if ft := time.Duration(f.FlushTimeout); ft != 0 {
+		if err := CheckFlushTimeout(ft); err != nil {
+			bad("%s: flush_timeout %v", where, err)
+		}
 	}
-	block := int64(c.Cache.BlockSize)
-	if block == 0 {
-		block = blockcache.DefaultBlockSize
+	if d := int64(f.DirtyMemory); d != 0 {
+		if err := CheckDirtyMemory(d, int64(c.Cache.BlockSize)); err != nil {
+			bad("%s: dirty_memory %v", where, err)
+		}
 	}
-	if d := int64(f.DirtyMemory); d != 0 && (d < 2*block || d > maxDirtyMemory) {
-		bad("%s: dirty_memory %d must hold at least two cache blocks (%d bytes) and at most 64Gi (or be left out for the default, 64Mi)", where, d, 2*block)
+}
+
+// ParseLeaseDuration parses a blob write lease as the configuration
+// (lease_duration) and the CLI (--lease-duration) take it: whole seconds
+// from 15s to 60s, storage's limits, or "infinite" (blob.InfiniteLease).
+// The error says what is accepted, for the caller to prefix with the
+// setting's name.
+func ParseLeaseDuration(s string) (time.Duration, error) {
+	if s == "infinite" {
+		return blob.InfiniteLease, nil
 	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < 15*time.Second || d > 60*time.Second || d%time.Second != 0 {
+		return 0, fmt.Errorf("%q must be whole seconds from 15s to 60s (storage's limits), or infinite", s)
+	}
+	return d, nil
+}
+
+// CheckFlushTimeout checks how long one flush may wait for storage (the
+// limits of flush_timeout and --flush-timeout).
+func CheckFlushTimeout(d time.Duration) error {
+	if d < minFlushTimeout || d > maxFlushTimeout {
+		return fmt.Errorf("%s must be from %s to %s (or left out for the default, %s)", d, minFlushTimeout, maxFlushTimeout, blockcache.DefaultFlushTimeout)
+	}
+	return nil
+}
+
+// CheckDirtyMemory checks the bound of written, not yet stored data
+// (dirty_memory, --dirty-memory) against the cache block size (0: the
+// default): the write-back cache needs two blocks.
+func CheckDirtyMemory(n, cacheBlock int64) error {
+	if cacheBlock == 0 {
+		cacheBlock = blockcache.DefaultBlockSize
+	}
+	if n < 2*cacheBlock || n > maxDirtyMemory {
+		return fmt.Errorf("%d must hold at least two cache blocks (%d bytes) and at most 64Gi (or be left out for the default, 64Mi)", n, 2*cacheBlock)
+	}
+	return nil
 }

@@ -46,7 +46,7 @@ func newMetrics(s *Sidecar) *Metrics {
 		}, []string{"fs"}),
 		flushFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "blobseal_flush_failures_total",
-			Help: "fsync calls on read-write mounts that failed (storage did not acknowledge within flush_timeout, or the lease was lost).",
+			Help: "fsync calls on read-write mounts that failed (storage did not acknowledge within flush_timeout, or the lease was lost); blobseal_writeback_flush_failures_total counts background flushes too.",
 		}, []string{"fs"}),
 	}
 	for _, kind := range []string{"key_release", "open", "mount", "publish", "io"} {
@@ -132,6 +132,10 @@ var (
 	descVerified     = prometheus.NewDesc("blobseal_verified_blocks_total", "Data blocks verified against the verity tree (zero blocks included).", []string{"fs"}, nil)
 	descMismatches   = prometheus.NewDesc("blobseal_integrity_failures_total", "Blocks that did not match the verity tree, by kind (data or tree).", []string{"fs", "kind"}, nil)
 	descRefused      = prometheus.NewDesc("blobseal_integrity_read_errors_total", "Reads refused (EIO) because they touched blocks that failed verification.", []string{"fs"}, nil)
+	descDirty        = prometheus.NewDesc("blobseal_dirty_bytes", "Written bytes of read-write mounts not yet acknowledged by storage (bounded by dirty_memory).", []string{"fs"}, nil)
+	descUploaded     = prometheus.NewDesc("blobseal_uploaded_bytes_total", "Bytes of read-write mounts uploaded to storage.", []string{"fs"}, nil)
+	descWBFlushes    = prometheus.NewDesc("blobseal_writeback_flushes_total", "Flushes of read-write mounts that uploaded something (fsyncs and background flushes).", []string{"fs"}, nil)
+	descWBFailures   = prometheus.NewDesc("blobseal_writeback_flush_failures_total", "Flushes of read-write mounts that storage did not acknowledge (timeout, lost lease), background ones included; the data stays dirty for the next flush.", []string{"fs"}, nil)
 	descSKRRequests  = prometheus.NewDesc("blobseal_skr_requests_total", "Requests to the SKR-compatible API, by endpoint.", []string{"endpoint"}, nil)
 	descSKRErrors    = prometheus.NewDesc("blobseal_skr_errors_total", "SKR API responses with status 400 or above, by endpoint.", []string{"endpoint"}, nil)
 	descSKRSeconds   = prometheus.NewDesc("blobseal_skr_request_seconds_total", "Time spent answering SKR API requests, by endpoint.", []string{"endpoint"}, nil)
@@ -140,7 +144,8 @@ var (
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descReady, descHits, descMisses, descBytesFetched, descRequests, descFetchErrors, descAbandoned, descRetries,
 		descInFlight, descEvictions, descMemory, descZero, descFetchLatency, descDecrypted, descDecryptSecs,
-		descIntegrity, descVerified, descMismatches, descRefused, descSKRRequests, descSKRErrors, descSKRSeconds} {
+		descIntegrity, descVerified, descMismatches, descRefused, descDirty, descUploaded, descWBFlushes, descWBFailures,
+		descSKRRequests, descSKRErrors, descSKRSeconds} {
 		ch <- d
 	}
 }
@@ -165,6 +170,14 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			ready = 1
 		}
 		gauge(descReady, ready, st.Name)
+		if st.rw != nil {
+			if ws, ok := st.rw.WriteBackStats(); ok {
+				gauge(descDirty, float64(ws.DirtyBytes), st.Name)
+				counter(descUploaded, float64(ws.UploadedBytes), st.Name)
+				counter(descWBFlushes, float64(ws.Flushes), st.Name)
+				counter(descWBFailures, float64(ws.FlushFailures), st.Name)
+			}
+		}
 		if st.img == nil {
 			continue
 		}

@@ -96,6 +96,22 @@ func TestReadWriteOutageLeaseLossAndCrash(t *testing.T) {
 	if _, err := f.Write(during); err != nil {
 		t.Fatalf("write during the outage (within dirty_memory): %v", err)
 	}
+	// Data that reaches the write-back cache without an fsync (a closed
+	// file) is flushed in the background (every 5s): that fails too, and
+	// /metrics counts it before any fsync failed.
+	if err := os.WriteFile(filepath.Join(mp, "background.bin"), during[:64<<10], 0o644); err != nil {
+		t.Fatalf("write and close during the outage: %v", err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for m := scrape(t, addr); m["blobseal_writeback_flush_failures_total"] < 1; m = scrape(t, addr) {
+		if m["blobseal_flush_failures_total"] != 0 {
+			t.Fatalf("an fsync failed before any was called: %v", m["blobseal_flush_failures_total"])
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no background flush failure counted within 20s of the outage: %v", m)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 	start := time.Now()
 	err = f.Sync()
 	took := time.Since(start)
@@ -112,8 +128,10 @@ func TestReadWriteOutageLeaseLossAndCrash(t *testing.T) {
 	if err := f.Sync(); err != nil {
 		t.Fatalf("fsync after storage came back: %v\n%s", err, stderr)
 	}
-	if m := scrape(t, addr); m["blobseal_flush_failures_total"] < 1 || m["blobseal_lease_losses_total"] != 0 {
-		t.Errorf("after the outage: flush failures %v (want ≥ 1), lease losses %v (want 0)", m["blobseal_flush_failures_total"], m["blobseal_lease_losses_total"])
+	if m := scrape(t, addr); m["blobseal_flush_failures_total"] < 1 || m["blobseal_lease_losses_total"] != 0 ||
+		m["blobseal_writeback_flush_failures_total"] < 2 || m["blobseal_uploaded_bytes_total"] < float64(len(during)) {
+		t.Errorf("after the outage: fsync failures %v (want ≥ 1), lease losses %v (want 0), flush failures %v (want ≥ 2: background and fsync), uploaded %v bytes (want ≥ %d)",
+			m["blobseal_flush_failures_total"], m["blobseal_lease_losses_total"], m["blobseal_writeback_flush_failures_total"], m["blobseal_uploaded_bytes_total"], len(during))
 	}
 
 	// Another party breaks the lease: the mount is no longer ready.

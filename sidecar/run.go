@@ -49,6 +49,7 @@ type fsState struct {
 	Attempts   int    `json:"attempts"`
 	LastError  string `json:"last_error,omitempty"`
 	img        *image.Image
+	rw         *image.Writable // read_write mounts: write-back counters
 }
 
 // New prepares a sidecar. keys may be nil for the default key sources.
@@ -125,19 +126,21 @@ func (s *Sidecar) serve(ctx context.Context, f *Filesystem) error {
 			continue
 		}
 		s.setState(f.Name, func(st *fsState) {
-			st.Attempts, st.Ready, st.LastError, st.img = attempt, true, "", m.img
+			st.Attempts, st.Ready, st.LastError, st.img, st.rw = attempt, true, "", m.img, m.rw
 		})
 		s.checkAllReady(log)
 		go s.watchLease(ctx, f, m)
 		select {
 		case <-ctx.Done():
-			s.setState(f.Name, func(st *fsState) { st.Ready = false; st.img = nil })
+			s.setState(f.Name, func(st *fsState) { st.Ready = false; st.img, st.rw = nil, nil })
 			m.stop(log, time.Duration(s.cfg.UnmountGrace))
 			return nil
 		case <-m.server.Done():
 			// Unmounted behind our back (fusermount -u, a crash of the
 			// kernel connection): report, then mount again or fail.
-			s.setState(f.Name, func(st *fsState) { st.Ready = false; st.img = nil; st.LastError = "unmounted externally" })
+			s.setState(f.Name, func(st *fsState) {
+				st.Ready, st.img, st.rw, st.LastError = false, nil, nil, "unmounted externally"
+			})
 			m.stop(log, 0)
 			log.Error("mount ended unexpectedly")
 			if s.cfg.OnFailure != "retry" {

@@ -164,7 +164,10 @@ type mountFlags struct {
 	cacheMiB                    int64
 	storage                     storageFlags
 	readWrite                   bool
-	leaseDuration, flushTimeout time.Duration
+	flushTimeout                time.Duration
+	lease, dirtyMemory          string        // --lease-duration, --dirty-memory as given
+	leaseDuration               time.Duration // parsed by checkReadWrite
+	dirtyBytes                  int64         // parsed by checkReadWrite; 0: the default
 }
 
 // storageFlags bound how long reads wait for storage.
@@ -235,8 +238,9 @@ func newMountCmd() *cobra.Command {
 	f.StringVar(&o.directIO, "direct-io", "auto", "read files without the kernel page cache: auto (files of 32 MiB and more, when the kernel keeps mmap working: Linux 6.6+), on (every file) or off")
 	f.StringVar(&o.cpuProf, "cpuprofile", "", "write a Go CPU profile of the whole mount to this file (for go tool pprof)")
 	f.BoolVar(&o.readWrite, "read-write", false, "mount read-write an image made by image create --read-write (journal, no verity tree): a local file, or a page blob under a write lease; writes are encrypted, fsync commits the journal and returns once storage has it, unmount leaves a clean filesystem")
-	f.DurationVar(&o.leaseDuration, "lease-duration", blob.DefaultLeaseDuration, "--read-write on a blob: the write lease, 15s to 60s, renewed at a third; after a crash the blob stays locked this long")
-	f.DurationVar(&o.flushTimeout, "flush-timeout", blockcache.DefaultFlushTimeout, "--read-write on a blob: how long an fsync may wait for storage before it fails with EIO (the data stays dirty for the next one)")
+	f.StringVar(&o.lease, "lease-duration", fmt.Sprintf("%ds", blob.DefaultLeaseDuration/time.Second), "--read-write on a blob: the write lease, whole seconds from 15s to 60s, renewed at a third; after a crash the blob stays locked this long. infinite: a lease that never lapses (after a crash, break it to write again)")
+	f.DurationVar(&o.flushTimeout, "flush-timeout", blockcache.DefaultFlushTimeout, "--read-write on a blob: how long an fsync may wait for storage before it fails with EIO (the data stays dirty for the next one), 1s to 1h")
+	f.StringVar(&o.dirtyMemory, "dirty-memory", "64Mi", "--read-write on a blob: memory for written data not yet stored (on top of --cache-memory); when full, writes wait for storage up to --flush-timeout, then fail with EIO. Units Ki, Mi, Gi (or K, M, G)")
 	// One key source: a file, or a release (whose flags key-name stands for).
 	for _, rel := range releaseFlagNames() {
 		cmd.MarkFlagsMutuallyExclusive("key-file", rel)
@@ -311,6 +315,7 @@ func runMount(cmd *cobra.Command, o *mountFlags, location, mountpoint string) er
 	if o.readWrite {
 		spec.Write.Lease.Duration = o.leaseDuration
 		spec.Write.WriteBack.FlushTimeout = o.flushTimeout
+		spec.Write.WriteBack.DirtyBytes = o.dirtyBytes
 		return runMountWritable(cmd, o, spec, key, mountpoint)
 	}
 	img, err := image.Open(ctx, spec)

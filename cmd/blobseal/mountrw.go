@@ -3,28 +3,42 @@ package main
 import (
 	"fmt"
 	"os"
-	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/blobseal/blobseal/fs"
 	"github.com/blobseal/blobseal/image"
 	"github.com/blobseal/blobseal/internal/secret"
+	"github.com/blobseal/blobseal/sidecar"
 )
 
 // checkReadWrite refuses, before any key is fetched, what --read-write
-// cannot serve.
+// cannot serve, and parses the write settings with the sidecar
+// configuration's rules (the same limits for lease_duration,
+// flush_timeout and dirty_memory).
 func checkReadWrite(o *mountFlags, integrity image.Integrity) error {
 	switch {
 	case integrity.RootHash != nil || integrity.Require:
 		return usageErrorf("--read-write cannot keep a verity tree valid: drop --verity-root-hash/--require-integrity, or mount read-only")
 	case o.cacheDir != "":
 		return usageErrorf("--read-write cannot keep a disk cache in step with writes: drop --cache-dir")
-	case o.leaseDuration < 15*time.Second || o.leaseDuration > 60*time.Second:
-		return usageErrorf("--lease-duration %v: storage allows 15s to 60s", o.leaseDuration)
-	case o.flushTimeout <= 0:
-		return usageErrorf("--flush-timeout %v: must be a positive duration such as 30s", o.flushTimeout)
 	}
+	d, err := sidecar.ParseLeaseDuration(o.lease)
+	if err != nil {
+		return usageErrorf("--lease-duration %v", err)
+	}
+	o.leaseDuration = d
+	if err := sidecar.CheckFlushTimeout(o.flushTimeout); err != nil {
+		return usageErrorf("--flush-timeout %v", err)
+	}
+	n, err := sidecar.ParseByteSize(o.dirtyMemory)
+	if err != nil {
+		return usageErrorf("--dirty-memory: %v", err)
+	}
+	if err := sidecar.CheckDirtyMemory(n, 0); err != nil { // the mount uses the default cache block
+		return usageErrorf("--dirty-memory %v", err)
+	}
+	o.dirtyBytes = n
 	return nil
 }
 

@@ -284,6 +284,10 @@ func TestMountReadWriteRefusals(t *testing.T) {
 		want string
 	}{
 		{[]string{"mount", "--read-write", "--key-file", key, "--lease-duration", "5s", "http://127.0.0.1:1/acct/c/blob", mnt}, 2, "15s to 60s"},
+		{[]string{"mount", "--read-write", "--key-file", key, "--lease-duration", "20.5s", "http://127.0.0.1:1/acct/c/blob", mnt}, 2, "whole seconds from 15s to 60s (storage's limits), or infinite"},
+		{[]string{"mount", "--read-write", "--key-file", key, "--flush-timeout", "100ms", "http://127.0.0.1:1/acct/c/blob", mnt}, 2, "--flush-timeout 100ms must be from 1s to 1h"},
+		{[]string{"mount", "--read-write", "--key-file", key, "--dirty-memory", "lots", "http://127.0.0.1:1/acct/c/blob", mnt}, 2, "--dirty-memory: \"lots\" is not a size like 256Mi"},
+		{[]string{"mount", "--read-write", "--key-file", key, "--dirty-memory", "64Ki", "http://127.0.0.1:1/acct/c/blob", mnt}, 2, "--dirty-memory 65536 must hold at least two cache blocks (131072 bytes)"},
 		{[]string{"mount", "--read-write", "--key-file", key, "--cache-dir", dir, "http://127.0.0.1:1/acct/c/blob", mnt}, 2, "drop --cache-dir"},
 		{[]string{"mount", "--read-write", "--key-file", key, "--verity-root-hash", strings.Repeat("ab", 32), verityImg, mnt}, 2, "verity"},
 		{[]string{"mount", "--read-write", "--key-file", key, verityImg, mnt}, 1, "ends with a verity tree"},

@@ -299,3 +299,110 @@ func TestMountReadWriteBlobOutage(t *testing.T) {
 	proc.stop(t)
 	e2fsckClean(t, decryptImage(t, downloadBlob(t, az, url), key))
 }
+
+// TestMountReadWriteBlobDirtyMemoryOutage: a mount with --dirty-memory 4Mi
+// and --lease-duration infinite (the blob shows an infinite lease), its
+// storage stalled: writes fill the 4 MiB until one fails with EIO within
+// --flush-timeout, and fsync fails with EIO; once storage answers, the
+// same mount takes the data again, more writes and fsyncs, without a
+// remount; after unmount the downloaded, decrypted blob is e2fsck -fn clean
+// and a cold mount reads every fsynced byte.
+func TestMountReadWriteBlobDirtyMemoryOutage(t *testing.T) {
+	az := testenv.StartAzurite(t)
+	url, key := rwBlob(t, az, t.TempDir(), "dirty.img")
+	proxy := toxiproxy.NewProxy(toxiproxy.NewServer(toxiproxy.NewMetricsContainer(prometheus.NewRegistry()), zerolog.Nop()),
+		"azurite", "127.0.0.1:0", "127.0.0.1:"+strconv.Itoa(az.Port))
+	if err := proxy.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(proxy.Stop)
+	proxied := strings.Replace(url, "127.0.0.1:"+strconv.Itoa(az.Port), proxy.Listen, 1)
+	const flushTimeout = 2 * time.Second
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	proc, _ := startMount(t, "--read-write", "--dirty-memory", "4Mi", "--lease-duration", "infinite",
+		"--flush-timeout", flushTimeout.String(), "--request-timeout", "500ms", "--key-file", key, proxied, mnt)
+
+	pb, err := pageblob.NewClientFromConnectionString(az.ConnectionString(), "rwimages", "dirty.img", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	props, err := pb.GetProperties(t.Context(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if props.LeaseDuration == nil || *props.LeaseDuration != lease.DurationTypeInfinite {
+		t.Errorf("lease duration of the mounted blob: %v, want infinite", props.LeaseDuration)
+	}
+
+	// Written before the outage, so the allocator's metadata is in memory:
+	// during the outage only the write-back path is stalled, not reads.
+	before := random(t, 1<<20)
+	if err := os.WriteFile(filepath.Join(mnt, "before"), before, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Create(filepath.Join(mnt, "during"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	stall, err := proxy.Toxics.AddToxicJson(strings.NewReader(`{"type":"timeout","attributes":{"timeout":0}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Writes past the dirty bound wait for storage, then fail with EIO
+	// (the mount's own write cache may take them first: then the fsync
+	// reports it); the fsync during the outage fails with EIO either way.
+	const chunk = 1 << 20
+	var failed error
+	for i := range 16 { // four times the dirty memory
+		start := time.Now()
+		if _, failed = f.WriteAt(random(t, chunk), int64(i)*chunk); failed != nil {
+			if took := time.Since(start); took > 4*flushTimeout {
+				t.Errorf("the write failed after %v; the flush timeout is %v", took, flushTimeout)
+			}
+			t.Logf("write at %d MiB failed: %v", i, failed)
+			break
+		}
+	}
+	if failed != nil && !errors.Is(failed, syscall.EIO) {
+		t.Fatalf("write with storage stalled: %v; want EIO", failed)
+	}
+	if err := f.Sync(); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("fsync with storage stalled: %v; want EIO", err)
+	}
+	if err := proxy.Toxics.RemoveToxic(t.Context(), stall.Name); err != nil {
+		t.Fatal(err)
+	}
+
+	// Storage is back: the same mount goes on. What the outage refused is
+	// written again, as an application does after EIO, and more.
+	want := random(t, 16*chunk)
+	if _, err := f.WriteAt(want, 0); err != nil {
+		t.Fatalf("write once storage is back: %v", err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatalf("fsync once storage is back: %v", err)
+	}
+	more := random(t, 3*chunk)
+	if _, err := f.WriteAt(more, int64(len(want))); err != nil {
+		t.Fatalf("write after the outage: %v", err)
+	}
+	want = append(want, more...)
+	if err := f.Sync(); err != nil {
+		t.Fatalf("fsync after the outage: %v", err)
+	}
+	f.Close()
+	proc.stop(t)
+
+	e2fsckClean(t, decryptImage(t, downloadBlob(t, az, url), key))
+	proc, _ = startMount(t, "--key-file", key, url, mnt) // read-only, cold, straight to Azurite
+	for name, want := range map[string][]byte{"before": before, "during": want} {
+		if got, err := os.ReadFile(filepath.Join(mnt, name)); err != nil || !bytes.Equal(got, want) {
+			t.Errorf("%s after the outage: %d bytes, %v; want the %d written", name, len(got), err, len(want))
+		}
+	}
+	proc.stop(t)
+}

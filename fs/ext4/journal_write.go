@@ -246,24 +246,28 @@ func (w *Writer) checkpoint() error {
 }
 
 // checkpointIO is the device side of a checkpoint: it reads the committed
-// blocks and writes, so Checkpoint runs it without the reader lock.
+// blocks and writes, so Checkpoint runs it without the reader lock. A
+// retryable failure (an outage) leaves the committed blocks to the next
+// checkpoint, which writes them all again: the log still holds them until
+// the journal superblock says it is empty.
 func (w *Writer) checkpointIO() error {
 	for blk, b := range w.logged {
-		if _, err := w.dev.WriteAt(b, int64(blk)<<w.f.blockLog); err != nil {
+		if _, err := w.dev.retryableWriteAt(b, int64(blk)<<w.f.blockLog); err != nil {
 			return fmt.Errorf("ext4: checkpointing block %d: %w", blk, err)
 		}
 	}
-	if err := w.dev.Sync(); err != nil {
+	if err := w.dev.retryableSync(); err != nil {
 		return fmt.Errorf("ext4: checkpoint: %w", err)
 	}
+	// Every logged block is home now, so the log may start again whatever
+	// happens next: the next transaction rewrites the journal superblock
+	// and needs_recovery, and a replay of the old log rewrites the same
+	// blocks.
+	w.jw.head = 0
 	if err := w.writeJournalSuper(0, w.jw.seq); err != nil {
 		return err
 	}
-	if err := w.setRecoverFlag(false); err != nil {
-		return err
-	}
-	w.jw.head = 0
-	return nil
+	return w.setRecoverFlag(false)
 }
 
 // checkpointDone forgets the checkpointed blocks, which are now home. The
@@ -277,13 +281,20 @@ func (w *Writer) checkpointDone() {
 	clear(w.logged)
 }
 
-// writeTransaction appends the dirty blocks blks to the log and commits them.
-func (w *Writer) writeTransaction(blks []uint64) error {
+// writeTransaction appends the dirty blocks blks to the log and commits
+// them. A failure before the commit block leaves the log as it was, so
+// the next commit writes the transaction again.
+func (w *Writer) writeTransaction(blks []uint64) (err error) {
 	f, jw, j := w.f, w.jw, w.jw.j
 	bs := int(f.blockSize)
 	// The filesystem is marked as needing recovery while the log is used.
 	first := jw.head == 0
 	if first {
+		defer func() {
+			if err != nil && jw.head == j.first {
+				jw.head = 0 // not started: the retry writes the journal superblock again
+			}
+		}()
 		if err := w.setRecoverFlag(true); err != nil {
 			return err
 		}
@@ -295,7 +306,7 @@ func (w *Writer) writeTransaction(blks []uint64) error {
 		if err != nil {
 			return err
 		}
-		if _, err := w.dev.WriteAt(b, int64(p)<<f.blockLog); err != nil {
+		if _, err := w.dev.retryableWriteAt(b, int64(p)<<f.blockLog); err != nil {
 			return fmt.Errorf("ext4: writing journal block %d: %w", pos, err)
 		}
 		pos++
@@ -418,7 +429,7 @@ func (w *Writer) writeJournalSuper(start, seq uint32) error {
 	if err != nil {
 		return err
 	}
-	if _, err := w.dev.WriteAt(jw.raw, int64(p0)<<w.f.blockLog); err != nil {
+	if _, err := w.dev.retryableWriteAt(jw.raw, int64(p0)<<w.f.blockLog); err != nil {
 		return fmt.Errorf("ext4: writing the journal superblock: %w", err)
 	}
 	return nil
@@ -440,7 +451,7 @@ func (w *Writer) setRecoverFlag(on bool) error {
 	if w.f.hasCsum() {
 		le.PutUint32(sb[0x3FC:], crc32cRaw(^uint32(0), sb[:0x3FC]))
 	}
-	if _, err := w.dev.WriteAt(sb, superblockOffset); err != nil {
+	if _, err := w.dev.retryableWriteAt(sb, superblockOffset); err != nil {
 		return fmt.Errorf("ext4: writing superblock: %w", err)
 	}
 	return nil

@@ -252,7 +252,36 @@ func (w *Writer) lockChangeContext(ctx context.Context, what string) (func(), er
 		return nil, cancelled(what, err)
 	}
 	w.mu.Lock()
+	if err := w.roomForChange(); err != nil {
+		w.unlockChange()
+		return nil, fmt.Errorf("ext4: %s not done: the open transaction is full and could not be committed: %w", what, asEIO(err))
+	}
 	return w.unlockChange, nil
+}
+
+// roomForChange commits a full open transaction before the next change
+// starts. It is full only when a commit at the end of an operation failed
+// retryably (an outage, see endOp): then the change is refused whole, so
+// the transaction stays bounded while storage is away.
+func (w *Writer) roomForChange() error {
+	if w.jw == nil || len(w.dirty)+len(w.gdtD)+1 < w.jw.limit {
+		return nil
+	}
+	return w.commit()
+}
+
+// retryable reports whether a device error lost nothing and a later
+// attempt may succeed (an outage of a write-back device).
+func retryable(err error) bool {
+	return errors.Is(err, ErrWriteRetryable) || errors.Is(err, ErrSyncRetryable)
+}
+
+// asEIO makes sure err maps to EIO for the caller (a FUSE answer).
+func asEIO(err error) error {
+	if errors.Is(err, syscall.EIO) {
+		return err
+	}
+	return fmt.Errorf("%w (%w)", err, syscall.EIO)
 }
 
 // cancelled is the error of an operation not done because its context
@@ -355,7 +384,12 @@ func (w *Writer) endOp() error {
 		return w.flushMeta()
 	}
 	if len(w.dirty)+len(w.gdtD)+1 >= w.jw.limit {
-		return w.commit()
+		if err := w.commit(); err != nil && !retryable(err) {
+			return err
+		}
+		// A retryable failure keeps the operation, done in memory, in the
+		// open transaction: the next sync, or the next change
+		// (roomForChange), commits it.
 	}
 	return nil
 }
@@ -506,6 +540,23 @@ func (d *trackedDevice) WriteAt(p []byte, off int64) (int, error) {
 	return n, d.note(err)
 }
 
+// ErrWriteRetryable marks a device write failure that lost nothing the
+// device took before: storage is unavailable for now (a write-back cache
+// whose dirty memory could not be flushed during an outage) and a later
+// write may succeed. Some of the failed write's bytes may have been taken.
+var ErrWriteRetryable = errors.New("the device keeps every earlier write and may take this one later")
+
+// retryableWriteAt is WriteAt for writes the journal redoes on its own
+// (log blocks before their commit, the journal superblock, checkpoints): a
+// failure marked ErrWriteRetryable is not recorded, so the writer goes on.
+func (d *trackedDevice) retryableWriteAt(p []byte, off int64) (int, error) {
+	n, err := d.Device.WriteAt(p, off)
+	if errors.Is(err, ErrWriteRetryable) {
+		return n, err
+	}
+	return n, d.note(err)
+}
+
 func (d *trackedDevice) Sync() error { return d.note(d.Device.Sync()) }
 
 // contextWriterAt is the volume's optional interruptible write
@@ -515,17 +566,27 @@ type contextWriterAt interface {
 }
 
 // writeAtContext writes file data on behalf of ctx. A write that ends
-// because ctx did is the caller's to undo, not a failure of the device.
+// because ctx did, or that failed retryably (ErrWriteRetryable), is the
+// caller's to undo, not a failure of the device.
 func (d *trackedDevice) writeAtContext(ctx context.Context, p []byte, off int64) (int, error) {
-	cw, ok := d.Device.(contextWriterAt)
-	if !ok {
-		return d.WriteAt(p, off)
+	var n int
+	var err error
+	if cw, ok := d.Device.(contextWriterAt); ok {
+		n, err = cw.WriteAtContext(ctx, p, off)
+	} else {
+		n, err = d.Device.WriteAt(p, off)
 	}
-	n, err := cw.WriteAtContext(ctx, p, off)
-	if err != nil && ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+	if err != nil && undoable(ctx, err) {
 		return n, err
 	}
 	return n, d.note(err)
+}
+
+// undoable reports whether a failed data write leaves the device usable:
+// ctx ended, or the device failed retryably. The write's caller undoes
+// what it planned and reports the error; the writer goes on.
+func undoable(ctx context.Context, err error) bool {
+	return errors.Is(err, ErrWriteRetryable) || (ctx.Err() != nil && errors.Is(err, ctx.Err()))
 }
 
 // ErrSyncRetryable marks a device Sync failure that lost nothing: the

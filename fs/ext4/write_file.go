@@ -74,7 +74,7 @@ func (w *Writer) WriteAtContext(ctx context.Context, ino uint32, p []byte, off i
 			return 0, cancelled("write", err)
 		}
 		if err != nil {
-			return 0, err
+			return 0, retryableEIO(err)
 		}
 		return len(p), nil
 	}
@@ -92,10 +92,11 @@ func (w *Writer) WriteAtContext(ctx context.Context, ino uint32, p []byte, off i
 	w.mu.Unlock()
 	ioErr := w.writeOut(ctx, in, plan)
 	w.mu.Lock()
-	if ioErr != nil && ctx.Err() != nil && errors.Is(ioErr, ctx.Err()) {
-		// Interrupted (not a device failure): the blocks taken go back and
-		// no metadata changes. Bytes already written over the file's own
-		// blocks stay, as after an interrupted write(2).
+	if ioErr != nil && undoable(ctx, ioErr) {
+		// Interrupted, or storage is unavailable for now (not a device
+		// failure): the blocks taken go back and no metadata changes.
+		// Bytes already written over the file's own blocks stay, as after
+		// an interrupted write(2).
 		for _, d := range plan {
 			if d.fresh {
 				if err := w.freeBlocks(uint64(d.off)>>w.f.blockLog, uint64(len(d.b))>>w.f.blockLog); err != nil {
@@ -105,6 +106,9 @@ func (w *Writer) WriteAtContext(ctx context.Context, ino uint32, p []byte, off i
 		}
 		if err := w.endOp(); err != nil {
 			return 0, err
+		}
+		if errors.Is(ioErr, ErrWriteRetryable) {
+			return 0, retryableEIO(ioErr)
 		}
 		return 0, cancelled("write", ioErr)
 	}
@@ -243,12 +247,23 @@ func (w *Writer) tailZero(m *extentMap, size uint64) (dataWrite, bool) {
 	return dataWrite{b: make([]byte, bs-size%bs), off: int64(phys)}, true
 }
 
-// zeroTail clears the bytes after size in size's block now.
+// zeroTail clears the bytes after size in size's block now. Its caller
+// has changed metadata already and cannot undo it, so any failure here is
+// the device's.
 func (w *Writer) zeroTail(in wInode, m *extentMap, size uint64) error {
 	if z, ok := w.tailZero(m, size); ok {
-		return w.writeOut(context.Background(), in, []dataWrite{z})
+		return w.dev.note(w.writeOut(context.Background(), in, []dataWrite{z}))
 	}
 	return nil
+}
+
+// retryableEIO is the error of a data write that failed retryably: EIO for
+// this write, while the writer goes on.
+func retryableEIO(err error) error {
+	if !errors.Is(err, ErrWriteRetryable) {
+		return err
+	}
+	return asEIO(err)
 }
 
 // planData maps p at off through m: in place over initialized extents,
