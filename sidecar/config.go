@@ -154,6 +154,11 @@ type Filesystem struct {
 	// DirtyMemory bounds written data not yet stored, on top of the read
 	// cache (default 64Mi; at least two cache blocks).
 	DirtyMemory ByteSize `yaml:"dirty_memory" json:"dirty_memory"`
+	// WriteCache bounds file data written through the mount and held in
+	// memory before it reaches the filesystem, so small writes leave as
+	// large runs (default 64Mi, from 4Mi to 64Gi). fsync, close and the
+	// periodic commit flush it.
+	WriteCache ByteSize `yaml:"write_cache" json:"write_cache"`
 
 	// VerityRootHash pins the image's dm-verity tree (hex, as `blobseal
 	// image create` printed it): every block is verified before use. The
@@ -641,14 +646,15 @@ const (
 	minFlushTimeout = time.Second
 	maxFlushTimeout = time.Hour
 	maxDirtyMemory  = 64 << 30
+	minWriteCache   = 4 << 20 // fs raises smaller limits to this
 )
 
 // validateWriteSettings checks lease_duration, flush_timeout and
 // dirty_memory, which only a read_write filesystem uses.
 func (c *Config) validateWriteSettings(f *Filesystem, where string, bad func(string, ...any)) {
 	if !f.ReadWrite {
-		if f.LeaseDuration != "" || f.FlushTimeout != 0 || f.DirtyMemory != 0 {
-			bad("%s: lease_duration, flush_timeout and dirty_memory apply to read_write filesystems only; remove them or set read_write: true", where)
+		if f.LeaseDuration != "" || f.FlushTimeout != 0 || f.DirtyMemory != 0 || f.WriteCache != 0 {
+			bad("%s: lease_duration, flush_timeout, dirty_memory and write_cache apply to read_write filesystems only; remove them or set read_write: true", where)
 		}
 		return
 	}
@@ -669,6 +675,22 @@ func (c *Config) validateWriteSettings(f *Filesystem, where string, bad func(str
 			bad("%s: dirty_memory %v", where, err)
 		}
 	}
+	if n := int64(f.WriteCache); n != 0 {
+		if err := CheckWriteCache(n); err != nil {
+			bad("%s: write_cache %v", where, err)
+		}
+	}
+}
+
+// CheckWriteCache checks the bound of file data a writable mount buffers
+// before the filesystem (write_cache, --write-cache). The floor is the
+// fs package's own (room for a few 1 MiB FUSE writes); the ceiling that
+// of dirty_memory.
+func CheckWriteCache(n int64) error {
+	if n < minWriteCache || n > maxDirtyMemory {
+		return fmt.Errorf("%d must be from 4Mi to 64Gi (or left out for the default, 64Mi)", n)
+	}
+	return nil
 }
 
 // ParseLeaseDuration parses a blob write lease as the configuration

@@ -310,13 +310,13 @@ func TestReadWriteConfig(t *testing.T) {
 // settings on a read-only filesystem are refused, naming the field.
 func TestReadWriteSettings(t *testing.T) {
 	base := "filesystems:\n  - name: w\n    mount_point: /m\n    source: /x\n    key: {file: k}\n    read_write: true\n"
-	c, err := Parse([]byte(base + "    lease_duration: 30s\n    flush_timeout: 10s\n    dirty_memory: 32Mi\n"))
+	c, err := Parse([]byte(base + "    lease_duration: 30s\n    flush_timeout: 10s\n    dirty_memory: 32Mi\n    write_cache: 16Mi\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	f := c.Filesystems[0]
-	if f.leaseDuration != 30*time.Second || time.Duration(f.FlushTimeout) != 10*time.Second || f.DirtyMemory != 32<<20 {
-		t.Errorf("parsed lease %s, flush timeout %s, dirty memory %d", f.leaseDuration, time.Duration(f.FlushTimeout), f.DirtyMemory)
+	if f.leaseDuration != 30*time.Second || time.Duration(f.FlushTimeout) != 10*time.Second || f.DirtyMemory != 32<<20 || f.WriteCache != 16<<20 {
+		t.Errorf("parsed lease %s, flush timeout %s, dirty memory %d, write cache %d", f.leaseDuration, time.Duration(f.FlushTimeout), f.DirtyMemory, f.WriteCache)
 	}
 	c, err = Parse([]byte(base + "    lease_duration: infinite\n"))
 	if err != nil || c.Filesystems[0].leaseDuration != blob.InfiniteLease {
@@ -329,12 +329,16 @@ func TestReadWriteSettings(t *testing.T) {
 		"    lease_duration: forever\n": "or infinite",
 		"    flush_timeout: 100ms\n":    "flush_timeout 100ms must be from 1s to 1h0m0s",
 		"    dirty_memory: 64Ki\n":      "dirty_memory 65536 must hold at least two cache blocks (131072 bytes)",
+		"    write_cache: 1Mi\n":        "write_cache 1048576 must be from 4Mi to 64Gi",
 	} {
 		if _, err := Parse([]byte(base + extra)); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: %v; want an error containing %q", strings.TrimSpace(extra), err, want)
 		}
 	}
 	ro := strings.Replace(base, "    read_write: true\n", "    require_integrity: false\n", 1)
+	if _, err := Parse([]byte(ro + "    write_cache: 8Mi\n")); err == nil || !strings.Contains(err.Error(), "apply to read_write filesystems only") {
+		t.Errorf("write_cache on a read-only filesystem: %v", err)
+	}
 	if _, err := Parse([]byte(ro + "    flush_timeout: 10s\n")); err == nil || !strings.Contains(err.Error(), "apply to read_write filesystems only") {
 		t.Errorf("flush_timeout on a read-only filesystem: %v", err)
 	}

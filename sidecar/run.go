@@ -290,6 +290,7 @@ func (s *Sidecar) mountWritable(ctx context.Context, f *Filesystem, log *slog.Lo
 	}
 	opts := s.fuseOptions(f, log)
 	opts.ReadOnlyAfter = rw.WatchLease(log)
+	opts.DirtyLimit = int64(f.WriteCache)
 	server, err := fs.MountWritable(ctx, hidden, rw.Writer, opts)
 	if err != nil {
 		s.metrics.errors.WithLabelValues("mount").Inc()

@@ -166,8 +166,10 @@ type mountFlags struct {
 	readWrite                   bool
 	flushTimeout                time.Duration
 	lease, dirtyMemory          string        // --lease-duration, --dirty-memory as given
+	writeCache                  string        // --write-cache as given
 	leaseDuration               time.Duration // parsed by checkReadWrite
 	dirtyBytes                  int64         // parsed by checkReadWrite; 0: the default
+	writeCacheBytes             int64         // --write-cache, parsed by checkReadWrite
 }
 
 // storageFlags bound how long reads wait for storage.
@@ -241,6 +243,7 @@ func newMountCmd() *cobra.Command {
 	f.StringVar(&o.lease, "lease-duration", fmt.Sprintf("%ds", blob.DefaultLeaseDuration/time.Second), "--read-write on a blob: the write lease, whole seconds from 15s to 60s, renewed at a third; after a crash the blob stays locked this long. infinite: a lease that never lapses (after a crash, break it to write again)")
 	f.DurationVar(&o.flushTimeout, "flush-timeout", blockcache.DefaultFlushTimeout, "--read-write on a blob: how long an fsync may wait for storage before it fails with EIO (the data stays dirty for the next one), 1s to 1h")
 	f.StringVar(&o.dirtyMemory, "dirty-memory", "64Mi", "--read-write on a blob: memory for written data not yet stored (on top of --cache-memory); when full, writes wait for storage up to --flush-timeout, then fail with EIO. Units Ki, Mi, Gi (or K, M, G)")
+	f.StringVar(&o.writeCache, "write-cache", "64Mi", "--read-write: file data held in memory before it reaches the filesystem, so small writes leave as large runs; fsync, close and the 5 s commit flush it; when full, writers wait. 4Mi to 64Gi")
 	// One key source: a file, or a release (whose flags key-name stands for).
 	for _, rel := range releaseFlagNames() {
 		cmd.MarkFlagsMutuallyExclusive("key-file", rel)

@@ -39,6 +39,12 @@ func checkReadWrite(o *mountFlags, integrity image.Integrity) error {
 		return usageErrorf("--dirty-memory %v", err)
 	}
 	o.dirtyBytes = n
+	if o.writeCacheBytes, err = sidecar.ParseByteSize(o.writeCache); err != nil {
+		return usageErrorf("--write-cache: %v", err)
+	}
+	if err := sidecar.CheckWriteCache(o.writeCacheBytes); err != nil {
+		return usageErrorf("--write-cache %v", err)
+	}
 	return nil
 }
 
@@ -61,6 +67,7 @@ func runMountWritable(cmd *cobra.Command, o *mountFlags, spec image.Spec, key se
 	directMode, _ := fs.ParseDirectIO(o.directIO) // validated by runMount
 	opts := o.fuseOptions(logger, img.Name, directMode)
 	opts.ReadOnlyAfter = img.WatchLease(logger)
+	opts.DirtyLimit = o.writeCacheBytes
 	srv, err := fs.MountWritable(ctx, mountpoint, img.Writer, opts)
 	if err != nil {
 		return err

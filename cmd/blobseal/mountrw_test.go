@@ -288,6 +288,7 @@ func TestMountReadWriteRefusals(t *testing.T) {
 		{[]string{"mount", "--read-write", "--key-file", key, "--flush-timeout", "100ms", "http://127.0.0.1:1/acct/c/blob", mnt}, 2, "--flush-timeout 100ms must be from 1s to 1h"},
 		{[]string{"mount", "--read-write", "--key-file", key, "--dirty-memory", "lots", "http://127.0.0.1:1/acct/c/blob", mnt}, 2, "--dirty-memory: \"lots\" is not a size like 256Mi"},
 		{[]string{"mount", "--read-write", "--key-file", key, "--dirty-memory", "64Ki", "http://127.0.0.1:1/acct/c/blob", mnt}, 2, "--dirty-memory 65536 must hold at least two cache blocks (131072 bytes)"},
+		{[]string{"mount", "--read-write", "--key-file", key, "--write-cache", "1Mi", "http://127.0.0.1:1/acct/c/blob", mnt}, 2, "--write-cache 1048576 must be from 4Mi to 64Gi"},
 		{[]string{"mount", "--read-write", "--key-file", key, "--cache-dir", dir, "http://127.0.0.1:1/acct/c/blob", mnt}, 2, "drop --cache-dir"},
 		{[]string{"mount", "--read-write", "--key-file", key, "--verity-root-hash", strings.Repeat("ab", 32), verityImg, mnt}, 2, "verity"},
 		{[]string{"mount", "--read-write", "--key-file", key, verityImg, mnt}, 1, "ends with a verity tree"},
