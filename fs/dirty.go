@@ -1,9 +1,13 @@
 package fs
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"sort"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/blobseal/blobseal/fs/ext4"
@@ -35,6 +39,11 @@ const minDirtyLimit = 4 << 20
 // One mutex guards the bookkeeping and is never held across a Writer call;
 // a per-file busy flag keeps that file's flushes in order.
 type dirtyCache struct {
+	// ctx is the mount's lifetime: flushes write with it, not with the
+	// request that asked for them, so an interrupted fsync or close
+	// stops waiting but never stops a flush halfway (its data was
+	// acknowledged to the writer and must reach the filesystem).
+	ctx       context.Context
 	w         *ext4.Writer
 	log       *slog.Logger
 	limit     int64
@@ -75,13 +84,13 @@ type dirtyRun struct {
 
 func (r dirtyRun) end() int64 { return r.off + int64(len(r.data)) }
 
-func newDirtyCache(w *ext4.Writer, limit int64, blockSize uint32, log *slog.Logger) *dirtyCache {
+func newDirtyCache(ctx context.Context, w *ext4.Writer, limit int64, blockSize uint32, log *slog.Logger) *dirtyCache {
 	if limit <= 0 {
 		limit = DefaultDirtyLimit
 	}
 	limit = max(limit, minDirtyLimit)
 	c := &dirtyCache{
-		w: w, log: log, limit: limit, blockSize: blockSize,
+		ctx: ctx, w: w, log: log, limit: limit, blockSize: blockSize,
 		files: map[uint32]*dirtyFile{},
 		kick:  make(chan struct{}, 1),
 		stop:  make(chan struct{}),
@@ -99,14 +108,19 @@ func (c *dirtyCache) background() int64 { return c.limit / 4 }
 
 // write buffers data at off for ino. It waits while the cache is full,
 // and answers a flush error not yet reported instead of buffering more
-// (a writer filling a full filesystem stops at once, not at close).
-func (c *dirtyCache) write(ino uint32, data []byte, off int64) error {
+// (a writer filling a full filesystem stops at once, not at close). When
+// ctx ends while it waits (the kernel interrupted the write), it returns
+// an error matching EINTR and buffers nothing.
+func (c *dirtyCache) write(ctx context.Context, ino uint32, data []byte, off int64) error {
 	if len(data) == 0 {
 		return nil
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for {
+	for waits := 0; ; waits++ {
+		if err := ctx.Err(); err != nil {
+			return interruptedErr("write", ino, err)
+		}
 		if f := c.files[ino]; f != nil && f.err != nil {
 			return f.err
 		}
@@ -124,6 +138,10 @@ func (c *dirtyCache) write(ino uint32, data []byte, off int64) error {
 			continue
 		}
 		c.wake()
+		if waits == 0 {
+			// Only a writer that waits pays for the wake-up on interrupt.
+			defer context.AfterFunc(ctx, c.broadcast)()
+		}
 		c.cond.Wait()
 	}
 	f := c.files[ino]
@@ -261,6 +279,37 @@ func (c *dirtyCache) flusher() {
 	}
 }
 
+// broadcast wakes every waiter, so one whose context ended can leave.
+func (c *dirtyCache) broadcast() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.cond.Broadcast()
+}
+
+// interruptedErr is the error of an operation its request's context ended
+// before it was done: it matches the context's error and EINTR, which the
+// kernel passes on to the interrupted system call.
+func interruptedErr(op string, ino uint32, err error) error {
+	return fmt.Errorf("%s of inode %d not done: %w (%w)", op, ino, err, syscall.EINTR)
+}
+
+// flushContext is flushFile for a request: it returns when the flush is
+// done or when ctx ends, whichever comes first; an abandoned flush goes
+// on (with the mount's context) and keeps its error for the next report.
+func (c *dirtyCache) flushContext(ctx context.Context, ino uint32) error {
+	if err := ctx.Err(); err != nil {
+		return interruptedErr("flush", ino, err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- c.flushFile(ino) }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return interruptedErr("flush", ino, ctx.Err())
+	}
+}
+
 // flushFile writes ino's dirty data to the Writer, after any flush of it
 // already running, and returns the error of this flush (also kept for the
 // next report). Failed data is dropped, as the kernel drops pages whose
@@ -283,14 +332,14 @@ func (c *dirtyCache) flushFile(ino uint32) error {
 
 	var err error
 	for _, r := range runs {
-		if _, err = c.w.WriteAt(ino, r.data, r.off); err != nil {
+		if _, err = c.w.WriteAtContext(c.ctx, ino, r.data, r.off); err != nil {
 			break
 		}
 	}
 	if err == nil && time.Since(mtime) > mtimeSlack {
 		// The Writer stamped the flush's time; the file was last written
 		// earlier, and that is what stat showed meanwhile.
-		_, err = c.w.Setattr(ino, ext4.SetAttr{Mtime: &mtime})
+		_, err = c.w.SetattrContext(c.ctx, ino, ext4.SetAttr{Mtime: &mtime})
 	}
 
 	c.mu.Lock()
@@ -324,9 +373,13 @@ func (c *dirtyCache) forgetIfClean(f *dirtyFile) {
 }
 
 // sync flushes ino and returns, and so clears, the error its flushes met
-// since the last report: the fsync and close contract.
-func (c *dirtyCache) sync(ino uint32) error {
-	_ = c.flushFile(ino) // its error is kept in f.err
+// since the last report: the fsync and close contract. When ctx ends
+// first it returns an error matching EINTR and leaves the error, if any,
+// for the next report.
+func (c *dirtyCache) sync(ctx context.Context, ino uint32) error {
+	if err := c.flushContext(ctx, ino); errors.Is(err, syscall.EINTR) && ctx.Err() != nil {
+		return err
+	} // any other error is kept in f.err
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	f := c.files[ino]
