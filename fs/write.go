@@ -345,14 +345,23 @@ func (n *node) Setattr(ctx context.Context, f gofs.FileHandle, in *fuse.SetAttrI
 	if t, ok := in.GetMTime(); ok {
 		a.Mtime, set = &t, true
 	}
+	var cur *ext4.Inode
 	if set {
-		if _, err := n.vol.w.SetattrContext(ctx, ino, a); err != nil {
+		// The change returns the inode as it left it: no second read.
+		in, err := n.vol.w.SetattrContext(ctx, ino, a)
+		if err != nil {
 			return n.vol.fail("setattr", ino, err)
 		}
-	}
-	cur, err := n.inode()
-	if err != nil {
-		return n.vol.fail("setattr", ino, err)
+		cur = in
+		if cur.IsRegular() { // writes may have come in since the flush
+			cur = n.vol.dirty().overlay(cur)
+		}
+	} else {
+		in, err := n.inode()
+		if err != nil {
+			return n.vol.fail("setattr", ino, err)
+		}
+		cur = in
 	}
 	n.vol.fillAttr(cur, &out.Attr)
 	out.SetTimeout(n.vol.attrTimeout())
