@@ -529,7 +529,7 @@ func (s *Server) commitEvery(w *ext4.Writer, dirty *dirtyCache, interval time.Du
 				s.log.Error("periodic flush of written data failed; reported at the file's next fsync or close", "err", err)
 			}
 			dirty.trim()
-			if err := w.Sync(); err != nil {
+			if err := w.SyncContext(dirty.ctx); err != nil {
 				s.log.Error("periodic journal commit failed", "err", err)
 			}
 		}
