@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -147,10 +148,35 @@ func (d *stallingDevice) WriteAt(p []byte, off int64) (int, error) {
 	return d.File.WriteAt(p, off)
 }
 
+// startPythonFed is startPython with a pipe to the script's stdin.
+func startPythonFed(t *testing.T, script string, args ...string) (*exec.Cmd, io.Writer, *bufio.Scanner) {
+	t.Helper()
+	testenv.RequireTools(t, "python3")
+	cmd := exec.Command("python3", append([]string{"-c", script}, args...)...)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = testWriter{t}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	return cmd, stdin, bufio.NewScanner(out)
+}
+
 // TestInterruptedWriteEndsPromptly: a writer waiting for room in the
 // dirty-data cache while storage stalls gets EINTR as soon as a signal
-// interrupts it; what it was told was written is all there once storage
-// comes back, and nothing else.
+// interrupts it, and so does an fsync waiting for the stalled flush; what
+// the writer was told was written is all there once storage comes back,
+// and nothing else.
 func TestInterruptedWriteEndsPromptly(t *testing.T) {
 	testenv.RequireFUSE(t)
 	img := makeWritableImage(t, "")
@@ -201,6 +227,22 @@ func TestInterruptedWriteEndsPromptly(t *testing.T) {
 	if err := os.WriteFile(path, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// The fsync caller opens the file before storage stalls: an open
+	// takes a hold (Writer.Hold, which has no context variant yet), and
+	// that waits for the stalled change.
+	const syncScript = "import os, sys\n" +
+		"fd = os.open(sys.argv[1], os.O_RDONLY)\n" +
+		"print('ready', flush=True)\n" +
+		"sys.stdin.readline()\n" +
+		"try:\n" +
+		"    os.fsync(fd)\n" +
+		"    print('synced', flush=True)\n" +
+		"except KeyboardInterrupt:\n" +
+		"    print('interrupted', flush=True)\n"
+	syncer, syncIn, syncLines := startPythonFed(t, syncScript, path)
+	if !syncLines.Scan() || syncLines.Text() != "ready" {
+		t.Fatalf("fsync caller did not start: %q", syncLines.Text())
+	}
 	dev.stalled.Store(true)
 
 	// Chunk i is "%08d" of i, repeated. Python turns SIGINT into
@@ -219,25 +261,7 @@ func TestInterruptedWriteEndsPromptly(t *testing.T) {
 		"sys.stdin.readline()\n" +
 		"os.close(fd)\n" +
 		"print('closed', flush=True)\n"
-	testenv.RequireTools(t, "python3")
-	cmd := exec.Command("python3", "-c", script, path)
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = testWriter{t}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { // before the resume and the unmount
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	lines := bufio.NewScanner(out)
+	cmd, stdin, lines := startPythonFed(t, script, path)
 	if !lines.Scan() || lines.Text() != "ready" {
 		t.Fatalf("writer did not start: %q", lines.Text())
 	}
@@ -275,6 +299,23 @@ func TestInterruptedWriteEndsPromptly(t *testing.T) {
 	}
 	if acked < 4<<20-1<<20 {
 		t.Errorf("only %d bytes acknowledged before the cache filled", acked)
+	}
+
+	// An fsync waiting for the same stalled flush ends the same way, and
+	// claims nothing.
+	if _, err := syncIn.Write([]byte("\n")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // fsync now waits for the flush
+	sent = time.Now()
+	if err := syncer.Process.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	if !syncLines.Scan() || syncLines.Text() != "interrupted" {
+		t.Fatalf("fsync caller: %q, want interrupted", syncLines.Text())
+	}
+	if took := time.Since(sent); took > time.Second {
+		t.Errorf("the interrupted fsync took %v to end while storage stalled", took)
 	}
 
 	resume()
