@@ -59,6 +59,12 @@ type dirtyCache struct {
 	// instead of clearing fresh buffers.
 	spare [][]byte
 
+	// small recycles the buffers of small runs by size class (see
+	// smallClass): an untar writes thousands of small files, and each
+	// file's buffer would otherwise be garbage once flushed. Not counted
+	// in used: a pooled buffer is memory the collector may take.
+	small [smallClasses]sync.Pool
+
 	kick chan struct{} // wakes the background flusher
 	stop chan struct{}
 	done chan struct{}
@@ -194,7 +200,7 @@ func (f *dirtyFile) add(data []byte, off int64, runCap int, buffer func(size int
 		f.runs = append(f.runs, dirtyRun{})
 		copy(f.runs[lo+1:], f.runs[lo:])
 		f.runs[lo] = dirtyRun{off: off, data: buf}
-		f.bytes += int64(size) - fresh // a spare buffer was counted already
+		f.bytes += int64(cap(buf)) - fresh // a spare buffer was counted already
 		grown = fresh
 	case hi == lo+1 && f.runs[lo].off <= off && end-f.runs[lo].off <= int64(cap(f.runs[lo].data)):
 		// Inside one run, or extending it within its capacity.
@@ -221,15 +227,47 @@ func (f *dirtyFile) add(data []byte, off int64, runCap int, buffer func(size int
 	return grown
 }
 
-// buffer returns an empty buffer of capacity size and how much it adds
-// to used: nothing for a spare one. Called with mu held.
+// buffer returns an empty buffer of capacity at least size and how much
+// it adds to used: nothing for a spare one. Called with mu held.
 func (c *dirtyCache) buffer(size int) ([]byte, int64) {
 	if n := len(c.spare); n > 0 && cap(c.spare[n-1]) == size {
 		b := c.spare[n-1]
 		c.spare = c.spare[:n-1]
 		return b, 0
 	}
+	if class := smallClass(size); class >= 0 {
+		if b, ok := c.small[class].Get().(*[]byte); ok {
+			return (*b)[:0], int64(cap(*b))
+		}
+		n := smallMin << class
+		return make([]byte, 0, n), int64(n)
+	}
 	return make([]byte, 0, size), int64(size)
+}
+
+// Small run buffers come in power-of-two classes from smallMin up to
+// below streamingWrite (larger writes start streaming runs).
+const (
+	smallMin     = 4 << 10
+	smallClasses = 5 // 4 KiB .. 64 KiB
+)
+
+// smallClass returns the class whose buffers hold size bytes, or -1.
+func smallClass(size int) int {
+	for class := range smallClasses {
+		if size <= smallMin<<class {
+			return class
+		}
+	}
+	return -1
+}
+
+// recycle keeps a flushed small buffer for the next small run.
+func (c *dirtyCache) recycle(b []byte) {
+	if class := smallClass(cap(b)); class >= 0 && cap(b) == smallMin<<class {
+		b = b[:0]
+		c.small[class].Put(&b)
+	}
 }
 
 // dropSpare lets the spare buffers go. Called with mu held.
@@ -355,7 +393,10 @@ func (c *dirtyCache) flushFile(ino uint32) error {
 		if int64(cap(r.data)) == c.runCap() {
 			c.spare = append(c.spare, r.data[:0])
 		} else {
+			// Nothing refers to it any more: the Writer has copied it and
+			// readers take copies under mu.
 			c.used -= int64(cap(r.data))
+			c.recycle(r.data)
 		}
 	}
 	f.inflight, f.busy = nil, false
