@@ -1,9 +1,13 @@
 package fs
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"sort"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/blobseal/blobseal/fs/ext4"
@@ -35,6 +39,11 @@ const minDirtyLimit = 4 << 20
 // One mutex guards the bookkeeping and is never held across a Writer call;
 // a per-file busy flag keeps that file's flushes in order.
 type dirtyCache struct {
+	// ctx is the mount's lifetime: flushes write with it, not with the
+	// request that asked for them, so an interrupted fsync or close
+	// stops waiting but never stops a flush halfway (its data was
+	// acknowledged to the writer and must reach the filesystem).
+	ctx       context.Context
 	w         *ext4.Writer
 	log       *slog.Logger
 	limit     int64
@@ -49,6 +58,12 @@ type dirtyCache struct {
 	// let go when a writer needs the room), so a stream reuses memory
 	// instead of clearing fresh buffers.
 	spare [][]byte
+
+	// small recycles the buffers of small runs by size class (see
+	// smallClass): an untar writes thousands of small files, and each
+	// file's buffer would otherwise be garbage once flushed. Not counted
+	// in used: a pooled buffer is memory the collector may take.
+	small [smallClasses]sync.Pool
 
 	kick chan struct{} // wakes the background flusher
 	stop chan struct{}
@@ -75,13 +90,13 @@ type dirtyRun struct {
 
 func (r dirtyRun) end() int64 { return r.off + int64(len(r.data)) }
 
-func newDirtyCache(w *ext4.Writer, limit int64, blockSize uint32, log *slog.Logger) *dirtyCache {
+func newDirtyCache(ctx context.Context, w *ext4.Writer, limit int64, blockSize uint32, log *slog.Logger) *dirtyCache {
 	if limit <= 0 {
 		limit = DefaultDirtyLimit
 	}
 	limit = max(limit, minDirtyLimit)
 	c := &dirtyCache{
-		w: w, log: log, limit: limit, blockSize: blockSize,
+		ctx: ctx, w: w, log: log, limit: limit, blockSize: blockSize,
 		files: map[uint32]*dirtyFile{},
 		kick:  make(chan struct{}, 1),
 		stop:  make(chan struct{}),
@@ -99,14 +114,19 @@ func (c *dirtyCache) background() int64 { return c.limit / 4 }
 
 // write buffers data at off for ino. It waits while the cache is full,
 // and answers a flush error not yet reported instead of buffering more
-// (a writer filling a full filesystem stops at once, not at close).
-func (c *dirtyCache) write(ino uint32, data []byte, off int64) error {
+// (a writer filling a full filesystem stops at once, not at close). When
+// ctx ends while it waits (the kernel interrupted the write), it returns
+// an error matching EINTR and buffers nothing.
+func (c *dirtyCache) write(ctx context.Context, ino uint32, data []byte, off int64) error {
 	if len(data) == 0 {
 		return nil
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for {
+	for waits := 0; ; waits++ {
+		if err := ctx.Err(); err != nil {
+			return interruptedErr("write", ino, err)
+		}
 		if f := c.files[ino]; f != nil && f.err != nil {
 			return f.err
 		}
@@ -124,6 +144,10 @@ func (c *dirtyCache) write(ino uint32, data []byte, off int64) error {
 			continue
 		}
 		c.wake()
+		if waits == 0 {
+			// Only a writer that waits pays for the wake-up on interrupt.
+			defer context.AfterFunc(ctx, c.broadcast)()
+		}
 		c.cond.Wait()
 	}
 	f := c.files[ino]
@@ -176,7 +200,7 @@ func (f *dirtyFile) add(data []byte, off int64, runCap int, buffer func(size int
 		f.runs = append(f.runs, dirtyRun{})
 		copy(f.runs[lo+1:], f.runs[lo:])
 		f.runs[lo] = dirtyRun{off: off, data: buf}
-		f.bytes += int64(size) - fresh // a spare buffer was counted already
+		f.bytes += int64(cap(buf)) - fresh // a spare buffer was counted already
 		grown = fresh
 	case hi == lo+1 && f.runs[lo].off <= off && end-f.runs[lo].off <= int64(cap(f.runs[lo].data)):
 		// Inside one run, or extending it within its capacity.
@@ -203,15 +227,47 @@ func (f *dirtyFile) add(data []byte, off int64, runCap int, buffer func(size int
 	return grown
 }
 
-// buffer returns an empty buffer of capacity size and how much it adds
-// to used: nothing for a spare one. Called with mu held.
+// buffer returns an empty buffer of capacity at least size and how much
+// it adds to used: nothing for a spare one. Called with mu held.
 func (c *dirtyCache) buffer(size int) ([]byte, int64) {
 	if n := len(c.spare); n > 0 && cap(c.spare[n-1]) == size {
 		b := c.spare[n-1]
 		c.spare = c.spare[:n-1]
 		return b, 0
 	}
+	if class := smallClass(size); class >= 0 {
+		if b, ok := c.small[class].Get().(*[]byte); ok {
+			return (*b)[:0], int64(cap(*b))
+		}
+		n := smallMin << class
+		return make([]byte, 0, n), int64(n)
+	}
 	return make([]byte, 0, size), int64(size)
+}
+
+// Small run buffers come in power-of-two classes from smallMin up to
+// below streamingWrite (larger writes start streaming runs).
+const (
+	smallMin     = 4 << 10
+	smallClasses = 5 // 4 KiB .. 64 KiB
+)
+
+// smallClass returns the class whose buffers hold size bytes, or -1.
+func smallClass(size int) int {
+	for class := range smallClasses {
+		if size <= smallMin<<class {
+			return class
+		}
+	}
+	return -1
+}
+
+// recycle keeps a flushed small buffer for the next small run.
+func (c *dirtyCache) recycle(b []byte) {
+	if class := smallClass(cap(b)); class >= 0 && cap(b) == smallMin<<class {
+		b = b[:0]
+		c.small[class].Put(&b)
+	}
 }
 
 // dropSpare lets the spare buffers go. Called with mu held.
@@ -261,6 +317,44 @@ func (c *dirtyCache) flusher() {
 	}
 }
 
+// broadcast wakes every waiter, so one whose context ended can leave.
+func (c *dirtyCache) broadcast() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.cond.Broadcast()
+}
+
+// interruptedErr is the error of an operation its request's context ended
+// before it was done: it matches the context's error and EINTR, which the
+// kernel passes on to the interrupted system call.
+func interruptedErr(op string, ino uint32, err error) error {
+	return fmt.Errorf("%s of inode %d not done: %w (%w)", op, ino, err, syscall.EINTR)
+}
+
+// flushContext is flushFile for a request: it returns when the flush is
+// done or when ctx ends, whichever comes first; an abandoned flush goes
+// on (with the mount's context) and keeps its error for the next report.
+func (c *dirtyCache) flushContext(ctx context.Context, ino uint32) error {
+	if err := ctx.Err(); err != nil {
+		return interruptedErr("flush", ino, err)
+	}
+	c.mu.Lock()
+	f := c.files[ino]
+	idle := f == nil || !f.busy && len(f.runs) == 0
+	c.mu.Unlock()
+	if idle { // the common case (setattr, release after close): nothing to wait for
+		return nil
+	}
+	done := make(chan error, 1)
+	go func() { done <- c.flushFile(ino) }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return interruptedErr("flush", ino, ctx.Err())
+	}
+}
+
 // flushFile writes ino's dirty data to the Writer, after any flush of it
 // already running, and returns the error of this flush (also kept for the
 // next report). Failed data is dropped, as the kernel drops pages whose
@@ -283,14 +377,14 @@ func (c *dirtyCache) flushFile(ino uint32) error {
 
 	var err error
 	for _, r := range runs {
-		if _, err = c.w.WriteAt(ino, r.data, r.off); err != nil {
+		if _, err = c.w.WriteAtContext(c.ctx, ino, r.data, r.off); err != nil {
 			break
 		}
 	}
 	if err == nil && time.Since(mtime) > mtimeSlack {
 		// The Writer stamped the flush's time; the file was last written
 		// earlier, and that is what stat showed meanwhile.
-		_, err = c.w.Setattr(ino, ext4.SetAttr{Mtime: &mtime})
+		_, err = c.w.SetattrContext(c.ctx, ino, ext4.SetAttr{Mtime: &mtime})
 	}
 
 	c.mu.Lock()
@@ -299,7 +393,10 @@ func (c *dirtyCache) flushFile(ino uint32) error {
 		if int64(cap(r.data)) == c.runCap() {
 			c.spare = append(c.spare, r.data[:0])
 		} else {
+			// Nothing refers to it any more: the Writer has copied it and
+			// readers take copies under mu.
 			c.used -= int64(cap(r.data))
+			c.recycle(r.data)
 		}
 	}
 	f.inflight, f.busy = nil, false
@@ -324,9 +421,13 @@ func (c *dirtyCache) forgetIfClean(f *dirtyFile) {
 }
 
 // sync flushes ino and returns, and so clears, the error its flushes met
-// since the last report: the fsync and close contract.
-func (c *dirtyCache) sync(ino uint32) error {
-	_ = c.flushFile(ino) // its error is kept in f.err
+// since the last report: the fsync and close contract. When ctx ends
+// first it returns an error matching EINTR and leaves the error, if any,
+// for the next report.
+func (c *dirtyCache) sync(ctx context.Context, ino uint32) error {
+	if err := c.flushContext(ctx, ino); errors.Is(err, syscall.EINTR) && ctx.Err() != nil {
+		return err
+	} // any other error is kept in f.err
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	f := c.files[ino]

@@ -156,7 +156,7 @@ func TestDirtyCacheStaysWithinItsBound(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := newDirtyCache(w, minDirtyLimit, 4096, slog.New(slog.DiscardHandler))
+	c := newDirtyCache(context.Background(), w, minDirtyLimit, 4096, slog.New(slog.DiscardHandler))
 	defer c.close()
 
 	const writers, perFile = 4, 8 << 20
@@ -200,7 +200,7 @@ func TestDirtyCacheStaysWithinItsBound(t *testing.T) {
 			// Sequential pieces of varying size, then overwrites anywhere.
 			for off := 0; off < perFile; {
 				n := min(perFile-off, 4096+rng.IntN(1<<20))
-				if err := c.write(inos[i], want[i][off:off+n], int64(off)); err != nil {
+				if err := c.write(context.Background(), inos[i], want[i][off:off+n], int64(off)); err != nil {
 					t.Errorf("write: %v", err)
 					return
 				}
@@ -208,7 +208,7 @@ func TestDirtyCacheStaysWithinItsBound(t *testing.T) {
 			}
 			for range 50 {
 				off := rng.IntN(perFile - 8192)
-				if err := c.write(inos[i], want[i][off:off+8192], int64(off)); err != nil {
+				if err := c.write(context.Background(), inos[i], want[i][off:off+8192], int64(off)); err != nil {
 					t.Errorf("overwrite: %v", err)
 					return
 				}

@@ -214,14 +214,22 @@ func mount(ctx context.Context, mountpoint string, tree Tree, w *ext4.Writer, op
 	}
 
 	var dirty *dirtyCache
+	var holds *nodeHolds
+	// life is the mount's lifetime, for the work no request owns
+	// (background flushes).
+	life, endLife := context.WithCancel(context.WithoutCancel(ctx))
 	if w != nil {
-		dirty = newDirtyCache(w, opts.DirtyLimit, tree.StatFS().BlockSize, logger)
-		tree = writerTree{w: w, dirty: dirty}
+		dirty = newDirtyCache(life, w, opts.DirtyLimit, tree.StatFS().BlockSize, logger)
+		holds = newNodeHolds()
+		tree = writerTree{w: w, dirty: dirty, holds: holds}
 	}
 	started := false
 	defer func() {
-		if !started && dirty != nil {
-			dirty.close()
+		if !started {
+			if dirty != nil {
+				dirty.close()
+			}
+			endLife()
 		}
 	}()
 	root, err := tree.Inode(ext4.RootIno)
@@ -302,8 +310,9 @@ func mount(ctx context.Context, mountpoint string, tree Tree, w *ext4.Writer, op
 		server.Wait()
 		close(stopCommits)
 		if w != nil {
-			s.closeWriter(w, dirty)
+			s.closeWriter(w, dirty, holds)
 		}
+		endLife()
 		close(s.done)
 	}()
 	if err := s.checkServing(ctx); err != nil {

@@ -44,6 +44,10 @@ func errnoOf(err error) (errno syscall.Errno, logIt bool) {
 		return syscall.ENOENT, false
 	case errors.Is(err, ext4.ErrNoXattr):
 		return syscall.ENODATA, false
+	case errors.Is(err, syscall.EINTR):
+		// The kernel interrupted the request and passes EINTR on to the
+		// system call; nothing is wrong with the filesystem.
+		return syscall.EINTR, false
 	case errors.As(err, &errno) && fsErrnos[errno]:
 		// The writer's answers (EEXIST, ENOSPC, ENOTEMPTY...) are the
 		// caller's business.
@@ -74,6 +78,7 @@ var fsErrnos = map[syscall.Errno]bool{
 type writerTree struct {
 	w     *ext4.Writer
 	dirty *dirtyCache
+	holds *nodeHolds
 }
 
 var _ Tree = writerTree{}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"syscall"
 	"time"
 
@@ -85,6 +86,68 @@ func (v *volume) dirty() *dirtyCache {
 	return nil
 }
 
+// holds returns the mount's node holds; nil on a read-only mount.
+func (v *volume) holds() *nodeHolds {
+	if t, ok := v.tree.(writerTree); ok {
+		return t.holds
+	}
+	return nil
+}
+
+// nodeHolds counts the holds go-fuse nodes keep until the kernel forgets
+// them (see heldEntry). Keyed by node, not inode number: a node the
+// kernel forgot and looked up again is a new one, holding nothing.
+type nodeHolds struct {
+	mu    sync.Mutex
+	count map[*node]int
+}
+
+func newNodeHolds() *nodeHolds { return &nodeHolds{count: map[*node]int{}} }
+
+func (h *nodeHolds) add(n *node) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.count[n]++
+}
+
+// take removes and returns n's holds.
+func (h *nodeHolds) take(n *node) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	c := h.count[n]
+	delete(h.count, n)
+	return c
+}
+
+// takeAll removes and returns every node's holds.
+func (h *nodeHolds) takeAll() map[*node]int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	all := h.count
+	h.count = map[*node]int{}
+	return all
+}
+
+var _ gofs.NodeOnForgetter = (*node)(nil)
+
+// OnForget drops the holds of a node the kernel no longer knows; an inode
+// removed meanwhile is freed now.
+func (n *node) OnForget() {
+	holds := n.vol.holds()
+	if holds == nil {
+		return
+	}
+	n.releaseHolds(holds.take(n))
+}
+
+func (n *node) releaseHolds(count int) {
+	for range count {
+		if err := n.vol.w.Release(n.ino.Ino); err != nil {
+			n.vol.fail("forget", n.ino.Ino, err)
+		}
+	}
+}
+
 // heldFile is an open regular file of a writable mount; it holds its inode
 // (ext4.Writer.Hold) until released, so an unlinked open file lives on.
 type heldFile struct{ ino uint32 }
@@ -124,17 +187,34 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 		return nil, nil, 0, syscall.EROFS
 	}
 	uid, gid, mode := n.owner(ctx, mode)
-	in, err := n.vol.w.Create(n.ino.Ino, name, mode&0o7777, uid, gid)
+	// Held in the same change that makes it: an unlink racing the open
+	// cannot free it before the handle exists. The handle owns the hold.
+	in, err := n.vol.w.CreateHeld(ctx, n.ino.Ino, name, mode&0o7777, uid, gid)
 	if err != nil {
 		return nil, nil, 0, n.vol.fail("create", n.ino.Ino, err)
 	}
-	n.vol.w.Hold(in.Ino) // at once: a racing unlink must not free it under the new handle
-	child, errno := n.newChild(ctx, "create", in.Ino, out)
-	if errno != 0 {
-		_ = n.vol.w.Release(in.Ino)
-		return nil, nil, 0, errno
-	}
-	return child, &heldFile{ino: in.Ino}, 0, 0
+	return n.entry(ctx, in, out), &heldFile{ino: in.Ino}, 0, 0
+}
+
+// entry fills the entry reply for in, an inode a change just made or
+// linked and returned (so it is not read again), and returns its go-fuse
+// inode: an existing one when in is already known (hard links).
+func (n *node) entry(ctx context.Context, in *ext4.Inode, out *fuse.EntryOut) *gofs.Inode {
+	n.vol.fillAttr(in, &out.Attr)
+	out.SetEntryTimeout(n.vol.timeout)
+	out.SetAttrTimeout(n.vol.attrTimeout())
+	stable := gofs.StableAttr{Mode: uint32(in.Mode) & syscall.S_IFMT, Ino: uint64(in.Ino), Gen: uint64(in.Generation)}
+	return n.NewInode(ctx, &node{vol: n.vol, ino: in}, stable)
+}
+
+// heldEntry is entry for an inode a …Held change holds: the hold passes
+// to the go-fuse node and ends when the kernel forgets it (OnForget), so
+// the inode the kernel was just told about cannot be freed, and its
+// number reused, while the kernel still knows it.
+func (n *node) heldEntry(ctx context.Context, in *ext4.Inode, out *fuse.EntryOut) *gofs.Inode {
+	child := n.entry(ctx, in, out)
+	n.vol.holds().add(child.Operations().(*node))
+	return child
 }
 
 // Mknod makes a FIFO, socket, device node or regular file.
@@ -144,11 +224,11 @@ func (n *node) Mknod(ctx context.Context, name string, mode uint32, rdev uint32,
 		return nil, syscall.EROFS
 	}
 	uid, gid, mode := n.owner(ctx, mode)
-	in, err := n.vol.w.Mknod(n.ino.Ino, name, mode, rdev, uid, gid)
+	in, err := n.vol.w.MknodHeld(ctx, n.ino.Ino, name, mode, rdev, uid, gid)
 	if err != nil {
 		return nil, n.vol.fail("mknod", n.ino.Ino, err)
 	}
-	return n.newChild(ctx, "mknod", in.Ino, out)
+	return n.heldEntry(ctx, in, out), 0
 }
 
 // Mkdir makes a directory.
@@ -158,11 +238,11 @@ func (n *node) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.En
 		return nil, syscall.EROFS
 	}
 	uid, gid, mode := n.owner(ctx, mode|syscall.S_IFDIR)
-	in, err := n.vol.w.Mkdir(n.ino.Ino, name, mode&0o7777, uid, gid)
+	in, err := n.vol.w.MkdirHeld(ctx, n.ino.Ino, name, mode&0o7777, uid, gid)
 	if err != nil {
 		return nil, n.vol.fail("mkdir", n.ino.Ino, err)
 	}
-	return n.newChild(ctx, "mkdir", in.Ino, out)
+	return n.heldEntry(ctx, in, out), 0
 }
 
 // Symlink makes a symbolic link to target.
@@ -172,11 +252,11 @@ func (n *node) Symlink(ctx context.Context, target, name string, out *fuse.Entry
 		return nil, syscall.EROFS
 	}
 	uid, gid, _ := n.owner(ctx, syscall.S_IFLNK)
-	in, err := n.vol.w.Symlink(n.ino.Ino, name, target, uid, gid)
+	in, err := n.vol.w.SymlinkHeld(ctx, n.ino.Ino, name, target, uid, gid)
 	if err != nil {
 		return nil, n.vol.fail("symlink", n.ino.Ino, err)
 	}
-	return n.newChild(ctx, "symlink", in.Ino, out)
+	return n.heldEntry(ctx, in, out), 0
 }
 
 // Link gives target another name in this directory.
@@ -189,10 +269,11 @@ func (n *node) Link(ctx context.Context, target gofs.InodeEmbedder, name string,
 	if !ok {
 		return nil, syscall.EXDEV
 	}
-	if err := n.vol.w.Link(t.ino.Ino, n.ino.Ino, name); err != nil {
+	in, err := n.vol.w.LinkHeld(ctx, t.ino.Ino, n.ino.Ino, name)
+	if err != nil {
 		return nil, n.vol.fail("link", n.ino.Ino, err)
 	}
-	return n.newChild(ctx, "link", t.ino.Ino, out)
+	return n.heldEntry(ctx, in, out), 0
 }
 
 // Unlink removes a name of a non-directory.
@@ -201,7 +282,7 @@ func (n *node) Unlink(ctx context.Context, name string) (errno syscall.Errno) {
 	if !n.vol.writable() {
 		return syscall.EROFS
 	}
-	return n.vol.failed0("unlink", n.ino.Ino, n.vol.w.Unlink(n.ino.Ino, name))
+	return n.vol.failed0("unlink", n.ino.Ino, n.vol.w.UnlinkContext(ctx, n.ino.Ino, name))
 }
 
 // Rmdir removes an empty directory.
@@ -210,7 +291,7 @@ func (n *node) Rmdir(ctx context.Context, name string) (errno syscall.Errno) {
 	if !n.vol.writable() {
 		return syscall.EROFS
 	}
-	return n.vol.failed0("rmdir", n.ino.Ino, n.vol.w.Rmdir(n.ino.Ino, name))
+	return n.vol.failed0("rmdir", n.ino.Ino, n.vol.w.RmdirContext(ctx, n.ino.Ino, name))
 }
 
 // Rename moves name to newParent/newName (renameat2 flags NOREPLACE and
@@ -224,7 +305,7 @@ func (n *node) Rename(ctx context.Context, name string, newParent gofs.InodeEmbe
 	if !ok {
 		return syscall.EXDEV
 	}
-	return n.vol.failed0("rename", n.ino.Ino, n.vol.w.Rename(n.ino.Ino, name, np.ino.Ino, newName, flags))
+	return n.vol.failed0("rename", n.ino.Ino, n.vol.w.RenameContext(ctx, n.ino.Ino, name, np.ino.Ino, newName, flags))
 }
 
 // Setattr changes size, mode, owner and times (truncate, chmod, chown,
@@ -238,10 +319,12 @@ func (n *node) Setattr(ctx context.Context, f gofs.FileHandle, in *fuse.SetAttrI
 	if n.ino.IsRegular() {
 		// Data first: a truncate or an explicit mtime must come after the
 		// writes before it. A failure stays for fsync or close to report.
-		_ = n.vol.dirty().flushFile(ino)
+		if err := n.vol.dirty().flushContext(ctx, ino); ctx.Err() != nil {
+			return n.vol.fail("setattr", ino, err)
+		}
 	}
 	if size, ok := in.GetSize(); ok {
-		if err := n.vol.w.Truncate(ino, size); err != nil {
+		if err := n.vol.w.TruncateContext(ctx, ino, size); err != nil {
 			return n.vol.fail("setattr", ino, err)
 		}
 	}
@@ -262,14 +345,23 @@ func (n *node) Setattr(ctx context.Context, f gofs.FileHandle, in *fuse.SetAttrI
 	if t, ok := in.GetMTime(); ok {
 		a.Mtime, set = &t, true
 	}
+	var cur *ext4.Inode
 	if set {
-		if _, err := n.vol.w.Setattr(ino, a); err != nil {
+		// The change returns the inode as it left it: no second read.
+		in, err := n.vol.w.SetattrContext(ctx, ino, a)
+		if err != nil {
 			return n.vol.fail("setattr", ino, err)
 		}
-	}
-	cur, err := n.inode()
-	if err != nil {
-		return n.vol.fail("setattr", ino, err)
+		cur = in
+		if cur.IsRegular() { // writes may have come in since the flush
+			cur = n.vol.dirty().overlay(cur)
+		}
+	} else {
+		in, err := n.inode()
+		if err != nil {
+			return n.vol.fail("setattr", ino, err)
+		}
+		cur = in
 	}
 	n.vol.fillAttr(cur, &out.Attr)
 	out.SetTimeout(n.vol.attrTimeout())
@@ -285,7 +377,7 @@ func (n *node) Write(ctx context.Context, f gofs.FileHandle, data []byte, off in
 	if off < 0 {
 		return 0, syscall.EINVAL
 	}
-	if err := n.vol.dirty().write(n.ino.Ino, data, off); err != nil {
+	if err := n.vol.dirty().write(ctx, n.ino.Ino, data, off); err != nil {
 		return 0, n.vol.fail("write", n.ino.Ino, err)
 	}
 	return uint32(len(data)), 0
@@ -300,8 +392,12 @@ func (n *node) Allocate(ctx context.Context, f gofs.FileHandle, off uint64, size
 	if mode&^unix.FALLOC_FL_KEEP_SIZE != 0 {
 		return syscall.EOPNOTSUPP
 	}
-	_ = n.vol.dirty().flushFile(n.ino.Ino) // the size must include what was written
-	return n.vol.failed0("allocate", n.ino.Ino, n.vol.w.Fallocate(n.ino.Ino, off, size, mode&unix.FALLOC_FL_KEEP_SIZE != 0))
+	// The size must include what was written; a flush failure stays for
+	// fsync or close to report.
+	if err := n.vol.dirty().flushContext(ctx, n.ino.Ino); ctx.Err() != nil {
+		return n.vol.fail("allocate", n.ino.Ino, err)
+	}
+	return n.vol.failed0("allocate", n.ino.Ino, n.vol.w.FallocateContext(ctx, n.ino.Ino, off, size, mode&unix.FALLOC_FL_KEEP_SIZE != 0))
 }
 
 // CopyFileRange is left to the kernel's generic copy (ENOSYS makes it
@@ -320,7 +416,7 @@ func (n *node) Setxattr(ctx context.Context, attr string, data []byte, flags uin
 	if !n.vol.writable() {
 		return syscall.EROFS
 	}
-	return n.vol.failed0("setxattr", n.ino.Ino, n.vol.w.SetXattr(n.ino.Ino, attr, data, int(flags)))
+	return n.vol.failed0("setxattr", n.ino.Ino, n.vol.w.SetXattrContext(ctx, n.ino.Ino, attr, data, int(flags)))
 }
 
 // Removexattr removes an extended attribute (ENODATA when absent).
@@ -329,7 +425,7 @@ func (n *node) Removexattr(ctx context.Context, attr string) (errno syscall.Errn
 	if !n.vol.writable() {
 		return syscall.EROFS
 	}
-	return n.vol.failed0("removexattr", n.ino.Ino, n.vol.w.RemoveXattr(n.ino.Ino, attr))
+	return n.vol.failed0("removexattr", n.ino.Ino, n.vol.w.RemoveXattrContext(ctx, n.ino.Ino, attr))
 }
 
 // Fsync writes out the file's dirty data, then commits the journal: all
@@ -350,11 +446,14 @@ func (n *node) Fsync(ctx context.Context, f gofs.FileHandle, flags uint32) (errn
 	}
 	var flushErr error
 	if n.ino.IsRegular() {
-		flushErr = n.vol.dirty().sync(n.ino.Ino)
+		flushErr = n.vol.dirty().sync(ctx, n.ino.Ino)
 	} else {
 		_ = n.vol.dirty().flushAll() // each file's error waits for its own fsync or close
 	}
-	if err := n.vol.w.Sync(); err != nil {
+	if ctx.Err() != nil { // interrupted: nothing is claimed durable
+		return n.vol.fail("fsync", n.ino.Ino, interruptedErr("fsync", n.ino.Ino, ctx.Err()))
+	}
+	if err := n.vol.w.SyncContext(ctx); err != nil {
 		return n.vol.fail("fsync", n.ino.Ino, err)
 	}
 	return n.vol.failed0("fsync", n.ino.Ino, flushErr)
@@ -374,7 +473,7 @@ func (n *node) Flush(ctx context.Context, f gofs.FileHandle) (errno syscall.Errn
 		}
 		return 0
 	}
-	return n.vol.failed0("flush", n.ino.Ino, n.vol.dirty().sync(n.ino.Ino))
+	return n.vol.failed0("flush", n.ino.Ino, n.vol.dirty().sync(ctx, n.ino.Ino))
 }
 
 // Release writes out what a shared mapping dirtied after the last close,
@@ -390,11 +489,14 @@ func (n *node) Release(ctx context.Context, f gofs.FileHandle) (errno syscall.Er
 		return 0
 	}
 	defer n.change("release", &errno)()
-	if err := n.vol.dirty().sync(h.ino); err != nil {
+	// Not the request's context: a release the kernel gave up on would
+	// leave the hold, and an unlinked file, forever.
+	ctx = context.WithoutCancel(ctx)
+	if err := n.vol.dirty().sync(ctx, h.ino); err != nil {
 		n.vol.log.Error("data written to a file could not be stored, and no close or fsync was left to report it",
 			"inode", h.ino, "err", err)
 	}
-	return n.vol.failed0("release", h.ino, n.vol.w.Release(h.ino))
+	return n.vol.failed0("release", h.ino, n.vol.w.ReleaseContext(ctx, h.ino))
 }
 
 // failed0 is fail for operations that return only an errno; nil is 0.
@@ -427,7 +529,7 @@ func (s *Server) commitEvery(w *ext4.Writer, dirty *dirtyCache, interval time.Du
 				s.log.Error("periodic flush of written data failed; reported at the file's next fsync or close", "err", err)
 			}
 			dirty.trim()
-			if err := w.Sync(); err != nil {
+			if err := w.SyncContext(dirty.ctx); err != nil {
 				s.log.Error("periodic journal commit failed", "err", err)
 			}
 		}
@@ -436,11 +538,15 @@ func (s *Server) commitEvery(w *ext4.Writer, dirty *dirtyCache, interval time.Du
 
 // closeWriter writes out what is still dirty and flushes the filesystem
 // once the kernel has let go of it.
-func (s *Server) closeWriter(w *ext4.Writer, dirty *dirtyCache) {
+func (s *Server) closeWriter(w *ext4.Writer, dirty *dirtyCache, holds *nodeHolds) {
 	dirty.close()
 	if err := dirty.flushAll(); err != nil {
 		s.flushErr = fmt.Errorf("write out file data at unmount: %w", err)
 		s.log.Error("writing out file data at unmount failed", "err", err)
+	}
+	// The kernel has let go of every node, whether or not it said so.
+	for n, count := range holds.takeAll() {
+		n.releaseHolds(count)
 	}
 	if err := w.Close(); err != nil {
 		s.flushErr = errors.Join(s.flushErr, fmt.Errorf("flush the filesystem at unmount: %w", err))
