@@ -289,3 +289,45 @@ func TestLongSequentialReadFetchesEachBlockOnce(t *testing.T) {
 		t.Errorf("peak memory %d over the bound %d", st.PeakMemoryBytes, st.MemoryLimit)
 	}
 }
+
+// TestReadAtStartReadsAheadAtOnce: on connections capped at 50 MB/s, once
+// the rate is measured, a cold stream that starts at offset 0 opens its
+// read-ahead with its first read, in parallel pieces, while one starting
+// elsewhere with 1 MiB reads ramps up over three reads whose fetches run
+// one at a time. The first byte costs the same (one 1 MiB request); the
+// first 64 MiB must come sooner.
+func TestReadAtStartReadsAheadAtOnce(t *testing.T) {
+	const size = 256 << 20
+	measure := func(start int64) (first, all time.Duration) {
+		src := newVirtualSource(size, DefaultBlockSize)
+		src.latency, src.connRate = 4*time.Millisecond, 50e6
+		c := newCache(t, src, Options{})
+		p := make([]byte, 1<<20)
+		// Another reader came first: a request that ran alone measured
+		// the rate, as any mount's first reads do.
+		readChecked(t, c, p, size-1<<20)
+		t0 := time.Now()
+		for off := start; off < start+64<<20; off += int64(len(p)) {
+			readChecked(t, c, p, off)
+			if off == start {
+				first = time.Since(t0)
+			}
+		}
+		all = time.Since(t0)
+		// Its read-ahead must not run on into the other measurement.
+		if err := c.Close(); err != nil {
+			t.Fatal(err)
+		}
+		return first, all
+	}
+	eagerFirst, eagerAll := measure(0)
+	rampFirst, rampAll := measure(64 << 20)
+	t.Logf("from offset 0: first MiB %v, 64 MiB %v; from 64 MiB (ramp): first MiB %v, 64 MiB %v",
+		eagerFirst.Round(time.Millisecond), eagerAll.Round(time.Millisecond), rampFirst.Round(time.Millisecond), rampAll.Round(time.Millisecond))
+	if eagerAll >= rampAll {
+		t.Errorf("64 MiB from offset 0 took %v, not less than the %v of a stream that ramps up", eagerAll, rampAll)
+	}
+	if eagerFirst > rampFirst+50*time.Millisecond {
+		t.Errorf("the first MiB from offset 0 took %v, the ramp's %v: opening read-ahead delayed it", eagerFirst, rampFirst)
+	}
+}

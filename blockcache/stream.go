@@ -23,6 +23,11 @@ type stream struct {
 	// fetched or not (see Cache.readAheadLocked). Both kept by the cache.
 	inFlight int64
 	reach    int64
+	// eagerEnd is where the first read-ahead of a stream opened at once
+	// (see Cache.observe) ends: up to there it is fetched in pieces that
+	// run in parallel rather than one request the reader waits for whole.
+	// Kept by the cache.
+	eagerEnd int64
 	runs     int    // consecutive continuations seen
 	tick     uint64 // last use, for replacement and for counting active streams
 	id       uint64 // tick at creation: tells a stream from a later one in its entry
@@ -70,8 +75,10 @@ const densitySpan = 256 << 20
 // out-of-order pieces of one large read continue it and never move it
 // back), and the window opens
 // only on the second continuation in a row, so random reads that happen to
-// land next to an earlier one do not trigger read-ahead.
-func (t *streamTable) observe(off, n, initial, maxWindow int64) (st *stream, sequential bool) {
+// land next to an earlier one do not trigger read-ahead. A read that
+// starts no stream opens a new one; with eager > 0 its window opens at
+// once, at eager bytes.
+func (t *streamTable) observe(off, n, initial, maxWindow, eager int64) (st *stream, sequential bool) {
 	t.tick++
 	var slack int64
 	if n >= minPiece {
@@ -122,6 +129,11 @@ func (t *streamTable) observe(off, n, initial, maxWindow int64) (st *stream, seq
 		return s, true
 	}
 	t.s[victim] = stream{valid: true, next: off + n, start: off, covered: n, tick: t.tick, id: t.tick}
+	if eager > 0 {
+		s := &t.s[victim]
+		s.runs, s.window = 2, min(eager, maxWindow)
+		return s, true
+	}
 	return &t.s[victim], false
 }
 

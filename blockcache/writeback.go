@@ -222,8 +222,8 @@ func (w *WriteBack) ReadAt(p []byte, off int64) (int, error) {
 
 // ReadAtContext reads like Cache.ReadAtContext and returns written bytes
 // at once, uploaded or not. The dirty bytes are copied before the cache is
-// read: a flush that completes in between has already dropped the cache's
-// older copy, so either source is current.
+// read: a flush that completes in between has already replaced (or
+// dropped) the cache's older copy, so either source is current.
 func (w *WriteBack) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
 	var over []byte
 	var covered []bool // per page of [pageStart, ...)
@@ -451,6 +451,12 @@ func (w *WriteBack) Flush(ctx context.Context) error {
 			bytes += uint64(e - s)
 		})
 	}
+	// Whether each block was a hole is read before the upload marks it
+	// written: then its bytes besides the written pages are known zeros.
+	wasHole := make(map[int64]bool, len(taken))
+	for _, b := range blocks {
+		wasHole[b] = w.c.unwritten(b)
+	}
 	err := w.store.WritePages(ctx, writes)
 	if err != nil {
 		w.mu.Lock()
@@ -465,10 +471,17 @@ func (w *WriteBack) Flush(ctx context.Context) error {
 		w.mu.Unlock()
 		return fmt.Errorf("blockcache: flush of %s failed; %d dirty bytes kept for the next flush: %w", w.c.name, kept, err)
 	}
-	// Drop the cache's older copies before the uploaded bytes leave the
-	// overlay, so that a reader always finds the new bytes in one of them.
-	for _, wr := range writes {
-		w.c.forget(wr.Off, wr.Off+int64(len(wr.Data)))
+	// Update the cache before the uploaded bytes leave the overlay, so that
+	// a reader always finds the new bytes in one of them. The cache keeps
+	// what it can: dropping every uploaded block made a random read/write
+	// workload fetch again after each flush what it had just written.
+	ranges := make([]blob.Range, len(writes))
+	for i, wr := range writes {
+		ranges[i] = blob.Range{Off: wr.Off, Len: int64(len(wr.Data))}
+	}
+	w.c.markWritten(ranges)
+	for _, b := range blocks {
+		w.c.keepWritten(b, taken[b], wasHole[b])
 	}
 	w.mu.Lock()
 	w.uploading = nil

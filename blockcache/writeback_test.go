@@ -571,3 +571,93 @@ func TestWriteBackBackPressureOutage(t *testing.T) {
 		t.Fatal("after the outage a fresh open reads other bytes than were written")
 	}
 }
+
+// TestWriteBackFlushKeepsWrittenBlocks: after a flush the cache serves the
+// uploaded blocks without a request whenever their bytes are known (whole
+// block written, rest cached, or rest a hole), fetches only a block it
+// could not know, and serves what storage holds (checked by a fresh open).
+func TestWriteBackFlushKeepsWrittenBlocks(t *testing.T) {
+	s := newPageBlobStore(t)
+	const size = 8 << 20
+	const bs = DefaultBlockSize
+	model := s.create("k.img", size)
+	// A small read-ahead window leaves the second half of the written
+	// range uncached after the warm-up.
+	w := openWritable(t, s.url("k.img"), s.blobOpts(), Options{MaxReadAhead: 512 << 10}, WriteBackOptions{FlushInterval: -1}, nil)
+
+	// Warm [0, 2 MiB) with a sequential read: read-ahead brings it in
+	// extents of many blocks, so replaced blocks sit inside older extents.
+	warm := make([]byte, 2<<20)
+	for off := 0; off < len(warm); off += 128 << 10 {
+		if _, err := w.wb.ReadAt(warm[off:off+128<<10], int64(off)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !bytes.Equal(warm, model[:len(warm)]) {
+		t.Fatal("warm-up read differs from the blob")
+	}
+	w.cache.mu.Lock()
+	multi, uncached := w.cache.blocks[5].nblocks > 1, w.cache.blocks[(7<<19)/bs] == nil
+	w.cache.mu.Unlock()
+	if !multi || !uncached {
+		t.Fatalf("warm-up: block 5 in a larger extent %v, block at 3.5 MiB uncached %v; the test needs both", multi, uncached)
+	}
+	writes := []struct {
+		off int64
+		n   int
+	}{
+		{5*bs + 4096, 4096},        // inside a cached block of a larger extent
+		{9 * bs, 2 * bs},           // whole blocks, cached
+		{3<<20 + 512, 1024},        // a block never read: must be fetched again
+		{40 * bs, bs},              // a whole block never read
+		{size/2 + 3*bs + 512, 512}, // a hole: the rest is zeros
+	}
+	for i, x := range writes {
+		p := randomPattern(uint64(100+i), x.n)
+		if _, err := w.wb.WriteAt(p, x.off); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[x.off:], p)
+	}
+	if err := w.wb.Flush(wbCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if st := w.wb.Stats(); st.DirtyBytes != 0 {
+		t.Fatalf("dirty bytes left after Flush: %+v", st)
+	}
+	readBlocks := func(from, to int64) []byte {
+		t.Helper()
+		got := make([]byte, to-from)
+		if _, err := w.wb.ReadAt(got, from); err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	fresh := s.readFresh("k.img", size)
+	if !bytes.Equal(fresh, model) {
+		t.Fatal("storage does not hold what was written and flushed")
+	}
+	known := []struct{ from, to int64 }{
+		{0, 2 << 20}, // the warmed range, across the replaced blocks
+		{40 * bs, 41 * bs},
+		{size/2 + 3*bs, size/2 + 4*bs},
+	}
+	before := w.cache.Stats().Requests
+	for _, r := range known {
+		if got := readBlocks(r.from, r.to); !bytes.Equal(got, fresh[r.from:r.to]) {
+			t.Fatalf("[%d, %d) after the flush differs from storage", r.from, r.to)
+		}
+	}
+	if n := w.cache.Stats().Requests - before; n != 0 {
+		t.Fatalf("reading written blocks whose bytes were known made %d requests; want 0", n)
+	}
+	// The partially written block that was never cached cannot be known
+	// without storage: it is fetched, and holds storage's bytes.
+	b := int64(7<<19) / bs * bs
+	if got := readBlocks(b, b+bs); !bytes.Equal(got, fresh[b:b+bs]) {
+		t.Fatal("the refetched block differs from storage")
+	}
+	if n := w.cache.Stats().Requests - before; n != 1 {
+		t.Fatalf("reading a partially written, uncached block made %d requests; want 1", n)
+	}
+}
