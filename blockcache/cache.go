@@ -50,6 +50,10 @@ type extent struct {
 	length  int64 // bytes covered (the last extent of the source may be short)
 	mem     int64 // accounted bytes: length rounded up to whole pages
 	ahead   bool  // created by read-ahead
+	// unread marks read-ahead no reader has reached yet. Its own stream's
+	// later read-ahead never evicts it (see reserveLocked): on a reader
+	// slower than storage that would fetch the same bytes twice.
+	unread bool
 	// stream is the stream whose read-ahead created the extent, and
 	// streamID its identity then (the table reuses entries).
 	stream   *stream
@@ -385,6 +389,7 @@ func (c *Cache) acquire(ctx context.Context, b, readEnd, end int64) (*extent, in
 			} else {
 				c.st.pendingHits.Add(1)
 			}
+			e.unread = false
 			c.mu.Unlock()
 			return e, min(mapped*c.bs, e.end()), nil
 		}
@@ -394,7 +399,7 @@ func (c *Cache) acquire(ctx context.Context, b, readEnd, end int64) (*extent, in
 		ok := false
 		for ; n >= 1; n /= 2 {
 			var f []*extent
-			ok, f = c.reserveLocked(c.extentMem(b, n))
+			ok, f = c.reserveLocked(c.extentMem(b, n), nil)
 			freed = append(freed, f...)
 			if ok {
 				break
@@ -466,12 +471,16 @@ func (c *Cache) newExtentLocked(b, n int64, ahead bool) *extent {
 // reserveLocked accounts mem more bytes, evicting least recently used
 // unpinned extents as needed. It returns false when the bound cannot be met;
 // the evicted extents are returned for release outside the lock either way.
-func (c *Cache) reserveLocked(mem int64) (bool, []*extent) {
+//
+// Read-ahead of stream ahead (nil for demand fetches and flushes) spares
+// that stream's unread read-ahead: when only it could make room, the
+// stream has read far enough ahead and waits for its reader.
+func (c *Cache) reserveLocked(mem int64, ahead *stream) (bool, []*extent) {
 	var freed []*extent
 	for el := c.lru.Back(); c.used+mem > c.o.MemoryBytes && el != nil; {
 		e := el.Value.(*extent)
 		el = el.Prev()
-		if e.refs > 0 {
+		if e.refs > 0 || ahead != nil && e.unread && e.stream == ahead && e.streamID == ahead.id {
 			continue
 		}
 		c.detachLocked(e)
@@ -1076,7 +1085,7 @@ issue:
 			break // whole fetches only: splitting one would add a request
 		}
 		mem := c.extentMem(b, nb)
-		ok, f := c.reserveLocked(mem)
+		ok, f := c.reserveLocked(mem, s)
 		freed = append(freed, f...)
 		if !ok {
 			break
@@ -1088,7 +1097,7 @@ issue:
 			break issue
 		}
 		e := c.newExtentLocked(b, nb, true)
-		e.stream, e.streamID = s, s.id
+		e.stream, e.streamID, e.unread = s, s.id, true
 		s.inFlight += e.length
 		c.st.readAhead.Add(uint64(nb))
 		started = append(started, e)
@@ -1212,7 +1221,7 @@ func (c *Cache) keepWritten(b int64, d *dirtyBlock, wasHole bool) {
 	ok := err == nil && !c.closed
 	var freed []*extent
 	if ok {
-		ok, freed = c.reserveLocked(mem)
+		ok, freed = c.reserveLocked(mem, nil)
 	}
 	if !ok {
 		if !c.closed {
