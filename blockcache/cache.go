@@ -50,10 +50,6 @@ type extent struct {
 	length  int64 // bytes covered (the last extent of the source may be short)
 	mem     int64 // accounted bytes: length rounded up to whole pages
 	ahead   bool  // created by read-ahead
-	// unread marks read-ahead no reader has reached yet. Its own stream's
-	// later read-ahead never evicts it (see reserveLocked): on a reader
-	// slower than storage that would fetch the same bytes twice.
-	unread bool
 	// stream is the stream whose read-ahead created the extent, and
 	// streamID its identity then (the table reuses entries).
 	stream   *stream
@@ -389,7 +385,6 @@ func (c *Cache) acquire(ctx context.Context, b, readEnd, end int64) (*extent, in
 			} else {
 				c.st.pendingHits.Add(1)
 			}
-			e.unread = false
 			c.mu.Unlock()
 			return e, min(mapped*c.bs, e.end()), nil
 		}
@@ -473,14 +468,18 @@ func (c *Cache) newExtentLocked(b, n int64, ahead bool) *extent {
 // the evicted extents are returned for release outside the lock either way.
 //
 // Read-ahead of stream ahead (nil for demand fetches and flushes) spares
-// that stream's unread read-ahead: when only it could make room, the
-// stream has read far enough ahead and waits for its reader.
+// what lies between that stream's reader and its read-ahead's end (from
+// one fetch unit behind the furthest read, which the stream counts before
+// the read is served and whose pieces may arrive out of order): when
+// only that could make room, the stream is far enough ahead and waits for
+// its reader. Evicting it fetched the same bytes twice when the reader was
+// slower than storage or inside an extent that arrived early.
 func (c *Cache) reserveLocked(mem int64, ahead *stream) (bool, []*extent) {
 	var freed []*extent
 	for el := c.lru.Back(); c.used+mem > c.o.MemoryBytes && el != nil; {
 		e := el.Value.(*extent)
 		el = el.Prev()
-		if e.refs > 0 || ahead != nil && e.unread && e.stream == ahead && e.streamID == ahead.id {
+		if e.refs > 0 || ahead != nil && e.end() > ahead.next-c.fetchUnit() && e.off < ahead.raEnd {
 			continue
 		}
 		c.detachLocked(e)
@@ -1097,7 +1096,7 @@ issue:
 			break issue
 		}
 		e := c.newExtentLocked(b, nb, true)
-		e.stream, e.streamID, e.unread = s, s.id, true
+		e.stream, e.streamID = s, s.id
 		s.inFlight += e.length
 		c.st.readAhead.Add(uint64(nb))
 		started = append(started, e)
