@@ -1199,11 +1199,35 @@ func (c *Cache) keepWritten(b int64, d *dirtyBlock, wasHole bool) {
 		c.release([]*extent{free})
 		return
 	}
-	c.mu.Unlock()
-
+	// Room first, so the mapping of an extent it evicts can be reused: a
+	// long sequential write keeps every block it uploads, and a fresh
+	// mapping per block cost more (mmap, zero-filled page faults, munmap)
+	// than the copy itself.
 	mem := roundToPage(blockLen)
-	buf, err := mapBuffer(mem) // zeroed: a hole's old bytes
-	if err == nil {
+	ok, freed := c.reserveLocked(mem, nil)
+	var buf []byte
+	if ok {
+		for _, ev := range freed {
+			if ev != nil && int64(len(ev.buf)) == mem {
+				buf, ev.buf = ev.buf, nil
+				break
+			}
+		}
+	}
+	c.mu.Unlock()
+	c.release(freed)
+	freed = nil
+
+	var err error
+	switch {
+	case !ok:
+	case buf == nil:
+		c.st.mappedBytes.Add(uint64(mem))
+		buf, err = mapBuffer(mem) // zeroed: a hole's old bytes
+	case !full && !cached:
+		clear(buf) // reused: a hole's old bytes are zeros
+	}
+	if ok && err == nil {
 		if cached {
 			copy(buf, old.buf[base-old.off:base-old.off+blockLen])
 		}
@@ -1217,12 +1241,11 @@ func (c *Cache) keepWritten(b int64, d *dirtyBlock, wasHole bool) {
 	}
 
 	c.mu.Lock()
-	ok := err == nil && !c.closed
-	var freed []*extent
-	if ok {
-		ok, freed = c.reserveLocked(mem, nil)
-	}
-	if !ok {
+	if !ok || err != nil || c.closed {
+		if ok {
+			c.used -= mem
+			c.wakeLocked()
+		}
 		if !c.closed {
 			freed = append(freed, c.dropBlockLocked(b))
 		}
@@ -1235,7 +1258,6 @@ func (c *Cache) keepWritten(b int64, d *dirtyBlock, wasHole bool) {
 		}
 		return
 	}
-	c.st.mappedBytes.Add(uint64(mem))
 	e := &extent{first: b, nblocks: 1, off: base, length: blockLen, mem: mem, done: make(chan struct{}), buf: buf}
 	close(e.done)
 	freed = append(freed, c.dropBlockLocked(b))
