@@ -21,7 +21,12 @@ import (
 //   - fsync of one file commits everything (one journal, as ext4), and
 //     O_DIRECT is served through the same path as buffered I/O;
 //   - POSIX ACLs are stored as xattrs but not enforced (default_permissions
-//     checks mode bits only), and no quota or project IDs are kept.
+//     checks mode bits only), and no quota or project IDs are kept;
+//   - syncfs(2) never reaches a FUSE server (the kernel sends no request
+//     for it outside virtiofs): data written without fsync is durable
+//     after the next periodic commit (every 5 s) or at unmount;
+//   - ctime of a written file is the time its data left the write cache
+//     (at the latest its close), not the time of the write.
 
 // posixRecorder logs each step's outcome so two filesystems' runs compare.
 type posixRecorder struct {
