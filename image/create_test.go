@@ -17,6 +17,22 @@ import (
 )
 
 // makeTree writes a small varied tree and returns its files' contents.
+// makeWritableImage builds a 64 MiB read-write LUKS2 image of makeTree's
+// files under a new temporary directory, with a random key.
+func makeWritableImage(ctx context.Context, t *testing.T) (dir string, key []byte, out string) {
+	t.Helper()
+	dir = t.TempDir()
+	src := filepath.Join(dir, "src")
+	makeTree(t, src)
+	key = make([]byte, 64)
+	rand.Read(key)
+	out = filepath.Join(dir, "rw.img")
+	if _, err := Create(ctx, CreateOptions{From: src, Out: out, Key: key, ReadWrite: true, Size: 64 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	return dir, key, out
+}
+
 func makeTree(t *testing.T, root string) map[string][]byte {
 	t.Helper()
 	files := map[string][]byte{}

@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"fmt"
 	mrand "math/rand/v2"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -28,15 +27,7 @@ func TestWritableBlobConcurrentOverwrites(t *testing.T) {
 	az := testenv.StartAzurite(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	dir := t.TempDir()
-	src := filepath.Join(dir, "src")
-	makeTree(t, src)
-	key := make([]byte, 64)
-	rand.Read(key)
-	out := filepath.Join(dir, "rw.img")
-	if _, err := Create(ctx, CreateOptions{From: src, Out: out, Key: key, ReadWrite: true, Size: 64 << 20}); err != nil {
-		t.Fatal(err)
-	}
+	_, key, out := makeWritableImage(ctx, t)
 	bo := blob.Options{ConnectionString: az.ConnectionString(), RetryDelay: 20 * time.Millisecond}
 	url := az.Endpoint() + "/img/concurrent.img"
 	if _, err := blob.Upload(ctx, out, url, blob.UploadOptions{Options: bo, Type: "page", CreateContainer: true}); err != nil {

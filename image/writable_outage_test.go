@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -34,15 +33,7 @@ func TestWritableBlobResumesAfterOutage(t *testing.T) {
 	az := testenv.StartAzurite(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	dir := t.TempDir()
-	src := filepath.Join(dir, "src")
-	makeTree(t, src)
-	key := make([]byte, 64)
-	rand.Read(key)
-	out := filepath.Join(dir, "rw.img")
-	if _, err := Create(ctx, CreateOptions{From: src, Out: out, Key: key, ReadWrite: true, Size: 64 << 20}); err != nil {
-		t.Fatal(err)
-	}
+	_, key, out := makeWritableImage(ctx, t)
 	bo := blob.Options{ConnectionString: az.ConnectionString(), RetryDelay: 20 * time.Millisecond, RequestTimeout: 500 * time.Millisecond}
 	direct := az.Endpoint() + "/img/outage.img"
 	if _, err := blob.Upload(ctx, out, direct, blob.UploadOptions{Options: bo, Type: "page", CreateContainer: true}); err != nil {
