@@ -79,6 +79,7 @@ func TestDirtyCacheENOSPCReachesFsyncAndClose(t *testing.T) {
 			if err := os.Remove(m.p("fill")); err != nil {
 				t.Fatal(err)
 			}
+			waitForFreeBytes(t, m.dir, 4<<20)
 			if err := os.WriteFile(m.p("after"), chunk, 0o644); err != nil {
 				t.Errorf("write after freeing space: %v", err)
 			}
