@@ -242,18 +242,10 @@ func (w *PageWriter) WritePages(ctx context.Context, writes []PageWrite) error {
 		return fmt.Errorf("write %s: waiting for the batch in progress: %w", w.p.String(), ctx.Err())
 	}
 	defer func() { <-w.batch }()
-	w.mu.Lock()
-	stale := w.stale
-	w.stale = true // until the batch has landed
-	w.mu.Unlock()
-	if stale {
-		if err := w.refreshETag(ctx); err != nil {
-			return err
-		}
+	etag, err := w.batchETag(ctx, true) // stale until the batch has landed
+	if err != nil {
+		return err
 	}
-	w.mu.Lock()
-	etag := w.etag
-	w.mu.Unlock()
 	// The first request carries If-Match; the middle ones go in parallel;
 	// the last one goes alone, after them, so its answer carries the
 	// blob's ETag for the next batch (no extra request: one round trip for
@@ -454,6 +446,24 @@ func (w *PageWriter) putOnce(ctx context.Context, body [][]byte, off int64, zero
 
 // refreshETag reads the blob's current ETag under the lease: with the lease
 // held nobody else can have written, so it is this writer's own.
+// batchETag returns the ETag the caller's batch is conditioned on (it
+// holds w.batch), read from storage first when the last batch did not
+// land; staleUntilLanded marks it stale until the caller's batch lands.
+func (w *PageWriter) batchETag(ctx context.Context, staleUntilLanded bool) (azcore.ETag, error) {
+	w.mu.Lock()
+	stale := w.stale
+	w.stale = w.stale || staleUntilLanded
+	w.mu.Unlock()
+	if stale {
+		if err := w.refreshETag(ctx); err != nil {
+			return "", err
+		}
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.etag, nil
+}
+
 func (w *PageWriter) refreshETag(ctx context.Context) error {
 	var etag azcore.ETag
 	err := retry(ctx, w.o, &w.retries, "read the ETag of "+w.p.String(), func(ctx context.Context) (bool, error) {

@@ -42,21 +42,14 @@ func (w *PageWriter) Grow(ctx context.Context, newSize int64) error {
 		return fmt.Errorf("resize %s: waiting for the batch in progress: %w", name, ctx.Err())
 	}
 	defer func() { <-w.batch }()
-	w.mu.Lock()
-	stale := w.stale
-	w.mu.Unlock()
-	if stale {
-		if err := w.refreshETag(ctx); err != nil {
-			return err
-		}
+	etag, err := w.batchETag(ctx, false)
+	if err != nil {
+		return err
 	}
-	w.mu.Lock()
-	etag := w.etag
-	w.mu.Unlock()
 	what := fmt.Sprintf("resize %s to %d bytes", name, newSize)
 	tries := 0
 	var newETag azcore.ETag
-	err := retry(ctx, w.o, &w.retries, what, func(ctx context.Context) (bool, error) {
+	err = retry(ctx, w.o, &w.retries, what, func(ctx context.Context) (bool, error) {
 		tries++
 		resp, err := w.p.c.page.Resize(w.p.tryContext(ctx), newSize, &pageblob.ResizeOptions{
 			AccessConditions: leaseConditions(w.lease.ID(), &etag)})
