@@ -242,19 +242,10 @@ func (s *Sidecar) mountOnce(ctx context.Context, f *Filesystem, log *slog.Logger
 			img.Close()
 		}
 	}()
-	hidden := hiddenDir(f.MountPoint)
-	if err := os.MkdirAll(hidden, 0o755); err != nil {
-		return nil, fmt.Errorf("create %s: %w", hidden, err)
-	}
-	server, err := fs.Mount(ctx, hidden, img.FS, s.fuseOptions(f, log))
+	server, hidden, err := s.mountAndPublish(f, func(hidden string) (*fs.Server, error) {
+		return fs.Mount(ctx, hidden, img.FS, s.fuseOptions(f, log))
+	})
 	if err != nil {
-		s.metrics.errors.WithLabelValues("mount").Inc()
-		return nil, fmt.Errorf("mount at %s: %w", hidden, err)
-	}
-	if err := publish(f.MountPoint, hidden); err != nil {
-		server.Unmount()
-		server.Wait()
-		s.metrics.errors.WithLabelValues("publish").Inc()
 		return nil, err
 	}
 	info := img.Volume.Info()
@@ -284,28 +275,41 @@ func (s *Sidecar) mountWritable(ctx context.Context, f *Filesystem, log *slog.Lo
 			rw.Close()
 		}
 	}()
-	hidden := hiddenDir(f.MountPoint)
-	if err := os.MkdirAll(hidden, 0o755); err != nil {
-		return nil, fmt.Errorf("create %s: %w", hidden, err)
-	}
 	opts := s.fuseOptions(f, log)
 	opts.ReadOnlyAfter = rw.WatchLease(log)
 	opts.DirtyLimit = int64(f.WriteCache)
-	server, err := fs.MountWritable(ctx, hidden, rw.Writer, opts)
+	server, hidden, err := s.mountAndPublish(f, func(hidden string) (*fs.Server, error) {
+		return fs.MountWritable(ctx, hidden, rw.Writer, opts)
+	})
 	if err != nil {
-		s.metrics.errors.WithLabelValues("mount").Inc()
-		return nil, fmt.Errorf("mount at %s: %w", hidden, err)
-	}
-	if err := publish(f.MountPoint, hidden); err != nil {
-		server.Unmount()
-		server.Wait()
-		s.metrics.errors.WithLabelValues("publish").Inc()
 		return nil, err
 	}
 	log.Warn("read-write filesystem: encrypted, but storage can modify it undetected (no verity tree on a writable image)")
 	log.Info("filesystem ready", "source", rw.Name, "mode", "read-write", "format", rw.Volume.Info().Format,
 		"took", time.Since(start).Round(time.Millisecond))
 	return &mounted{f: f, rw: rw, server: server, hidden: hidden}, nil
+}
+
+// mountAndPublish mounts f with mount at its hidden directory and publishes it at
+// f's mount point, read-only or read-write alike; on failure nothing stays
+// mounted.
+func (s *Sidecar) mountAndPublish(f *Filesystem, mount func(hidden string) (*fs.Server, error)) (_ *fs.Server, hidden string, _ error) {
+	hidden = hiddenDir(f.MountPoint)
+	if err := os.MkdirAll(hidden, 0o755); err != nil {
+		return nil, "", fmt.Errorf("create %s: %w", hidden, err)
+	}
+	server, err := mount(hidden)
+	if err != nil {
+		s.metrics.errors.WithLabelValues("mount").Inc()
+		return nil, "", fmt.Errorf("mount at %s: %w", hidden, err)
+	}
+	if err := publish(f.MountPoint, hidden); err != nil {
+		server.Unmount()
+		server.Wait()
+		s.metrics.errors.WithLabelValues("publish").Inc()
+		return nil, "", err
+	}
+	return server, hidden, nil
 }
 
 // imageSpec is what opening f's image takes, read-only or read-write.
