@@ -22,9 +22,9 @@ const DefaultDirtyLimit = 64 << 20
 // journaled inode change, not worth making at every close).
 const mtimeSlack = 50 * time.Millisecond
 
-// minDirtyLimit keeps room for a few maximal FUSE writes (1 MiB each), so
+// MinDirtyLimit, the smallest write cache, keeps room for a few maximal FUSE writes (1 MiB each), so
 // a writer always fits once the cache has drained.
-const minDirtyLimit = 4 << 20
+const MinDirtyLimit = 4 << 20
 
 // dirtyCache holds data written through a writable mount until it is
 // flushed to the ext4 Writer in large contiguous runs, so the allocator
@@ -94,7 +94,7 @@ func newDirtyCache(ctx context.Context, w *ext4.Writer, limit int64, blockSize u
 	if limit <= 0 {
 		limit = DefaultDirtyLimit
 	}
-	limit = max(limit, minDirtyLimit)
+	limit = max(limit, MinDirtyLimit)
 	c := &dirtyCache{
 		ctx: ctx, w: w, log: log, limit: limit, blockSize: blockSize,
 		files: map[uint32]*dirtyFile{},

@@ -156,7 +156,7 @@ func TestDirtyCacheStaysWithinItsBound(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := newDirtyCache(context.Background(), w, minDirtyLimit, 4096, slog.New(slog.DiscardHandler))
+	c := newDirtyCache(context.Background(), w, MinDirtyLimit, 4096, slog.New(slog.DiscardHandler))
 	defer c.close()
 
 	const writers, perFile = 4, 8 << 20

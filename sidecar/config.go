@@ -646,7 +646,6 @@ const (
 	minFlushTimeout = time.Second
 	maxFlushTimeout = time.Hour
 	maxDirtyMemory  = 64 << 30
-	minWriteCache   = 4 << 20 // fs raises smaller limits to this
 )
 
 // validateWriteSettings checks lease_duration, flush_timeout and
@@ -684,11 +683,11 @@ func (c *Config) validateWriteSettings(f *Filesystem, where string, bad func(str
 
 // CheckWriteCache checks the bound of file data a writable mount buffers
 // before the filesystem (write_cache, --write-cache). The floor is the
-// fs package's own (room for a few 1 MiB FUSE writes); the ceiling that
-// of dirty_memory.
+// fs package's (room for a few 1 MiB FUSE writes); the ceiling that of
+// dirty_memory.
 func CheckWriteCache(n int64) error {
-	if n < minWriteCache || n > maxDirtyMemory {
-		return fmt.Errorf("%d must be from 4Mi to 64Gi (or left out for the default, 64Mi)", n)
+	if n < blobfs.MinDirtyLimit || n > maxDirtyMemory {
+		return fmt.Errorf("%d must be from %dMi to 64Gi (or left out for the default, %dMi)", n, blobfs.MinDirtyLimit>>20, blobfs.DefaultDirtyLimit>>20)
 	}
 	return nil
 }
