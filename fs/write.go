@@ -50,6 +50,15 @@ import (
 //
 // A read-only mount answers every write operation with EROFS.
 
+// opContext is the context a metadata change passes down: like a read's,
+// it outlives an INTERRUPT by the interrupt grace. Go programs and others
+// get signals all the time (Go's preemption sends SIGURG), and the kernel's
+// ext4 never fails an unlink or a create with EINTR; only a change still
+// waiting (for the Writer's lock, for storage) after the grace gives up.
+func (v *volume) opContext(req context.Context) (context.Context, context.CancelFunc) {
+	return v.readContext(req)
+}
+
 // writable reports whether the mount changes the image: a writable mount
 // whose ReadOnlyAfter closed no longer does.
 func (v *volume) writable() bool { return v.w != nil && !v.demoted() }
@@ -189,6 +198,8 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 	uid, gid, mode := n.owner(ctx, mode)
 	// Held in the same change that makes it: an unlink racing the open
 	// cannot free it before the handle exists. The handle owns the hold.
+	ctx, done := n.vol.opContext(ctx)
+	defer done()
 	in, err := n.vol.w.CreateHeld(ctx, n.ino.Ino, name, mode&0o7777, uid, gid)
 	if err != nil {
 		return nil, nil, 0, n.vol.fail("create", n.ino.Ino, err)
@@ -224,6 +235,8 @@ func (n *node) Mknod(ctx context.Context, name string, mode uint32, rdev uint32,
 		return nil, syscall.EROFS
 	}
 	uid, gid, mode := n.owner(ctx, mode)
+	ctx, done := n.vol.opContext(ctx)
+	defer done()
 	in, err := n.vol.w.MknodHeld(ctx, n.ino.Ino, name, mode, rdev, uid, gid)
 	if err != nil {
 		return nil, n.vol.fail("mknod", n.ino.Ino, err)
@@ -238,6 +251,8 @@ func (n *node) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.En
 		return nil, syscall.EROFS
 	}
 	uid, gid, mode := n.owner(ctx, mode|syscall.S_IFDIR)
+	ctx, done := n.vol.opContext(ctx)
+	defer done()
 	in, err := n.vol.w.MkdirHeld(ctx, n.ino.Ino, name, mode&0o7777, uid, gid)
 	if err != nil {
 		return nil, n.vol.fail("mkdir", n.ino.Ino, err)
@@ -252,6 +267,8 @@ func (n *node) Symlink(ctx context.Context, target, name string, out *fuse.Entry
 		return nil, syscall.EROFS
 	}
 	uid, gid, _ := n.owner(ctx, syscall.S_IFLNK)
+	ctx, done := n.vol.opContext(ctx)
+	defer done()
 	in, err := n.vol.w.SymlinkHeld(ctx, n.ino.Ino, name, target, uid, gid)
 	if err != nil {
 		return nil, n.vol.fail("symlink", n.ino.Ino, err)
@@ -269,6 +286,8 @@ func (n *node) Link(ctx context.Context, target gofs.InodeEmbedder, name string,
 	if !ok {
 		return nil, syscall.EXDEV
 	}
+	ctx, done := n.vol.opContext(ctx)
+	defer done()
 	in, err := n.vol.w.LinkHeld(ctx, t.ino.Ino, n.ino.Ino, name)
 	if err != nil {
 		return nil, n.vol.fail("link", n.ino.Ino, err)
@@ -282,6 +301,8 @@ func (n *node) Unlink(ctx context.Context, name string) (errno syscall.Errno) {
 	if !n.vol.writable() {
 		return syscall.EROFS
 	}
+	ctx, done := n.vol.opContext(ctx)
+	defer done()
 	return n.vol.failed0("unlink", n.ino.Ino, n.vol.w.UnlinkContext(ctx, n.ino.Ino, name))
 }
 
@@ -291,6 +312,8 @@ func (n *node) Rmdir(ctx context.Context, name string) (errno syscall.Errno) {
 	if !n.vol.writable() {
 		return syscall.EROFS
 	}
+	ctx, done := n.vol.opContext(ctx)
+	defer done()
 	return n.vol.failed0("rmdir", n.ino.Ino, n.vol.w.RmdirContext(ctx, n.ino.Ino, name))
 }
 
@@ -305,6 +328,8 @@ func (n *node) Rename(ctx context.Context, name string, newParent gofs.InodeEmbe
 	if !ok {
 		return syscall.EXDEV
 	}
+	ctx, done := n.vol.opContext(ctx)
+	defer done()
 	return n.vol.failed0("rename", n.ino.Ino, n.vol.w.RenameContext(ctx, n.ino.Ino, name, np.ino.Ino, newName, flags))
 }
 
@@ -416,6 +441,8 @@ func (n *node) Setxattr(ctx context.Context, attr string, data []byte, flags uin
 	if !n.vol.writable() {
 		return syscall.EROFS
 	}
+	ctx, done := n.vol.opContext(ctx)
+	defer done()
 	return n.vol.failed0("setxattr", n.ino.Ino, n.vol.w.SetXattrContext(ctx, n.ino.Ino, attr, data, int(flags)))
 }
 
@@ -425,6 +452,8 @@ func (n *node) Removexattr(ctx context.Context, attr string) (errno syscall.Errn
 	if !n.vol.writable() {
 		return syscall.EROFS
 	}
+	ctx, done := n.vol.opContext(ctx)
+	defer done()
 	return n.vol.failed0("removexattr", n.ino.Ino, n.vol.w.RemoveXattrContext(ctx, n.ino.Ino, attr))
 }
 
